@@ -1,0 +1,274 @@
+"""Backend registry and selection.
+
+Each backend module under ``hstu_kernels/backends/`` calls :func:`register` with a
+:class:`Backend` that declares what it serves (archs, dtypes, head dims, page sizes, mask
+features) and how to tell whether it can run here (``probe``). The public ops describe each
+call as a :class:`Request`; :func:`select` returns the highest-priority backend that can serve
+it, and :func:`explain` says why each other backend was passed over. Adding a backend is a new
+module in ``backends/``; nothing here or in ``ops.py`` changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Explanation",
+    "Request",
+    "device_arch",
+    "explain",
+    "register",
+    "registry",
+    "select",
+]
+
+OPS = ("jagged", "paged", "append_kv")
+FEATURES = ("contexts", "window")
+ENV_OVERRIDE = "HSTU_KERNELS_BACKEND"
+
+
+class BackendError(ValueError):
+    """No backend can serve a call, or the backend asked for cannot."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one call needs from a backend."""
+
+    op: str
+    arch: str  # "cpu" without CUDA, else "sm_<major><minor>", e.g. "sm_90"
+    dtype: torch.dtype
+    head_dim: int
+    page_size: int | None = None  # paged ops only
+    features: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op: expected one of {OPS}, got {self.op!r}")
+        unknown = set(self.features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"features: expected a subset of {FEATURES}, got {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A kernel family and what it declares it can serve.
+
+    ``archs``/``head_dims``/``page_sizes`` of ``None`` mean "any". ``priority`` maps an arch to
+    a rank (higher wins); the key ``"*"`` is the default rank. ``probe(arch)`` returns ``None``
+    when the backend can run on that arch here, else the reason it cannot (toolkit missing,
+    no GPU, ...). ``ops`` maps an op name to its implementation:
+
+    - ``jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out) -> None``
+    - ``paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q,
+      spec, out) -> None``
+    - ``append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets) -> None``
+
+    Implementations receive validated arguments: ``num_targets`` is always an int32 tensor,
+    ``max_seqlen`` an int, ``spec`` a resolved :class:`~hstu_kernels.types.AttentionSpec`, and
+    ``out`` a tensor shaped like ``q`` that they must write in full (tests poison it first).
+    """
+
+    name: str
+    ops: Mapping[str, Callable]
+    dtypes: frozenset[torch.dtype]
+    archs: frozenset[str] | None = None
+    head_dims: frozenset[int] | None = None
+    page_sizes: frozenset[int] | None = None
+    features: frozenset[str] = frozenset()
+    priority: Mapping[str, int] = field(default_factory=lambda: {"*": 0})
+    probe: Callable[[str], str | None] = lambda arch: None
+    description: str = ""
+
+    def rank(self, arch: str) -> int:
+        return self.priority.get(arch, self.priority.get("*", 0))
+
+    def refusal(self, request: Request, *, check_available: bool = True) -> str | None:
+        """Why this backend cannot serve ``request``, or ``None`` if it can."""
+        if request.op not in self.ops:
+            return f"does not implement {request.op}"
+        if self.archs is not None and request.arch not in self.archs:
+            return f"arch {request.arch} not in {sorted(self.archs)}"
+        if request.dtype not in self.dtypes:
+            names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"dtype {str(request.dtype).removeprefix('torch.')} not in {names}"
+        if self.head_dims is not None and request.head_dim not in self.head_dims:
+            return f"head dim {request.head_dim} not in {sorted(self.head_dims)}"
+        if (
+            request.page_size is not None
+            and self.page_sizes is not None
+            and request.page_size not in self.page_sizes
+        ):
+            return f"page size {request.page_size} not in {sorted(self.page_sizes)}"
+        missing = set(request.features) - set(self.features)
+        if missing:
+            return f"lacks mask features {sorted(missing)}"
+        if check_available:
+            return self.probe(request.arch)
+        return None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The backend chosen for a request, and why each other backend was not."""
+
+    request: Request
+    choice: str | None
+    reasons: Mapping[str, str]  # backend name -> why chosen / passed over
+
+    def __str__(self) -> str:
+        r = self.request
+        head = (
+            f"{r.op} on {r.arch}, {str(r.dtype).removeprefix('torch.')}, head dim {r.head_dim}"
+            + (f", page size {r.page_size}" if r.page_size is not None else "")
+            + (f", features {sorted(r.features)}" if r.features else "")
+        )
+        lines = [head, f"  -> {self.choice or 'no backend'}"]
+        lines += [f"  {name}: {why}" for name, why in self.reasons.items()]
+        return "\n".join(lines)
+
+
+class Registry:
+    """An ordered set of backends; the default one discovers ``hstu_kernels.backends``."""
+
+    def __init__(self, backends: Iterable[Backend] = (), *, discover: bool = False) -> None:
+        self._backends: dict[str, Backend] = {b.name: b for b in backends}
+        self._import_errors: dict[str, str] = {}
+        self._discover = discover
+        self._lock = threading.Lock()
+
+    def register(self, backend: Backend) -> None:
+        if backend.name in self._backends:
+            raise ValueError(f"backend {backend.name!r} is registered twice")
+        self._backends[backend.name] = backend
+
+    def _ensure_discovered(self) -> None:
+        if not self._discover:
+            return
+        with self._lock:
+            if not self._discover:
+                return
+            self._discover = False
+            import hstu_kernels.backends as pkg
+
+            for mod in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+                try:
+                    importlib.import_module(mod.name)
+                except Exception as exc:  # a broken backend must not break the others
+                    self._import_errors[mod.name] = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        self._ensure_discovered()
+        return dict(self._backends)
+
+    def explain(
+        self, request: Request, backend: str = "auto", *, check_available: bool = True
+    ) -> Explanation:
+        backends = self.backends
+        forced = backend if backend != "auto" else os.environ.get(ENV_OVERRIDE, "auto") or "auto"
+        reasons: dict[str, str] = {}
+        if forced != "auto":
+            if forced not in backends:
+                known = sorted(backends)
+                reasons[forced] = f"unknown backend (registered: {known})"
+                reasons.update({m: f"import failed: {e}" for m, e in self._import_errors.items()})
+                return Explanation(request, None, reasons)
+            why = backends[forced].refusal(request, check_available=check_available)
+            source = "backend=" if backend != "auto" else f"{ENV_OVERRIDE}="
+            reasons[forced] = f"forced by {source}{forced}" if why is None else f"forced but {why}"
+            return Explanation(request, forced if why is None else None, reasons)
+
+        candidates = sorted(backends.values(), key=lambda b: -b.rank(request.arch))
+        choice = None
+        for b in candidates:
+            why = b.refusal(request, check_available=check_available)
+            if why is not None:
+                reasons[b.name] = why
+            elif choice is None:
+                choice = b.name
+                reasons[b.name] = f"chosen: highest priority ({b.rank(request.arch)}) that serves"
+            else:
+                reasons[b.name] = f"could serve, lower priority ({b.rank(request.arch)})"
+        reasons.update({m: f"import failed: {e}" for m, e in self._import_errors.items()})
+        return Explanation(request, choice, reasons)
+
+    def select(self, request: Request, backend: str = "auto") -> Backend:
+        exp = self.explain(request, backend)
+        if exp.choice is None:
+            raise BackendError(f"no backend can serve this call:\n{exp}")
+        return self.backends[exp.choice]
+
+
+_REGISTRY = Registry(discover=True)
+
+
+def registry() -> Registry:
+    """The process-wide registry (backends are discovered on first use)."""
+    return _REGISTRY
+
+
+def register(backend: Backend) -> None:
+    """Add a backend to the process-wide registry (called by backend modules on import)."""
+    _REGISTRY.register(backend)
+
+
+def select(request: Request, backend: str = "auto") -> Backend:
+    """The backend for ``request``: ``backend`` or ``$HSTU_KERNELS_BACKEND`` forces one."""
+    return _REGISTRY.select(request, backend)
+
+
+_ARCH_CACHE: dict[int, str] = {}
+
+
+def device_arch(device: torch.device) -> str:
+    """``"cpu"`` for a CPU device, else ``"sm_<major><minor>"`` of the CUDA device."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCH_CACHE:
+        major, minor = torch.cuda.get_device_capability(index)
+        _ARCH_CACHE[index] = f"sm_{major}{minor}"
+    return _ARCH_CACHE[index]
+
+
+def explain(
+    op: str = "paged",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    page_size: int | None = None,
+    num_contexts: int = 0,
+    max_attn_len: int = 0,
+    backend: str = "auto",
+    arch: str | None = None,
+) -> Explanation:
+    """Which backend a call with these properties would get, and why (print the result).
+
+    ``device`` defaults to the current CUDA device, or the CPU without CUDA; ``arch`` (e.g.
+    ``"sm_90"``) overrides the device's arch, to ask about another GPU without probing it.
+    """
+    probe = arch is None
+    if arch is None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        arch = device_arch(torch.device(device))
+    if op == "paged" and page_size is None:
+        page_size = 32
+    features = set()
+    if num_contexts:
+        features.add("contexts")
+    if max_attn_len:
+        features.add("window")
+    request = Request(op, arch, dtype, head_dim, page_size, frozenset(features))
+    return _REGISTRY.explain(request, backend, check_available=probe)

@@ -1,0 +1,109 @@
+"""Small value types shared by the public ops, the reference and every backend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AttentionSpec", "PageTable"]
+
+
+@dataclass(frozen=True)
+class PageTable:
+    """Where each sequence's history K/V lives in a paged cache (DESIGN.md §2).
+
+    All three tensors are int32 and live on the cache's device:
+
+    - ``page_indptr [B+1]``: sequence ``b`` owns ``page_ids[page_indptr[b]:page_indptr[b+1]]``;
+    - ``page_ids [page_indptr[B]]``: page numbers into the cache's first dimension, in order;
+    - ``last_page_len [B]``: tokens used in each sequence's last page (1..page_size).
+
+    History length of sequence ``b``: ``(num_pages_b - 1) * page_size + last_page_len[b]``.
+    """
+
+    page_indptr: torch.Tensor
+    page_ids: torch.Tensor
+    last_page_len: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.page_indptr.shape[0] - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.page_indptr.device
+
+    def history_lengths(self, page_size: int) -> torch.Tensor:
+        """History length ``H_b`` of every sequence, int32 ``[B]``, computed on the device."""
+        num_pages = self.page_indptr[1:] - self.page_indptr[:-1]
+        return ((num_pages - 1) * page_size + self.last_page_len).to(torch.int32)
+
+    def to(self, device: torch.device | str) -> PageTable:
+        return PageTable(
+            self.page_indptr.to(device),
+            self.page_ids.to(device),
+            self.last_page_len.to(device),
+        )
+
+    @classmethod
+    def from_lists(
+        cls,
+        pages: Sequence[Sequence[int]],
+        history_lengths: Sequence[int],
+        page_size: int,
+        device: torch.device | str = "cpu",
+    ) -> PageTable:
+        """Build a table from each sequence's page list and history length.
+
+        Each sequence must own exactly ``ceil(H_b / page_size)`` pages (at least one).
+        """
+        if len(pages) != len(history_lengths):
+            raise ValueError(
+                f"pages: expected one page list per sequence ({len(history_lengths)}), "
+                f"got {len(pages)}"
+            )
+        indptr = [0]
+        last = []
+        for b, (plist, h) in enumerate(zip(pages, history_lengths, strict=True)):
+            if h < 1:
+                raise ValueError(f"history_lengths[{b}]: expected >= 1, got {h}")
+            need = math.ceil(h / page_size)
+            if len(plist) != need:
+                raise ValueError(
+                    f"pages[{b}]: history of {h} tokens in pages of {page_size} needs "
+                    f"{need} pages, got {len(plist)}"
+                )
+            indptr.append(indptr[-1] + need)
+            last.append(h - (need - 1) * page_size)
+        flat = [p for plist in pages for p in plist]
+
+        def i32(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int32, device=device)
+
+        return cls(i32(indptr), i32(flat), i32(last))
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The scalar parameters of one HSTU attention call (DESIGN.md §1), already resolved.
+
+    ``num_contexts`` (C) and ``max_attn_len`` (W) are 0 when unused.
+    """
+
+    alpha: float
+    scaling_seqlen: int
+    num_contexts: int = 0
+    max_attn_len: int = 0
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The optional mask features this call uses, as the dispatcher names them."""
+        used = set()
+        if self.num_contexts > 0:
+            used.add("contexts")
+        if self.max_attn_len > 0:
+            used.add("window")
+        return frozenset(used)
