@@ -124,7 +124,7 @@ def make_paged_case(
     rows = torch.cat(
         [
             torch.arange(s + h - n, s + h + t)
-            for s, h, n, t in zip(starts, histories, new, targets, strict=True)
+            for s, h, n, t in zip(starts[:-1], histories, new, targets, strict=True)
         ]
     ).to(device)
     q, k_new, v_new = (x[rows] for x in (q_full, k_full, v_full))
