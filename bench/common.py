@@ -1,0 +1,113 @@
+"""What every benchmark shares: the card's name and ceilings, and the results file.
+
+Results live in ``bench/results/<card>.json`` in the format of DESIGN.md §7. Each benchmark
+(``kernel``, ``block``, ``e2e``) replaces only its own entries, so the file always holds the
+latest run of each.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def card_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def card_slug(name: str | None = None) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100-80gb-hbm3"``."""
+    name = (name or card_name()).lower().removeprefix("nvidia").strip()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cpu"
+
+
+def card_arch() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def versions() -> dict[str, str]:
+    import hstu_kernels
+
+    out = {"torch": torch.__version__, "hstu_kernels": hstu_kernels.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import cutlass
+
+        out["cutlass_dsl"] = cutlass.__version__
+    except Exception:  # the DSL is optional
+        pass
+    return out
+
+
+def measure_ceilings() -> dict[str, float]:
+    """The card's bf16 matmul rate (TFLOP/s) and device copy bandwidth (TB/s, read + write),
+    measured on random data."""
+    if not torch.cuda.is_available():
+        return {}
+    from triton.testing import do_bench
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    src = torch.randn(512 * 2**20, device="cuda", dtype=torch.float32)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    tbps = 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": round(tflops, 1), "copy_tbps": round(tbps, 3)}
+
+
+def results_path(slug: str | None = None) -> Path:
+    return RESULTS_DIR / f"{slug or card_slug()}.json"
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"results": []}
+
+
+def write_results(
+    bench: str,
+    entries: list[dict[str, Any]],
+    *,
+    ceilings: dict[str, float] | None = None,
+    path: Path | None = None,
+) -> Path:
+    """Replace ``bench``'s entries in this card's results file (other benches' stay)."""
+    path = path or results_path()
+    data = load_results(path)
+    data.update(
+        card=card_name(),
+        arch=card_arch(),
+        date=datetime.date.today().isoformat(),
+        versions=versions(),
+    )
+    if ceilings:
+        data["ceilings"] = ceilings
+    kept = [r for r in data.get("results", []) if r.get("bench") != bench]
+    for e in entries:
+        if e.get("bench") != bench:
+            raise ValueError(f"entry {e} does not belong to bench {bench!r}")
+    data["results"] = kept + entries
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
