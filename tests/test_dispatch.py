@@ -1,0 +1,135 @@
+"""Backend selection by (arch, dtype, head dim, page size, features), with faked capabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hstu_kernels as hk
+from hstu_kernels.dispatch import Backend, BackendError, Registry, Request, registry
+
+ALL_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32})
+LOWP = frozenset({torch.bfloat16, torch.float16})
+GPU_ARCHS = frozenset({"sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120"})
+OPS = {"jagged": None, "paged": None, "append_kv": None}
+
+
+def fake_registry(unavailable: dict[str, str] | None = None) -> Registry:
+    """A registry shaped like DESIGN.md §4's table."""
+    unavailable = unavailable or {}
+
+    def probe(name):
+        return lambda arch: unavailable.get(name)
+
+    return Registry(
+        [
+            Backend("reference", OPS, ALL_DTYPES, page_sizes=frozenset(2**i for i in range(4, 9)),
+                    features=frozenset({"contexts", "window"}), priority={"*": 0}),
+            Backend("triton", OPS, LOWP, archs=GPU_ARCHS, head_dims=frozenset({64, 128, 256}),
+                    page_sizes=frozenset(2**i for i in range(4, 9)),
+                    features=frozenset({"contexts", "window"}), priority={"*": 20},
+                    probe=probe("triton")),
+            Backend("cutedsl-ampere", {"jagged": None, "paged": None}, LOWP, archs=GPU_ARCHS,
+                    head_dims=frozenset({64, 128, 256}), page_sizes=frozenset(2**i for i in range(4, 9)),
+                    priority={"*": 10, "sm_89": 30}, probe=probe("cutedsl-ampere")),
+            Backend("cutedsl-blackwell", {"jagged": None, "paged": None}, LOWP,
+                    archs=frozenset({"sm_100", "sm_103"}), head_dims=frozenset({64, 128}),
+                    page_sizes=frozenset({128}), priority={"*": 40}, probe=probe("cutedsl-blackwell")),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "arch,head_dim,page_size,expected",
+    [
+        ("cpu", 256, 32, "reference"),
+        ("sm_80", 256, 32, "triton"),
+        ("sm_89", 256, 32, "cutedsl-ampere"),  # measured faster there (fake priority)
+        ("sm_90", 128, 64, "triton"),
+        ("sm_100", 128, 128, "cutedsl-blackwell"),
+        ("sm_100", 256, 128, "triton"),  # blackwell kernel lacks D=256
+        ("sm_100", 128, 32, "triton"),  # blackwell kernel needs 128-token pages
+        ("sm_90", 96, 32, "reference"),  # no GPU kernel for D=96
+    ],
+)
+def test_selection_per_arch(arch, head_dim, page_size, expected):
+    reg = fake_registry()
+    request = Request("paged", arch, torch.bfloat16, head_dim, page_size)
+    exp = reg.explain(request)
+    assert exp.choice == expected, str(exp)
+    assert reg.select(request).name == expected
+    # every backend passed over has a reason
+    assert set(exp.reasons) == {"reference", "triton", "cutedsl-ampere", "cutedsl-blackwell"}
+
+
+def test_explain_gives_reasons():
+    reg = fake_registry()
+    exp = reg.explain(Request("paged", "sm_100", torch.bfloat16, 256, 128))
+    assert exp.reasons["cutedsl-blackwell"] == "head dim 256 not in [64, 128]"
+    assert exp.reasons["triton"].startswith("chosen")
+    assert "lower priority" in exp.reasons["reference"]
+    text = str(exp)
+    assert "-> triton" in text and "head dim 256 not in [64, 128]" in text
+
+
+def test_features_and_ops_route_to_capable_backend():
+    reg = fake_registry()
+    req = Request("paged", "sm_100", torch.bfloat16, 128, 128, frozenset({"window"}))
+    exp = reg.explain(req)
+    assert exp.choice == "triton"
+    assert exp.reasons["cutedsl-blackwell"] == "lacks mask features ['window']"
+    exp = reg.explain(Request("append_kv", "sm_89", torch.bfloat16, 256, 32))
+    assert exp.choice == "triton"
+    assert exp.reasons["cutedsl-ampere"] == "does not implement append_kv"
+
+
+def test_unavailable_backend_is_passed_over():
+    reg = fake_registry({"cutedsl-blackwell": "nvidia-cutlass-dsl is not installed"})
+    exp = reg.explain(Request("paged", "sm_100", torch.bfloat16, 128, 128))
+    assert exp.choice == "triton"
+    assert exp.reasons["cutedsl-blackwell"] == "nvidia-cutlass-dsl is not installed"
+
+
+def test_refusal_when_nothing_serves():
+    reg = fake_registry()
+    req = Request("paged", "sm_90", torch.bfloat16, 128, 8)  # no backend takes 8-token pages
+    with pytest.raises(BackendError, match="no backend can serve") as info:
+        reg.select(req)
+    assert "page size 8 not in" in str(info.value)
+
+
+def test_forced_backend(monkeypatch):
+    reg = fake_registry()
+    req = Request("paged", "sm_90", torch.bfloat16, 128, 32)
+    assert reg.select(req, "reference").name == "reference"
+    with pytest.raises(BackendError, match="forced but arch sm_90 not in"):
+        reg.select(req, "cutedsl-blackwell")
+    with pytest.raises(BackendError, match="unknown backend"):
+        reg.select(req, "cuda-magic")
+    monkeypatch.setenv("HSTU_KERNELS_BACKEND", "reference")
+    exp = reg.explain(req)
+    assert exp.choice == "reference" and "HSTU_KERNELS_BACKEND" in exp.reasons["reference"]
+    # an explicit backend= wins over the environment
+    assert reg.select(req, "triton").name == "triton"
+
+
+def test_request_rejects_unknown_op_and_feature():
+    with pytest.raises(ValueError, match="op: expected one of"):
+        Request("decode", "sm_90", torch.bfloat16, 128)
+    with pytest.raises(ValueError, match="features: expected a subset"):
+        Request("paged", "sm_90", torch.bfloat16, 128, 32, frozenset({"alibi"}))
+
+
+def test_duplicate_registration_refused():
+    reg = fake_registry()
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register(Backend("triton", OPS, LOWP))
+
+
+def test_real_registry_serves_cpu_with_reference():
+    assert "reference" in registry().backends
+    exp = hk.explain("paged", device="cpu", dtype=torch.float32, head_dim=32, page_size=16,
+                     backend="reference")
+    assert exp.choice == "reference"
+    exp = hk.explain("paged", arch="sm_90", head_dim=96, page_size=8)
+    assert exp.choice is None and "page size 8 not in" in exp.reasons["reference"]
