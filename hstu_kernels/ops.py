@@ -103,10 +103,14 @@ def hstu_attention(
     )
     impl = select(request, backend).ops["jagged"]
 
-    missing = [n for n, x in (("max_seqlen", max_seqlen), ("scaling_seqlen", scaling_seqlen)) if x is None]
+    missing = [
+        n for n, x in (("max_seqlen", max_seqlen), ("scaling_seqlen", scaling_seqlen)) if x is None
+    ]
     read, check = _needs_host(q.device, validate, missing, "hstu_attention")
     if read:
-        host = val.read_and_check_values(cu_seqlens, "cu_seqlens", q.shape[0], num_targets, check=check)
+        host = val.read_and_check_values(
+            cu_seqlens, "cu_seqlens", q.shape[0], num_targets, check=check
+        )
         longest = max(host.lengths)
         if check and num_contexts:
             _check_contexts(num_contexts, [n - t for n, t in zip(host.lengths, host.targets)])
@@ -205,7 +209,11 @@ def paged_hstu_attention(
     )
     impl = select(request, backend).ops["paged"]
 
-    missing = [n for n, x in (("max_seqlen_q", max_seqlen_q), ("scaling_seqlen", scaling_seqlen)) if x is None]
+    missing = [
+        n
+        for n, x in (("max_seqlen_q", max_seqlen_q), ("scaling_seqlen", scaling_seqlen))
+        if x is None
+    ]
     read, check = _needs_host(q.device, validate, missing, "paged_hstu_attention")
     if read:
         host = val.read_and_check_values(
@@ -257,6 +265,12 @@ def append_kv(
     impl = select(request, backend).ops["append_kv"]
     if validate and not val.is_capturing(k.device):
         val.read_and_check_values(
-            cu_seqlens, "cu_seqlens", k.shape[0], num_targets, page_table, page_size, kv_cache.shape[0]
+            cu_seqlens,
+            "cu_seqlens",
+            k.shape[0],
+            num_targets,
+            page_table,
+            page_size,
+            kv_cache.shape[0],
         )
     impl(kv_cache, page_table, k, v, cu_seqlens, num_targets)

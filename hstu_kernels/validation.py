@@ -206,7 +206,7 @@ def read_and_check_values(
                 f"page_table.page_indptr: expected [-1] == len(page_ids) = "
                 f"{page_table.page_ids.shape[0]}, got {indptr[-1]}"
             )
-        if bounds and not (0 <= bounds[0] and bounds[1] < num_pages):
+        if bounds and not (bounds[0] >= 0 and bounds[1] < num_pages):
             raise ValueError(
                 f"page_table.page_ids: expected ids in 0..{num_pages - 1} (pages in kv_cache), "
                 f"got ids in {bounds[0]}..{bounds[1]}"

@@ -23,18 +23,45 @@ def fake_registry(unavailable: dict[str, str] | None = None) -> Registry:
 
     return Registry(
         [
-            Backend("reference", OPS, ALL_DTYPES, page_sizes=frozenset(2**i for i in range(4, 9)),
-                    features=frozenset({"contexts", "window"}), priority={"*": 0}),
-            Backend("triton", OPS, LOWP, archs=GPU_ARCHS, head_dims=frozenset({64, 128, 256}),
-                    page_sizes=frozenset(2**i for i in range(4, 9)),
-                    features=frozenset({"contexts", "window"}), priority={"*": 20},
-                    probe=probe("triton")),
-            Backend("cutedsl-ampere", {"jagged": None, "paged": None}, LOWP, archs=GPU_ARCHS,
-                    head_dims=frozenset({64, 128, 256}), page_sizes=frozenset(2**i for i in range(4, 9)),
-                    priority={"*": 10, "sm_89": 30}, probe=probe("cutedsl-ampere")),
-            Backend("cutedsl-blackwell", {"jagged": None, "paged": None}, LOWP,
-                    archs=frozenset({"sm_100", "sm_103"}), head_dims=frozenset({64, 128}),
-                    page_sizes=frozenset({128}), priority={"*": 40}, probe=probe("cutedsl-blackwell")),
+            Backend(
+                "reference",
+                OPS,
+                ALL_DTYPES,
+                page_sizes=frozenset(2**i for i in range(4, 9)),
+                features=frozenset({"contexts", "window"}),
+                priority={"*": 0},
+            ),
+            Backend(
+                "triton",
+                OPS,
+                LOWP,
+                archs=GPU_ARCHS,
+                head_dims=frozenset({64, 128, 256}),
+                page_sizes=frozenset(2**i for i in range(4, 9)),
+                features=frozenset({"contexts", "window"}),
+                priority={"*": 20},
+                probe=probe("triton"),
+            ),
+            Backend(
+                "cutedsl-ampere",
+                {"jagged": None, "paged": None},
+                LOWP,
+                archs=GPU_ARCHS,
+                head_dims=frozenset({64, 128, 256}),
+                page_sizes=frozenset(2**i for i in range(4, 9)),
+                priority={"*": 10, "sm_89": 30},
+                probe=probe("cutedsl-ampere"),
+            ),
+            Backend(
+                "cutedsl-blackwell",
+                {"jagged": None, "paged": None},
+                LOWP,
+                archs=frozenset({"sm_100", "sm_103"}),
+                head_dims=frozenset({64, 128}),
+                page_sizes=frozenset({128}),
+                priority={"*": 40},
+                probe=probe("cutedsl-blackwell"),
+            ),
         ]
     )
 
@@ -128,8 +155,9 @@ def test_duplicate_registration_refused():
 
 def test_real_registry_serves_cpu_with_reference():
     assert "reference" in registry().backends
-    exp = hk.explain("paged", device="cpu", dtype=torch.float32, head_dim=32, page_size=16,
-                     backend="reference")
+    exp = hk.explain(
+        "paged", device="cpu", dtype=torch.float32, head_dim=32, page_size=16, backend="reference"
+    )
     assert exp.choice == "reference"
     exp = hk.explain("paged", arch="sm_90", head_dim=96, page_size=8)
     assert exp.choice is None and "page size 8 not in" in exp.reasons["reference"]

@@ -26,7 +26,7 @@ def valid_pair(p: int, j: int, history: int, contexts: int, window: int) -> bool
     d = ident(p) - ident(j)
     return (
         p == j
-        or (0 < d and (window == 0 or d <= window))
+        or (d > 0 and (window == 0 or d <= window))
         or (contexts > 0 and ident(p) == 0 and ident(j) < ident(history))
     )
 
@@ -46,10 +46,7 @@ def test_mask_matches_per_pair_rule(params):
     total = history + targets
     mask = hstu_mask(history, total, contexts, window)
     expected = torch.tensor(
-        [
-            [valid_pair(p, j, history, contexts, window) for j in range(total)]
-            for p in range(total)
-        ]
+        [[valid_pair(p, j, history, contexts, window) for j in range(total)] for p in range(total)]
     )
     assert torch.equal(mask, expected)
 
@@ -70,9 +67,13 @@ def paged_batches(draw, max_pages: int = 3):
     batch = draw(st.integers(1, 3))
     # lengths that straddle page edges: k pages +- 1 token, and one-token histories
     edge = st.builds(
-        lambda k, d: max(1, k * page_size + d), st.integers(0, max_pages), st.sampled_from([-1, 0, 1])
+        lambda k, d: max(1, k * page_size + d),
+        st.integers(0, max_pages),
+        st.sampled_from([-1, 0, 1]),
     )
-    histories = draw(st.lists(st.one_of(edge, st.just(1), st.integers(1, 70)), min_size=batch, max_size=batch))
+    histories = draw(
+        st.lists(st.one_of(edge, st.just(1), st.integers(1, 70)), min_size=batch, max_size=batch)
+    )
     new = [draw(st.integers(0, h)) for h in histories]
     targets = draw(st.lists(st.sampled_from([0, 0, 1, 3, 17]), min_size=batch, max_size=batch))
     contexts = draw(st.sampled_from([0, 0, 0, 1, 2]))
@@ -124,8 +125,14 @@ def test_low_precision_reference_within_its_own_tolerance(dtype):
 def test_append_kv_in_chunks_then_read_back(params, chunks):
     histories, _, _, page_size, _, _, heads, seed = params
     case = make_paged_case(
-        histories, histories, [0] * len(histories), page_size=page_size, heads=heads,
-        head_dim=8, seed=seed, fill_cache=False,
+        histories,
+        histories,
+        [0] * len(histories),
+        page_size=page_size,
+        heads=heads,
+        head_dim=8,
+        seed=seed,
+        fill_cache=False,
     )
     kv = case.kv_cache
     starts = case.cu_full.tolist()
@@ -184,9 +191,16 @@ def test_jagged_reference_matches_formula(params, seed):
     q, k, v = (torch.randn(total, heads, dim, generator=gen) for _ in range(3))
     alpha, scaling = 0.7, total + 3
     out = hk.hstu_attention(
-        q, k, v, torch.tensor([0, total], dtype=torch.int32),
-        num_targets=torch.tensor([targets], dtype=torch.int32), num_contexts=contexts,
-        max_attn_len=window, alpha=alpha, scaling_seqlen=scaling, backend="reference",
+        q,
+        k,
+        v,
+        torch.tensor([0, total], dtype=torch.int32),
+        num_targets=torch.tensor([targets], dtype=torch.int32),
+        num_contexts=contexts,
+        max_attn_len=window,
+        alpha=alpha,
+        scaling_seqlen=scaling,
+        backend="reference",
     )
     q64, k64, v64 = q.double(), k.double(), v.double()
     expected = torch.zeros(total, heads, dim, dtype=torch.float64)

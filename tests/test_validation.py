@@ -44,54 +44,223 @@ PAGED_CASES = [
     ("q not a tensor", lambda c: {"q": [1.0]}, TypeError, r"q: expected a torch\.Tensor, got list"),
     ("q int dtype", lambda c: {"q": c.q.int()}, TypeError, r"q: expected dtype .*got int32"),
     ("q 2-D", lambda c: {"q": c.q[:, 0]}, ValueError, r"q: expected 3 dimensions"),
-    ("k shape", lambda c: {"k_new": c.k_new[1:]}, ValueError, r"k_new: expected shape \(30, 2, 8\)"),
+    (
+        "k shape",
+        lambda c: {"k_new": c.k_new[1:]},
+        ValueError,
+        r"k_new: expected shape \(30, 2, 8\)",
+    ),
     ("v dtype", lambda c: {"v_new": c.v_new.double()}, TypeError, r"v_new: expected dtype"),
-    ("v device", lambda c: {"v_new": c.v_new.to("meta")}, ValueError, r"v_new: expected a tensor on cpu, got one on meta"),
+    (
+        "v device",
+        lambda c: {"v_new": c.v_new.to("meta")},
+        ValueError,
+        r"v_new: expected a tensor on cpu, got one on meta",
+    ),
     (
         "q not contiguous",
         lambda c: {"q": c.q.transpose(0, 1).contiguous().transpose(0, 1)},
         ValueError,
         r"q: expected a contiguous tensor",
     ),
-    ("cu int64", lambda c: {"cu_seqlens_q": c.cu_q.long()}, TypeError, r"cu_seqlens_q: expected dtype int32, got int64"),
-    ("cu too short", lambda c: {"cu_seqlens_q": i32(0)}, ValueError, r"cu_seqlens_q: expected \[batch \+ 1\] >= 2"),
-    ("cu first", lambda c: {"cu_seqlens_q": i32(1, 11, 30)}, ValueError, r"cu_seqlens_q\[0\] == 0, got 1"),
+    (
+        "cu int64",
+        lambda c: {"cu_seqlens_q": c.cu_q.long()},
+        TypeError,
+        r"cu_seqlens_q: expected dtype int32, got int64",
+    ),
+    (
+        "cu too short",
+        lambda c: {"cu_seqlens_q": i32(0)},
+        ValueError,
+        r"cu_seqlens_q: expected \[batch \+ 1\] >= 2",
+    ),
+    (
+        "cu first",
+        lambda c: {"cu_seqlens_q": i32(1, 11, 30)},
+        ValueError,
+        r"cu_seqlens_q\[0\] == 0, got 1",
+    ),
     ("cu decreasing", lambda c: {"cu_seqlens_q": i32(0, 31, 30)}, ValueError, r"non-decreasing"),
-    ("cu last", lambda c: {"cu_seqlens_q": i32(0, 11, 29)}, ValueError, r"cu_seqlens_q\[-1\] == 30 .*got 29"),
-    ("targets shape", lambda c: {"num_targets": i32(1)}, ValueError, r"num_targets: expected shape \[2\]"),
-    ("targets dtype", lambda c: {"num_targets": c.num_targets.long()}, TypeError, r"num_targets: expected dtype int32"),
-    ("targets too many", lambda c: {"num_targets": i32(12, 2)}, ValueError, r"num_targets\[0\] <= 11"),
-    ("targets negative", lambda c: {"num_targets": i32(-1, 2)}, ValueError, r"num_targets: expected 0 <= num_targets\[0\]"),
-    ("cache dtype", lambda c: {"kv_cache": c.kv_cache.half()}, TypeError, r"kv_cache: expected dtype float32 \(as q\), got float16"),
-    ("cache not K/V", lambda c: {"kv_cache": c.kv_cache[:, :1].contiguous()}, ValueError, r"kv_cache: expected \[num_pages, 2, page_size"),
-    ("cache heads", lambda c: {"kv_cache": c.kv_cache[..., :1, :].contiguous()}, ValueError, r"kv_cache: expected heads, head_dim = \(2, 8\)"),
-    ("cache page size", lambda c: {"kv_cache": c.kv_cache[:, :, :12].contiguous()}, ValueError, r"power-of-two page size, got 12"),
-    ("table type", lambda c: {"page_table": (1, 2, 3)}, TypeError, r"page_table: expected a PageTable, got tuple"),
-    ("table dtype", lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids.long())}, TypeError, r"page_table\.page_ids: expected dtype int32"),
-    ("table batch", lambda c: {"page_table": table(c, page_indptr=i32(0, 3))}, ValueError, r"page_table\.page_indptr: expected shape \[3\]"),
-    ("page id too big", lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids + 100)}, ValueError, r"page_table\.page_ids: expected ids in 0\.\.7"),
-    ("page id negative", lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids - 5)}, ValueError, r"page_table\.page_ids: expected ids in 0\.\.7"),
-    ("last page len 0", lambda c: {"page_table": table(c, last_page_len=i32(0, 1))}, ValueError, r"last_page_len: expected 1\.\.16 \(page size\), got 0"),
-    ("last page len big", lambda c: {"page_table": table(c, last_page_len=i32(8, 17))}, ValueError, r"last_page_len: expected 1\.\.16 \(page size\), got 17"),
-    ("indptr first", lambda c: {"page_table": table(c, page_indptr=i32(1, 3, 5))}, ValueError, r"page_indptr: expected \[0\] == 0"),
-    ("zero pages", lambda c: {"page_table": table(c, page_indptr=i32(0, 0, 5))}, ValueError, r"every sequence to own >= 1 page, sequence 0 owns 0"),
-    ("indptr end", lambda c: {"page_table": table(c, page_indptr=i32(0, 3, 4))}, ValueError, r"page_indptr: expected \[-1\] == len\(page_ids\) = 5"),
-    ("new > history", lambda c: {"page_table": table(c, last_page_len=i32(8, 1), page_indptr=i32(0, 3, 4), page_ids=c.page_table.page_ids[:4].contiguous())}, ValueError, r"17 new history rows but .* only 1 tokens"),
-    ("contexts negative", lambda c: {"num_contexts": -1}, ValueError, r"num_contexts: expected >= 0, got -1"),
-    ("contexts type", lambda c: {"num_contexts": 1.5}, TypeError, r"num_contexts: expected an int, got float"),
-    ("contexts > history", lambda c: {"num_contexts": 18}, ValueError, r"num_contexts: .*sequence 1 has 17"),
+    (
+        "cu last",
+        lambda c: {"cu_seqlens_q": i32(0, 11, 29)},
+        ValueError,
+        r"cu_seqlens_q\[-1\] == 30 .*got 29",
+    ),
+    (
+        "targets shape",
+        lambda c: {"num_targets": i32(1)},
+        ValueError,
+        r"num_targets: expected shape \[2\]",
+    ),
+    (
+        "targets dtype",
+        lambda c: {"num_targets": c.num_targets.long()},
+        TypeError,
+        r"num_targets: expected dtype int32",
+    ),
+    (
+        "targets too many",
+        lambda c: {"num_targets": i32(12, 2)},
+        ValueError,
+        r"num_targets\[0\] <= 11",
+    ),
+    (
+        "targets negative",
+        lambda c: {"num_targets": i32(-1, 2)},
+        ValueError,
+        r"num_targets: expected 0 <= num_targets\[0\]",
+    ),
+    (
+        "cache dtype",
+        lambda c: {"kv_cache": c.kv_cache.half()},
+        TypeError,
+        r"kv_cache: expected dtype float32 \(as q\), got float16",
+    ),
+    (
+        "cache not K/V",
+        lambda c: {"kv_cache": c.kv_cache[:, :1].contiguous()},
+        ValueError,
+        r"kv_cache: expected \[num_pages, 2, page_size",
+    ),
+    (
+        "cache heads",
+        lambda c: {"kv_cache": c.kv_cache[..., :1, :].contiguous()},
+        ValueError,
+        r"kv_cache: expected heads, head_dim = \(2, 8\)",
+    ),
+    (
+        "cache page size",
+        lambda c: {"kv_cache": c.kv_cache[:, :, :12].contiguous()},
+        ValueError,
+        r"power-of-two page size, got 12",
+    ),
+    (
+        "table type",
+        lambda c: {"page_table": (1, 2, 3)},
+        TypeError,
+        r"page_table: expected a PageTable, got tuple",
+    ),
+    (
+        "table dtype",
+        lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids.long())},
+        TypeError,
+        r"page_table\.page_ids: expected dtype int32",
+    ),
+    (
+        "table batch",
+        lambda c: {"page_table": table(c, page_indptr=i32(0, 3))},
+        ValueError,
+        r"page_table\.page_indptr: expected shape \[3\]",
+    ),
+    (
+        "page id too big",
+        lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids + 100)},
+        ValueError,
+        r"page_table\.page_ids: expected ids in 0\.\.7",
+    ),
+    (
+        "page id negative",
+        lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids - 5)},
+        ValueError,
+        r"page_table\.page_ids: expected ids in 0\.\.7",
+    ),
+    (
+        "last page len 0",
+        lambda c: {"page_table": table(c, last_page_len=i32(0, 1))},
+        ValueError,
+        r"last_page_len: expected 1\.\.16 \(page size\), got 0",
+    ),
+    (
+        "last page len big",
+        lambda c: {"page_table": table(c, last_page_len=i32(8, 17))},
+        ValueError,
+        r"last_page_len: expected 1\.\.16 \(page size\), got 17",
+    ),
+    (
+        "indptr first",
+        lambda c: {"page_table": table(c, page_indptr=i32(1, 3, 5))},
+        ValueError,
+        r"page_indptr: expected \[0\] == 0",
+    ),
+    (
+        "zero pages",
+        lambda c: {"page_table": table(c, page_indptr=i32(0, 0, 5))},
+        ValueError,
+        r"every sequence to own >= 1 page, sequence 0 owns 0",
+    ),
+    (
+        "indptr end",
+        lambda c: {"page_table": table(c, page_indptr=i32(0, 3, 4))},
+        ValueError,
+        r"page_indptr: expected \[-1\] == len\(page_ids\) = 5",
+    ),
+    (
+        "new > history",
+        lambda c: {
+            "page_table": table(
+                c,
+                last_page_len=i32(8, 1),
+                page_indptr=i32(0, 3, 4),
+                page_ids=c.page_table.page_ids[:4].contiguous(),
+            )
+        },
+        ValueError,
+        r"17 new history rows but .* only 1 tokens",
+    ),
+    (
+        "contexts negative",
+        lambda c: {"num_contexts": -1},
+        ValueError,
+        r"num_contexts: expected >= 0, got -1",
+    ),
+    (
+        "contexts type",
+        lambda c: {"num_contexts": 1.5},
+        TypeError,
+        r"num_contexts: expected an int, got float",
+    ),
+    (
+        "contexts > history",
+        lambda c: {"num_contexts": 18},
+        ValueError,
+        r"num_contexts: .*sequence 1 has 17",
+    ),
     ("window type", lambda c: {"max_attn_len": None}, TypeError, r"max_attn_len: expected an int"),
     ("alpha nan", lambda c: {"alpha": float("nan")}, TypeError, r"alpha: expected a finite float"),
-    ("scaling 0", lambda c: {"scaling_seqlen": 0}, ValueError, r"scaling_seqlen: expected a positive int"),
-    ("max_seqlen_q", lambda c: {"max_seqlen_q": -3}, ValueError, r"max_seqlen_q: expected a positive int"),
-    ("out shape", lambda c: {"out": c.q[1:]}, ValueError, r"out: expected shape \(30, 2, 8\) \(as q\)"),
+    (
+        "scaling 0",
+        lambda c: {"scaling_seqlen": 0},
+        ValueError,
+        r"scaling_seqlen: expected a positive int",
+    ),
+    (
+        "max_seqlen_q",
+        lambda c: {"max_seqlen_q": -3},
+        ValueError,
+        r"max_seqlen_q: expected a positive int",
+    ),
+    (
+        "out shape",
+        lambda c: {"out": c.q[1:]},
+        ValueError,
+        r"out: expected shape \(30, 2, 8\) \(as q\)",
+    ),
     ("out dtype", lambda c: {"out": c.q.half()}, TypeError, r"out: expected dtype float32"),
     ("unknown backend", lambda c: {"backend": "nope"}, hk.BackendError, r"nope: unknown backend"),
-    ("page size the backend lacks", lambda c: {"kv_cache": c.kv_cache[:, :, :8].contiguous()}, hk.BackendError, r"reference: page size 8 not in \[16, 32, 64, 128, 256\]"),
+    (
+        "page size the backend lacks",
+        lambda c: {"kv_cache": c.kv_cache[:, :, :8].contiguous()},
+        hk.BackendError,
+        r"reference: page size 8 not in \[16, 32, 64, 128, 256\]",
+    ),
 ]
 
 
-@pytest.mark.parametrize("change,exc,pattern", [c[1:] for c in PAGED_CASES], ids=[c[0] for c in PAGED_CASES])
+@pytest.mark.parametrize(
+    "change,exc,pattern", [c[1:] for c in PAGED_CASES], ids=[c[0] for c in PAGED_CASES]
+)
 def test_paged_validation_errors(case, change, exc, pattern):
     args = paged_args(case)
     args.update(change(case))
@@ -123,9 +292,17 @@ JAGGED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("change,exc,pattern", [c[1:] for c in JAGGED_CASES], ids=[c[0] for c in JAGGED_CASES])
+@pytest.mark.parametrize(
+    "change,exc,pattern", [c[1:] for c in JAGGED_CASES], ids=[c[0] for c in JAGGED_CASES]
+)
 def test_jagged_validation_errors(case, change, exc, pattern):
-    args = dict(q=case.q_full, k=case.k_full, v=case.v_full, cu_seqlens=case.cu_full, num_targets=case.num_targets)
+    args = dict(
+        q=case.q_full,
+        k=case.k_full,
+        v=case.v_full,
+        cu_seqlens=case.cu_full,
+        num_targets=case.num_targets,
+    )
     args.update(change(case))
     with pytest.raises(exc, match=pattern):
         hk.hstu_attention(**args)
@@ -133,15 +310,34 @@ def test_jagged_validation_errors(case, change, exc, pattern):
 
 APPEND_CASES = [
     ("k dtype", lambda c: {"k": c.k_new.half()}, TypeError, r"v: expected dtype float16 \(as k\)"),
-    ("cache dtype", lambda c: {"kv_cache": c.kv_cache.half()}, TypeError, r"kv_cache: expected dtype float32 \(as k\)"),
-    ("page id", lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids + 50)}, ValueError, r"page_ids: expected ids in 0\.\.7"),
+    (
+        "cache dtype",
+        lambda c: {"kv_cache": c.kv_cache.half()},
+        TypeError,
+        r"kv_cache: expected dtype float32 \(as k\)",
+    ),
+    (
+        "page id",
+        lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids + 50)},
+        ValueError,
+        r"page_ids: expected ids in 0\.\.7",
+    ),
     ("cu", lambda c: {"cu_seqlens": i32(0, 11, 31)}, ValueError, r"cu_seqlens\[-1\] == 30"),
 ]
 
 
-@pytest.mark.parametrize("change,exc,pattern", [c[1:] for c in APPEND_CASES], ids=[c[0] for c in APPEND_CASES])
+@pytest.mark.parametrize(
+    "change,exc,pattern", [c[1:] for c in APPEND_CASES], ids=[c[0] for c in APPEND_CASES]
+)
 def test_append_validation_errors(case, change, exc, pattern):
-    args = dict(kv_cache=case.kv_cache, page_table=case.page_table, k=case.k_new, v=case.v_new, cu_seqlens=case.cu_q, num_targets=case.num_targets)
+    args = dict(
+        kv_cache=case.kv_cache,
+        page_table=case.page_table,
+        k=case.k_new,
+        v=case.v_new,
+        cu_seqlens=case.cu_q,
+        num_targets=case.num_targets,
+    )
     args.update(change(case))
     before = case.kv_cache.clone()
     with pytest.raises(exc, match=pattern):
@@ -151,7 +347,10 @@ def test_append_validation_errors(case, change, exc, pattern):
 
 
 def test_page_table_from_lists_errors():
-    with pytest.raises(ValueError, match=re.escape("pages[0]: history of 40 tokens in pages of 16 needs 3 pages, got 2")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("pages[0]: history of 40 tokens in pages of 16 needs 3 pages, got 2"),
+    ):
         hk.PageTable.from_lists([[0, 1]], [40], 16)
     with pytest.raises(ValueError, match=r"history_lengths\[0\]: expected >= 1"):
         hk.PageTable.from_lists([[]], [0], 16)

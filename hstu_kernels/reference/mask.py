@@ -41,6 +41,8 @@ def hstu_mask(
         valid &= diff <= max_attn_len
     valid |= pos[:, None] == pos[None, :]
     if num_contexts > 0:
-        history_end_id = _clamped_ids(torch.tensor(history_len, device=device), history_len, num_contexts)
+        history_end_id = _clamped_ids(
+            torch.tensor(history_len, device=device), history_len, num_contexts
+        )
         valid |= (ids[:, None] == 0) & (ids[None, :] < history_end_id)
     return valid
