@@ -274,3 +274,113 @@ def append_kv(
             kv_cache.shape[0],
         )
     impl(kv_cache, page_table, k, v, cu_seqlens, num_targets)
+
+
+# torch.library registration, so that the ops can sit inside torch.compile'd models
+# (``torch.ops.hstu_kernels.*``). The Python functions above stay the fast eager entry points:
+# going through the dispatcher costs several µs per call.
+
+
+@torch.library.custom_op("hstu_kernels::hstu_attention", mutates_args=())
+def _hstu_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    num_contexts: int,
+    max_attn_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    max_seqlen: int,
+    backend: str,
+) -> torch.Tensor:
+    return hstu_attention(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        num_targets=num_targets,
+        num_contexts=num_contexts,
+        max_attn_len=max_attn_len,
+        alpha=alpha,
+        scaling_seqlen=scaling_seqlen,
+        max_seqlen=max_seqlen,
+        backend=backend,
+        validate=False,
+    )
+
+
+@_hstu_attention_op.register_fake
+def _(q, k, v, cu_seqlens, num_targets, *args):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("hstu_kernels::paged_hstu_attention", mutates_args=())
+def _paged_hstu_attention_op(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_indptr: torch.Tensor,
+    page_ids: torch.Tensor,
+    last_page_len: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    num_contexts: int,
+    max_attn_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    max_seqlen_q: int,
+    backend: str,
+) -> torch.Tensor:
+    return paged_hstu_attention(
+        q,
+        k_new,
+        v_new,
+        kv_cache,
+        PageTable(page_indptr, page_ids, last_page_len),
+        cu_seqlens_q,
+        num_targets=num_targets,
+        num_contexts=num_contexts,
+        max_attn_len=max_attn_len,
+        alpha=alpha,
+        scaling_seqlen=scaling_seqlen,
+        max_seqlen_q=max_seqlen_q,
+        backend=backend,
+        validate=False,
+    )
+
+
+@_paged_hstu_attention_op.register_fake
+def _(q, *args):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("hstu_kernels::append_kv", mutates_args=("kv_cache",))
+def _append_kv_op(
+    kv_cache: torch.Tensor,
+    page_indptr: torch.Tensor,
+    page_ids: torch.Tensor,
+    last_page_len: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    backend: str,
+) -> None:
+    append_kv(
+        kv_cache,
+        PageTable(page_indptr, page_ids, last_page_len),
+        k,
+        v,
+        cu_seqlens,
+        num_targets=num_targets,
+        backend=backend,
+        validate=False,
+    )
+
+
+@_append_kv_op.register_fake
+def _(*args):
+    return None
