@@ -1,0 +1,16 @@
+"""The README's API example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def test_readme_example_runs(capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "torch.Size([28, 4, 128])" in printed
+    assert "->" in printed
