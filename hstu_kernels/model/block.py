@@ -1,0 +1,163 @@
+"""A block of L HSTU layers for inference, uncached or over a paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hstu_kernels.kvcache.manager import KVCacheConfig, KVCacheManager
+from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
+from hstu_kernels.model.layer import HSTULayer
+
+__all__ = ["HSTUBlock"]
+
+
+class HSTUBlock(nn.Module):
+    """``num_layers`` :class:`HSTULayer` s in sequence.
+
+    Two paths give the same numbers (DESIGN.md §1 parity, up to rounding):
+
+    - :meth:`forward_uncached`: whole sequences (all history + targets) through jagged
+      attention; nothing is cached.
+    - :meth:`forward_cached`: only the new history + target rows; each layer appends the new
+      history K/V to its pages in a :class:`~hstu_kernels.kvcache.KVCacheManager` and attends
+      over the whole cached history.
+
+    Args:
+        num_layers, hidden, heads, head_dim: the model's shape.
+        scaling_seqlen: the attention's score divisor, a model constant (the configured
+            maximum sequence length); cached and uncached calls use it alike.
+        alpha, eps, dtype, device: as in :class:`HSTULayer`.
+        backend: attention backend for every op (``"auto"``: the dispatcher picks).
+        seed: layer ``i`` is initialized with ``seed + i``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        hidden: int,
+        heads: int,
+        head_dim: int,
+        *,
+        scaling_seqlen: int,
+        alpha: float | None = None,
+        eps: float = 1e-6,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        backend: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        if (
+            not isinstance(scaling_seqlen, int)
+            or isinstance(scaling_seqlen, bool)
+            or scaling_seqlen < 1
+        ):
+            raise ValueError(f"scaling_seqlen: expected a positive int, got {scaling_seqlen!r}")
+        self.num_layers, self.hidden, self.heads, self.head_dim = (
+            num_layers,
+            hidden,
+            heads,
+            head_dim,
+        )
+        self.scaling_seqlen = scaling_seqlen
+        self.backend = backend
+        self.layers = nn.ModuleList(
+            HSTULayer(
+                hidden,
+                heads,
+                head_dim,
+                alpha=alpha,
+                eps=eps,
+                dtype=dtype,
+                device=device,
+                seed=seed + i,
+            )
+            for i in range(num_layers)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].uvqk_weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].uvqk_weight.device
+
+    def make_cache(self, num_pages: int, page_size: int, *, host_pages: int = 0) -> KVCacheManager:
+        """A KV cache shaped for this block (``num_pages`` per layer, page 0 reserved)."""
+        return KVCacheManager(
+            KVCacheConfig(
+                num_layers=self.num_layers,
+                num_pages=num_pages,
+                page_size=page_size,
+                heads=self.heads,
+                head_dim=self.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+                host_pages=host_pages,
+            )
+        )
+
+    def _check_x(self, x: torch.Tensor, tokens: int) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.shape != (tokens, self.hidden):
+            raise ValueError(f"x: expected shape ({tokens}, {self.hidden}), got {tuple(x.shape)}")
+
+    @torch.inference_mode()
+    def forward_uncached(
+        self, x: torch.Tensor, meta: JaggedMetadata, *, return_all: bool = False
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """``x [sum_b (H_b + T_b), hidden]``: every token of every sequence, packed as
+        ``meta`` (from :func:`~hstu_kernels.kvcache.build_jagged_metadata`) says.
+
+        Returns the last layer's output, or every layer's output if ``return_all``.
+        """
+        self._check_x(x, meta.num_tokens)
+        outs = []
+        for layer in self.layers:
+            x = layer.forward_uncached(
+                x, meta, scaling_seqlen=self.scaling_seqlen, backend=self.backend
+            )
+            outs.append(x)
+        return outs if return_all else x
+
+    @torch.inference_mode()
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        meta: BatchMetadata,
+        cache: KVCacheManager,
+        *,
+        return_all: bool = False,
+        max_seqlen_q: int | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """``x [meta.num_tokens, hidden]``: each sequence's new history rows then its target
+        rows, packed as ``meta`` (from ``cache.prepare(...)``) says.
+
+        Layer ``l`` waits for layer ``l``'s onloaded pages only (``cache.wait_layer``), so
+        onloading later layers overlaps with compute. Capturable into a CUDA graph (see
+        :class:`~hstu_kernels.model.graphs.CachedBlockGraphs`), where ``max_seqlen_q`` is the
+        bucket's bound. Returns the last layer's output, or every layer's if ``return_all``.
+        """
+        self._check_x(x, meta.num_tokens)
+        if cache.config.num_layers != self.num_layers:
+            raise ValueError(
+                f"cache: has {cache.config.num_layers} layers, the block {self.num_layers}"
+            )
+        outs = []
+        for i, layer in enumerate(self.layers):
+            cache.wait_layer(i)
+            x = layer.forward_cached(
+                x,
+                meta,
+                cache.layer_cache(i),
+                scaling_seqlen=self.scaling_seqlen,
+                max_seqlen_q=max_seqlen_q,
+                backend=self.backend,
+            )
+            outs.append(x)
+        return outs if return_all else x
