@@ -1,0 +1,83 @@
+"""The Triton backend: jagged and paged HSTU attention and ``append_kv`` for sm_80 and newer.
+
+The default on Ampere/Ada GPUs (head dims 64/128/256, pages of 16..256 tokens) and a candidate
+on Hopper. Registering it imports nothing from Triton: the kernels are imported on the first
+call, so discovery works where Triton is missing. On a CPU the backend serves only when
+``TRITON_INTERPRET=1`` (the Triton interpreter, for tests), and then with the lowest priority.
+Mask features ``num_contexts`` and ``max_attn_len`` are not implemented (declared, so the
+dispatcher refuses them with a clear reason).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from hstu_kernels.dispatch import Backend, register
+
+__all__ = ["probe"]
+
+
+def probe(arch: str) -> str | None:
+    """``None`` if the backend can run on ``arch`` here, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if arch == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "arch cpu needs the Triton interpreter (TRITON_INTERPRET=1)"
+        return None
+    if not arch.startswith("sm_"):
+        return f"arch {arch} is not a CUDA arch"
+    try:
+        major = int(arch[3:-1])
+    except ValueError:
+        return f"arch {arch} is not understood"
+    if major < 8:
+        return f"arch {arch} is older than sm_80 (bf16 tensor cores needed)"
+    return None
+
+
+def _jagged(*args):
+    from hstu_kernels.backends.triton import ops
+
+    ops.jagged(*args)
+
+
+def _paged(*args):
+    from hstu_kernels.backends.triton import ops
+
+    ops.paged(*args)
+
+
+def _append_kv(*args):
+    from hstu_kernels.backends.triton import ops
+
+    ops.append_kv(*args)
+
+
+register(
+    Backend(
+        name="triton",
+        ops={"jagged": _jagged, "paged": _paged, "append_kv": _append_kv},
+        dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
+        head_dims=frozenset({64, 128, 256}),
+        page_sizes=frozenset(2**i for i in range(4, 9)),
+        features=frozenset(),
+        # The Ampere/Ada default; on Hopper/Blackwell a candidate below the DSL kernels
+        # (until measured otherwise); on the CPU interpreter below the reference.
+        priority={
+            "sm_80": 20,
+            "sm_86": 20,
+            "sm_87": 20,
+            "sm_89": 20,
+            "sm_120": 20,
+            "sm_90": 10,
+            "cpu": -10,
+            "*": 5,
+        },
+        probe=probe,
+        description="Triton kernels (sm_80+; CPU only under TRITON_INTERPRET=1)",
+    )
+)

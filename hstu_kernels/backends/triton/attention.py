@@ -1,0 +1,318 @@
+"""Triton HSTU attention forward: jagged (no cache) and paged (delta) in one kernel.
+
+One program computes a ``BLOCK_M`` tile of one sequence's query rows for one head (and, when
+the grid is too small to fill the GPU, one of ``SPLITS`` contiguous chunks of its KV range).
+Sequence ``b`` has ``Lq`` query rows: ``N`` new history rows (positions ``H-N .. H-1``) then
+``T`` targets (positions ``H .. H+T-1``); the jagged case is ``N = H``. Keys come in two parts:
+
+- history keys ``0 .. H-1``: from ``k``/``v`` rows (jagged) or from the pages (paged); a query
+  tile visits only keys up to its last position (never past ``H``), and only the tiles that
+  straddle the causal edge apply a mask;
+- target keys: each target sees only itself among the targets, so a tile visits only the
+  diagonal block of its own target rows (from ``k``/``v`` rows, never cached).
+
+HSTU needs no softmax rescaling, so the partial sums of KV chunks simply add: with
+``SPLITS > 1`` each program writes fp32 partials into a workspace and a second kernel sums
+them in a fixed order (deterministic, CUDA-graph capturable: sizes come from shapes only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hstu_kernels.backends.triton.config import Config
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _history_tile(
+    acc,
+    q,
+    n,
+    pos,
+    H,
+    K,
+    V,
+    KV,
+    PAGE_IDS,
+    page_start,
+    row_base,
+    h,
+    stride_tok,
+    stride_page,
+    stride_kv,
+    stride_slot,
+    neg_alpha_log2e,
+    offs_n,
+    offs_d,
+    MASKED: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` into ``acc``."""
+    j = n + offs_n
+    if PAGED:
+        if BLOCK_N <= PAGE_SIZE:
+            # The whole tile lies in one page (n is a multiple of BLOCK_N): one lookup.
+            page = tl.load(PAGE_IDS + page_start + n // PAGE_SIZE).to(tl.int64)
+            k_ptrs = (
+                KV
+                + page * stride_page
+                + h * HEAD_DIM
+                + ((n % PAGE_SIZE) + offs_n)[:, None] * stride_slot
+                + offs_d[None, :]
+            )
+        else:
+            # The tile spans several pages: one lookup per page-sized run of keys.
+            if MASKED:
+                pages = tl.load(PAGE_IDS + page_start + j // PAGE_SIZE, mask=j < H, other=0)
+            else:
+                pages = tl.load(PAGE_IDS + page_start + j // PAGE_SIZE)
+            k_ptrs = (
+                KV
+                + h * HEAD_DIM
+                + (pages.to(tl.int64) * stride_page + (j % PAGE_SIZE) * stride_slot)[:, None]
+                + offs_d[None, :]
+            )
+        v_ptrs = k_ptrs + stride_kv
+    else:
+        k_ptrs = K + row_base + j[:, None] * stride_tok + offs_d[None, :]
+        v_ptrs = V + row_base + j[:, None] * stride_tok + offs_d[None, :]
+    if MASKED:
+        # Slots past the history (the tail of the last page) may hold anything, NaN included.
+        k = tl.load(k_ptrs, mask=(j < H)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(j < H)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    # silu(alpha*s) / alpha = s * sigmoid(alpha*s); alpha/scaling_seqlen is applied at the end.
+    w = s / (1.0 + tl.exp2(s * neg_alpha_log2e))
+    if MASKED:
+        valid = (j[None, :] <= pos[:, None]) & (j < H)[None, :]
+        w = tl.where(valid, w, 0.0)
+    return tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _hstu_fwd_kernel(
+    Q,
+    K,
+    V,
+    KV,
+    PAGE_IDS,
+    PAGE_INDPTR,
+    LAST_LEN,
+    CU,
+    NUM_TARGETS,
+    OUT,
+    WS,
+    stride_tok,
+    stride_page,
+    stride_kv,
+    stride_slot,
+    ws_stride_split,
+    neg_alpha_log2e,
+    out_scale,
+    num_heads,
+    num_m_tiles,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
+    SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_hb = tl.program_id(0)
+    # The grid's slow axis runs over query tiles from the last (the longest KV range) down,
+    # so the longest programs start first and the short ones fill the tail.
+    m_tile = num_m_tiles - 1 - tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_hb // num_heads
+    h = pid_hb % num_heads
+
+    seq_start = tl.load(CU + b)
+    Lq = tl.load(CU + b + 1) - seq_start
+    m0 = m_tile * BLOCK_M
+    if m0 >= Lq:
+        return
+    N = Lq - tl.load(NUM_TARGETS + b)
+    page_start = 0
+    if PAGED:
+        page_start = tl.load(PAGE_INDPTR + b)
+        num_pages = tl.load(PAGE_INDPTR + b + 1) - page_start
+        H = (num_pages - 1) * PAGE_SIZE + tl.load(LAST_LEN + b)
+    else:
+        H = N
+    shift = H - N  # position of query row 0
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_base = seq_start.to(tl.int64) * stride_tok + h * HEAD_DIM
+    row_ok = offs_m < Lq
+    q = tl.load(
+        Q + row_base + offs_m[:, None] * stride_tok + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    pos = shift + offs_m
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # History keys [0, hi): up to the tile's last position, never past the history.
+    hi = tl.minimum(shift + m0 + BLOCK_M, H)
+    # Tiles below full_end are valid for every row of the tile: no mask needed.
+    full_end = (tl.minimum(shift + m0 + 1, H) // BLOCK_N) * BLOCK_N
+    n_tiles = tl.cdiv(hi, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    lo = split * per_split * BLOCK_N
+    end = tl.minimum((split + 1) * per_split, n_tiles) * BLOCK_N
+    for n in range(lo, tl.minimum(end, full_end), BLOCK_N):
+        acc = _history_tile(
+            acc, q, n, pos, H, K, V, KV, PAGE_IDS, page_start, row_base, h,
+            stride_tok, stride_page, stride_kv, stride_slot, neg_alpha_log2e, offs_n, offs_d,
+            False, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION,
+        )  # fmt: skip
+    for n in range(tl.maximum(lo, full_end), end, BLOCK_N):
+        acc = _history_tile(
+            acc, q, n, pos, H, K, V, KV, PAGE_IDS, page_start, row_base, h,
+            stride_tok, stride_page, stride_kv, stride_slot, neg_alpha_log2e, offs_n, offs_d,
+            True, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION,
+        )  # fmt: skip
+
+    # Target keys: each target row sees only itself, so visit only this tile's own targets.
+    if split == SPLITS - 1:
+        t_lo = tl.maximum(m0, N)
+        t_hi = tl.minimum(m0 + BLOCK_M, Lq)
+        for n in range(t_lo, t_hi, BLOCK_N):
+            j = n + offs_n
+            k_ok = j < t_hi
+            kv_off = row_base + j[:, None] * stride_tok + offs_d[None, :]
+            k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
+            v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            w = s / (1.0 + tl.exp2(s * neg_alpha_log2e))
+            w = tl.where((j[None, :] == offs_m[:, None]) & k_ok[None, :], w, 0.0)
+            acc = tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+    acc = acc * out_scale
+    o_off = row_base + offs_m[:, None] * stride_tok + offs_d[None, :]
+    if SPLITS == 1:
+        tl.store(OUT + o_off, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(WS + split * ws_stride_split + o_off, acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _sum_splits_kernel(WS, OUT, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """``OUT = sum_s WS[s]`` in a fixed order, cast to OUT's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        total += tl.load(WS + s * numel + offs, mask=ok, other=0.0)
+    tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=ok)
+
+
+_SM_COUNT: dict[int, int] = {}
+MAX_SPLITS = 16
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached); 1 for the interpreter."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def grid_programs(batch: int, heads: int, max_seqlen: int, block_m: int) -> int:
+    """Programs of one split of the grid (some exit at once for short sequences)."""
+    return batch * heads * triton.cdiv(max(max_seqlen, 1), block_m)
+
+
+def choose_splits(programs: int, device: torch.device) -> int:
+    """KV splits so that a small grid still fills the GPU (1 when it is already full)."""
+    sms = sm_count(device)
+    if programs >= sms // 2:
+        return 1
+    return max(1, min(MAX_SPLITS, sms // programs))
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    num_targets: torch.Tensor,
+    max_seqlen: int,
+    alpha: float,
+    scaling_seqlen: int,
+    out: torch.Tensor,
+    config: Config,
+    kv_cache: torch.Tensor | None = None,
+    page_table=None,
+) -> None:
+    """Run the attention kernel with ``config``; paged when ``kv_cache`` is given.
+
+    ``k``/``v`` are the whole sequences (jagged) or ``k_new``/``v_new`` (paged; only their
+    target rows are read). Raises ``ValueError`` for a shape the kernel cannot tile.
+    """
+    total, heads, head_dim = q.shape
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"q: head_dim must be a power of two >= 16 for Triton, got {head_dim}")
+    batch = cu_seqlens.shape[0] - 1
+    if total == 0 or batch == 0:
+        return
+    paged = kv_cache is not None
+    if paged:
+        page_size = kv_cache.shape[2]
+        if page_size & (page_size - 1) or page_size < 16:
+            raise ValueError(f"kv_cache: page size must be a power of two >= 16, got {page_size}")
+        kv = kv_cache
+        page_ids, page_indptr, last_len = (
+            page_table.page_ids,
+            page_table.page_indptr,
+            page_table.last_page_len,
+        )
+        stride_page, stride_kv, stride_slot = kv.stride(0), kv.stride(1), kv.stride(2)
+        if page_ids.numel() == 0:
+            raise ValueError("page_table.page_ids: expected at least one page per sequence")
+    else:
+        page_size = 16  # unused
+        kv, page_ids, page_indptr, last_len = q, cu_seqlens, cu_seqlens, cu_seqlens
+        stride_page = stride_kv = stride_slot = 0
+    num_m_tiles = triton.cdiv(max(max_seqlen, 1), config.block_m)
+    programs = batch * heads * num_m_tiles
+    splits = config.splits or choose_splits(programs, q.device)
+    ws = (
+        torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+        if splits > 1
+        else out  # unused
+    )
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (batch * heads, num_m_tiles, splits)
+    _hstu_fwd_kernel[grid](
+        q, k, v, kv, page_ids, page_indptr, last_len, cu_seqlens, num_targets, out, ws,
+        q.stride(0), stride_page, stride_kv, stride_slot, q.numel(),
+        -alpha * LOG2E, alpha / scaling_seqlen, heads, num_m_tiles,
+        HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        PAGE_SIZE=page_size, PAGED=paged, SPLITS=splits, DOT_PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(q.numel(), block),)](
+            ws, out, q.numel(), SPLITS=splits, BLOCK=block, num_warps=4
+        )

@@ -1,0 +1,89 @@
+"""Kernel configurations and the autotune cache of the Triton backend.
+
+A :class:`Config` fixes the tile shape and the launch parameters of the attention kernel. The
+first call of each *tuning key* (head dim, dtype, page size or jagged, power-of-two buckets of
+the longest query range and of ``batch * heads``) times every candidate on the
+call's own tensors and keeps the fastest, so a new batch shape in the same bucket never
+re-tunes. ``HSTU_TRITON_AUTOTUNE=0`` (or a CUDA graph capture, which cannot time anything)
+uses the fixed default of the key instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Config", "autotune_enabled", "candidates", "default_config", "tuning_key"]
+
+AUTOTUNE_ENV = "HSTU_TRITON_AUTOTUNE"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch parameters of one attention launch.
+
+    ``splits`` is the number of programs that share one query tile's KV range (their partial
+    outputs are summed by a second kernel); ``None`` picks it from the grid size.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    splits: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}: expected a power of two >= 16, got {v}")
+        if self.splits is not None and self.splits < 1:
+            raise ValueError(f"splits: expected >= 1 or None, got {self.splits}")
+
+
+def autotune_enabled() -> bool:
+    """Autotuning is on unless ``HSTU_TRITON_AUTOTUNE`` is ``0``/``false``/``off``."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def tuning_key(
+    head_dim: int, dtype: torch.dtype, page_size: int | None, max_seqlen: int, batch_heads: int
+) -> tuple:
+    """What a tuned config is shared by: shapes in the same power-of-two buckets of the longest
+    query range and of ``batch * heads`` (which sets the grid size) reuse it."""
+    return (head_dim, str(dtype), page_size, _bucket(max_seqlen), _bucket(batch_heads))
+
+
+def default_config(head_dim: int, page_size: int | None, interpret: bool) -> Config:
+    """The fixed config used without autotuning (and as the tuner's fallback)."""
+    if interpret:
+        # The interpreter's cost grows with the number of tiles visited, not their size.
+        return Config(32, 16, 4, 1)
+    if head_dim >= 256:
+        return Config(128, 64, 8, 2)
+    if head_dim >= 128:
+        return Config(128, 64, 8, 2)
+    return Config(128, 64, 4, 3)
+
+
+def candidates(head_dim: int, page_size: int | None) -> list[Config]:
+    """The configs the autotuner times for a key (the default first)."""
+    out = [default_config(head_dim, page_size, False)]
+    if head_dim >= 256:
+        out += [Config(64, 64, 4, 2), Config(128, 32, 8, 2), Config(64, 32, 4, 3)]
+    elif head_dim >= 128:
+        out += [Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)]
+    else:
+        out += [Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 4)]
+    seen, unique = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique

@@ -1,0 +1,343 @@
+"""Tests of the Triton backend against the PyTorch reference.
+
+Without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set below
+before the kernels are imported) on tiny fp16/fp32 shapes: the interpreter's bf16 ``tl.dot`` is
+wrong. With a GPU the interpreter tests are skipped and the ``gpu`` tests run the same
+properties in bf16 and fp16 with every head dim and page size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_ON_GPU = torch.cuda.is_available()
+if not _ON_GPU:
+    # Must precede the first import of the kernel modules (their @triton.jit decorators read it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import hstu_kernels as hk  # noqa: E402
+from hstu_kernels import reference  # noqa: E402
+from hstu_kernels.dispatch import registry  # noqa: E402
+from hstu_kernels.testing import (  # noqa: E402
+    PagedCase,
+    assert_hstu_close,
+    make_paged_case,
+    poisoned_like,
+)
+
+triton = pytest.importorskip("triton")
+
+from hstu_kernels.backends.triton import append as tri_append  # noqa: E402
+from hstu_kernels.backends.triton import attention as tri_attn  # noqa: E402
+from hstu_kernels.backends.triton import probe  # noqa: E402
+from hstu_kernels.backends.triton.config import Config  # noqa: E402
+
+
+def _interpreted() -> bool:
+    return type(tri_attn._hstu_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+cpu_only = pytest.mark.skipif(
+    _ON_GPU or not _interpreted(),
+    reason="interpreter tests run only without a GPU (the gpu tests cover the kernels there) "
+    "and need TRITON_INTERPRET=1 before the kernels were first imported",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    # Tests check numbers, not speed: fixed configs avoid timing every candidate per key.
+    monkeypatch.setenv("HSTU_TRITON_AUTOTUNE", "0")
+
+
+@st.composite
+def batches(draw, max_history: int, max_targets: int, max_batch: int = 3):
+    """(histories, new, targets): odd lengths, one-token histories and zero targets included."""
+    b = draw(st.integers(1, max_batch))
+    histories = draw(st.lists(st.integers(1, max_history), min_size=b, max_size=b))
+    new = [draw(st.integers(1, h)) for h in histories]
+    targets = draw(st.lists(st.integers(0, max_targets), min_size=b, max_size=b))
+    return histories, new, targets
+
+
+def _case(shape, page_size, heads, head_dim, device, seed) -> PagedCase:
+    histories, new, targets = shape
+    return make_paged_case(
+        histories, new, targets, page_size=page_size, heads=heads, head_dim=head_dim,
+        dtype=torch.float32, device=device, seed=seed,
+    )  # fmt: skip
+
+
+def _check_paged(case: PagedCase, dtype: torch.dtype, backend: str = "triton") -> None:
+    ref32 = case.reference_full(torch.float32)[case.rows]
+    ref_lowp = case.reference_full(dtype)[case.rows]
+    q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
+    out = hk.paged_hstu_attention(
+        q, k_new, v_new, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
+        scaling_seqlen=case.max_total, backend=backend, out=poisoned_like(q),
+    )  # fmt: skip
+    assert_hstu_close(out, ref32, ref_lowp)
+
+
+def _check_jagged(case: PagedCase, dtype: torch.dtype) -> None:
+    q, k, v = (t.to(dtype) for t in (case.q_full, case.k_full, case.v_full))
+    out = hk.hstu_attention(
+        q, k, v, case.cu_full, num_targets=case.num_targets, backend="triton",
+        out=poisoned_like(q),
+    )  # fmt: skip
+    assert_hstu_close(out, case.reference_full(torch.float32), case.reference_full(dtype))
+
+
+def _check_append(case: PagedCase, dtype: torch.dtype) -> None:
+    nan_pages = torch.full_like(case.kv_cache, float("nan"), dtype=dtype)
+    expected, got = nan_pages.clone(), nan_pages.clone()
+    k, v = case.k_new.to(dtype), case.v_new.to(dtype)
+    reference.append_kv(expected, case.page_table, k, v, case.cu_q, case.num_targets)
+    hk.append_kv(got, case.page_table, k, v, case.cu_q, num_targets=case.num_targets,
+                 backend="triton")  # fmt: skip
+    # Bit-exact, and nothing written outside the new rows' slots (NaN stays NaN).
+    assert torch.equal(expected.isnan(), got.isnan())
+    assert torch.equal(expected.nan_to_num(0.0), got.nan_to_num(0.0))
+
+
+# ---------------------------------------------------------------- CPU (Triton interpreter)
+
+
+@cpu_only
+@given(
+    shape=batches(max_history=70, max_targets=9),
+    page_size=st.sampled_from([16, 32, 64]),
+    heads=st.integers(1, 2),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_parity_interpreter(shape, page_size, heads, dtype, seed):
+    _check_paged(_case(shape, page_size, heads, 64, "cpu", seed), dtype)
+
+
+@cpu_only
+@given(
+    shape=batches(max_history=70, max_targets=9),
+    heads=st.integers(1, 2),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_jagged_matches_reference_interpreter(shape, heads, dtype, seed):
+    _check_jagged(_case(shape, 16, heads, 64, "cpu", seed), dtype)
+
+
+@cpu_only
+@given(
+    shape=batches(max_history=80, max_targets=5, max_batch=4),
+    page_size=st.sampled_from([16, 32]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_append_kv_bit_exact_interpreter(shape, page_size, dtype, seed):
+    _check_append(_case(shape, page_size, 2, 64, "cpu", seed), dtype)
+
+
+# Tile shapes the default config does not reach: tiles wider than a page (one page lookup per
+# key), query tiles narrower than key tiles, and the split-KV path with its reduction pass.
+_CONFIGS = [
+    Config(32, 32, 4, 1),
+    Config(16, 64, 4, 1, splits=3),
+    Config(64, 16, 4, 1, splits=2),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("config", _CONFIGS, ids=str)
+@pytest.mark.parametrize("paged", [True, False])
+def test_tile_configs_interpreter(config, paged):
+    case = make_paged_case(
+        [37, 5, 64, 1], [10, 5, 17, 1], [3, 0, 7, 2], page_size=16, heads=2, head_dim=64, seed=3
+    )
+    dtype = torch.float16
+    spec = case.spec()
+    if paged:
+        q, k, v, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
+        cu, table, rows = case.cu_q, case.page_table, case.rows
+    else:
+        q, k, v = (t.to(dtype) for t in (case.q_full, case.k_full, case.v_full))
+        cu, kv, table, rows = case.cu_full, None, None, slice(None)
+    out = poisoned_like(q)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    tri_attn.launch(
+        q, k, v, cu, case.num_targets, max_len, spec.alpha, spec.scaling_seqlen, out, config,
+        kv_cache=kv, page_table=table,
+    )  # fmt: skip
+    assert_hstu_close(
+        out, case.reference_full(torch.float32)[rows], case.reference_full(dtype)[rows]
+    )
+
+
+# ---------------------------------------------------------------- declarations and errors
+
+
+def test_registered_and_declares_what_it_lacks():
+    backend = registry().backends["triton"]
+    assert backend.features == frozenset()
+    exp = hk.explain("paged", dtype=torch.float16, head_dim=64, max_attn_len=8, arch="sm_89",
+                     backend="triton")  # fmt: skip
+    assert exp.choice is None and "window" in str(exp)
+    exp = hk.explain("paged", dtype=torch.float16, head_dim=96, arch="sm_89", backend="triton")
+    assert exp.choice is None and "head dim 96" in str(exp)
+    assert hk.explain("paged", head_dim=256, page_size=32, arch="sm_89").choice == "triton"
+
+
+def test_probe(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in probe("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert probe("cpu") is None
+    assert probe("sm_75") is not None
+    assert probe("sm_90") is None
+
+
+@cpu_only
+def test_bad_input_raises_before_the_kernel():
+    case = make_paged_case([20], [4], [2], page_size=16, heads=1, head_dim=64, seed=0)
+    with pytest.raises(ValueError, match="page_ids"):
+        bad = hk.PageTable(
+            case.page_table.page_indptr,
+            case.page_table.page_ids + 100,
+            case.page_table.last_page_len,
+        )
+        hk.paged_hstu_attention(
+            case.q, case.k_new, case.v_new, case.kv_cache, bad, case.cu_q,
+            num_targets=case.num_targets, backend="triton",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="head_dim"):
+        q = torch.zeros(4, 1, 48)
+        tri_attn.launch(
+            q, q, q, torch.tensor([0, 4], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+            4, 1.0, 4, q.clone(), Config(16, 16, 4, 1),
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@given(
+    shape=batches(max_history=600, max_targets=40, max_batch=4),
+    page_size=st.sampled_from([16, 32, 64, 128, 256]),
+    head_dim=st.sampled_from([64, 128, 256]),
+    heads=st.integers(1, 3),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_parity_gpu(shape, page_size, head_dim, heads, dtype, seed):
+    _check_paged(_case(shape, page_size, heads, head_dim, "cuda", seed), dtype)
+
+
+@gpu
+@given(
+    shape=batches(max_history=600, max_targets=40, max_batch=4),
+    head_dim=st.sampled_from([64, 128, 256]),
+    heads=st.integers(1, 3),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_jagged_matches_reference_gpu(shape, head_dim, heads, dtype, seed):
+    _check_jagged(_case(shape, 32, heads, head_dim, "cuda", seed), dtype)
+
+
+@gpu
+@given(
+    shape=batches(max_history=600, max_targets=20, max_batch=6),
+    page_size=st.sampled_from([16, 32, 256]),
+    head_dim=st.sampled_from([64, 256]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_append_kv_bit_exact_gpu(shape, page_size, head_dim, dtype, seed):
+    _check_append(_case(shape, page_size, 2, head_dim, "cuda", seed), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("config", [*_CONFIGS, Config(128, 64, 8, 2), Config(64, 64, 4, 2, 5)],
+                         ids=str)  # fmt: skip
+def test_tile_configs_gpu(config):
+    case = make_paged_case(
+        [1300, 5, 640, 1], [130, 5, 17, 1], [30, 0, 7, 2], page_size=16, heads=2, head_dim=128,
+        device="cuda", seed=3,
+    )  # fmt: skip
+    spec = case.spec()
+    dtype = torch.bfloat16
+    q, k, v, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
+    out = poisoned_like(q)
+    tri_attn.launch(
+        q, k, v, case.cu_q, case.num_targets, 160, spec.alpha, spec.scaling_seqlen, out, config,
+        kv_cache=kv, page_table=case.page_table,
+    )  # fmt: skip
+    ref = case.reference_full(torch.float32)[case.rows]
+    assert_hstu_close(out, ref, case.reference_full(dtype)[case.rows])
+
+
+@gpu
+def test_autotuned_call_and_small_grid_split(monkeypatch):
+    # B=1: the grid is far smaller than the GPU, so the KV range is split (and summed).
+    monkeypatch.setenv("HSTU_TRITON_AUTOTUNE", "1")
+    case = _case(([2000], [64], [100]), 32, 2, 128, "cuda", 5)
+    _check_paged(case, torch.bfloat16)
+    assert tri_attn.choose_splits(2 * 2, torch.device("cuda")) > 1
+
+
+@gpu
+def test_cuda_graph_capture():
+    """append_kv + paged attention captured in one graph; replay on stale pages."""
+    dtype = torch.bfloat16
+    case = _case(([300, 77], [40, 77], [16, 3]), 32, 2, 128, "cuda", 9)
+    spec = case.spec()
+    q, k, v = (t.to(dtype) for t in (case.q, case.k_new, case.v_new))
+    kv = case.kv_cache.to(dtype)
+    _, pages, slots = reference.append_positions(case.page_table, 32, case.cu_q, case.num_targets)
+    stale = kv.clone()
+    stale[pages, :, slots] = 0.0  # the new rows are not in the cache until append_kv runs
+    out = poisoned_like(q)
+    max_q = int((case.cu_q[1:] - case.cu_q[:-1]).max())
+
+    def step():
+        hk.append_kv(kv, case.page_table, k, v, case.cu_q, num_targets=case.num_targets,
+                     backend="triton", validate=False)  # fmt: skip
+        hk.paged_hstu_attention(
+            q, k, v, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
+            scaling_seqlen=spec.scaling_seqlen, max_seqlen_q=max_q, backend="triton",
+            validate=False, out=out,
+        )  # fmt: skip
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    kv.copy_(stale)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref32 = case.reference_full(torch.float32)[case.rows]
+    assert_hstu_close(out, ref32, case.reference_full(dtype)[case.rows])
+
+
+@gpu
+def test_append_kv_kernel_needs_no_host_sync():
+    # The launch computes nothing from tensor values: it must be capturable on its own.
+    case = _case(([100, 33], [20, 33], [4, 0]), 16, 2, 64, "cuda", 1)
+    kv = case.kv_cache.to(torch.float16)
+    k, v = case.k_new.half(), case.v_new.half()
+    tri_append.append_kv(kv, case.page_table, k, v, case.cu_q, case.num_targets)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tri_append.append_kv(kv, case.page_table, k, v, case.cu_q, case.num_targets)
+    graph.replay()
+    torch.cuda.synchronize()
