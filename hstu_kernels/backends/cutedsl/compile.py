@@ -1,0 +1,292 @@
+"""Compile, cache and launch CuTe DSL kernels (shared by every DSL kernel of this package).
+
+A DSL kernel is a ``@cute.jit`` host function. Tracing and compiling it costs seconds, and
+calling it un-compiled re-traces on every call, so each *variant* (arch, dtype, head dim, page
+size, tile shape, mask features, ...) is compiled exactly once:
+
+1. in-process cache: ``(name, variant)`` -> the compiled function;
+2. on-disk cache: the compiled module exported as an object file (``export_to_c``) and loaded
+   back with ``cutlass.runtime.load_module`` in a later process. Its file name is a hash of the
+   kernel's source files, the DSL version, the arch, the compile options and the variant, so a
+   changed kernel or DSL never loads a stale module. Location: ``$HSTU_KERNELS_CUTEDSL_CACHE``
+   (default ``~/.cache/hstu_kernels/cutedsl``); set it to ``0``/``off`` to disable it.
+
+Every kernel is compiled with ``--enable-tvm-ffi`` and a fake stream that takes the caller's
+*environment stream* (``torch.cuda.current_stream()``): the compiled function is then called
+with torch tensors and Python scalars directly, costs a few µs of host time, and works inside
+``torch.cuda.graph`` capture (the launch goes to the capturing stream).
+
+Typical use (see ``ampere.py``)::
+
+    fn = compile_cached(
+        "hstu_fwd_sm80", variant, host_fn, lambda: (fake_tensor(...), ..., env_stream()),
+        arch="sm_90a", sources=[__file__],
+    )
+    fn(q, k, v, ..., out)          # torch tensors + python scalars, no stream argument
+
+Nothing here imports ``cutlass`` at module import time except through the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CACHE_ENV",
+    "cache_dir",
+    "compile_cached",
+    "compile_kernel",
+    "compile_stats",
+    "cutlass_dtype",
+    "dsl_arch",
+    "dsl_available",
+    "dsl_version",
+    "env_stream",
+    "fake_tensor",
+    "ptx_of",
+]
+
+CACHE_ENV = "HSTU_KERNELS_CUTEDSL_CACHE"
+
+_LOCK = threading.Lock()
+_MEMORY: dict[tuple[str, str], Callable] = {}
+# (name, key) -> how the function was obtained: {"source": "compile"|"disk", "seconds": float}
+_STATS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+@cache
+def dsl_version() -> str | None:
+    """The installed ``nvidia-cutlass-dsl`` version, or ``None`` when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("nvidia-cutlass-dsl")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@cache
+def dsl_available() -> str | None:
+    """``None`` when ``import cutlass.cute`` works here, else the reason it does not."""
+    try:
+        import cutlass.cute  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"CUTLASS DSL unavailable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def dsl_arch(arch: str) -> str:
+    """The DSL's target name for a dispatcher arch: ``sm_90`` -> ``sm_90a``, ``sm_100`` ->
+    ``sm_100a``, ``sm_120`` -> ``sm_120a``, ``sm_80``/``sm_86``/``sm_89`` unchanged.
+
+    The ``a`` targets enable the arch-specific instructions (wgmma, tcgen05); warp-MMA kernels
+    compile for them too. Names already ending in ``a`` pass through.
+    """
+    if not arch.startswith("sm_"):
+        raise ValueError(f"arch: expected 'sm_<major><minor>', got {arch!r}")
+    if arch.endswith("a"):
+        return arch
+    cc = int(arch[3:])
+    if cc in (90, 100, 101, 103, 110, 120, 121):
+        return arch + "a"
+    return arch
+
+
+def cache_dir() -> Path | None:
+    """The on-disk cache folder, or ``None`` when disabled (``$HSTU_KERNELS_CUTEDSL_CACHE=0``)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in ("", "0", "off", "false", "none"):
+        return None
+    if value:
+        return Path(value)
+    return Path.home() / ".cache" / "hstu_kernels" / "cutedsl"
+
+
+def cutlass_dtype(dtype: Any) -> Any:
+    """The ``cutlass`` numeric type of a torch dtype (bf16, fp16, fp32, int32)."""
+    import cutlass
+    import torch
+
+    table = {
+        torch.bfloat16: cutlass.BFloat16,
+        torch.float16: cutlass.Float16,
+        torch.float32: cutlass.Float32,
+        torch.int32: cutlass.Int32,
+    }
+    if dtype not in table:
+        raise TypeError(f"dtype: no CUTLASS DSL type for {dtype}")
+    return table[dtype]
+
+
+def fake_tensor(dtype: Any, shape: Sequence[int | None], *, divisibility: int = 1, align: int = 16):
+    """A compile-time placeholder for a compact row-major torch tensor.
+
+    ``shape`` entries that are ``None`` are dynamic (bound at call time); the innermost
+    dimension is stride 1. ``dtype`` is a torch or cutlass dtype. ``divisibility`` is promised
+    for every dynamic extent (1: none). ``align`` is the promised byte alignment of the data
+    pointer (16 lets the kernel use 128-bit copies; callers must check it).
+    """
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor
+
+    if not hasattr(dtype, "width"):
+        dtype = cutlass_dtype(dtype)
+    dims = tuple(cute.sym_int32(divisibility=divisibility) if s is None else s for s in shape)
+    order = tuple(range(len(dims) - 1, -1, -1))  # row-major: last dim fastest
+    return make_fake_compact_tensor(dtype, dims, stride_order=order, assumed_align=align)
+
+
+def env_stream() -> Any:
+    """The fake stream argument that makes a compiled kernel launch on the caller's current
+    torch stream (the tvm-ffi environment stream); the call then takes no stream argument."""
+    from cutlass.runtime import make_fake_stream
+
+    return make_fake_stream(use_tvm_ffi_env_stream=True)
+
+
+def _options(arch: str, extra: str) -> str:
+    return f"--enable-tvm-ffi --gpu-arch {dsl_arch(arch)} {extra}".strip()
+
+
+def compile_kernel(
+    host_fn: Callable, fake_args: Sequence[Any], *, arch: str, options: str = ""
+) -> Any:
+    """``cute.compile`` of ``host_fn`` for ``arch`` (works without a GPU), tvm-ffi enabled.
+
+    ``options`` adds DSL compile flags, e.g. ``"--keep-ptx --dump-dir=/tmp/x"`` (see
+    :func:`ptx_of`). Returns the DSL's compiled-function object (callable with torch tensors).
+    """
+    import cutlass.cute as cute
+
+    return cute.compile(host_fn, *fake_args, options=_options(arch, options))
+
+
+def ptx_of(host_fn: Callable, fake_args: Sequence[Any], *, arch: str) -> str:
+    """The PTX that ``host_fn`` compiles to for ``arch`` (compile-only; for tests)."""
+    with tempfile.TemporaryDirectory(prefix="hstu_ptx_") as tmp:
+        compiled = compile_kernel(
+            host_fn, fake_args, arch=arch, options=f"--keep-ptx --dump-dir={tmp}"
+        )
+        ptx = compiled.__ptx__
+        if not ptx:
+            dumped = sorted(Path(tmp).glob("*.ptx"))
+            ptx = "".join(p.read_text() for p in dumped)
+    return ptx
+
+
+def _variant_repr(variant: Mapping[str, Any]) -> str:
+    return repr(sorted((str(k), repr(v)) for k, v in variant.items()))
+
+
+def _hash(
+    name: str, variant: Mapping[str, Any], arch: str, options: str, sources: Sequence[str]
+) -> str:
+    h = hashlib.sha256()
+    for part in (name, _variant_repr(variant), dsl_arch(arch), options, str(dsl_version())):
+        h.update(part.encode())
+        h.update(b"\0")
+    for path in sorted(set(sources)):
+        h.update(Path(path).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def compile_cached(
+    name: str,
+    variant: Mapping[str, Any],
+    host_fn: Callable,
+    fake_args: Callable[[], Sequence[Any]],
+    *,
+    arch: str,
+    sources: Sequence[str] = (),
+    options: str = "",
+) -> Callable:
+    """The compiled kernel for one variant: from memory, else from disk, else compiled now.
+
+    Args:
+        name: kernel family, a C identifier prefix (e.g. ``"hstu_fwd_sm80"``).
+        variant: everything that specialises the compiled code (must include whatever
+            ``host_fn``/``fake_args`` close over: dtype, head dim, tiles, flags, ...).
+        host_fn: the ``@cute.jit`` host function (or bound method) to compile.
+        fake_args: builds the compile-time arguments (fake tensors, scalars,
+            :func:`env_stream`); called only on a miss.
+        arch: target, dispatcher or DSL spelling (``"sm_90"`` or ``"sm_90a"``).
+        sources: files whose contents define the kernel (hashed into the disk-cache key).
+        options: extra DSL compile flags.
+
+    Returns:
+        A callable taking torch tensors and Python scalars in ``host_fn``'s order, without the
+        stream (it launches on ``torch.cuda.current_stream()``).
+    """
+    key = _hash(name, variant, arch, options, sources)
+    mem_key = (name, key)
+    fn = _MEMORY.get(mem_key)
+    if fn is not None:
+        return fn
+    with _LOCK:
+        fn = _MEMORY.get(mem_key)
+        if fn is not None:
+            return fn
+        symbol = f"{name}_{key}"
+        folder = cache_dir()
+        path = folder / f"{symbol}.o" if folder is not None else None
+        start = time.perf_counter()
+        source = "compile"
+        fn = None
+        if path is not None and path.exists():
+            try:
+                fn = _load(path, symbol)
+                source = "disk"
+            except Exception:  # a corrupt/foreign file: recompile and overwrite it
+                fn = None
+        if fn is None:
+            compiled = compile_kernel(host_fn, fake_args(), arch=arch, options=options)
+            fn = compiled
+            if path is not None:
+                # A read-only home etc.: the in-process cache still works.
+                with contextlib.suppress(OSError):
+                    _store(compiled, path, symbol)
+        _STATS[mem_key] = {"source": source, "seconds": time.perf_counter() - start}
+        _MEMORY[mem_key] = fn
+        return fn
+
+
+def _load(path: Path, symbol: str) -> Callable:
+    from cutlass.runtime import load_module
+
+    module = load_module(str(path), enable_tvm_ffi=True)
+    return getattr(module, symbol)
+
+
+def _store(compiled: Any, path: Path, symbol: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".o", dir=path.parent)
+    os.close(fd)
+    try:
+        compiled.export_to_c(tmp, function_name=symbol)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees a whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def compile_stats() -> dict[str, dict[str, Any]]:
+    """How each cached kernel was obtained in this process: ``{symbol: {"source":
+    "compile" | "disk", "seconds": ...}}`` (for measuring first-call and warm-load costs)."""
+    return {f"{n}_{k}": dict(v) for (n, k), v in _STATS.items()}
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-process cache (the disk cache stays); for tests and measurements."""
+    with _LOCK:
+        _MEMORY.clear()
+        _STATS.clear()

@@ -1,0 +1,223 @@
+"""Arch-neutral pieces of the HSTU attention kernels written with the CuTe DSL.
+
+Shared by the warp-MMA kernel (``ampere.py``, sm80..sm120) and the tcgen05 kernel
+(``blackwell.py``), so that GPU runs on any card exercise them. Everything here is written in
+integer arithmetic that works on both Python ints and DSL ``Int32`` values: the same function
+runs inside a kernel trace and in a plain-Python unit test on the CPU. Only
+:func:`silu_scale_` and :func:`mask_tile_` need the DSL (they touch register fragments).
+
+Vocabulary (DESIGN.md §1, per sequence ``b``):
+
+- ``history`` H, ``total`` L = H + T (T targets). Key/query *positions* run over ``0..L-1``.
+- Query rows of the call: ``q_len`` packed rows starting at ``q_start``; row ``r`` has position
+  ``q_pos0 + r``. Jagged (no cache): ``q_pos0 = 0``, ``q_len = L``. Paged (delta):
+  ``q_len = N + T``, ``q_pos0 = H - N``.
+- Key ``j`` comes from the cache (``j < H``, paged only) or from packed row
+  ``q_start + j - q_pos0`` of ``k``/``k_new`` (every key of the jagged case; the targets of the
+  paged case).
+- The mask: ``keep(p, j) = (j <= p and j < H) or j == p`` (causal history; targets see all
+  history and themselves).
+
+Tiles: the CTA for q-tile ``m_block`` owns query rows ``[m_block*BM, (m_block+1)*BM)`` of its
+sequence. Its KV tiles of ``BN`` keys are those covering keys ``[0, min(H, p1))`` ("history
+range", tiles ``0..nA-1``) plus those covering the diagonal of target rows ``[max(p0, H), p1)``
+("target range", tiles ``nB_start..``): every other KV tile is empty for this q-tile and is never
+visited. A visited tile is *full* (no per-element mask needed) when every key in it is history
+and not after the tile's first query; otherwise *partial*.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+__all__ = [
+    "SeqInfo",
+    "classify_tile",
+    "grid_shape",
+    "keep",
+    "kv_tile_at",
+    "kv_tile_range",
+    "kv_key_source",
+    "mask_tile_",
+    "page_slot",
+    "schedule_tile",
+    "sequence_info",
+    "silu_scale_",
+    "tile_is_full",
+]
+
+LOG2_E = 1.4426950408889634
+
+
+def _is_py(*xs: Any) -> bool:
+    return all(isinstance(x, (int, bool)) for x in xs)
+
+
+def _min(a: Any, b: Any) -> Any:
+    if _is_py(a, b):
+        return min(a, b)
+    import cutlass
+
+    return cutlass.min(a, b)
+
+
+def _max(a: Any, b: Any) -> Any:
+    if _is_py(a, b):
+        return max(a, b)
+    import cutlass
+
+    return cutlass.max(a, b)
+
+
+def _as_int(flag: Any) -> Any:
+    """A boolean (Python or DSL) as 0/1 of the integer world it lives in."""
+    if isinstance(flag, bool):
+        return int(flag)
+    import cutlass
+
+    return cutlass.Int32(flag)
+
+
+class SeqInfo(NamedTuple):
+    """Where one sequence's query rows and keys are (see the module docstring)."""
+
+    q_start: Any  # first packed row of q / k_new / out
+    q_len: Any  # packed rows of the sequence in this call
+    q_pos0: Any  # position of the first query row
+    history: Any  # H
+    total: Any  # L = H + T
+    page_base: Any  # index of the sequence's first entry in page_ids (paged only; else 0)
+
+
+def sequence_info(
+    b: Any,
+    cu_seqlens_q: Any,
+    num_targets: Any,
+    page_indptr: Any = None,
+    last_page_len: Any = None,
+    *,
+    page_size: int = 0,
+    paged: bool = False,
+) -> SeqInfo:
+    """The :class:`SeqInfo` of sequence ``b`` from the call's metadata.
+
+    Works on DSL tensors inside a kernel and on Python lists in tests. ``paged`` and
+    ``page_size`` are compile-time constants.
+    """
+    q_start = cu_seqlens_q[b]
+    q_len = cu_seqlens_q[b + 1] - q_start
+    targets = num_targets[b]
+    if not paged:
+        return SeqInfo(q_start, q_len, q_start * 0, q_len - targets, q_len, q_start * 0)
+    page_base = page_indptr[b]
+    history = (page_indptr[b + 1] - page_base - 1) * page_size + last_page_len[b]
+    new = q_len - targets
+    return SeqInfo(q_start, q_len, history - new, history, history + targets, page_base)
+
+
+def grid_shape(max_q_len: int, block_m: int, heads: int, batch: int) -> tuple[int, int, int]:
+    """Launch grid ``(q-tiles, heads, batch)``: one CTA per (q-tile, head, sequence); CTAs
+    past a short sequence's end exit at once."""
+    return (max(1, -(-max_q_len // block_m)), heads, batch)
+
+
+def schedule_tile(block_x: Any, block_y: Any, block_z: Any, num_m_blocks: Any) -> tuple:
+    """``(m_block, head, batch)`` of a CTA. Later q-tiles see more keys (causal), so the first
+    CTAs launched take the last q-tiles: the long tiles start first, short ones fill the tail."""
+    return num_m_blocks - 1 - block_x, block_y, block_z
+
+
+def kv_tile_range(p0: Any, p1: Any, history: Any, total: Any, block_n: int) -> tuple:
+    """The KV tiles of the q-tile with query positions ``[p0, p1)`` (``p1 > p0``).
+
+    Returns ``(count, n_a, n_b_start)``: visit ``count`` tiles, the i-th being
+    :func:`kv_tile_at` ``(i, n_a, n_b_start)``: history tiles ``0..n_a-1`` then target
+    (diagonal) tiles ``n_b_start..``. Never visits a tile twice; ``count >= 1``.
+    """
+    n_a = (_min(history, p1) + block_n - 1) // block_n
+    n_b_start = _max(n_a, _max(p0, history) // block_n)
+    n_b_end = _max(n_b_start, (_min(p1, total) + block_n - 1) // block_n)
+    return n_a + n_b_end - n_b_start, n_a, n_b_start
+
+
+def kv_tile_at(i: Any, n_a: Any, n_b_start: Any) -> Any:
+    """The KV tile index visited at step ``i`` of :func:`kv_tile_range`."""
+    return i + _as_int(i >= n_a) * (n_b_start - n_a)
+
+
+def tile_is_full(n_block: Any, block_n: int, p0: Any, history: Any) -> Any:
+    """True when every (query, key) pair of the tile is kept: all keys are history and none is
+    after the q-tile's first query. Such tiles skip the per-element mask."""
+    last_key = (n_block + 1) * block_n - 1
+    return (last_key <= p0) & (last_key < history)
+
+
+def keep(p: Any, j: Any, history: Any) -> Any:
+    """The HSTU mask (contexts/window absent): causal history, targets see history + self."""
+    return ((j <= p) & (j < history)) | (j == p)
+
+
+def classify_tile(p0: int, p1: int, j0: int, j1: int, history: int, total: int) -> str:
+    """``"empty"``, ``"partial"`` or ``"full"`` for queries ``[p0, p1)`` x keys ``[j0, j1)``
+    (plain Python; keys ``>= total`` do not exist). The tile walk of :func:`kv_tile_range`
+    visits exactly the non-empty tiles and skips the mask on the full ones."""
+    pairs = [keep(p, j, history) for p in range(p0, p1) for j in range(j0, min(j1, total))]
+    if not any(pairs):
+        return "empty"
+    if all(pairs) and j1 <= total:
+        return "full"
+    return "partial"
+
+
+def page_slot(j: Any, page_size: int) -> tuple:
+    """``(index into the sequence's page list, offset inside the page)`` of history key ``j``
+    (``page_size`` a power of two, compile-time)."""
+    shift = page_size.bit_length() - 1
+    if 1 << shift != page_size:
+        raise ValueError(f"page_size: expected a power of two, got {page_size}")
+    return j >> shift, j & (page_size - 1)
+
+
+def kv_key_source(j: Any, info: SeqInfo, paged: bool) -> tuple:
+    """Where key ``j`` of a sequence lives: ``(from_cache, in_range, packed_row)``.
+
+    ``from_cache``: a history key of the paged case (read it through :func:`page_slot`);
+    ``in_range``: ``j < total`` (keys past the sequence must be zero-filled, which makes them
+    contribute nothing since ``silu(0) = 0``); ``packed_row``: the row of ``k``/``k_new`` that
+    holds key ``j`` when it is not in the cache (clamp before using it as an address).
+    """
+    from_cache = (j < info.history) if paged else (j < 0)
+    return from_cache, j < info.total, info.q_start + j - info.q_pos0
+
+
+def silu_scale_(acc: Any, alpha: Any, inv_scaling: Any) -> None:
+    """In place on an fp32 register fragment: ``s -> silu(alpha * s) * inv_scaling``.
+
+    ``silu(x) = x / (1 + 2^(-x log2 e))`` with the hardware ``ex2.approx`` and ``rcp.approx``
+    (relative error ~1e-7, far below bf16/fp16 rounding). A DSL-only helper (call it in a
+    kernel).
+    """
+    import cutlass.cute as cute
+
+    neg_alpha_log2e = -alpha * LOG2_E
+    for i in range(cute.size(acc)):  # plain Python loop: unrolled at trace time
+        s = acc[i]
+        e = cute.math.exp2(s * neg_alpha_log2e, fastmath=True)
+        acc[i] = (s * alpha) * cute.arch.rcp_approx(e + 1.0) * inv_scaling
+
+
+def mask_tile_(acc_mn: Any, coords_mn: Any, p_base: Any, j_base: Any, history: Any) -> None:
+    """Zero the elements of an ``(M, N)``-viewed fp32 fragment that :func:`keep` drops.
+
+    ``coords_mn`` is the identity-tensor partition of the same fragment (``(row, col)`` inside
+    the tile); the element's query position is ``p_base + row`` and key ``j_base + col``. Apply
+    it to S before :func:`silu_scale_` (``silu(0) = 0``) or to P after it.
+    """
+    import cutlass
+    import cutlass.cute as cute
+
+    for r in range(cute.size(acc_mn, mode=[0])):
+        p = p_base + coords_mn[r, 0][0]
+        for c in range(cute.size(acc_mn, mode=[1])):
+            j = j_base + coords_mn[0, c][1]
+            acc_mn[r, c] = cutlass.select_(keep(p, j, history), acc_mn[r, c], cutlass.Float32(0.0))
