@@ -1,0 +1,362 @@
+"""End-to-end HSTU ranking inference: embeddings -> HSTU block -> a score per candidate.
+
+:class:`HSTURankingModel` scores a :class:`~hstu_kernels.model.requests.RequestBatch` in one
+of three modes (:data:`MODES`):
+
+- ``"baseline"``: no cache, no graphs: every history token and every candidate of every user
+  is embedded and run through the block (jagged attention over whole sequences);
+- ``"kvcache"``: only the history tokens the KV cache does not hold yet (and the candidates)
+  are embedded and computed; the block appends their K/V and attends over the cached history;
+- ``"kvcache+graphs"``: as ``"kvcache"``, with the block replayed from CUDA graphs.
+
+All three give the same scores up to rounding (the block's ``scaling_seqlen`` is a model
+constant, so cached and recomputed attention agree). In the cached modes the cache's
+``prepare`` issues the host-to-device onload of offloaded users on its own stream and returns
+at once; the embedding lookup then runs on the compute stream while the copies are in flight,
+and each layer waits only for its own layer's pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hstu_kernels.kvcache.manager import KVCacheManager
+from hstu_kernels.kvcache.metadata import build_jagged_metadata
+from hstu_kernels.model.block import HSTUBlock
+from hstu_kernels.model.embeddings import EmbeddingLookup, TorchEmbeddings
+from hstu_kernels.model.requests import RequestBatch
+
+__all__ = [
+    "MODES",
+    "HSTURankingModel",
+    "PackedInput",
+    "RankingConfig",
+    "RankingHead",
+    "pack_requests",
+]
+
+MODES = ("baseline", "kvcache", "kvcache+graphs")
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """Shape of the ranking model. Defaults are the seed's configuration (8 layers, hidden
+    1024, 4 heads of 256, sequences up to 4096 history tokens + 256 candidates, bf16)."""
+
+    num_layers: int = 8
+    hidden: int = 1024
+    heads: int = 4
+    head_dim: int = 256
+    max_batch: int = 16
+    max_history: int = 4096
+    max_targets: int = 256
+    num_items: int = 1_000_000
+    num_actions: int = 16
+    num_tasks: int = 1
+    page_size: int = 32
+    dtype: torch.dtype = torch.bfloat16
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_layers",
+            "hidden",
+            "heads",
+            "head_dim",
+            "max_batch",
+            "max_history",
+            "max_targets",
+            "num_items",
+            "num_actions",
+            "num_tasks",
+            "page_size",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+    @property
+    def scaling_seqlen(self) -> int:
+        """The attention's score divisor: the longest sequence the model takes."""
+        return self.max_history + self.max_targets
+
+    @classmethod
+    def tiny(cls, **overrides) -> RankingConfig:
+        """A CPU-sized model (2 layers, hidden 64, 2 heads of 32, fp32, histories <= 256)."""
+        args = dict(
+            num_layers=2,
+            hidden=64,
+            heads=2,
+            head_dim=32,
+            max_batch=4,
+            max_history=256,
+            max_targets=16,
+            num_items=1000,
+            num_actions=8,
+            page_size=16,
+            dtype=torch.float32,
+        )
+        args.update(overrides)
+        return cls(**args)
+
+
+@dataclass(frozen=True)
+class PackedInput:
+    """The ids of a batch packed as jagged rows, on the CPU (pinned when CUDA is present).
+
+    Sequence ``b``'s rows are its uncomputed history tokens (``new[b]`` of them, history
+    positions ``H_b - new[b] .. H_b - 1``), then its ``T_b`` candidates (position ``H_b``).
+    Candidates carry the action id ``num_actions`` (a reserved "to be ranked" id).
+    """
+
+    items: torch.Tensor  # int64 [rows]
+    actions: torch.Tensor  # int64 [rows]
+    positions: torch.Tensor  # int64 [rows]
+    cu_seqlens: torch.Tensor  # int32 [B+1]
+    num_targets: torch.Tensor  # int32 [B]
+    target_rows: torch.Tensor  # int64 [sum T_b]: rows of the candidates
+    histories: tuple[int, ...]
+    new: tuple[int, ...]
+    targets: tuple[int, ...]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max((n + t for n, t in zip(self.new, self.targets, strict=True)), default=0)
+
+    def to(self, device: torch.device | str) -> PackedInput:
+        """The tensors on ``device`` (copies are asynchronous from pinned memory)."""
+        move = lambda t: t.to(device, non_blocking=True)
+        return PackedInput(
+            move(self.items),
+            move(self.actions),
+            move(self.positions),
+            move(self.cu_seqlens),
+            move(self.num_targets),
+            move(self.target_rows),
+            self.histories,
+            self.new,
+            self.targets,
+        )
+
+
+def pack_requests(
+    batch: RequestBatch, num_actions: int, cached: Sequence[int] | None = None
+) -> PackedInput:
+    """Pack a batch's uncached history tokens and its candidates.
+
+    ``cached[b]``: tokens of sequence ``b``'s history already in the KV cache (``None``: none,
+    the whole history is computed, as the baseline does); ``cached[b] == H_b`` leaves only the
+    candidates to compute.
+    """
+    reqs = batch.requests
+    cached = [0] * len(reqs) if cached is None else list(cached)
+    if len(cached) != len(reqs):
+        raise ValueError(f"cached: expected {len(reqs)} entries, got {len(cached)}")
+    items, actions, positions, cu, target_rows = [], [], [], [0], []
+    for r, c in zip(reqs, cached, strict=True):
+        if not 0 <= c <= r.history:
+            raise ValueError(f"cached: expected 0..{r.history} for user {r.user_id}, got {c}")
+        h, t = r.history, r.targets
+        items += [r.history_items[c:], r.candidates]
+        actions += [r.history_actions[c:], torch.full((t,), num_actions, dtype=torch.int64)]
+        positions += [torch.arange(c, h), torch.full((t,), h, dtype=torch.int64)]
+        start = cu[-1] + (h - c)
+        target_rows.append(torch.arange(start, start + t))
+        cu.append(start + t)
+    pin = torch.cuda.is_available()
+
+    def done(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if pin else t
+
+    return PackedInput(
+        done(torch.cat(items)),
+        done(torch.cat(actions)),
+        done(torch.cat(positions)),
+        done(torch.tensor(cu, dtype=torch.int32)),
+        done(torch.tensor([r.targets for r in reqs], dtype=torch.int32)),
+        done(torch.cat(target_rows)),
+        tuple(r.history for r in reqs),
+        tuple(r.history - c for r, c in zip(reqs, cached, strict=True)),
+        tuple(r.targets for r in reqs),
+    )
+
+
+class RankingHead(nn.Module):
+    """Scores each candidate from its output row: LayerNorm -> MLP -> ``num_tasks`` logits."""
+
+    def __init__(
+        self,
+        hidden: int,
+        num_tasks: int,
+        *,
+        inner: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        inner = inner or max(hidden // 2, 1)
+        kw = dict(dtype=dtype, device=device)
+        self.norm = nn.LayerNorm(hidden, **kw)
+        self.fc1 = nn.Linear(hidden, inner, **kw)
+        self.fc2 = nn.Linear(inner, num_tasks, **kw)
+        # Seeded (not the global RNG), so two models built alike score alike.
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                std = 0.1 if p.dim() == 1 else p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std + (p is self.norm.weight))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[n, hidden]`` -> logits ``[n, num_tasks]``."""
+        return self.fc2(nn.functional.silu(self.fc1(self.norm(rows))))
+
+
+class HSTURankingModel(nn.Module):
+    """Embeddings, an :class:`~hstu_kernels.model.block.HSTUBlock` and a :class:`RankingHead`.
+
+    A history token's input is ``item + action + position`` embeddings; a candidate's is
+    ``item + <candidate action> + position H_b`` (every candidate of a user sits at the same
+    position, as the HSTU mask treats them alike).
+
+    Args:
+        config: the model's shape.
+        device: where the parameters live.
+        embeddings: a lookup serving features ``"item"`` (``num_items`` rows) and ``"action"``
+            (``num_actions + 1`` rows: the last one marks candidates), each ``hidden`` wide;
+            default: :class:`~hstu_kernels.model.embeddings.TorchEmbeddings`.
+    """
+
+    def __init__(
+        self,
+        config: RankingConfig,
+        *,
+        device: torch.device | str = "cpu",
+        embeddings: EmbeddingLookup | None = None,
+    ) -> None:
+        super().__init__()
+        c = self.config = config
+        if embeddings is None:
+            tables = {"item": (c.num_items, c.hidden), "action": (c.num_actions + 1, c.hidden)}
+            embeddings = TorchEmbeddings(tables, dtype=c.dtype, device=device, seed=c.seed)
+        dims = dict(embeddings.dims)
+        if dims.get("item") != c.hidden or dims.get("action") != c.hidden:
+            raise ValueError(
+                f"embeddings: expected features 'item' and 'action' of width {c.hidden}, got {dims}"
+            )
+        self.embeddings = embeddings
+        gen = torch.Generator().manual_seed(c.seed + 7919)
+        pos = torch.randn(c.max_history + 1, c.hidden, generator=gen) * 0.02
+        self.positions = nn.Embedding.from_pretrained(pos.to(dtype=c.dtype, device=device))
+        self.block = HSTUBlock(
+            c.num_layers,
+            c.hidden,
+            c.heads,
+            c.head_dim,
+            scaling_seqlen=c.scaling_seqlen,
+            dtype=c.dtype,
+            device=device,
+            backend=c.backend,
+            seed=c.seed,
+        )
+        self.head = RankingHead(c.hidden, c.num_tasks, dtype=c.dtype, device=device, seed=c.seed)
+        self._graphs = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.block.device
+
+    def make_cache(self, num_pages: int | None = None, *, host_pages: int = 0) -> KVCacheManager:
+        """A KV cache for this model; by default big enough for ``max_batch`` users of
+        ``max_history`` tokens each (plus the reserved dummy page)."""
+        c = self.config
+        if num_pages is None:
+            num_pages = c.max_batch * -(-c.max_history // c.page_size) + 1
+        return self.block.make_cache(num_pages, c.page_size, host_pages=host_pages)
+
+    def embed(self, packed: PackedInput) -> torch.Tensor:
+        """The block's input rows ``[rows, hidden]`` for packed ids (on the model's device)."""
+        e = self.embeddings({"item": packed.items, "action": packed.actions})
+        x = e["item"] + e["action"]
+        x += self.positions(packed.positions)
+        return x.to(self.config.dtype)
+
+    def _check_batch(self, batch: RequestBatch) -> None:
+        c = self.config
+        if not isinstance(batch, RequestBatch):
+            raise TypeError(f"batch: expected a RequestBatch, got {type(batch).__name__}")
+        if batch.size > c.max_batch:
+            raise ValueError(f"batch: {batch.size} users, the model takes up to {c.max_batch}")
+        for r in batch.requests:
+            if not 1 <= r.history <= c.max_history or r.targets > c.max_targets:
+                raise ValueError(
+                    f"batch: user {r.user_id} has {r.history} history tokens and {r.targets} "
+                    f"candidates; the model takes 1..{c.max_history} and <= {c.max_targets}"
+                )
+
+    @torch.inference_mode()
+    def score(
+        self,
+        batch: RequestBatch,
+        mode: str = "baseline",
+        cache: KVCacheManager | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[sum_b T_b, num_tasks]`` of every candidate, users in batch order.
+
+        ``mode`` is one of :data:`MODES`; the cached modes need ``cache`` (from
+        :meth:`make_cache`) and update it: each user's whole history is cached afterwards.
+        A user's history must extend what the cache holds for it (histories only grow).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self._check_batch(batch)
+        if mode == "baseline":
+            if cache is not None:
+                raise ValueError("cache: the baseline mode uses no cache (pass None)")
+            return self._score_baseline(batch)
+        if not isinstance(cache, KVCacheManager):
+            raise TypeError(f"cache: mode {mode!r} needs a KVCacheManager, got {cache!r}")
+        return self._score_cached(batch, cache, graphs=mode == "kvcache+graphs")
+
+    def _score_baseline(self, batch: RequestBatch) -> torch.Tensor:
+        device = self.device
+        packed = pack_requests(batch, self.config.num_actions).to(device)
+        meta = build_jagged_metadata(batch.histories, batch.targets, device)
+        y = self.block.forward_uncached(self.embed(packed), meta)
+        return self.head(y.index_select(0, packed.target_rows))
+
+    def _score_cached(
+        self, batch: RequestBatch, cache: KVCacheManager, *, graphs: bool
+    ) -> torch.Tensor:
+        users = batch.user_ids
+        cached = [cache.cached_length(u) for u in users]
+        for u, c, h in zip(users, cached, batch.histories, strict=True):
+            if c > h:
+                raise ValueError(
+                    f"batch: user {u} has {h} history tokens but the cache holds {c} of them "
+                    "(a history must extend what is cached)"
+                )
+        new = [h - c for h, c in zip(batch.histories, cached, strict=True)]
+        device = self.device
+        if graphs:
+            runner = self._graph_runner(cache)
+            meta = None
+        else:
+            # Issues the onload of offloaded users on the cache's copy stream and returns
+            # without waiting: the host packing and the embedding lookup below overlap it.
+            meta = cache.prepare(users, cached, new, batch.targets)
+        packed = pack_requests(batch, self.config.num_actions, cached).to(device)
+        x = self.embed(packed)
+        if graphs:
+            y = runner(x, users, cached, new, batch.targets)
+        else:
+            y = self.block.forward_cached(x, meta, cache)
+        return self.head(y.index_select(0, packed.target_rows))
+
+    def _graph_runner(self, cache: KVCacheManager):
+        raise NotImplementedError("kvcache+graphs: waiting for the CUDA-graph runner")
