@@ -30,6 +30,26 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
+def _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU: tl.constexpr):
+    """``silu(alpha * s) / alpha = s * sigmoid(alpha * s)`` (alpha/scaling_seqlen come later).
+
+    ``FAST_SILU`` (GPU, 16-bit inputs) writes the sigmoid as ``(1 + tanh(x/2)) / 2`` with one
+    ``tanh.approx`` instruction: one special-function op per score instead of two (exp2 and a
+    reciprocal), which bounds the kernel at small head dims. Its error (~2^-11) is below the
+    bf16 rounding of the weights before the second matmul.
+    """
+    if FAST_SILU:
+        half = 0.5 * s
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [half * alpha], dtype=tl.float32, is_pure=True,
+            pack=1,
+        )  # fmt: skip
+        return half + half * t
+    else:
+        return tl.fdiv(s, 1.0 + tl.exp2(s * neg_alpha_log2e))
+
+
+@triton.jit
 def _history_tile(
     acc,
     q,
@@ -47,6 +67,7 @@ def _history_tile(
     stride_page,
     stride_kv,
     stride_slot,
+    alpha,
     neg_alpha_log2e,
     offs_n,
     offs_d,
@@ -56,6 +77,7 @@ def _history_tile(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr,
 ):
     """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` into ``acc``."""
     j = n + offs_n
@@ -94,8 +116,7 @@ def _history_tile(
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    # silu(alpha*s) / alpha = s * sigmoid(alpha*s); alpha/scaling_seqlen is applied at the end.
-    w = s / (1.0 + tl.exp2(s * neg_alpha_log2e))
+    w = _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU)
     if MASKED:
         valid = (j[None, :] <= pos[:, None]) & (j < H)[None, :]
         w = tl.where(valid, w, 0.0)
@@ -120,6 +141,7 @@ def _hstu_fwd_kernel(
     stride_kv,
     stride_slot,
     ws_stride_split,
+    alpha,
     neg_alpha_log2e,
     out_scale,
     num_heads,
@@ -131,6 +153,7 @@ def _hstu_fwd_kernel(
     PAGED: tl.constexpr,
     SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr,
 ):
     pid_hb = tl.program_id(0)
     # The grid's slow axis runs over query tiles from the last (the longest KV range) down,
@@ -179,14 +202,14 @@ def _hstu_fwd_kernel(
     for n in range(lo, tl.minimum(end, full_end), BLOCK_N):
         acc = _history_tile(
             acc, q, n, pos, H, K, V, KV, PAGE_IDS, page_start, row_base, h,
-            stride_tok, stride_page, stride_kv, stride_slot, neg_alpha_log2e, offs_n, offs_d,
-            False, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION,
+            stride_tok, stride_page, stride_kv, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
+            False, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION, FAST_SILU,
         )  # fmt: skip
     for n in range(tl.maximum(lo, full_end), end, BLOCK_N):
         acc = _history_tile(
             acc, q, n, pos, H, K, V, KV, PAGE_IDS, page_start, row_base, h,
-            stride_tok, stride_page, stride_kv, stride_slot, neg_alpha_log2e, offs_n, offs_d,
-            True, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION,
+            stride_tok, stride_page, stride_kv, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
+            True, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION, FAST_SILU,
         )  # fmt: skip
 
     # Target keys: each target row sees only itself, so visit only this tile's own targets.
@@ -200,7 +223,7 @@ def _hstu_fwd_kernel(
             k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
             v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            w = s / (1.0 + tl.exp2(s * neg_alpha_log2e))
+            w = _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU)
             w = tl.where((j[None, :] == offs_m[:, None]) & k_ok[None, :], w, 0.0)
             acc = tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
@@ -263,8 +286,11 @@ def launch(
     config: Config,
     kv_cache: torch.Tensor | None = None,
     page_table=None,
+    fast_silu: bool | None = None,
 ) -> None:
     """Run the attention kernel with ``config``; paged when ``kv_cache`` is given.
+
+    ``fast_silu`` (default: on a GPU with 16-bit inputs) uses ``tanh.approx`` for the sigmoid.
 
     ``k``/``v`` are the whole sequences (jagged) or ``k_new``/``v_new`` (paged; only their
     target rows are read). Raises ``ValueError`` for a shape the kernel cannot tile.
@@ -302,13 +328,16 @@ def launch(
         else out  # unused
     )
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if fast_silu is None:
+        fast_silu = q.device.type == "cuda" and q.dtype != torch.float32
     grid = (batch * heads, num_m_tiles, splits)
     _hstu_fwd_kernel[grid](
         q, k, v, kv, page_ids, page_indptr, last_len, cu_seqlens, num_targets, out, ws,
         q.stride(0), stride_page, stride_kv, stride_slot, q.numel(),
-        -alpha * LOG2E, alpha / scaling_seqlen, heads, num_m_tiles,
+        alpha, -alpha * LOG2E, alpha / scaling_seqlen, heads, num_m_tiles,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, PAGED=paged, SPLITS=splits, DOT_PRECISION=precision,
+        FAST_SILU=fast_silu,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:

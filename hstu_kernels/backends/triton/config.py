@@ -76,7 +76,7 @@ def candidates(head_dim: int, page_size: int | None) -> list[Config]:
     """The configs the autotuner times for a key (the default first)."""
     out = [default_config(head_dim, page_size, False)]
     if head_dim >= 256:
-        out += [Config(64, 64, 4, 2), Config(128, 32, 8, 2), Config(64, 32, 4, 3)]
+        out += [Config(64, 64, 8, 2), Config(128, 32, 8, 2), Config(64, 64, 4, 2)]
     elif head_dim >= 128:
         out += [Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)]
     else:

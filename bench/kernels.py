@@ -1,0 +1,280 @@
+"""Kernel benchmark: jagged and paged (delta) HSTU attention, every backend beside torch SDPA.
+
+``python -m bench.kernels [--quick]``. Each case is timed with ``triton.testing.do_bench``
+(median, L2 flushed between runs, random data) for every registered backend that can serve it
+(forced with ``backend=NAME``, so new backends appear without edits), the PyTorch reference
+where it fits, and torch SDPA flash attention (causal, same shapes) as the peer. Reported:
+time, TFLOP/s (``4 * heads * D * valid (q, k) pairs``, pairs counted exactly from the HSTU
+mask), KV bytes read per second (paged), and the floor from the card's measured ceilings.
+Results go to ``bench/results/<card>.json`` (DESIGN.md §7). Without a GPU it runs tiny shapes
+on the reference backend and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hstu_kernels as hk
+from bench import common
+from hstu_kernels.dispatch import Request, device_arch, registry
+from hstu_kernels.testing import make_paged_case
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape: ``batch`` equal sequences of ``history`` + ``targets`` tokens."""
+
+    kind: str  # "jagged" or "delta"
+    batch: int
+    heads: int
+    head_dim: int
+    history: int
+    targets: int
+    new: int  # new history rows (delta); == history for jagged
+    page_size: int = 32
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} B={self.batch} h={self.heads} D={self.head_dim}"
+
+    def pairs(self) -> int:
+        """Valid (query, key) pairs of the HSTU mask (DESIGN.md §1), whole batch, one head."""
+        h, n, t = self.history, self.new, self.targets
+        history_rows = n * (2 * h - n + 1) // 2  # row at position p sees p + 1 keys
+        return self.batch * (history_rows + t * (h + 1))  # targets: all history + themselves
+
+    def flops(self) -> float:
+        return 4.0 * self.heads * self.head_dim * self.pairs()
+
+    def kv_bytes(self, elsize: int) -> int:
+        """K and V read by the paged kernel: the whole cached history plus target rows."""
+        return 2 * self.batch * (self.history + self.targets) * self.heads * self.head_dim * elsize
+
+
+def full_cases() -> list[Case]:
+    h, t = 4096, 256
+    return [
+        Case("jagged", 8, 4, 256, h, t, h),
+        Case("jagged", 8, 8, 128, h, t, h),
+        Case("delta", 8, 4, 256, h, t, 128),
+        Case("delta", 8, 8, 128, h, t, 128),
+        Case("delta", 1, 4, 256, h, t, 128),
+    ]
+
+
+def quick_cases(gpu: bool) -> list[Case]:
+    if gpu:
+        return [Case("jagged", 2, 2, 128, 1024, 64, 1024), Case("delta", 2, 2, 128, 1024, 64, 32)]
+    return [Case("jagged", 2, 2, 64, 96, 8, 96), Case("delta", 2, 2, 64, 96, 8, 16, 16)]
+
+
+def _bench(fn, quick: bool) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+
+
+def _wall_ms(fn, reps: int = 3) -> float:
+    """CPU timing (no GPU): median wall time of a few calls."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _sdpa_peer(case: Case, dtype: torch.dtype, device: str):
+    """torch SDPA flash attention, causal, on the same shapes (dense, not paged)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    total = case.history + case.targets
+    rows = total if case.kind == "jagged" else case.new + case.targets
+    g = torch.Generator(device=device).manual_seed(0)
+    shape_q = (case.batch, case.heads, rows, case.head_dim)
+    shape_k = (case.batch, case.heads, total, case.head_dim)
+    q = torch.randn(shape_q, device=device, dtype=dtype, generator=g)
+    k = torch.randn(shape_k, device=device, dtype=dtype, generator=g)
+    v = torch.randn(shape_k, device=device, dtype=dtype, generator=g)
+    if rows == total:
+        mask, note = None, "causal"
+        pairs = case.batch * total * (total + 1) // 2
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask, note = causal_lower_right(rows, total), "causal (lower right)"
+        pairs = case.batch * (rows * (total - rows) + rows * (rows + 1) // 2)
+
+    def fn():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            if mask is None:
+                return sdpa(q, k, v, is_causal=True)
+            return sdpa(q, k, v, attn_mask=mask)
+
+    return fn, 4.0 * case.heads * case.head_dim * pairs, note
+
+
+def _inputs(case: Case, dtype: torch.dtype, device: str):
+    pc = make_paged_case(
+        [case.history] * case.batch, [case.new] * case.batch, [case.targets] * case.batch,
+        page_size=case.page_size, heads=case.heads, head_dim=case.head_dim, dtype=dtype,
+        device=device, seed=1, spare_pages=1,
+    )  # fmt: skip
+    return pc
+
+
+def _call(case: Case, pc, backend: str):
+    """A no-argument function running one backend on the case (validation off: no syncs)."""
+    scaling = case.history + case.targets
+    if case.kind == "jagged":
+        out = torch.empty_like(pc.q_full)
+        return lambda: hk.hstu_attention(
+            pc.q_full, pc.k_full, pc.v_full, pc.cu_full, num_targets=pc.num_targets,
+            scaling_seqlen=scaling, max_seqlen=scaling, backend=backend, validate=False, out=out,
+        )  # fmt: skip
+    out = torch.empty_like(pc.q)
+    return lambda: hk.paged_hstu_attention(
+        pc.q, pc.k_new, pc.v_new, pc.kv_cache, pc.page_table, pc.cu_q,
+        num_targets=pc.num_targets, scaling_seqlen=scaling,
+        max_seqlen_q=case.new + case.targets, backend=backend, validate=False, out=out,
+    )  # fmt: skip
+
+
+def _backends_for(case: Case, dtype: torch.dtype, device: str) -> tuple[list[str], dict]:
+    op = "jagged" if case.kind == "jagged" else "paged"
+    page = case.page_size if op == "paged" else None
+    request = Request(op, device_arch(torch.device(device)), dtype, case.head_dim, page)
+    names, skipped = [], {}
+    for name, backend in registry().backends.items():
+        why = backend.refusal(request)
+        if why is None:
+            names.append(name)
+        else:
+            skipped[name] = why
+    return names, skipped
+
+
+def _entry(case: Case, impl: str, ms: float, flops: float, ceilings: dict, dtype) -> dict:
+    e: dict[str, Any] = {
+        "bench": "kernel",
+        "case": case.kind,
+        "impl": impl,
+        "batch": case.batch,
+        "heads": case.heads,
+        "head_dim": case.head_dim,
+        "history": case.history,
+        "targets": case.targets,
+        "time_ms": round(ms, 5),
+        "tflops": round(flops / (ms * 1e-3) / 1e12, 1),
+    }
+    if case.kind == "delta":
+        e["page_size"] = case.page_size
+        e["cached"] = case.history - case.new
+        if not impl.startswith("torch"):
+            elsize = torch.empty((), dtype=dtype).element_size()
+            e["kv_tbps"] = round(case.kv_bytes(elsize) / (ms * 1e-3) / 1e12, 3)
+    if ceilings:
+        elsize = torch.empty((), dtype=dtype).element_size()
+        compute_ms = case.flops() / (ceilings["bf16_matmul_tflops"] * 1e12) * 1e3
+        byte_ms = (
+            (case.kv_bytes(elsize) if case.kind == "delta" else 0)
+            / (ceilings["copy_tbps"] * 1e12)
+            * 1e3
+        )
+        e["floor_ms"] = round(max(compute_ms, byte_ms), 5)
+        e["pct_of_floor"] = round(100 * e["floor_ms"] / ms, 1)
+    return e
+
+
+def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
+    """Run the kernel benchmark, write its entries to the results file and return them."""
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    if not gpu:
+        print("kernels: no GPU -- tiny shapes, reference backend only (these times say nothing)")
+    ceilings = common.measure_ceilings() if gpu and not quick else {}
+    cases = quick_cases(gpu) if quick else full_cases()
+    entries: list[dict] = []
+    rows = []
+    for case in cases:
+        pc = _inputs(case, dtype, device)
+        names, skipped = _backends_for(case, dtype, device)
+        ref_out = None
+        for name in ["reference", *[n for n in names if n != "reference"]]:
+            if name not in names:
+                continue
+            if name == "reference" and gpu and case.batch * case.history > 8 * 4096 * 2:
+                skipped[name] = "too slow at this size"
+                continue
+            fn = _call(case, pc, name)
+            try:
+                out = fn()
+                if gpu:
+                    torch.cuda.synchronize()
+                ms = _bench(fn, quick) if gpu else _wall_ms(fn)
+            except Exception as exc:  # one backend failing must not hide the others
+                rows.append((case.name, name, f"failed: {type(exc).__name__}: {exc}"[:90]))
+                continue
+            err = ""
+            if name == "reference":
+                ref_out = out.float()
+            elif ref_out is not None:
+                err = f"max|out-ref|={(out.float() - ref_out).abs().max().item():.2e}"
+            entries.append(_entry(case, name, ms, case.flops(), ceilings, dtype))
+            rows.append((case.name, name, _fmt(entries[-1], err)))
+        for name, why in skipped.items():
+            rows.append((case.name, name, f"skipped: {why}"))
+        if gpu:
+            fn, flops, note = _sdpa_peer(case, dtype, device)
+            try:
+                fn()
+                ms = _bench(fn, quick)
+                e = _entry(case, "torch-sdpa-flash", ms, flops, {}, dtype)
+                entries.append(e)
+                rows.append((case.name, "torch-sdpa-flash", _fmt(e, note)))
+            except Exception as exc:
+                rows.append((case.name, "torch-sdpa-flash", f"failed: {exc}"[:90]))
+        del pc
+        if gpu:
+            torch.cuda.empty_cache()
+    written = common.write_results("kernel", entries, ceilings=ceilings or None, path=path)
+    print(f"\nkernels on {common.card_name()} ({dtype}); results: {written}")
+    if ceilings:
+        print(f"ceilings: {ceilings}")
+    width = max(len(r[0]) for r in rows)
+    for case_name, impl, text in rows:
+        print(f"{case_name:<{width}}  {impl:<18} {text}")
+    return entries
+
+
+def _fmt(e: dict, extra: str = "") -> str:
+    us = e["time_ms"] * 1e3
+    parts = [f"{us:9.1f} us", f"{e['tflops']:6.1f} TFLOP/s"]
+    if "kv_tbps" in e:
+        parts.append(f"{e['kv_tbps']:.2f} TB/s KV")
+    if "pct_of_floor" in e:
+        parts.append(f"{e['pct_of_floor']:.0f}% of floor {e['floor_ms'] * 1e3:.0f} us")
+    if extra:
+        parts.append(extra)
+    return "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small shapes")
+    parser.add_argument("--results", type=Path, default=None, help="results JSON path")
+    args = parser.parse_args(argv)
+    run(quick=args.quick, path=args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Time the attention kernel's configs on the benchmark shapes: a tuning aid for the GPU.
+
+``python -m hstu_kernels.backends.triton.sweep [--cases jagged256,delta256,...]`` prints, for
+each case, every candidate config (and the exp2 SiLU beside the tanh one) with its median time
+and the largest difference from the first config's output. Not used by the library itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from hstu_kernels.backends.triton import attention as attn
+from hstu_kernels.backends.triton.config import Config, candidates, default_config
+from hstu_kernels.testing import make_paged_case
+
+CASES = {
+    # name: (batch, heads, head_dim, history, new, targets, paged)
+    "jagged256": (8, 4, 256, 4096, 4096, 256, False),
+    "jagged128": (8, 8, 128, 4096, 4096, 256, False),
+    "delta256": (8, 4, 256, 4096, 128, 256, True),
+    "delta128": (8, 8, 128, 4096, 128, 256, True),
+    "delta256b1": (1, 4, 256, 4096, 128, 256, True),
+}
+
+
+def _configs(name: str, head_dim: int) -> list[tuple[Config, bool]]:
+    out = [(c, True) for c in candidates(head_dim, 32)]
+    out.append((default_config(head_dim, 32, False), False))  # exp2 SiLU
+    if name.startswith("delta"):
+        base = default_config(head_dim, 32, False)
+        for s in (2, 4) if "b1" not in name else (4, 8, 16):
+            out.append(
+                (Config(base.block_m, base.block_n, base.num_warps, base.num_stages, s), True)
+            )
+        if "b1" in name:
+            out.append((Config(64, 64, 4, 2, None), True))
+    return out
+
+
+def _sweep_case(name: str, extra: list[Config]) -> None:
+    from triton.testing import do_bench
+
+    b, heads, d, h, n, t, paged = CASES[name]
+    pc = make_paged_case(
+        [h] * b, [n] * b, [t] * b, page_size=32, heads=heads, head_dim=d,
+        dtype=torch.bfloat16, device="cuda", seed=0, spare_pages=1,
+    )  # fmt: skip
+    if paged:
+        q, k, v, cu, rows = pc.q, pc.k_new, pc.v_new, pc.cu_q, n + t
+        kw = dict(kv_cache=pc.kv_cache, page_table=pc.page_table)
+    else:
+        q, k, v, cu, rows = pc.q_full, pc.k_full, pc.v_full, pc.cu_full, h + t
+        kw = {}
+
+    def call(cfg: Config, fast: bool, out: torch.Tensor) -> None:
+        attn.launch(q, k, v, cu, pc.num_targets, rows, d**-0.5, h + t, out, cfg,
+                    fast_silu=fast, **kw)  # fmt: skip
+
+    first = None
+    for cfg, fast in _configs(name, d) + [(c, True) for c in extra]:
+        out = torch.full_like(q, float("nan"))
+        t0 = time.perf_counter()
+        try:
+            call(cfg, fast, out)
+            torch.cuda.synchronize()
+        except Exception as exc:
+            print(f"{name:11} {cfg} fast={fast}: failed {type(exc).__name__}: {exc}"[:200])
+            continue
+        compile_s = time.perf_counter() - t0
+        if first is None:
+            first = out.float()
+        diff = (out.float() - first).abs().max().item()
+        ms = do_bench(lambda: call(cfg, fast, out), warmup=10, rep=40, return_mode="median")  # noqa: B023
+        print(
+            f"{name:11} bm={cfg.block_m:3} bn={cfg.block_n:3} w={cfg.num_warps} "
+            f"st={cfg.num_stages} split={cfg.splits} fast={int(fast)}  {ms * 1e3:8.1f} us  "
+            f"diff={diff:.2e} nan={int(out.isnan().sum())} compile={compile_s:.1f}s",
+            flush=True,
+        )
+
+
+def sweep(names: list[str], extra: list[Config] | None = None) -> None:
+    """Print the time of each config on each named case."""
+    for name in names:
+        _sweep_case(name, extra or [])
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), flush=True)
+    sweep(args.cases.split(","))
+
+
+if __name__ == "__main__":
+    main()
