@@ -1,0 +1,88 @@
+"""Backend "cutedsl-ampere": the CuTe DSL warp-MMA HSTU kernel (``cutedsl/ampere.py``).
+
+Serves jagged and paged (delta) HSTU attention in bf16/fp16, head dims 64/128/256, page sizes
+16..256 on sm_80..sm_120. No contexts/window (declared: the dispatcher routes such calls
+elsewhere), no ``append_kv``. The DSL is imported only when a call needs a kernel: this module
+is imported by backend discovery on every machine, with or without the DSL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hstu_kernels.dispatch import Backend, register
+
+ARCHS = frozenset({"sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120"})
+
+
+def _probe(arch: str) -> str | None:
+    if arch not in ARCHS:
+        return f"arch {arch} not supported"
+    from hstu_kernels.backends.cutedsl.compile import dsl_available
+
+    return dsl_available()
+
+
+def _check(name: str, t: torch.Tensor) -> None:
+    # The kernel copies 128-bit chunks; a view with an odd offset would fault.
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}: expected a 16-byte aligned data pointer (got a view?)")
+
+
+def _refuse_features(spec) -> None:
+    if spec.num_contexts or spec.max_attn_len:
+        raise ValueError(
+            "cutedsl-ampere: num_contexts/max_attn_len are not supported (use backend='auto')"
+        )
+
+
+def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, paged: bool):
+    from hstu_kernels.backends.cutedsl import ampere
+    from hstu_kernels.dispatch import device_arch
+
+    _refuse_features(spec)
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("kv_cache", kv_cache)):
+        _check(name, t)
+    if q.shape[0] == 0:
+        return
+    page_size = kv_cache.shape[2] if paged else 0
+    fn, cfg = ampere.get_kernel(device_arch(q.device), q.dtype, q.shape[2], page_size, paged)
+    num_m_blocks = max(1, -(-int(max_q) // cfg.block_m))
+    if paged:
+        meta = (page_table.page_indptr, page_table.page_ids, page_table.last_page_len)
+    else:
+        meta = (cu, cu, cu)  # not read by the jagged variant
+    fn(
+        q, k, v, out, kv_cache, cu, num_targets, *meta,
+        float(spec.alpha), 1.0 / float(spec.scaling_seqlen), num_m_blocks,
+    )  # fmt: skip
+
+
+def _jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
+    _launch(q, k, v, out, q, cu_seqlens, num_targets, None, max_seqlen, spec, paged=False)
+
+
+def _paged(
+    q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out
+):
+    _launch(
+        q, k_new, v_new, out, kv_cache, cu_seqlens_q, num_targets, page_table, max_seqlen_q,
+        spec, paged=True,
+    )  # fmt: skip
+
+
+register(
+    Backend(
+        name="cutedsl-ampere",
+        ops={"jagged": _jagged, "paged": _paged},
+        dtypes=frozenset({torch.bfloat16, torch.float16}),
+        archs=ARCHS,
+        head_dims=frozenset({64, 128, 256}),
+        page_sizes=frozenset(2**i for i in range(4, 9)),
+        features=frozenset(),
+        # Set from measurements (bench/NOTES-cutedsl.md); Triton registers 20 on its archs.
+        priority={"*": 10},
+        probe=_probe,
+        description="CuTe DSL warp-MMA (mma.sync m16n8k16 + cp.async + ldmatrix), sm80..sm120",
+    )
+)
