@@ -1,7 +1,7 @@
 """Triton HSTU attention forward: jagged (no cache) and paged (delta) in one kernel.
 
 One program computes a ``BLOCK_M`` tile of one sequence's query rows for one head (and, when
-the grid is too small to fill the GPU, one of ``SPLITS`` contiguous chunks of its KV range).
+the grid is too small to fill the GPU, one of ``splits`` contiguous chunks of its KV range).
 Sequence ``b`` has ``Lq`` query rows: ``N`` new history rows (positions ``H-N .. H-1``) then
 ``T`` targets (positions ``H .. H+T-1``); the jagged case is ``N = H``. Keys come in two parts:
 
@@ -12,7 +12,7 @@ Sequence ``b`` has ``Lq`` query rows: ``N`` new history rows (positions ``H-N ..
   diagonal block of its own target rows (from ``k``/``v`` rows, never cached).
 
 HSTU needs no softmax rescaling, so the partial sums of KV chunks simply add: with
-``SPLITS > 1`` each program writes fp32 partials into a workspace and a second kernel sums
+``splits > 1`` each program writes fp32 partials into a workspace and a second kernel sums
 them in a fixed order (deterministic, CUDA-graph capturable: sizes come from shapes only).
 """
 
@@ -151,7 +151,6 @@ def _hstu_fwd_kernel(
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr,
-    SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_SILU: tl.constexpr,
 ):
@@ -160,6 +159,7 @@ def _hstu_fwd_kernel(
     # so the longest programs start first and the short ones fill the tail.
     m_tile = num_m_tiles - 1 - tl.program_id(1)
     split = tl.program_id(2)
+    splits = tl.num_programs(2)  # a launch value, not a constexpr: no recompile per split count
     b = pid_hb // num_heads
     h = pid_hb % num_heads
 
@@ -196,7 +196,7 @@ def _hstu_fwd_kernel(
     # Tiles below full_end are valid for every row of the tile: no mask needed.
     full_end = (tl.minimum(shift + m0 + 1, H) // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(hi, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, SPLITS)
+    per_split = tl.cdiv(n_tiles, splits)
     lo = split * per_split * BLOCK_N
     end = tl.minimum((split + 1) * per_split, n_tiles) * BLOCK_N
     for n in range(lo, tl.minimum(end, full_end), BLOCK_N):
@@ -213,7 +213,7 @@ def _hstu_fwd_kernel(
         )  # fmt: skip
 
     # Target keys: each target row sees only itself, so visit only this tile's own targets.
-    if split == SPLITS - 1:
+    if split == splits - 1:
         t_lo = tl.maximum(m0, N)
         t_hi = tl.minimum(m0 + BLOCK_M, Lq)
         for n in range(t_lo, t_hi, BLOCK_N):
@@ -229,19 +229,19 @@ def _hstu_fwd_kernel(
 
     acc = acc * out_scale
     o_off = row_base + offs_m[:, None] * stride_tok + offs_d[None, :]
-    if SPLITS == 1:
+    if splits == 1:
         tl.store(OUT + o_off, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(WS + split * ws_stride_split + o_off, acc, mask=row_ok[:, None])
 
 
 @triton.jit
-def _sum_splits_kernel(WS, OUT, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr):
     """``OUT = sum_s WS[s]`` in a fixed order, cast to OUT's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
+    for s in range(splits):
         total += tl.load(WS + s * numel + offs, mask=ok, other=0.0)
     tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=ok)
 
@@ -336,12 +336,12 @@ def launch(
         q.stride(0), stride_page, stride_kv, stride_slot, q.numel(),
         alpha, -alpha * LOG2E, alpha / scaling_seqlen, heads, num_m_tiles,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        PAGE_SIZE=page_size, PAGED=paged, SPLITS=splits, DOT_PRECISION=precision,
+        PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision,
         FAST_SILU=fast_silu,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(q.numel(), block),)](
-            ws, out, q.numel(), SPLITS=splits, BLOCK=block, num_warps=4
+            ws, out, q.numel(), splits, BLOCK=block, num_warps=4
         )
