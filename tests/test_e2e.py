@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -101,3 +102,123 @@ def test_plots_written(tmp_path):
     written = plots.write_plots(_fake_results(tmp_path))
     assert sorted(p.name for p in written) == ["fake-e2e.png", "fake-kernel.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+# --------------------------------------------------------------------------- the ranking model
+
+
+def _tiny_model(device="cpu", dtype=torch.float32, **kw):
+    from hstu_kernels.model.ranking import HSTURankingModel, RankingConfig
+
+    config = RankingConfig.tiny(dtype=dtype, **kw)
+    return HSTURankingModel(config, device=device)
+
+
+def _requests(model, **kw):
+    c = model.config
+    args = dict(start=5, stop=53, step=16, targets=3, seed=1)  # odd lengths, page edges
+    args.update(kw)
+    return SyntheticRequests(num_items=c.num_items, num_actions=c.num_actions, **args)
+
+
+def _assert_same_scores(out, ref32, ref_lowp):
+    from hstu_kernels.testing import assert_hstu_close
+
+    assert out.shape == ref32.shape and out.shape[-1] == 1
+    assert_hstu_close(out.float(), ref32.float(), ref_lowp.float())
+
+
+def test_kvcache_scores_match_baseline_cpu():
+    """DESIGN.md §5 rule on the scores: cached == recomputed, batch after batch, while the
+    cache grows (fp32 on the CPU, so the low-precision reference is the fp32 one)."""
+    model = _tiny_model()
+    cache = model.make_cache()
+    batches = list(_requests(model).case(3))
+    assert [b.new for b in batches[1:]] == [[16] * 3] * 3
+    for batch in batches:
+        ref = model.score(batch, "baseline")
+        out = model.score(batch, "kvcache", cache)
+        _assert_same_scores(out, ref, ref)
+        assert out.shape[0] == 3 * 3
+    assert [cache.cached_length(u) for u in (0, 1, 2)] == [53] * 3
+    # the scores depend on the history: the last batch's differ from the first's
+    assert not torch.allclose(model.score(batches[0], "baseline"), ref)
+
+
+def test_kvcache_scores_match_baseline_with_host_offload():
+    """A pool that holds one user at a time: every batch offloads the other user to the host
+    and onloads this one; the scores still match the baseline."""
+    model = _tiny_model(max_history=64, page_size=16)
+    cache = model.make_cache(num_pages=1 + 4, host_pages=16)
+    gen = _requests(model, stop=53)
+    for i in range(gen.num_requests):
+        for user in (0, 1):
+            batch = next(b for b in gen.case(1, users=[user]) if b.index == i)
+            ref = model.score(batch, "baseline")
+            out = model.score(batch, "kvcache", cache)
+            _assert_same_scores(out, ref, ref)
+            assert cache.location(user) == "device"
+    assert cache.stats["onloaded"] >= 2 and cache.stats["offloaded"] >= 2
+    cache.check_invariants()
+
+
+def test_model_rejects_bad_calls():
+    model = _tiny_model(max_history=32)
+    batch = next(_requests(model, stop=53).case(1))
+    with pytest.raises(ValueError, match="mode"):
+        model.score(batch, "fast")
+    with pytest.raises(TypeError, match="cache"):
+        model.score(batch, "kvcache")
+    with pytest.raises(ValueError, match="cache"):
+        model.score(batch, "baseline", model.make_cache())
+    long = list(_requests(model, stop=53).case(1))[-1]
+    with pytest.raises(ValueError, match="history"):
+        model.score(long, "baseline")
+    cache = model.make_cache()
+    model.score(next(_requests(model, start=21, stop=21).case(1)), "kvcache", cache)
+    with pytest.raises(ValueError, match="extend what is cached"):
+        model.score(batch, "kvcache", cache)  # 5 tokens, but 21 are cached
+
+
+@pytest.mark.gpu
+def test_three_modes_same_scores_gpu():
+    """bf16 on the GPU: baseline, kvcache and kvcache+graphs against the fp32 baseline, with
+    the tolerance of DESIGN.md §5 (twice the bf16 baseline's own error)."""
+    from hstu_kernels.model.ranking import MODES, HSTURankingModel
+
+    dims = dict(num_layers=2, hidden=256, heads=2, head_dim=128, max_batch=8, max_history=512)
+    model = _tiny_model("cuda", torch.bfloat16, **dims)
+    model32 = HSTURankingModel(
+        dataclasses.replace(model.config, dtype=torch.float32), device="cuda"
+    )
+    model32.load_state_dict(model.state_dict())
+    gen = _requests(model, start=37, stop=485, step=64, targets=19)
+    caches = {m: model.make_cache() for m in MODES if m != "baseline"}
+    for bs in (1, 3):
+        for cache in caches.values():
+            cache.clear()
+        for batch in gen.case(bs):
+            ref32 = model32.score(batch, "baseline")
+            ref_lowp = model.score(batch, "baseline")
+            for mode, cache in caches.items():
+                _assert_same_scores(model.score(batch, mode, cache), ref32, ref_lowp)
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def test_suite_quick_run_cpu(tmp_path, capsys):
+    """``python -m bench --quick`` completes on the CPU and says it is a reference run."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU smoke run; the GPU runs the real suite")
+    from bench.__main__ import main
+
+    path = tmp_path / "cpu.json"
+    assert main(["--quick", "--results", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "No CUDA GPU found" in text
+    data = json.loads(path.read_text())
+    e2e = [r for r in data["results"] if r["bench"] == "e2e"]
+    assert {r["impl"] for r in e2e} == {"baseline", "kvcache"}
+    assert all(r["time_ms"] > 0 for r in e2e)
+    assert (tmp_path / "cpu-e2e.png").exists()

@@ -1,0 +1,188 @@
+"""End-to-end ranking inference benchmark (the seed's first benchmark).
+
+For each batch size (users per batch: 1, 2, 4, 8) a *case* is the seed's 16 batches: every
+user's history grows from 256 to 4096 tokens in steps of 256 across its requests, and every
+request ranks 256 candidates. Each mode of :class:`~hstu_kernels.model.ranking.HSTURankingModel`
+(``baseline``: no cache, no graphs; ``kvcache``; ``kvcache+graphs``) serves the whole case
+from an empty cache, and the case's total wall time is recorded: host packing, embedding
+lookup, cache preparation and onload, the block, the head and the copy of each batch's scores
+back to the host (a server returns them) are all inside it. Median of ``reps`` runs, after one
+warm-up run (compilation, autotuning and graph capture happen there).
+
+Without a GPU the same code runs a tiny model on the reference backend (a smoke test; the
+times mean nothing). ``python -m bench.e2e [--quick]``; part of ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import common
+from hstu_kernels.model.ranking import MODES, HSTURankingModel, RankingConfig
+from hstu_kernels.model.requests import RequestBatch, SyntheticRequests
+
+# The seed's performance bar (published for an L20): kvcache+graphs over baseline.
+TARGET_SPEEDUP = {1: 1.3, 8: 2.6}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures."""
+
+    config: RankingConfig
+    batch_sizes: tuple[int, ...]
+    start: int
+    stop: int
+    step: int
+    targets: int
+    modes: tuple[str, ...]
+    reps: int
+    device: str
+
+    @property
+    def num_batches(self) -> int:
+        return (self.stop - self.start) // self.step + 1
+
+
+def make_plan(*, quick: bool = False, gpu: bool | None = None) -> Plan:
+    """The seed's cases on a GPU (``quick``: batch 1 and 8, histories up to 1024, one rep);
+    a tiny model on the CPU otherwise."""
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if gpu:
+        config = RankingConfig()  # the seed's model, bf16
+        if quick:
+            return Plan(config, (1, 8), 256, 1024, 256, 256, MODES, 1, "cuda")
+        return Plan(config, (1, 2, 4, 8), 256, 4096, 256, 256, MODES, 3, "cuda")
+    # CUDA graphs need a GPU: the CPU run covers the two eager modes.
+    modes = tuple(m for m in MODES if m != "kvcache+graphs")
+    if quick:
+        config = RankingConfig.tiny(num_layers=1, hidden=32, heads=2, head_dim=16, max_history=48)
+        return Plan(config, (1, 2), 16, 48, 16, 4, modes, 1, "cpu")
+    config = RankingConfig.tiny(max_history=128)
+    return Plan(config, (1, 2, 4), 32, 128, 32, 16, modes, 1, "cpu")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def serve_case(
+    model: HSTURankingModel, batches: list[RequestBatch], mode: str, cache
+) -> tuple[float, list[torch.Tensor]]:
+    """Serve every batch of a case in order (the cache cleared first); returns the wall time
+    in ms and each batch's scores (on the host)."""
+    if cache is not None:
+        cache.clear()
+    device = model.device.type
+    _sync(device)
+    t0 = time.perf_counter()
+    scores = [model.score(b, mode, cache).to("cpu") for b in batches]
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3, scores
+
+
+def measure(plan: Plan, model: HSTURankingModel, log=print) -> list[dict[str, Any]]:
+    """Time every (batch size, mode) of ``plan``; returns the results entries."""
+    c = plan.config
+    gen = SyntheticRequests(
+        num_items=c.num_items,
+        num_actions=c.num_actions,
+        start=plan.start,
+        stop=plan.stop,
+        step=plan.step,
+        targets=plan.targets,
+        seed=c.seed,
+    )
+    entries = []
+    for bs in plan.batch_sizes:
+        batches = list(gen.case(bs))
+        cache = model.make_cache()
+        times: dict[str, float] = {}
+        for mode in plan.modes:
+            use = None if mode == "baseline" else cache
+            serve_case(model, batches, mode, use)  # warm-up: compile, autotune, capture
+            runs = [serve_case(model, batches, mode, use)[0] for _ in range(plan.reps)]
+            times[mode] = statistics.median(runs)
+            log(f"  batch {bs:2d}  {mode:15s} {times[mode]:10.2f} ms / {len(batches)} batches")
+        del cache
+        base = times.get("baseline")
+        for mode, ms in times.items():
+            e = {
+                "bench": "e2e",
+                "case": f"b{bs}",
+                "impl": mode,
+                "batch": bs,
+                "heads": c.heads,
+                "head_dim": c.head_dim,
+                "page_size": c.page_size,
+                "layers": c.num_layers,
+                "hidden": c.hidden,
+                "history": plan.stop,
+                "targets": plan.targets,
+                "batches": len(batches),
+                "time_ms": round(ms, 3),
+            }
+            if mode != "baseline" and base is not None:
+                e["baseline_ms"] = round(base, 3)
+                e["speedup"] = round(base / ms, 3)
+            entries.append(e)
+    return entries
+
+
+def summary(entries: list[dict[str, Any]]) -> str:
+    """Speed-ups of the cached modes, and the seed's bar where it applies."""
+    lines = []
+    for e in entries:
+        if "speedup" not in e:
+            continue
+        line = (
+            f"batch {e['batch']:2d}  {e['impl']:15s} {e['time_ms']:10.2f} ms  "
+            f"baseline {e['baseline_ms']:10.2f} ms  speedup {e['speedup']:.2f}x"
+        )
+        bar = TARGET_SPEEDUP.get(e["batch"])
+        if bar is not None and e["impl"] == "kvcache+graphs":
+            line += f"  (bar {bar}x: {'met' if e['speedup'] >= bar else 'NOT met'})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run(*, quick: bool = False, path: Path | None = None, log=print) -> list[dict[str, Any]]:
+    """Run the benchmark and write its entries to the results file (``path``: default
+    ``bench/results/<card>.json``); returns the entries."""
+    plan = make_plan(quick=quick)
+    c = plan.config
+    if plan.device == "cpu":
+        log("e2e: no GPU, tiny model on the reference backend (times are not GPU performance)")
+    log(
+        f"e2e: {c.num_layers} layers, hidden {c.hidden}, {c.heads} heads x {c.head_dim}, "
+        f"{str(c.dtype).removeprefix('torch.')}, histories {plan.start}..{plan.stop} step "
+        f"{plan.step}, {plan.targets} candidates, batch sizes {list(plan.batch_sizes)}, "
+        f"modes {list(plan.modes)}, {plan.reps} rep(s)"
+    )
+    model = HSTURankingModel(c, device=plan.device)
+    entries = measure(plan, model, log)
+    log(summary(entries))
+    common.write_results("e2e", entries, path=path)
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer, smaller cases")
+    parser.add_argument("--results", type=Path, default=None, help="results JSON path")
+    args = parser.parse_args(argv)
+    run(quick=args.quick, path=args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
