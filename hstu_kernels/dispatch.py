@@ -145,11 +145,14 @@ class Registry:
         self._import_errors: dict[str, str] = {}
         self._discover = discover
         self._lock = threading.Lock()
+        # select() runs on every op call: keep its answer per (request, forced backend)
+        self._selected: dict[tuple[Request, str, str], Backend] = {}
 
     def register(self, backend: Backend) -> None:
         if backend.name in self._backends:
             raise ValueError(f"backend {backend.name!r} is registered twice")
         self._backends[backend.name] = backend
+        self._selected.clear()
 
     def _ensure_discovered(self) -> None:
         if not self._discover:
@@ -203,10 +206,14 @@ class Registry:
         return Explanation(request, choice, reasons)
 
     def select(self, request: Request, backend: str = "auto") -> Backend:
-        exp = self.explain(request, backend)
-        if exp.choice is None:
-            raise BackendError(f"no backend can serve this call:\n{exp}")
-        return self.backends[exp.choice]
+        key = (request, backend, os.environ.get(ENV_OVERRIDE, ""))
+        chosen = self._selected.get(key)
+        if chosen is None:
+            exp = self.explain(request, backend)
+            if exp.choice is None:
+                raise BackendError(f"no backend can serve this call:\n{exp}")
+            chosen = self._selected[key] = self.backends[exp.choice]
+        return chosen
 
 
 _REGISTRY = Registry(discover=True)
