@@ -224,7 +224,7 @@ class KVCacheManager:
                 u = self._users[uid] = _User(0, gpu_pages=[])
             elif not u.on_gpu:
                 u.gpu_pages = self.allocator.allocate(len(u.host_pages))
-                onloads.append((u.host_pages, u.gpu_pages))
+                onloads.append((u.host_pages, list(u.gpu_pages)))
                 onloaded_host_pages.extend(u.host_pages)
                 u.host_pages = None
                 self.stats["onloaded"] += 1
@@ -308,8 +308,8 @@ class KVCacheManager:
         for uid in list(self._users):
             if self.allocator.num_free >= need:
                 break
-            u = self._users[uid]
-            if uid in in_batch or not u.on_gpu:
+            u = self._users.get(uid)  # None: dropped from the host pool just now
+            if u is None or uid in in_batch or not u.on_gpu:
                 continue
             host = self._host_room(len(u.gpu_pages), in_batch)
             if host is None:
