@@ -32,8 +32,9 @@ def split_points(history: int, chunks: list[int]) -> list[int]:
     return [0, *cuts, history]
 
 
-def run_chunked(block, cache, x_full, histories, targets, splits, *, runner=None):
-    """Feed every user's history chunk by chunk (targets only with the last chunk).
+def run_chunked(block, cache, x_full, histories, targets, splits, *, runner=None, alone=False):
+    """Feed every user's history chunk by chunk (targets only with the last chunk); all users
+    in one batch per step, or (``alone``) one user per request, taking turns.
 
     Returns ``outs[layer]`` in the row order of ``x_full`` (whole sequences packed), filled
     with each row's output from the request that computed it.
@@ -44,9 +45,11 @@ def run_chunked(block, cache, x_full, histories, targets, splits, *, runner=None
     outs = [torch.full_like(x_full, float("nan")) for _ in range(block.num_layers)]
     users = list(range(100, 100 + len(histories)))
     steps = max(len(s) - 1 for s in splits)
-    for i in range(steps):
+    groups = [[b] for b in range(len(users))] if alone else [list(range(len(users)))]
+    for i, group in ((i, g) for i in range(steps) for g in groups):
         ids, cached, new, tgt, rows = [], [], [], [], []
-        for b, uid in enumerate(users):
+        for b in group:
+            uid = users[b]
             if i >= len(splits[b]) - 1:
                 continue  # this user's history is done
             lo, hi = splits[b][i], splits[b][i + 1]
@@ -59,6 +62,8 @@ def run_chunked(block, cache, x_full, histories, targets, splits, *, runner=None
             s, h = starts[b], histories[b]
             rows.append(torch.arange(s + lo, s + hi))
             rows.append(torch.arange(s + h, s + h + t))
+        if not ids:
+            continue
         meta = cache.prepare(ids, cached, new, tgt)
         r = torch.cat(rows).to(x_full.device)
         if runner is None:
@@ -178,3 +183,107 @@ def test_chunked_cached_equals_uncached_gpu():
         # the uncached bf16 run sets the tolerance; a second bf16 path may differ from fp32
         # by as much again, so the cached output gets twice the §5 allowance
         assert_hstu_close(outs[layer], ref32[layer], ref_lowp[layer], eps=1e-3)
+
+
+# --- CUDA-graph runner --------------------------------------------------------------------
+
+
+def test_graph_buckets_and_cpu_fallback():
+    from hstu_kernels.model.graphs import CachedBlockGraphs, default_token_buckets
+
+    assert default_token_buckets(1000)[-1] == 1024
+    block = make_block()
+    cache = block.make_cache(num_pages=8, page_size=16)
+    runner = CachedBlockGraphs(block, cache, batch_buckets=(1, 2, 4), token_buckets=(64, 256))
+    assert runner.bucket_for(3, 65) == (4, 256)
+    assert runner.bucket_for(5, 10) is None and runner.bucket_for(1, 257) is None
+    assert not runner.use_graphs  # no graphs on the CPU: eager, unpadded
+    meta = cache.prepare([1], [0], [20], [2])
+    x = torch.randn(22, block.hidden)
+    got = runner(x, meta)
+    cache2 = block.make_cache(num_pages=8, page_size=16)
+    want = block.forward_cached(x, cache2.prepare([1], [0], [20], [2]), cache2)
+    assert torch.equal(got, want)
+
+
+def _graph_run(use_graphs, histories, targets, splits, host_pages=0, num_pages=64, alone=False):
+    from hstu_kernels.model.graphs import CachedBlockGraphs
+
+    block, x, ref32, ref_lowp = _bf16_case(histories, targets, splits)
+    cache = block.make_cache(num_pages=num_pages, page_size=32, host_pages=host_pages)
+    # a bystander user whose pages no batch may touch
+    cache.prepare([7], [0], [70], [0])
+    cache.pool[:, cache.user_pages(7)] = torch.randn_like(cache.pool[:, cache.user_pages(7)])
+    bystander = cache.pool[:, cache.user_pages(7)].clone()
+    runner = CachedBlockGraphs(block, cache, batch_buckets=(1, 2, 4, 8), use_graphs=use_graphs)
+    out = run_chunked(block, cache, x, histories, targets, splits, runner=runner, alone=alone)[-1]
+    torch.cuda.synchronize()
+    return block, cache, runner, out, ref32[-1], ref_lowp[-1], bystander
+
+
+@pytest.mark.gpu
+def test_graph_replay_equals_eager_and_spares_the_cache():
+    histories, targets = [300, 33, 1, 129], [17, 0, 5, 64]
+    splits = [[0, 100, 290, 300], [0, 1, 33], [0, 1], [0, 128, 129]]
+    _, c_e, _, eager, ref32, ref_lowp, by_e = _graph_run(False, histories, targets, splits)
+    _, c_g, runner, graph, _, _, by_g = _graph_run(True, histories, targets, splits)
+    assert runner.captured, "no graph was captured"
+    assert sum(b.replays for b in runner._buckets.values()) >= 3
+    assert_hstu_close(graph, ref32, ref_lowp, eps=1e-3)
+    assert_hstu_close(eager, ref32, ref_lowp, eps=1e-3)
+    # the padding rows appended nothing: same pages, same contents as eager (same kernels)
+    for uid in range(100, 104):
+        pe, pg = c_e.user_pages(uid), c_g.user_pages(uid)
+        assert pe == pg
+        torch.testing.assert_close(c_g.pool[:, pg], c_e.pool[:, pe], atol=0.05, rtol=0.05)
+    assert torch.equal(c_g.pool[:, c_g.user_pages(7)], by_g)
+    assert torch.equal(c_e.pool[:, c_e.user_pages(7)], by_e)
+    assert torch.equal(c_g.pool[:, c_g.dummy_page], torch.zeros_like(c_g.pool[:, 0]))
+    free = [p for p in range(1, 64) if c_g.allocator.is_free(p)]
+    assert torch.equal(c_g.pool[:, free], torch.zeros_like(c_g.pool[:, free]))
+
+
+@pytest.mark.gpu
+def test_graph_replay_waits_for_onloaded_pages():
+    """A pool that holds about one user: every request offloads others and onloads its user
+    asynchronously; the graph's per-layer waits must see the pages in place."""
+    histories, targets = [200, 190], [9, 4]
+    splits = [[0, 60, 120, 200], [0, 50, 100, 190]]
+    _, cache, runner, out, ref32, ref_lowp, _ = _graph_run(
+        True, histories, targets, splits, host_pages=64, num_pages=12, alone=True
+    )
+    assert cache.stats["onloaded"] >= 2, cache.stats
+    assert runner.captured
+    print("graph_waits", runner.graph_waits, cache.stats)
+    assert_hstu_close(out, ref32, ref_lowp, eps=1e-3)
+
+
+def test_padded_bucket_rows_change_nothing_cpu():
+    """The padding a graph bucket adds (empty slots, a padding sequence of target rows on the
+    dummy page), run eagerly: real rows and the cache come out as without padding."""
+    from hstu_kernels.kvcache import build_paged_metadata
+
+    block = make_block()
+    runs = []
+    for pad in (False, True):
+        cache = block.make_cache(num_pages=12, page_size=16)
+        meta0 = cache.prepare([5, 6], [0, 0], [20, 9], [0, 0])
+        x0 = torch.randn(29, block.hidden, generator=torch.Generator().manual_seed(0))
+        block.forward_cached(x0, meta0, cache)
+        meta = cache.prepare([6, 5], [9, 20], [7, 0], [2, 3])
+        x = torch.randn(12, block.hidden, generator=torch.Generator().manual_seed(1))
+        if pad:
+            meta = build_paged_metadata(
+                meta.page_lists, meta.cached_lengths, meta.new_lengths, meta.target_lengths,
+                page_size=16, device="cpu", pad_batch=4, pad_tokens=32, dummy_page=0,
+                page_capacity=40,
+            )  # fmt: skip
+            xp = torch.cat([x, torch.randn(20, block.hidden)])
+            out = block.forward_cached(xp, meta, cache, max_seqlen_q=32)[:12]
+        else:
+            out = block.forward_cached(x, meta, cache)
+        runs.append((out, cache.pool.clone()))
+    (out0, pool0), (out1, pool1) = runs
+    assert torch.equal(out0, out1)
+    assert torch.equal(pool0, pool1)
+    assert torch.equal(pool1[:, 0], torch.zeros_like(pool1[:, 0]))  # the dummy page

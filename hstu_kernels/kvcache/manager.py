@@ -348,6 +348,12 @@ class KVCacheManager:
         :meth:`prepare` (a no-op on the CPU, capturable into a CUDA graph)."""
         self.transfers.wait_layer(layer)
 
+    def wait_all(self) -> None:
+        """Make the current stream wait for every layer's transfers of the last
+        :meth:`prepare`."""
+        for layer in range(self.config.num_layers):
+            self.transfers.wait_layer(layer)
+
     def evict(self, user_id: Hashable, *, offload: bool = True) -> None:
         """Move a resident user's pages to the host pool (or drop them if ``offload`` is
         false or the host pool cannot hold them)."""

@@ -120,7 +120,8 @@ class BatchMetadata:
     - ``append_start [B]``: history position of each sequence's first new token (its cached
       length): the append positions of :func:`hstu_kernels.append_kv`.
 
-    Host fields (tuples of ints, no sync needed) describe the real batch; ``batch_size`` and
+    Host fields (tuples of ints, no sync needed) describe the real batch (``page_lists``: each
+    real sequence's pages); ``batch_size`` and
     ``num_tokens`` count padding too when the metadata was padded for a CUDA-graph bucket
     (``num_real``/``num_real_tokens`` are the real ones; the real rows come first).
     """
@@ -138,6 +139,7 @@ class BatchMetadata:
     num_tokens: int
     batch_size: int
     page_size: int
+    page_lists: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_real(self) -> int:
@@ -278,4 +280,5 @@ def build_paged_metadata(
         num_tokens=cu[-1],
         batch_size=full_batch,
         page_size=page_size,
+        page_lists=tuple(tuple(p) for p in page_lists),
     )

@@ -134,6 +134,7 @@ class HSTUBlock(nn.Module):
         *,
         return_all: bool = False,
         max_seqlen_q: int | None = None,
+        wait_for_pages: bool = True,
     ) -> torch.Tensor | list[torch.Tensor]:
         """``x [meta.num_tokens, hidden]``: each sequence's new history rows then its target
         rows, packed as ``meta`` (from ``cache.prepare(...)``) says.
@@ -141,7 +142,9 @@ class HSTUBlock(nn.Module):
         Layer ``l`` waits for layer ``l``'s onloaded pages only (``cache.wait_layer``), so
         onloading later layers overlaps with compute. Capturable into a CUDA graph (see
         :class:`~hstu_kernels.model.graphs.CachedBlockGraphs`), where ``max_seqlen_q`` is the
-        bucket's bound. Returns the last layer's output, or every layer's if ``return_all``.
+        bucket's bound. ``wait_for_pages=False`` skips the per-layer waits (the caller must
+        then wait for every layer's transfers before the call, see ``cache.wait_all``).
+        Returns the last layer's output, or every layer's if ``return_all``.
         """
         self._check_x(x, meta.num_tokens)
         if cache.config.num_layers != self.num_layers:
@@ -150,7 +153,8 @@ class HSTUBlock(nn.Module):
             )
         outs = []
         for i, layer in enumerate(self.layers):
-            cache.wait_layer(i)
+            if wait_for_pages:
+                cache.wait_layer(i)
             x = layer.forward_cached(
                 x,
                 meta,

@@ -1,0 +1,191 @@
+"""CUDA graphs of the cached HSTU block, one per (batch size, token count) bucket.
+
+A call pads its batch to the smallest bucket that holds it: the metadata is rebuilt into the
+bucket's static buffer (empty sequences fill the batch slots, one padding sequence of target
+rows fills the token count; padding sees only the cache's reserved dummy page and appends
+nothing, so it can corrupt neither the cache nor real rows), ``x`` is copied into the static
+input, and the graph is replayed. Every graph is captured on first use of its bucket, after
+warm-up runs on the real batch (which lets the backends tune on real shapes; appends are
+idempotent), and all graphs share one memory pool (they replay one at a time, in stream
+order).
+
+The per-layer waits for onloaded pages (``cache.wait_layer``) are captured as event-wait nodes
+(the manager's events are ``external``), so layer ``l`` waits only for layer ``l``'s pages on
+every replay. If this CUDA/PyTorch cannot capture such waits, the runner captures without them
+and waits for all layers before each replay instead (``graph_waits`` says which).
+
+``use_graphs=False`` (and any call on the CPU, or larger than the largest bucket) runs the block
+eagerly, unpadded.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hstu_kernels.kvcache.manager import KVCacheManager
+from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata, paged_layout_size
+from hstu_kernels.model.block import HSTUBlock
+
+__all__ = ["CachedBlockGraphs", "default_token_buckets"]
+
+
+def default_token_buckets(max_tokens: int, per_octave: int = 4) -> list[int]:
+    """Token-count buckets up to ``max_tokens``: 16, 32, 64, then ``per_octave`` evenly spaced
+    steps per power of two (128, 160, 192, 224, 256, 320, ...), so padding wastes <= 25%."""
+    out = [16, 32, 64]
+    base = 64
+    while out[-1] < max_tokens:
+        step = base // per_octave
+        out += [base + step * i for i in range(1, per_octave + 1)]
+        base *= 2
+    return [t for t in out if t < max_tokens] + [next(t for t in out if t >= max_tokens)]
+
+
+@dataclass
+class _Bucket:
+    batch: int
+    tokens: int
+    x: torch.Tensor
+    meta_buffer: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None
+    replays: int = 0
+
+
+class CachedBlockGraphs:
+    """Runs :meth:`HSTUBlock.forward_cached` through CUDA graphs.
+
+    Args:
+        block: the block (its parameters must not be replaced after a capture).
+        cache: the block's KV cache manager.
+        batch_buckets: graph batch sizes (sorted; a batch uses the smallest that holds it).
+        token_buckets: graph token counts (default :func:`default_token_buckets` of
+            ``max_tokens``).
+        max_tokens: the largest token count to serve with graphs (when ``token_buckets`` is
+            not given).
+        use_graphs: ``False`` runs every call eagerly (the switch for comparing and
+            debugging).
+        warmup: eager runs on the real batch before a capture.
+
+    Call it as ``runner(x, meta)`` with ``meta = cache.prepare(...)`` (unpadded); it returns
+    the block's output for the real rows ``[meta.num_real_tokens, hidden]`` (a fresh tensor).
+    """
+
+    def __init__(
+        self,
+        block: HSTUBlock,
+        cache: KVCacheManager,
+        *,
+        batch_buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+        token_buckets: Sequence[int] | None = None,
+        max_tokens: int = 16384,
+        use_graphs: bool = True,
+        warmup: int = 2,
+    ) -> None:
+        self.block = block
+        self.cache = cache
+        self.batch_buckets = sorted(set(batch_buckets))
+        self.token_buckets = sorted(set(token_buckets or default_token_buckets(max_tokens)))
+        if not self.batch_buckets or self.batch_buckets[0] < 1 or self.token_buckets[0] < 1:
+            raise ValueError("batch_buckets, token_buckets: expected positive sizes")
+        self.use_graphs = bool(use_graphs) and cache.device.type == "cuda"
+        self.warmup = warmup
+        self.graph_waits = True  # per-layer waits inside the graphs (see module docstring)
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.page_capacity = cache.config.num_pages + self.batch_buckets[-1] + 1
+
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        """The (batch, tokens) buckets captured so far."""
+        return [k for k, b in self._buckets.items() if b.graph is not None]
+
+    def bucket_for(self, batch: int, tokens: int) -> tuple[int, int] | None:
+        """The smallest (batch, tokens) bucket that holds a batch, or ``None`` if none does."""
+        i = bisect.bisect_left(self.batch_buckets, batch)
+        j = bisect.bisect_left(self.token_buckets, tokens)
+        if i == len(self.batch_buckets) or j == len(self.token_buckets):
+            return None
+        return self.batch_buckets[i], self.token_buckets[j]
+
+    def __call__(self, x: torch.Tensor, meta: BatchMetadata) -> torch.Tensor:
+        if meta.batch_size != meta.num_real:
+            raise ValueError("meta: expected the unpadded metadata of cache.prepare(...)")
+        key = self.bucket_for(meta.num_real, meta.num_real_tokens) if self.use_graphs else None
+        if key is None:
+            return self.block.forward_cached(x, meta, self.cache)
+        self.block._check_x(x, meta.num_tokens)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = self._new_bucket(*key)
+        padded = self._fill(b, x, meta)
+        if b.graph is None:
+            self._capture(b, padded)
+        if not self.graph_waits:
+            self.cache.wait_all()
+        b.graph.replay()
+        b.replays += 1
+        return b.out[: meta.num_real_tokens].clone()
+
+    def _new_bucket(self, batch: int, tokens: int) -> _Bucket:
+        dev = self.cache.device
+        size = paged_layout_size(batch + 1, self.page_capacity)
+        return _Bucket(
+            batch=batch,
+            tokens=tokens,
+            x=torch.zeros(tokens, self.block.hidden, dtype=self.block.dtype, device=dev),
+            meta_buffer=torch.zeros(size, dtype=torch.int32, device=dev),
+        )
+
+    def _fill(self, b: _Bucket, x: torch.Tensor, meta: BatchMetadata) -> BatchMetadata:
+        """Copy the batch into the bucket's static inputs (padding rows keep old, finite
+        values: they are targets of the padding sequence, whose outputs are dropped)."""
+        b.x[: x.shape[0]].copy_(x)
+        return build_paged_metadata(
+            meta.page_lists,
+            meta.cached_lengths,
+            meta.new_lengths,
+            meta.target_lengths,
+            page_size=meta.page_size,
+            device=self.cache.device,
+            user_ids=meta.user_ids,
+            pad_batch=b.batch,
+            pad_tokens=b.tokens,
+            page_capacity=self.page_capacity,
+            dummy_page=self.cache.dummy_page,
+            out=b.meta_buffer,
+        )
+
+    def _run(self, b: _Bucket, meta: BatchMetadata, waits: bool) -> torch.Tensor:
+        return self.block.forward_cached(
+            b.x, meta, self.cache, max_seqlen_q=b.tokens, wait_for_pages=waits
+        )
+
+    def _capture(self, b: _Bucket, meta: BatchMetadata) -> None:
+        side = torch.cuda.Stream(self.cache.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._run(b, meta, True)
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            b.graph, b.out = self._capture_once(b, meta, self.graph_waits)
+        except RuntimeError:
+            if not self.graph_waits:
+                raise
+            # This CUDA/PyTorch refused the event waits inside a capture: wait outside.
+            torch.cuda.synchronize()
+            self.graph_waits = False
+            b.graph, b.out = self._capture_once(b, meta, False)
+
+    def _capture_once(
+        self, b: _Bucket, meta: BatchMetadata, waits: bool
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._run(b, meta, waits)
+        return graph, out
