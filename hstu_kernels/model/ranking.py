@@ -18,6 +18,7 @@ and each layer waits only for its own layer's pages.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from hstu_kernels.kvcache.manager import KVCacheManager
 from hstu_kernels.kvcache.metadata import build_jagged_metadata
 from hstu_kernels.model.block import HSTUBlock
 from hstu_kernels.model.embeddings import EmbeddingLookup, TorchEmbeddings
+from hstu_kernels.model.graphs import CachedBlockGraphs
 from hstu_kernels.model.requests import RequestBatch
 
 __all__ = [
@@ -265,7 +267,8 @@ class HSTURankingModel(nn.Module):
             seed=c.seed,
         )
         self.head = RankingHead(c.hidden, c.num_tasks, dtype=c.dtype, device=device, seed=c.seed)
-        self._graphs = None
+        # One graph runner per cache (its graphs point into that cache's pool).
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def device(self) -> torch.device:
@@ -343,20 +346,30 @@ class HSTURankingModel(nn.Module):
                 )
         new = [h - c for h, c in zip(batch.histories, cached, strict=True)]
         device = self.device
-        if graphs:
-            runner = self._graph_runner(cache)
-            meta = None
-        else:
-            # Issues the onload of offloaded users on the cache's copy stream and returns
-            # without waiting: the host packing and the embedding lookup below overlap it.
-            meta = cache.prepare(users, cached, new, batch.targets)
+        # Issues the onload of offloaded users on the cache's copy stream and returns without
+        # waiting: the host packing and the embedding lookup below overlap the copies, and
+        # each layer of the block waits only for its own layer's pages.
+        meta = cache.prepare(users, cached, new, batch.targets)
         packed = pack_requests(batch, self.config.num_actions, cached).to(device)
         x = self.embed(packed)
         if graphs:
-            y = runner(x, users, cached, new, batch.targets)
+            y = self.graph_runner(cache)(x, meta)
         else:
             y = self.block.forward_cached(x, meta, cache)
         return self.head(y.index_select(0, packed.target_rows))
 
-    def _graph_runner(self, cache: KVCacheManager):
-        raise NotImplementedError("kvcache+graphs: waiting for the CUDA-graph runner")
+    def graph_runner(self, cache: KVCacheManager) -> CachedBlockGraphs:
+        """The CUDA-graph runner of the block over ``cache`` (made on first use; it captures
+        one graph per (batch, tokens) bucket the first time a batch needs it)."""
+        runner = self._graphs.get(cache)
+        if runner is None:
+            c = self.config
+            buckets = [b for b in (1, 2, 4, 8, 16, 32, 64) if b < c.max_batch] + [c.max_batch]
+            runner = CachedBlockGraphs(
+                self.block,
+                cache,
+                batch_buckets=buckets,
+                max_tokens=c.max_batch * (c.max_history + c.max_targets),
+            )
+            self._graphs[cache] = runner
+        return runner
