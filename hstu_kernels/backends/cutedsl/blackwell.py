@@ -466,8 +466,6 @@ class BlackwellHstuForward:
         per_col = self.acc_dtype.width // self.dtype.width  # 16-bit values per TMEM column
         tP0 = cute.make_tensor(tP.iterator + per_col * (TMEM_S[0] + TMEM_P_IN_S), tP.layout)
         tP1 = cute.make_tensor(tP.iterator + per_col * (TMEM_S[1] + TMEM_P_IN_S), tP.layout)
-        cK = qk_thr.partition_B(cute.make_identity_tensor(self.qk_tiler[1:]))  # (key, d)
-        cV = pv_thr.partition_B(cute.make_identity_tensor(self.pv_tiler[1:]))  # (d, key)
 
         q0 = q_cons.wait_and_advance()
         q1 = q_cons.wait_and_advance()
@@ -475,7 +473,7 @@ class BlackwellHstuForward:
         rQ1 = tSrQ[None, None, None, q1.index]
 
         k_h = kv_cons.wait_and_advance()
-        self._zero_tail(sK[None, None, None, k_h.index], cK, 0, seq, 0)
+        self._zero_tail(sK[None, None, None, k_h.index], False, seq, 0)
         rK = tSrK[None, None, None, k_h.index]
         s0 = s0_prod.acquire_and_advance()
         qk_mma = self._gemm(qk_mma, tS0, rQ0, rK, False)
@@ -485,11 +483,11 @@ class BlackwellHstuForward:
         s1.commit()
         k_h.release()
         v_h = kv_cons.wait_and_advance()
-        self._zero_tail(sV[None, None, None, v_h.index], cV, 1, seq, 0)
+        self._zero_tail(sV[None, None, None, v_h.index], True, seq, 0)
 
         for i in cutlass.range(1, n_kv, unroll=1):
             k_h = kv_cons.wait_and_advance()
-            self._zero_tail(sK[None, None, None, k_h.index], cK, 0, seq, i)
+            self._zero_tail(sK[None, None, None, k_h.index], False, seq, i)
             rK = tSrK[None, None, None, k_h.index]
             rV = tOrV[None, None, None, v_h.index]
             s0 = s0_prod.acquire_and_advance()  # P_0(i-1) is in TMEM
@@ -503,7 +501,7 @@ class BlackwellHstuForward:
             k_h.release()
             v_h.release()
             v_h = kv_cons.wait_and_advance()
-            self._zero_tail(sV[None, None, None, v_h.index], cV, 1, seq, i)
+            self._zero_tail(sV[None, None, None, v_h.index], True, seq, i)
 
         rV = tOrV[None, None, None, v_h.index]
         s0_prod.acquire_and_advance()  # last P_0
@@ -519,19 +517,24 @@ class BlackwellHstuForward:
         q1.release()
 
     @cute.jit
-    def _zero_tail(self, s_tile, coords, key_mode: int, seq, i):
-        """Paged only: zero the rows of history tile ``i`` that lie past the history.
+    def _zero_tail(self, s_tile, is_v: bool, seq, i):
+        """Paged only: zero the K or V rows of history tile ``i`` that lie past the history.
 
-        A cache page's unused tail holds anything (NaN in the tests). Their P is 0, but
-        0 * NaN = NaN, so the K and V rows themselves must be 0 before they enter an MMA.
-        (Jagged views put those rows outside the TMA window, which reads them as zeros.)
+        A cache page's unused tail holds anything (NaN in the tests). P is 0 there, but
+        0 * NaN = NaN, and the shared mask keeps ``j == p`` (a target row's own position can
+        fall in the tail), so the rows themselves must be 0 before they enter an MMA. Jagged
+        views put those rows outside the TMA window instead, which reads them as zeros.
         """
         if cutlass.const_expr(self.is_paged):
             valid = seq.history - i * TILE_N
             if valid < TILE_N:
-                for e in cutlass.range(cute.arch.lane_idx(), cute.size(s_tile), 32, unroll=1):
-                    if coords[e][key_mode] >= valid:
-                        s_tile[e] = s_tile.element_type(0)
+                for r in cutlass.range(valid + cute.arch.lane_idx(), TILE_N, 32, unroll=1):
+                    if cutlass.const_expr(is_v):
+                        # V stage: ((d, key % 16), 1, key // 16), d contiguous
+                        s_tile[((None, r % 16), 0, r // 16)].fill(0.0)
+                    else:
+                        # K stage: ((key, d % 16), 1, d // 16)
+                        s_tile[((r, None), 0, None)].fill(0.0)
                 # generic-proxy stores -> visible to the tensor core's async-proxy reads
                 cute.arch.fence_proxy("async.shared", space="cta")
                 cute.arch.sync_warp()
@@ -628,7 +631,8 @@ class BlackwellHstuForward:
     def _row_fragment(self, t: cute.Tensor, g, head, thr_copy, thr_mma) -> cute.Tensor:
         """Row ``g``, head ``head`` of ``t [rows, heads, D]`` in the element order of this
         thread's TMEM-load fragment of O (a tile view with row stride 0: every row is ``g``)."""
-        offset = Int64(g) * t.stride[0] + Int64(head) * t.stride[1]
+        # Rows are whole head-dim vectors: tell the compiler, so that it emits 16-byte accesses.
+        offset = cute.assume(Int64(g) * t.stride[0] + Int64(head) * t.stride[1], divby=self.head_dim)
         tile = cute.make_tensor(
             t.iterator + offset, cute.make_layout(self.pv_tiler[:2], stride=(0, 1))
         )
