@@ -113,7 +113,10 @@ def measure(plan: Plan, model: HSTURankingModel, log=print) -> list[dict[str, An
             runs = [serve_case(model, batches, mode, use)[0] for _ in range(plan.reps)]
             times[mode] = statistics.median(runs)
             log(f"  batch {bs:2d}  {mode:15s} {times[mode]:10.2f} ms / {len(batches)} batches")
+        model.release_graphs(cache)
         del cache
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
         base = times.get("baseline")
         for mode, ms in times.items():
             e = {

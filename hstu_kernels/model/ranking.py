@@ -18,7 +18,6 @@ and each layer waits only for its own layer's pages.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -267,8 +266,9 @@ class HSTURankingModel(nn.Module):
             seed=c.seed,
         )
         self.head = RankingHead(c.hidden, c.num_tasks, dtype=c.dtype, device=device, seed=c.seed)
-        # One graph runner per cache (its graphs point into that cache's pool).
-        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # One graph runner per cache (its graphs point into that cache's pool). The runner
+        # holds its cache, so an entry lives until release_graphs(cache).
+        self._graphs: dict[KVCacheManager, CachedBlockGraphs] = {}
 
     @property
     def device(self) -> torch.device:
@@ -373,3 +373,7 @@ class HSTURankingModel(nn.Module):
             )
             self._graphs[cache] = runner
         return runner
+
+    def release_graphs(self, cache: KVCacheManager) -> None:
+        """Drop the graph runner of ``cache`` (its graphs and their memory), if any."""
+        self._graphs.pop(cache, None)
