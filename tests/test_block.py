@@ -11,6 +11,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 
 from hstu_kernels.kvcache import KVCacheError, build_jagged_metadata
@@ -287,3 +288,24 @@ def test_padded_bucket_rows_change_nothing_cpu():
     assert torch.equal(out0, out1)
     assert torch.equal(pool0, pool1)
     assert torch.equal(pool1[:, 0], torch.zeros_like(pool1[:, 0]))  # the dummy page
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_layernorm_mul_silu(device, monkeypatch):
+    """The one-pass Triton kernel (the interpreter on the CPU) against torch ops."""
+    from hstu_kernels.model import layer as L
+
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(L, "_KERNEL", None)  # re-decorate under the interpreter
+        monkeypatch.setattr(L, "_use_fused", lambda a: True)
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    a, u = (torch.randn(7, 200, generator=gen).to(device, dtype) for _ in range(2))
+    w, b = (torch.randn(200, generator=gen).to(device, dtype) for _ in range(2))
+    got = L.layernorm_mul_silu(a, u, w, b, 1e-6)
+    ref32 = F.layer_norm(a.float(), (200,), w.float(), b.float(), 1e-6) * F.silu(u.float())
+    ref_lowp = F.layer_norm(a, (200,), w, b, 1e-6) * F.silu(u)
+    assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
+    if device == "cpu":
+        monkeypatch.setattr(L, "_KERNEL", None)  # drop the interpreted kernel

@@ -10,11 +10,18 @@ The projection is a single batched matmul whose output is ``[4, tokens, heads*D]
 ``v``, ``q`` and ``k`` are contiguous slices the attention ops take without a copy. As in the
 published HSTU inference path, the projections carry no bias (the LayerNorms have affine
 weights). Attention goes through the public ops only, so the layer runs on every backend.
+
+Memory traffic outside the matmuls and the attention is what the uncached path pays for
+every token of every layer, so on CUDA one small Triton kernel computes
+``LayerNorm(a) * SiLU(u)`` in a single pass (``u`` is left raw by the SiLU pass, which then
+covers only ``v``, ``q``, ``k``). Elsewhere (CPU, or ``HSTU_FUSED_LAYERNORM=0``) the same
+math runs as torch ops.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +30,61 @@ from torch import nn
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention
 
-__all__ = ["HSTULayer"]
+__all__ = ["HSTULayer", "layernorm_mul_silu"]
+
+FUSED_ENV = "HSTU_FUSED_LAYERNORM"
+_KERNEL = None
+
+
+def _fused_kernel():
+    """The Triton kernel of :func:`layernorm_mul_silu` (compiled on first use)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def kernel(A, U, W, B, Y, n_cols, eps, BLOCK: tl.constexpr):
+            row = tl.program_id(0).to(tl.int64)
+            cols = tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            a = tl.load(A + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(a, axis=0) / n_cols
+            d = tl.where(mask, a - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n_cols + eps)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(U + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (d * rstd * w + b) * (u * tl.sigmoid(u))
+            tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+        _KERNEL = kernel
+    return _KERNEL
+
+
+def _use_fused(a: torch.Tensor) -> bool:
+    if a.device.type != "cuda" or os.environ.get(FUSED_ENV, "1") == "0":
+        return False
+    return a.shape[-1] <= 16384
+
+
+def layernorm_mul_silu(
+    a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``LayerNorm(a) * SiLU(u)`` over the last dim of ``a, u [rows, n]`` (one pass on CUDA)."""
+    if not _use_fused(a):
+        y = F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
+        return y.mul_(F.silu(u))
+    import triton
+
+    rows, n = a.shape
+    y = torch.empty_like(a)
+    if rows:
+        block = triton.next_power_of_2(n)
+        _fused_kernel()[(rows,)](
+            a, u, weight, bias, y, n, eps, BLOCK=block, num_warps=min(16, max(4, block // 256))
+        )
+    return y
 
 
 class HSTULayer(nn.Module):
@@ -73,7 +134,8 @@ class HSTULayer(nn.Module):
         self.out_weight = param(hidden, inner, std=1 / math.sqrt(inner))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x [T, hidden]`` -> ``u [T, heads*D]`` and ``q, k, v [T, heads, D]`` (SiLU'd)."""
+        """``x [T, hidden]`` -> ``u [T, heads*D]`` (before its SiLU) and ``q, k, v
+        [T, heads, D]`` (after theirs)."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
         if x.dtype != self.uvqk_weight.dtype:
@@ -82,18 +144,18 @@ class HSTULayer(nn.Module):
         h = F.layer_norm(x, (self.hidden,), self.norm_in_weight, self.norm_in_bias, self.eps)
         # One batched matmul (the same h for all four) -> [4, T, inner], each slice contiguous.
         uvqk = torch.bmm(h.unsqueeze(0).expand(4, tokens, self.hidden), self.uvqk_weight)
-        F.silu(uvqk, inplace=True)
+        # u stays raw here: its SiLU is applied inside layernorm_mul_silu, one pass fewer.
+        F.silu(uvqk[1:], inplace=True)
         u, v, q, k = uvqk.unbind(0)
         shape = (tokens, self.heads, self.head_dim)
         return u, q.view(shape), k.view(shape), v.view(shape)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``x + (LayerNorm(attn) * u) @ W_o^T``."""
+        """``x + (LayerNorm(attn) * SiLU(u)) @ W_o^T`` (``u`` as :meth:`project` returns it)."""
         inner = self.heads * self.head_dim
-        y = F.layer_norm(
-            attn.view(-1, inner), (inner,), self.norm_attn_weight, self.norm_attn_bias, self.eps
+        y = layernorm_mul_silu(
+            attn.view(-1, inner), u, self.norm_attn_weight, self.norm_attn_bias, self.eps
         )
-        y.mul_(u)
         return torch.addmm(x, y, self.out_weight.t())
 
     def forward_uncached(

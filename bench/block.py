@@ -1,0 +1,371 @@
+"""HSTU block benchmark: the seed's "HSTU layers with KV cache".
+
+8 HSTU layers, hidden 1024, 4 heads x 256, bf16, pages of 32 tokens; batch 1/2/4/8, history
+256..4096 in steps of 256, 256 targets or none. Two paths per case, measured in the same run:
+
+- *baseline*: no cache, every history token recomputed (``HSTUBlock.forward_uncached``);
+- *KV cache*: only the last 128 history tokens are new, the rest is cached; the block runs
+  through the CUDA-graph runner (``CachedBlockGraphs``): a call copies the metadata and
+  inputs into the graph's buffers and replays it. ``cache.prepare`` is not timed here (it is
+  host work that overlaps the GPU in a serving loop; the e2e benchmark includes it).
+
+Each case also gets its *floor*: for every kernel the block launches, FLOPs over the card's
+measured bf16 matmul rate plus bytes moved over its measured copy bandwidth, summed. Times
+are ``triton.testing.do_bench`` medians (L2 flushed between calls) on random data.
+
+``python -m bench.block [--quick]``; without a GPU it runs a tiny fp32 version on the CPU
+with the reference backend and says so (those numbers say nothing about any GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import common
+
+BARS = {  # (batch, targets) -> (cached ms, uncached ms) at history 4096, 3968 cached (H100)
+    (8, 256): (1.6, 11.0),
+    (8, 0): (0.8, 10.0),
+    (1, 256): (0.4, 1.5),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    batches: tuple[int, ...] = (1, 2, 4, 8)
+    histories: tuple[int, ...] = tuple(range(256, 4097, 256))
+    targets: tuple[int, ...] = (256, 0)
+    new: int = 128
+    layers: int = 8
+    hidden: int = 1024
+    heads: int = 4
+    head_dim: int = 256
+    page_size: int = 32
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cuda"
+    graphs: bool = True
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def make_plan(*, quick: bool = False, gpu: bool | None = None) -> Plan:
+    """The seed's sweep on a GPU (``quick``: the bar cases and a few more); a tiny fp32
+    version on the CPU."""
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if not gpu:
+        return Plan(
+            batches=(1, 2),
+            histories=(64, 128),
+            targets=(16, 0),
+            new=16,
+            layers=2,
+            hidden=64,
+            heads=2,
+            head_dim=32,
+            page_size=16,
+            dtype=torch.float32,
+            device="cpu",
+            graphs=False,
+            note="CPU, reference backend, tiny fp32 shapes: says nothing about GPU speed",
+        )
+    if quick:
+        return Plan(batches=(1, 8), histories=(1024, 4096))
+    return Plan()
+
+
+# --- floors ---------------------------------------------------------------------------------
+
+
+def attention_pairs(history: int, new: int, targets: int) -> int:
+    """Valid (query, key) pairs of one sequence's rows ``history-new .. history+targets-1``."""
+    h0 = history - new
+    hist_rows = new * h0 + new * (new + 1) // 2  # row at position p sees p + 1 keys
+    return hist_rows + targets * (history + 1)
+
+
+def layer_kernels(plan: Plan, batch: int, history: int, targets: int, cached: bool) -> list:
+    """(name, FLOPs, bytes read + written) of every kernel of one layer."""
+    e = torch.finfo(plan.dtype).bits // 8
+    hd, hid = plan.heads * plan.head_dim, plan.hidden
+    new = plan.new if cached else history
+    n = batch * (new + targets)  # query rows
+    pairs = batch * attention_pairs(history, new, targets)
+    kv_read = batch * (history + targets) * 2 * hd  # every key/value read once
+    out = [
+        ("layernorm_in", 0, 2 * n * hid * e),
+        ("uvqk_matmul", 2 * n * hid * 4 * hd, (n * hid + hid * 4 * hd + n * 4 * hd) * e),
+        ("silu", 0, 2 * n * 4 * hd * e),
+        ("attention", 4 * plan.heads * plan.head_dim * pairs, (2 * n * hd + kv_read) * e),
+        ("layernorm_attn", 0, 2 * n * hd * e),
+        ("mul_u", 0, 3 * n * hd * e),
+        ("out_matmul_residual", 2 * n * hd * hid, (n * hd + hd * hid + 2 * n * hid) * e),
+    ]
+    if cached:
+        out.append(("append_kv", 0, 2 * batch * new * 2 * hd * e))
+    return out
+
+
+def floor_ms(plan: Plan, batch: int, history: int, targets: int, cached: bool, ceil: dict) -> float:
+    """Sum over the block's kernels of FLOPs / matmul rate + bytes / copy bandwidth."""
+    flops_rate = ceil["bf16_matmul_tflops"] * 1e12
+    bw = ceil["copy_tbps"] * 1e12
+    per_layer = sum(
+        f / flops_rate + b / bw for _, f, b in layer_kernels(plan, batch, history, targets, cached)
+    )
+    return plan.layers * per_layer * 1e3
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def _bench(fn, device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _backend(plan: Plan) -> str:
+    from hstu_kernels import explain
+
+    exp = explain(
+        "paged", device=plan.device, dtype=plan.dtype, head_dim=plan.head_dim,
+        page_size=plan.page_size,
+    )  # fmt: skip
+    return exp.choice or "none"
+
+
+def measure(plan: Plan, ceilings: dict, log=print, progress: bool = True) -> list[dict[str, Any]]:
+    """Time every case of ``plan``; one entry per case (DESIGN.md §7)."""
+    from hstu_kernels.kvcache import build_jagged_metadata
+    from hstu_kernels.model import HSTUBlock
+    from hstu_kernels.model.graphs import CachedBlockGraphs
+
+    dev = plan.device
+    max_hist = max(plan.histories)
+    block = HSTUBlock(
+        plan.layers, plan.hidden, plan.heads, plan.head_dim,
+        scaling_seqlen=max_hist + max(plan.targets), dtype=plan.dtype, device=dev,
+    )  # fmt: skip
+    max_b = max(plan.batches)
+    pages = max_b * -(-max_hist // plan.page_size) + 2
+    cache = block.make_cache(num_pages=pages, page_size=plan.page_size)
+    cache.pool.normal_()  # cached K/V: random, never zeros
+    runner = CachedBlockGraphs(
+        block, cache, batch_buckets=plan.batches,
+        max_tokens=max_b * (plan.new + max(plan.targets)), use_graphs=plan.graphs,
+    )  # fmt: skip
+    impl = _backend(plan)
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(rows: int) -> torch.Tensor:
+        return torch.randn(rows, plan.hidden, generator=gen).to(dev, plan.dtype)
+
+    # Longest histories first: a backend that tunes on the first call of a shape bucket then
+    # tunes on the bar cases (history 4096), not on the shortest history.
+    cases = [
+        (t, b, h)
+        for t in plan.targets
+        for b in plan.batches
+        for h in sorted(plan.histories, reverse=True)
+    ]
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cases), desc="block", unit="case", file=sys.stderr)
+        except ImportError:
+            bar = None
+    entries = []
+    for targets, batch, history in cases:
+        new = min(plan.new, history)
+        cached = history - new
+        users = list(range(batch))
+        cache.clear()
+        if cached:
+            cache.prepare(users, [0] * batch, [cached] * batch, [0] * batch)
+        meta = cache.prepare(users, [cached] * batch, [new] * batch, [targets] * batch)
+        x_q = randn(meta.num_tokens)
+        # Repeated calls append the same K/V to the same slots: the cache stays as it is.
+        t_cached = _bench(lambda x_q=x_q, meta=meta: runner(x_q, meta), dev)
+        jmeta = build_jagged_metadata([history] * batch, [targets] * batch, dev)
+        x_full = randn(jmeta.num_tokens)
+        t_full = _bench(lambda x=x_full, m=jmeta: block.forward_uncached(x, m), dev)
+        del x_full
+        entry = {
+            "bench": "block",
+            "case": f"B={batch} H={history} T={targets}",
+            "impl": f"kvcache+{'graphs' if plan.graphs else 'eager'} ({impl})",
+            "batch": batch,
+            "heads": plan.heads,
+            "head_dim": plan.head_dim,
+            "page_size": plan.page_size,
+            "layers": plan.layers,
+            "hidden": plan.hidden,
+            "history": history,
+            "cached": cached,
+            "targets": targets,
+            "dtype": str(plan.dtype).removeprefix("torch."),
+            "time_ms": round(t_cached, 4),
+            "baseline_ms": round(t_full, 4),
+            "speedup": round(t_full / t_cached, 3),
+        }
+        if ceilings:
+            entry["floor_ms"] = round(floor_ms(plan, batch, history, targets, True, ceilings), 4)
+            entry["baseline_floor_ms"] = round(
+                floor_ms(plan, batch, history, targets, False, ceilings), 4
+            )
+        if plan.note:
+            entry["note"] = plan.note
+        entries.append(entry)
+        if bar is not None:
+            bar.set_postfix_str(
+                f"B={batch} H={history} T={targets}: {t_cached:.3f} / {t_full:.3f} ms"
+            )
+            bar.update()
+    if bar is not None:
+        bar.close()
+    log(f"graph buckets captured: {runner.captured}; waits inside graphs: {runner.graph_waits}")
+    return entries
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def summary(entries: list[dict[str, Any]], card: str) -> str:
+    """A table of the history-4096 cases (and the bars, on an H100)."""
+    top = max(e["history"] for e in entries)
+    rows = [e for e in entries if e["history"] == top]
+    lines = [
+        f"block on {card}, history {top} ({rows[0]['cached']} cached):",
+        f"{'B':>3} {'T':>4} {'cached ms':>10} {'floor':>7} {'uncached ms':>12} {'floor':>7} "
+        f"{'speedup':>8}  bar",
+    ]
+    for e in sorted(rows, key=lambda e: (-e["targets"], e["batch"])):
+        b = BARS.get((e["batch"], e["targets"]))
+        verdict = ""
+        if b and top == 4096 and "H100" in card:
+            ok = e["time_ms"] <= b[0] and e["baseline_ms"] <= b[1]
+            verdict = f"{'PASS' if ok else 'MISS'} (<= {b[0]} / {b[1]} ms)"
+        lines.append(
+            f"{e['batch']:>3} {e['targets']:>4} {e['time_ms']:>10.3f} "
+            f"{e.get('floor_ms', float('nan')):>7.3f} {e['baseline_ms']:>12.3f} "
+            f"{e.get('baseline_floor_ms', float('nan')):>7.3f} {e['speedup']:>7.2f}x  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def plot(entries: list[dict[str, Any]], card: str, out: Path) -> Path:
+    """Like the seed's charts: ms per call against history (cached solid, baseline dashed),
+    and the speed-up, one row per target count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = sorted({e["targets"] for e in entries}, reverse=True)
+    batches = sorted({e["batch"] for e in entries})
+    fig, axes = plt.subplots(len(targets), 2, figsize=(12, 4.2 * len(targets)), squeeze=False)
+    for row, t in enumerate(targets):
+        ax, ax2 = axes[row]
+        for i, b in enumerate(batches):
+            pts = sorted(
+                (e["history"], e["time_ms"], e["baseline_ms"], e["speedup"])
+                for e in entries
+                if e["targets"] == t and e["batch"] == b
+            )
+            if not pts:
+                continue
+            h = [p[0] for p in pts]
+            ax.plot(h, [p[2] for p in pts], "--", color=f"C{i}", label=f"B={b} no cache")
+            ax.plot(h, [p[1] for p in pts], "-o", ms=3, color=f"C{i}", label=f"B={b} KV cache")
+            ax2.plot(h, [p[3] for p in pts], "-o", ms=3, color=f"C{i}", label=f"B={b}")
+        ax.set_yscale("log")
+        ax.set_xlabel("history length (tokens; last 128 new with the cache)")
+        ax.set_ylabel("ms per call (8 layers)")
+        ax.set_title(f"HSTU block, {t} targets")
+        ax.legend(fontsize=7, ncol=2)
+        ax2.set_xlabel("history length (tokens)")
+        ax2.set_ylabel("speed-up of KV cache + CUDA graphs")
+        ax2.set_title(f"speed-up, {t} targets")
+        ax2.axhline(1.0, color="grey", lw=0.8)
+        ax2.legend(fontsize=7)
+    fig.suptitle(f"HSTU block (8 layers, hidden 1024, 4x256 heads, bf16) on {card}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run(
+    *,
+    quick: bool = False,
+    path: Path | None = None,
+    plan: Plan | None = None,
+    log=print,
+    make_plot: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure, write this card's results file (``block`` entries) and the sweep plot."""
+    plan = plan or make_plan(quick=quick)
+    if plan.note:
+        log(f"block: {plan.note}")
+    ceilings = common.measure_ceilings() if plan.device == "cuda" else {}
+    entries = measure(plan, ceilings, log=log)
+    path = common.write_results("block", entries, ceilings=ceilings or None, path=path)
+    card = common.card_name()
+    log(summary(entries, card))
+    if ceilings:
+        log(f"ceilings: {ceilings}")
+    log(f"results -> {path}")
+    if make_plot:
+        try:
+            png = plot(entries, card, path.with_name(f"{path.stem}-block-sweep.png"))
+            log(f"plot -> {png}")
+        except ImportError as exc:
+            log(f"no plot ({exc})")
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.block", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer cases (the bar cases included)")
+    parser.add_argument("--batches", type=str, default=None, help="e.g. 1,8")
+    parser.add_argument("--histories", type=str, default=None, help="e.g. 1024,4096")
+    parser.add_argument("--targets", type=str, default=None, help="e.g. 256,0")
+    parser.add_argument("--no-graphs", action="store_true", help="run the cached path eagerly")
+    parser.add_argument("--results", type=Path, default=None, help="results JSON to write")
+    args = parser.parse_args(argv)
+    plan = make_plan(quick=args.quick)
+    ints = lambda s: tuple(int(v) for v in s.split(","))
+    if args.batches:
+        plan = replace(plan, batches=ints(args.batches))
+    if args.histories:
+        plan = replace(plan, histories=ints(args.histories))
+    if args.targets:
+        plan = replace(plan, targets=ints(args.targets))
+    if args.no_graphs:
+        plan = replace(plan, graphs=False)
+    run(plan=plan, path=args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
