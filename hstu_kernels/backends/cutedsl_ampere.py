@@ -36,6 +36,9 @@ def _refuse_features(spec) -> None:
         )
 
 
+_KERNELS: dict[tuple, tuple] = {}
+
+
 def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, paged: bool):
     from hstu_kernels.backends.cutedsl import ampere
     from hstu_kernels.dispatch import device_arch
@@ -46,7 +49,10 @@ def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, pa
     if q.shape[0] == 0:
         return
     page_size = kv_cache.shape[2] if paged else 0
-    fn, cfg = ampere.get_kernel(device_arch(q.device), q.dtype, q.shape[2], page_size, paged)
+    key = (device_arch(q.device), q.dtype, q.shape[2], page_size, paged)
+    if key not in _KERNELS:  # one dict lookup per call once compiled/loaded
+        _KERNELS[key] = ampere.get_kernel(*key)
+    fn, cfg = _KERNELS[key]
     num_m_blocks = max(1, -(-int(max_q) // cfg.block_m))
     if paged:
         meta = (page_table.page_indptr, page_table.page_ids, page_table.last_page_len)
@@ -59,7 +65,8 @@ def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, pa
 
 
 def _jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
-    _launch(q, k, v, out, q, cu_seqlens, num_targets, None, max_seqlen, spec, paged=False)
+    # kv_cache is not read by the jagged variant; it takes any 1-D tensor of q's dtype.
+    _launch(q, k, v, out, q.view(-1), cu_seqlens, num_targets, None, max_seqlen, spec, paged=False)
 
 
 def _paged(

@@ -58,12 +58,18 @@ def smem_bytes(cfg: HstuFwdConfig, head_dim: int, elem_bytes: int = 2) -> int:
     return (cfg.block_m + 2 * cfg.block_n) * head_dim * elem_bytes
 
 
-def pick_config(arch: str, head_dim: int) -> HstuFwdConfig:
+def pick_config(arch: str, head_dim: int, paged: bool = False) -> HstuFwdConfig:
     """The tile shape for ``head_dim`` on ``arch`` (``sm_XY`` or ``sm_XYa``), bounded by the
     arch's shared memory and by registers (the fp32 O accumulator is BM*D/threads per thread,
     kept at <= 128)."""
     cc = int(arch[3:].rstrip("a"))
-    if head_dim <= 64 or head_dim <= 128:
+    override = os.environ.get("HSTU_CUTEDSL_TILE")  # "BM,BN,threads": for tuning runs
+    if override:
+        return HstuFwdConfig(*(int(x) for x in override.split(",")))
+    if paged:
+        # Delta calls have few query rows per sequence: smaller q-tiles give more CTAs.
+        cfg = HstuFwdConfig(64, 64, 128)
+    elif head_dim <= 128:
         cfg = HstuFwdConfig(128, 64, 128)
     else:
         cfg = HstuFwdConfig(128, 64, 256)
@@ -305,18 +311,19 @@ class HstuFwdSm80:
         cKV = cute.make_identity_tensor((BN, D))
         tKVcKV = thr_in.partition_S(cKV)
 
-        self.load_kv(
-            mK,
-            mKV,
-            mPageIds,
-            info,
-            head,
-            hc.kv_tile_at(0, n_a, n_b_start),
-            0,
-            tKsK,
-            tKVcKV,
-            gmem_copy_in,
+        # Row addresses of the KV tiles (K rows; V rows derive from them), computed one tile
+        # ahead so that the page-table loads hide behind the previous tile's Q@K^T.
+        slots = cute.size(tKsK.shape[1])
+        ptr_cur = cute.make_rmem_tensor((slots,), cutlass.Int64)
+        ptr_next = cute.make_rmem_tensor((slots,), cutlass.Int64)
+        v_minus_k = mV.iterator.toint() - mK.iterator.toint()
+        kv_stride = cutlass.Int64(0)
+        if cutlass.const_expr(self.paged):
+            kv_stride = cutlass.Int64(mKV.layout.stride[1]) * (dtype.width // 8)
+        self.kv_row_ptrs(
+            mK, mKV, mPageIds, info, head, hc.kv_tile_at(0, n_a, n_b_start), tKVcKV, ptr_cur
         )
+        self.issue_kv(ptr_cur, False, 0, info, v_minus_k, kv_stride, tKsK, tKVcKV, gmem_copy_in)
         cute.arch.cp_async_commit_group()
 
         # ---- MMA partitions
@@ -346,8 +353,13 @@ class HstuFwdSm80:
             n_block = hc.kv_tile_at(i, n_a, n_b_start)
             cute.arch.cp_async_wait_group(0)  # K(i) (and Q) landed
             barrier.arrive_and_wait()  # ... for every thread; all done with V(i-1)
-            self.load_kv(mV, mKV, mPageIds, info, head, n_block, 1, tVsV, tKVcKV, gmem_copy_in)
+            self.issue_kv(
+                ptr_cur, True, n_block, info, v_minus_k, kv_stride, tVsV, tKVcKV, gmem_copy_in
+            )
             cute.arch.cp_async_commit_group()
+            if i + 1 < count:
+                n_next = hc.kv_tile_at(i + 1, n_a, n_b_start)
+                self.kv_row_ptrs(mK, mKV, mPageIds, info, head, n_next, tKVcKV, ptr_next)
 
             acc_S = cute.make_rmem_tensor(thr_mma.partition_shape_C((BM, BN)), cutlass.Float32)
             acc_S.fill(0.0)
@@ -363,17 +375,8 @@ class HstuFwdSm80:
             cute.arch.cp_async_wait_group(0)  # V(i) landed
             barrier.arrive_and_wait()  # ... for every thread; all done with K(i)
             if i + 1 < count:
-                self.load_kv(
-                    mK,
-                    mKV,
-                    mPageIds,
-                    info,
-                    head,
-                    hc.kv_tile_at(i + 1, n_a, n_b_start),
-                    0,
-                    tKsK,
-                    tKVcKV,
-                    gmem_copy_in,
+                self.issue_kv(
+                    ptr_next, False, 0, info, v_minus_k, kv_stride, tKsK, tKVcKV, gmem_copy_in
                 )
                 cute.arch.cp_async_commit_group()
 
@@ -394,6 +397,8 @@ class HstuFwdSm80:
                 if k + 1 < n_kv:
                     cute.copy(s2r_V, tOsVt[None, None, k + 1], tOrVt_v[None, None, k + 1])
                 cute.gemm(tiled_mma, acc_O, tOrP[None, None, k], tOrVt[None, None, k], acc_O)
+            for m in cutlass.range_constexpr(slots):
+                ptr_cur[m] = ptr_next[m]
 
         # ---- epilogue: O -> smem (reusing sQ: every thread is past its last Q@K^T) -> global
         rO = cute.make_fragment_like(acc_O, dtype)
@@ -417,51 +422,68 @@ class HstuFwdSm80:
                 cute.copy(gmem_copy_out, tOrO[None, m, None], tOgO[None, m, None])
 
     @cute.jit
-    def load_kv(
-        self,
-        mX,
-        mKV,
-        mPageIds,
-        info,
-        head,
-        n_block,
-        kv_index: cutlass.Constexpr,
-        tXsX,
-        tXcX,
-        gmem_copy_in,
-    ):
-        """cp.async the rows of KV tile ``n_block`` of K (``kv_index`` 0) or V (1) into smem,
-        one 128-bit chunk per thread and row slot; rows past the sequence are zero-filled."""
-        BN, D = self.bn, self.head_dim
+    def kv_row_ptrs(self, mK, mKV, mPageIds, info, head, n_block, tXcX, ptrs):
+        """Byte addresses of the K rows this thread copies for KV tile ``n_block`` (0 for keys
+        past the sequence): history keys through the page table (one lookup per tile when a
+        page covers the tile), the others from the packed rows of ``k``/``k_new``."""
+        BN = self.bn
         j0 = n_block * BN
         tile_page = 0
         if cutlass.const_expr(self.paged and self.page_size >= BN):
-            # The whole tile lies in one page: one page-table lookup per tile.
             slot, _ = hc.page_slot(cutlass.min(j0, info.history - 1), self.page_size)
             tile_page = mPageIds[info.page_base + slot]
-        for m in cutlass.range_constexpr(cute.size(tXsX.shape[1])):
+        for m in cutlass.range_constexpr(cute.size(ptrs)):
             j = j0 + tXcX[0, m, 0][0]
             from_cache, in_range, row = hc.kv_key_source(j, info, self.paged)
-            new_ptr = (mX.iterator + cute.crd2idx((row, head, 0), mX.layout)).toint()
-            src_ptr = new_ptr
+            ptr = (mK.iterator + cute.crd2idx((row, head, 0), mK.layout)).toint()
             if cutlass.const_expr(self.paged):
                 slot, offset = hc.page_slot(cutlass.min(j, info.history - 1), self.page_size)
                 page = tile_page
                 if cutlass.const_expr(self.page_size < BN):
                     page = mPageIds[info.page_base + slot]
                 cache_ptr = (
-                    mKV.iterator + cute.crd2idx((page, kv_index, offset, head, 0), mKV.layout)
+                    mKV.iterator + cute.crd2idx((page, 0, offset, head, 0), mKV.layout)
                 ).toint()
-                src_ptr = cutlass.Int64(cutlass.select_(from_cache, cache_ptr, new_ptr))
-            if in_range:
-                gptr = cute.make_ptr(self.dtype, src_ptr, cute.AddressSpace.gmem, assumed_align=16)
+                ptr = cutlass.Int64(cutlass.select_(from_cache, cache_ptr, ptr))
+            ptrs[m] = cutlass.Int64(cutlass.select_(in_range, ptr, cutlass.Int64(0)))
+
+    @cute.jit
+    def issue_kv(
+        self,
+        ptrs,
+        is_v: cutlass.Constexpr,
+        n_block,
+        info,
+        v_minus_k,
+        kv_stride,
+        tXsX,
+        tXcX,
+        gmem_copy_in,
+    ):
+        """cp.async one KV tile into smem from the row addresses of :meth:`kv_row_ptrs`, one
+        128-bit chunk per thread, row slot and chunk; rows with address 0 are zero-filled. V
+        rows sit ``kv_stride`` bytes after K rows in the cache, ``v_minus_k`` after them in the
+        packed tensors."""
+        elems = 128 // self.dtype.width
+        for m in cutlass.range_constexpr(cute.size(ptrs)):
+            ptr = ptrs[m]
+            if ptr != 0:
+                if cutlass.const_expr(is_v):
+                    if cutlass.const_expr(self.paged):
+                        j = n_block * self.bn + tXcX[0, m, 0][0]
+                        ptr = ptr + cutlass.Int64(
+                            cutlass.select_(j < info.history, kv_stride, v_minus_k)
+                        )
+                    else:
+                        ptr = ptr + v_minus_k
+                gptr = cute.make_ptr(self.dtype, ptr, cute.AddressSpace.gmem, assumed_align=16)
                 row_chunks = cute.tiled_divide(
-                    cute.make_tensor(gptr, cute.make_layout((D,))), (128 // self.dtype.width,)
+                    cute.make_tensor(gptr, cute.make_layout((self.head_dim,))), (elems,)
                 )
                 for k in cutlass.range_constexpr(cute.size(tXsX.shape[2])):
-                    chunk = tXcX[0, 0, k][1] // (128 // self.dtype.width)
                     dst = tXsX[None, m, k]
-                    src = cute.make_tensor(row_chunks[None, chunk].iterator, dst.layout)
+                    src = cute.make_tensor(row_chunks[None, tXcX[0, 0, k][1] // elems].iterator,
+                                           dst.layout)  # fmt: skip
                     cute.copy(gmem_copy_in, src, dst)
             else:
                 tXsX[None, m, None].fill(0)
@@ -507,7 +529,7 @@ def build_variant(arch: str, torch_dtype, head_dim: int, page_size: int, paged: 
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
-    cfg = pick_config(arch, head_dim)
+    cfg = pick_config(arch, head_dim, paged)
     ps = page_size if paged else 0
     fault = os.environ.get("HSTU_CUTEDSL_FAULT", "")  # test-only, see HstuFwdSm80
     kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, fault)

@@ -16,6 +16,7 @@ Prints one line per number (the figures quoted in ``bench/NOTES-cutedsl.md``):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -115,17 +116,83 @@ def perf(backends: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
+SWEEP = {
+    ("jagged", 256): ["128,64,256", "64,64,128", "128,32,256", "128,64,128"],
+    ("jagged", 128): ["128,64,128", "128,64,256", "64,64,128", "128,128,256"],
+    ("delta", 256): ["64,64,128", "128,64,256", "64,32,128", "32,64,64"],
+    ("delta", 128): ["64,64,128", "128,64,128", "64,128,128", "32,64,64"],
+}
+
+
+def sweep_variants() -> list[str]:
+    """The precompile specs of every tile shape :func:`sweep` times."""
+    out = []
+    for (kind, d), tiles in SWEEP.items():
+        spec = f"bf16:{d}:32:paged" if kind == "delta" else f"bf16:{d}:0:jagged"
+        out += [f"{spec}:{t}" for t in tiles]
+    return out
+
+
+def sweep() -> None:
+    """Time each candidate tile shape of the B=8 bench cases, calling the kernel directly."""
+    from triton.testing import do_bench
+
+    from bench.kernels import _inputs, full_cases
+    from hstu_kernels.backends.cutedsl import ampere
+
+    dtype = torch.bfloat16
+    for case in full_cases():
+        if case.batch != 8:
+            continue
+        pc = _inputs(case, dtype, "cuda")
+        paged = case.kind == "delta"
+        scaling = case.history + case.targets
+        for tile in SWEEP[(case.kind, case.head_dim)]:
+            os.environ["HSTU_CUTEDSL_TILE"] = tile
+            fn, cfg = ampere.get_kernel(_arch(), dtype, case.head_dim, 32, paged)
+            if paged:
+                pt = pc.page_table
+                out = torch.empty_like(pc.q)
+                rows = case.new + case.targets
+                args = (pc.q, pc.k_new, pc.v_new, out, pc.kv_cache, pc.cu_q, pc.num_targets,
+                        pt.page_indptr, pt.page_ids, pt.last_page_len)  # fmt: skip
+            else:
+                out = torch.empty_like(pc.q_full)
+                rows = scaling
+                args = (pc.q_full, pc.k_full, pc.v_full, out, pc.q_full.view(-1), pc.cu_full,
+                        pc.num_targets, pc.cu_full, pc.cu_full, pc.cu_full)  # fmt: skip
+            nm = -(-rows // cfg.block_m)
+            call = functools.partial(fn, *args, case.head_dim**-0.5, 1.0 / scaling, nm)
+            try:
+                ms = do_bench(call, warmup=25, rep=100, return_mode="median")
+            except Exception as exc:  # a tile shape that fails must not hide the others
+                print(f"sweep {case.name:24s} tile {tile:12s} failed: {exc}")
+                continue
+            print(f"sweep {case.name:24s} tile {tile:12s} {ms * 1e3:8.1f} us "
+                  f"{case.flops() / ms / 1e9:6.1f} TFLOP/s")  # fmt: skip
+        os.environ.pop("HSTU_CUTEDSL_TILE", None)
+        del pc
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--perf", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--backends", default="cutedsl-ampere,triton")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--print-sweep-variants", action="store_true")
     args = parser.parse_args()
+    if args.print_sweep_variants:
+        print(" ".join(f"--variant {v}" for v in sweep_variants()))
+        return
     if not args.no_compile:
         compile_and_load_times()
     host_overhead()
     if args.perf:
         perf(args.backends.split(","))
+    if args.sweep:
+        sweep()
 
 
 if __name__ == "__main__":

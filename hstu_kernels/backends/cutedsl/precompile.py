@@ -3,7 +3,8 @@
 ``python -m hstu_kernels.backends.cutedsl.precompile --arch sm_90 --jobs 8 \\
     --variant bf16:128:32:paged --variant bf16:256:0:jagged ...``
 
-Each variant is ``dtype:head_dim:page_size:paged|jagged``. A compile is single-threaded and
+Each variant is ``dtype:head_dim:page_size:paged|jagged``, optionally followed by
+``:BM,BN,threads`` to compile a tile shape other than the default (tuning runs). A compile is single-threaded and
 takes seconds; a deployment (or a test session) compiles its variants once here, and every
 later process loads them from the cache (``compile.CACHE_ENV``) in milliseconds.
 """
@@ -11,6 +12,7 @@ later process loads them from the cache (``compile.CACHE_ENV``) in milliseconds.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -20,8 +22,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_variant(text: str) -> tuple[torch.dtype, int, int, bool]:
-    """``"bf16:128:32:paged"`` -> ``(torch.bfloat16, 128, 32, True)``."""
-    dtype, head_dim, page_size, kind = text.split(":")
+    """``"bf16:128:32:paged"`` -> ``(torch.bfloat16, 128, 32, True)`` (a trailing tile field is
+    not part of the result)."""
+    dtype, head_dim, page_size, kind = text.split(":")[:4]
     if dtype not in _DTYPES or kind not in ("paged", "jagged"):
         raise ValueError(f"variant: expected dtype:head_dim:page_size:paged|jagged, got {text!r}")
     return _DTYPES[dtype], int(head_dim), int(page_size), kind == "paged"
@@ -31,6 +34,12 @@ def _compile_one(arch: str, text: str) -> tuple[str, float, str]:
     from hstu_kernels.backends.cutedsl import ampere
     from hstu_kernels.backends.cutedsl import compile as cc
 
+    parts = text.split(":")
+    if len(parts) > 4:
+        os.environ["HSTU_CUTEDSL_TILE"] = parts[4]
+    else:
+        os.environ.pop("HSTU_CUTEDSL_TILE", None)
+    cc.clear_memory_cache()
     start = time.perf_counter()
     ampere.get_kernel(arch, *parse_variant(text))
     source = next(iter(cc.compile_stats().values()))["source"]
