@@ -16,6 +16,7 @@ times mean nothing). ``python -m bench.e2e [--quick]``; part of ``python -m benc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -158,10 +159,34 @@ def summary(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(*, quick: bool = False, path: Path | None = None, log=print) -> list[dict[str, Any]]:
+def attention_backends(config: RankingConfig) -> dict[str, str | None]:
+    """The backend the dispatcher picks for each op the model calls, on this machine."""
+    from hstu_kernels import explain
+
+    kw = dict(dtype=config.dtype, head_dim=config.head_dim, backend=config.backend)
+    return {
+        "jagged": explain("jagged", **kw).choice,
+        "paged": explain("paged", page_size=config.page_size, **kw).choice,
+        "append_kv": explain("append_kv", page_size=config.page_size, **kw).choice,
+    }
+
+
+def run(
+    *,
+    quick: bool = False,
+    path: Path | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    reps: int | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
     """Run the benchmark and write its entries to the results file (``path``: default
-    ``bench/results/<card>.json``); returns the entries."""
+    ``bench/results/<card>.json``); returns the entries. ``batch_sizes`` and ``reps``
+    override the plan's."""
     plan = make_plan(quick=quick)
+    if batch_sizes is not None:
+        plan = dataclasses.replace(plan, batch_sizes=tuple(batch_sizes))
+    if reps is not None:
+        plan = dataclasses.replace(plan, reps=reps)
     c = plan.config
     if plan.device == "cpu":
         log("e2e: no GPU, tiny model on the reference backend (times are not GPU performance)")
@@ -171,8 +196,12 @@ def run(*, quick: bool = False, path: Path | None = None, log=print) -> list[dic
         f"{plan.step}, {plan.targets} candidates, batch sizes {list(plan.batch_sizes)}, "
         f"modes {list(plan.modes)}, {plan.reps} rep(s)"
     )
+    backends = attention_backends(c)
+    log(f"e2e: attention backends {backends}")
     model = HSTURankingModel(c, device=plan.device)
     entries = measure(plan, model, log)
+    for e in entries:
+        e["backend"] = backends["jagged" if e["impl"] == "baseline" else "paged"]
     log(summary(entries))
     common.write_results("e2e", entries, path=path)
     return entries
@@ -182,8 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer, smaller cases")
     parser.add_argument("--results", type=Path, default=None, help="results JSON path")
+    parser.add_argument("--batch-sizes", default=None, help="e.g. 1,8 (default: the plan's)")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per mode")
     args = parser.parse_args(argv)
-    run(quick=args.quick, path=args.results)
+    sizes = None
+    if args.batch_sizes:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    run(quick=args.quick, path=args.results, batch_sizes=sizes, reps=args.reps)
     return 0
 
 
