@@ -69,6 +69,23 @@ def test_generator_rejects_bad_arguments(kw):
         _gen(**kw)
 
 
+def test_pack_requests_layout():
+    from hstu_kernels.model.ranking import pack_requests
+
+    gen = _gen(start=8, stop=16, step=8, targets=3)
+    batch = list(gen.case(2))[1]  # histories 16, 16
+    p = pack_requests(batch, num_actions=5, cached=[8, 16])
+    assert p.new == (8, 0) and p.targets == (3, 3) and p.histories == (16, 16)
+    r0, r1 = batch.requests
+    assert torch.equal(p.items, torch.cat([r0.history_items[8:], r0.candidates, r1.candidates]))
+    assert p.actions[:8].tolist() == r0.history_actions[8:].tolist()
+    assert p.actions[8:].tolist() == [5] * 6  # the reserved candidate action
+    assert p.positions.tolist() == list(range(8, 16)) + [16] * 6
+    assert p.target_rows.tolist() == [8, 9, 10, 11, 12, 13]
+    with pytest.raises(ValueError, match="cached"):
+        pack_requests(batch, 5, cached=[17, 0])
+
+
 # --------------------------------------------------------------------------- report and plots
 
 

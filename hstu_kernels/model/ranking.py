@@ -108,41 +108,53 @@ class RankingConfig:
 
 @dataclass(frozen=True)
 class PackedInput:
-    """The ids of a batch packed as jagged rows, on the CPU (pinned when CUDA is present).
+    """The ids of a batch packed as jagged rows.
 
     Sequence ``b``'s rows are its uncomputed history tokens (``new[b]`` of them, history
     positions ``H_b - new[b] .. H_b - 1``), then its ``T_b`` candidates (position ``H_b``).
     Candidates carry the action id ``num_actions`` (a reserved "to be ranked" id).
+
+    The four id tensors are views of one int64 buffer (pinned when CUDA is present), so moving
+    a batch to the GPU is one asynchronous copy.
     """
 
-    items: torch.Tensor  # int64 [rows]
-    actions: torch.Tensor  # int64 [rows]
-    positions: torch.Tensor  # int64 [rows]
-    cu_seqlens: torch.Tensor  # int32 [B+1]
-    num_targets: torch.Tensor  # int32 [B]
-    target_rows: torch.Tensor  # int64 [sum T_b]: rows of the candidates
+    buffer: torch.Tensor  # int64 [3 * rows + sum T_b]
     histories: tuple[int, ...]
     new: tuple[int, ...]
     targets: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.new) + sum(self.targets)
+
+    @property
+    def items(self) -> torch.Tensor:
+        """int64 ``[rows]``"""
+        return self.buffer[: self.rows]
+
+    @property
+    def actions(self) -> torch.Tensor:
+        """int64 ``[rows]``"""
+        return self.buffer[self.rows : 2 * self.rows]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 ``[rows]``"""
+        return self.buffer[2 * self.rows : 3 * self.rows]
+
+    @property
+    def target_rows(self) -> torch.Tensor:
+        """int64 ``[sum T_b]``: the rows of the candidates, in batch order."""
+        return self.buffer[3 * self.rows :]
 
     @property
     def max_seqlen(self) -> int:
         return max((n + t for n, t in zip(self.new, self.targets, strict=True)), default=0)
 
     def to(self, device: torch.device | str) -> PackedInput:
-        """The tensors on ``device`` (copies are asynchronous from pinned memory)."""
-        move = lambda t: t.to(device, non_blocking=True)
-        return PackedInput(
-            move(self.items),
-            move(self.actions),
-            move(self.positions),
-            move(self.cu_seqlens),
-            move(self.num_targets),
-            move(self.target_rows),
-            self.histories,
-            self.new,
-            self.targets,
-        )
+        """The ids on ``device`` (asynchronous from pinned memory)."""
+        buffer = self.buffer.to(device, non_blocking=True)
+        return PackedInput(buffer, self.histories, self.new, self.targets)
 
 
 def pack_requests(
@@ -158,7 +170,8 @@ def pack_requests(
     cached = [0] * len(reqs) if cached is None else list(cached)
     if len(cached) != len(reqs):
         raise ValueError(f"cached: expected {len(reqs)} entries, got {len(cached)}")
-    items, actions, positions, cu, target_rows = [], [], [], [0], []
+    items, actions, positions, target_rows = [], [], [], []
+    end = 0
     for r, c in zip(reqs, cached, strict=True):
         if not 0 <= c <= r.history:
             raise ValueError(f"cached: expected 0..{r.history} for user {r.user_id}, got {c}")
@@ -166,21 +179,14 @@ def pack_requests(
         items += [r.history_items[c:], r.candidates]
         actions += [r.history_actions[c:], torch.full((t,), num_actions, dtype=torch.int64)]
         positions += [torch.arange(c, h), torch.full((t,), h, dtype=torch.int64)]
-        start = cu[-1] + (h - c)
+        start = end + (h - c)
         target_rows.append(torch.arange(start, start + t))
-        cu.append(start + t)
-    pin = torch.cuda.is_available()
-
-    def done(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory() if pin else t
-
+        end = start + t
+    buffer = torch.cat(items + actions + positions + target_rows)
+    if torch.cuda.is_available():
+        buffer = buffer.pin_memory()
     return PackedInput(
-        done(torch.cat(items)),
-        done(torch.cat(actions)),
-        done(torch.cat(positions)),
-        done(torch.tensor(cu, dtype=torch.int32)),
-        done(torch.tensor([r.targets for r in reqs], dtype=torch.int32)),
-        done(torch.cat(target_rows)),
+        buffer,
         tuple(r.history for r in reqs),
         tuple(r.history - c for r, c in zip(reqs, cached, strict=True)),
         tuple(r.targets for r in reqs),
