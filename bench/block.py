@@ -150,8 +150,11 @@ def _backend(plan: Plan) -> str:
     return exp.choice or "none"
 
 
-def measure(plan: Plan, ceilings: dict, log=print, progress: bool = True) -> list[dict[str, Any]]:
-    """Time every case of ``plan``; one entry per case (DESIGN.md §7)."""
+def measure(
+    plan: Plan, ceilings: dict, log=print, progress: bool = True, checkpoint=None
+) -> list[dict[str, Any]]:
+    """Time every case of ``plan``; one entry per case (DESIGN.md §7). ``checkpoint(entries)``
+    is called every 8 cases (so a run cut short still leaves its results)."""
     from hstu_kernels.kvcache import build_jagged_metadata
     from hstu_kernels.model import HSTUBlock
     from hstu_kernels.model.graphs import CachedBlockGraphs
@@ -176,13 +179,16 @@ def measure(plan: Plan, ceilings: dict, log=print, progress: bool = True) -> lis
     def randn(rows: int) -> torch.Tensor:
         return torch.randn(rows, plan.hidden, generator=gen).to(dev, plan.dtype)
 
-    # Longest histories first: a backend that tunes on the first call of a shape bucket then
-    # tunes on the bar cases (history 4096), not on the shortest history.
-    cases = [
+    # Longest histories first (the bar cases lead): a backend that tunes on the first call of
+    # a shape bucket then tunes on history 4096, not on the shortest history.
+    top = max(plan.histories)
+    cases = [(t, b, top) for t in plan.targets for b in plan.batches]
+    cases += [
         (t, b, h)
         for t in plan.targets
         for b in plan.batches
         for h in sorted(plan.histories, reverse=True)
+        if h != top
     ]
     bar = None
     if progress:
@@ -234,6 +240,8 @@ def measure(plan: Plan, ceilings: dict, log=print, progress: bool = True) -> lis
         if plan.note:
             entry["note"] = plan.note
         entries.append(entry)
+        if checkpoint is not None and len(entries) % 8 == 0:
+            checkpoint(entries)
         if bar is not None:
             bar.set_postfix_str(
                 f"B={batch} H={history} T={targets}: {t_cached:.3f} / {t_full:.3f} ms"
@@ -297,8 +305,11 @@ def plot(entries: list[dict[str, Any]], card: str, out: Path) -> Path:
             ax.plot(h, [p[1] for p in pts], "-o", ms=3, color=f"C{i}", label=f"B={b} KV cache")
             ax2.plot(h, [p[3] for p in pts], "-o", ms=3, color=f"C{i}", label=f"B={b}")
         ax.set_yscale("log")
-        ax.set_xlabel("history length (tokens; last 128 new with the cache)")
-        ax.set_ylabel("ms per call (8 layers)")
+        e0 = entries[0]
+        ax.set_xlabel(
+            f"history length (tokens; last {e0['history'] - e0['cached']} new with the cache)"
+        )
+        ax.set_ylabel(f"ms per call ({e0['layers']} layers)")
         ax.set_title(f"HSTU block, {t} targets")
         ax.legend(fontsize=7, ncol=2)
         ax2.set_xlabel("history length (tokens)")
@@ -306,7 +317,11 @@ def plot(entries: list[dict[str, Any]], card: str, out: Path) -> Path:
         ax2.set_title(f"speed-up, {t} targets")
         ax2.axhline(1.0, color="grey", lw=0.8)
         ax2.legend(fontsize=7)
-    fig.suptitle(f"HSTU block (8 layers, hidden 1024, 4x256 heads, bf16) on {card}")
+    e0 = entries[0]
+    fig.suptitle(
+        f"HSTU block ({e0['layers']} layers, hidden {e0['hidden']}, {e0['heads']}x"
+        f"{e0['head_dim']} heads, {e0['dtype']}, pages of {e0['page_size']}) on {card}"
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -326,8 +341,13 @@ def run(
     if plan.note:
         log(f"block: {plan.note}")
     ceilings = common.measure_ceilings() if plan.device == "cuda" else {}
-    entries = measure(plan, ceilings, log=log)
-    path = common.write_results("block", entries, ceilings=ceilings or None, path=path)
+    path = path or common.results_path()
+
+    def checkpoint(entries: list[dict[str, Any]]) -> None:
+        common.write_results("block", entries, ceilings=ceilings or None, path=path)
+
+    entries = measure(plan, ceilings, log=log, checkpoint=checkpoint)
+    checkpoint(entries)
     card = common.card_name()
     log(summary(entries, card))
     if ceilings:

@@ -30,12 +30,18 @@ class TransferEngine:
         self.host_pool = host_pool
         self.num_layers = device_pool.shape[0]
         self.cuda = device_pool.device.type == "cuda"
+        self.external_events = False  # waits can be captured into CUDA graphs
         if self.cuda:
             dev = device_pool.device
             self.offload_stream = torch.cuda.Stream(dev)
             self.onload_stream = torch.cuda.Stream(dev)
             self.offload_done = [torch.cuda.Event() for _ in range(self.num_layers)]
-            self.layer_ready = [torch.cuda.Event(external=True) for _ in range(self.num_layers)]
+            try:
+                self.layer_ready = [torch.cuda.Event(external=True) for _ in range(self.num_layers)]
+                self.external_events = True
+            except TypeError:  # an older torch: graphs must wait outside the replay
+                self.layer_ready = [torch.cuda.Event() for _ in range(self.num_layers)]
+                self.external_events = False
             self.onload_done = torch.cuda.Event()
             # torch creates a CUDA event on its first record; a wait on an uncreated event is
             # skipped, which would leave a graph captured now without its wait nodes.

@@ -94,7 +94,8 @@ class CachedBlockGraphs:
             raise ValueError("batch_buckets, token_buckets: expected positive sizes")
         self.use_graphs = bool(use_graphs) and cache.device.type == "cuda"
         self.warmup = warmup
-        self.graph_waits = True  # per-layer waits inside the graphs (see module docstring)
+        # per-layer waits inside the graphs (see the module docstring)
+        self.graph_waits = cache.transfers.external_events
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.page_capacity = cache.config.num_pages + self.batch_buckets[-1] + 1
