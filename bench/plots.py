@@ -106,7 +106,10 @@ def plot_e2e(entries: Sequence[dict[str, Any]], title: str, out: Path) -> Path:
 
 
 def write_plots(path: Path) -> list[Path]:
-    """One PNG per bench of the results file at ``path``; returns the files written."""
+    """One PNG per bench of the results file at ``path``; returns the files written.
+
+    A bench that draws its own plot (a ``<stem>-<bench>-*.png`` beside the results, e.g.
+    ``bench.block``'s sweep) gets no generic one."""
     data = common.load_results(path)
     card = data.get("card", path.stem)
     written = []
@@ -116,6 +119,8 @@ def write_plots(path: Path) -> list[Path]:
         if not entries:
             continue
         out = path.with_name(f"{path.stem}-{bench}.png")
+        if any(path.parent.glob(f"{path.stem}-{bench}-*.png")):
+            continue
         title = f"{bench} on {card}"
         if bench == "e2e":
             written.append(plot_e2e(entries, title, out))
