@@ -3,8 +3,8 @@
 On CUDA, offload (device -> pinned host) and onload (host -> device) run on their own streams
 and never block the host. Per-layer events let layer ``l``'s compute wait only for layer
 ``l``'s pages: ``layer_ready[l]`` is recorded on the onload stream after layer ``l``'s onload
-*and* after layer ``l``'s offload (an offloaded page may be handed to another user in the same
-batch, so its new owner must not write it before it has been read). The events are created
+*and* after every offload of layer ``l`` issued so far (an offloaded page may be handed to
+another user, whose onload or append must not write it before it has been read). The events are created
 with ``external=True`` so that a CUDA graph that waits on them records real event-wait nodes.
 
 On the CPU the same copies run synchronously, so the bookkeeping is testable without a GPU.
@@ -93,8 +93,8 @@ class TransferEngine:
                 idx = self._index(on_dev)
                 runs = page_runs(list(range(len(on_host))), on_host)
             for layer in range(self.num_layers):
-                if off_dev:
-                    self.onload_stream.wait_event(self.offload_done[layer])
+                # Always: a page freed by an earlier call's offload may be written now.
+                self.onload_stream.wait_event(self.offload_done[layer])
                 if on_dev:
                     staging = torch.empty(
                         (len(on_dev), *self.device_pool.shape[2:]),
