@@ -18,6 +18,7 @@ from bench import common
 COLUMNS = (
     ("case", "case"),
     ("impl", "impl"),
+    ("backend", "backend"),
     ("batch", "batch"),
     ("heads", "heads"),
     ("head_dim", "head dim"),
