@@ -349,8 +349,8 @@ class BlackwellHstuForward:
                 cute.arch.alloc_tmem(Int32(TMEM_COLS), storage.tmem_holding)
                 if n_kv > 0:
                     self.mma_role(
-                        qk_mma, pv_mma, qk_thr, pv_thr, sQ, sK, sV, tStS, tS0, tS1, tO0, tO1,
-                        p_tmem, q_cons, kv_cons, s0_prod, s1_prod, o0_prod, o1_prod, seq, n_kv,
+                        sQ, sK, sV, tStS, tS0, tS1, tO0, tO1, p_tmem,
+                        q_cons, kv_cons, s0_prod, s1_prod, o0_prod, o1_prod, seq, n_kv,
                     )  # fmt: skip
                 cute.arch.relinquish_tmem_alloc_permit()
                 cute.arch.mbarrier_wait(dealloc_bar, 0)
@@ -448,7 +448,7 @@ class BlackwellHstuForward:
 
     @cute.jit
     def mma_role(
-        self, qk_mma, pv_mma, qk_thr, pv_thr, sQ, sK, sV, tStS, tS0, tS1, tO0, tO1, p_tmem,
+        self, sQ, sK, sV, tStS, tS0, tS1, tO0, tO1, p_tmem,
         q_cons, kv_cons, s0_prod, s1_prod, o0_prod, o1_prod, seq, n_kv,
     ):  # fmt: skip
         """tcgen05 issuer. Per key tile i >= 1, for t = 0 then 1: wait until SiLU_t has written
@@ -632,7 +632,9 @@ class BlackwellHstuForward:
         """Row ``g``, head ``head`` of ``t [rows, heads, D]`` in the element order of this
         thread's TMEM-load fragment of O (a tile view with row stride 0: every row is ``g``)."""
         # Rows are whole head-dim vectors: tell the compiler, so that it emits 16-byte accesses.
-        offset = cute.assume(Int64(g) * t.stride[0] + Int64(head) * t.stride[1], divby=self.head_dim)
+        offset = cute.assume(
+            Int64(g) * t.stride[0] + Int64(head) * t.stride[1], divby=self.head_dim
+        )
         tile = cute.make_tensor(
             t.iterator + offset, cute.make_layout(self.pv_tiler[:2], stride=(0, 1))
         )
