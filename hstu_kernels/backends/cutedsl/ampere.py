@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
+import torch
 from cutlass.cute.nvgpu import cpasync, warp
 
 from hstu_kernels.backends.cutedsl import hstu_common as hc
@@ -66,13 +67,8 @@ def pick_config(arch: str, head_dim: int, paged: bool = False) -> HstuFwdConfig:
     override = os.environ.get("HSTU_CUTEDSL_TILE")  # "BM,BN,threads": for tuning runs
     if override:
         return HstuFwdConfig(*(int(x) for x in override.split(",")))
-    if paged:
-        # Delta calls have few query rows per sequence: smaller q-tiles give more CTAs.
-        cfg = HstuFwdConfig(64, 64, 128)
-    elif head_dim <= 128:
-        cfg = HstuFwdConfig(128, 64, 128)
-    else:
-        cfg = HstuFwdConfig(128, 64, 256)
+    # Measured on H100 (bench/NOTES-cutedsl.md): the same tiles serve jagged and delta best.
+    cfg = HstuFwdConfig(128, 64, 128 if head_dim <= 128 else 256)
     if smem_bytes(cfg, head_dim) > _SMEM.get(cc, 99 * 1024):
         cfg = HstuFwdConfig(64, 64, 128)
     return cfg
@@ -97,6 +93,7 @@ class HstuFwdSm80:
         paged: bool,
         config: HstuFwdConfig,
         fault: str = "",
+        fast_tanh: bool = False,
     ):
         if head_dim % 64 != 0:
             raise ValueError(f"head_dim: expected a multiple of 64, got {head_dim}")
@@ -112,6 +109,7 @@ class HstuFwdSm80:
         # Test-only fault injection ("mask": skip the mask, "scale": skip 1/scaling_seqlen), to
         # show that the parity tests catch a broken kernel. Never set in normal use.
         self.fault = fault
+        self.fast_tanh = fast_tanh  # SiLU through tanh.approx (one MUFU op instead of two)
         if paged and (page_size < 16 or page_size & (page_size - 1)):
             raise ValueError(f"page_size: expected a power of two >= 16, got {page_size}")
 
@@ -384,9 +382,9 @@ class HstuFwdSm80:
                 if not hc.tile_is_full(n_block, BN, p0, info.history):
                     self._mask(acc_S, tScS_mn, p0, n_block * BN, info.history)
             if cutlass.const_expr(self.fault == "scale"):
-                hc.silu_scale_(acc_S, alpha, cutlass.Float32(1.0))
+                hc.silu_scale_(acc_S, alpha, cutlass.Float32(1.0), self.fast_tanh)
             else:
-                hc.silu_scale_(acc_S, alpha, inv_scaling)
+                hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
 
             rP = cute.make_fragment_like(acc_S, dtype)
             rP.store(acc_S.load().to(dtype))
@@ -532,9 +530,15 @@ def build_variant(arch: str, torch_dtype, head_dim: int, page_size: int, paged: 
     cfg = pick_config(arch, head_dim, paged)
     ps = page_size if paged else 0
     fault = os.environ.get("HSTU_CUTEDSL_FAULT", "")  # test-only, see HstuFwdSm80
-    kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, fault)
+    # SiLU: tanh.approx for bf16 (its error is far below bf16 rounding), exp2+rcp for fp16;
+    # $HSTU_CUTEDSL_SILU=tanh|exp overrides (tuning runs).
+    silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
+        "tanh" if torch_dtype == torch.bfloat16 else "exp"
+    )
+    kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, fault, silu == "tanh")
     variant = {
         "fault": fault,
+        "silu": silu,
         "dtype": str(torch_dtype),
         "head_dim": head_dim,
         "page_size": ps,

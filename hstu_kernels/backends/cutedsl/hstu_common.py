@@ -190,15 +190,23 @@ def kv_key_source(j: Any, info: SeqInfo, paged: bool) -> tuple:
     return from_cache, j < info.total, info.q_start + j - info.q_pos0
 
 
-def silu_scale_(acc: Any, alpha: Any, inv_scaling: Any) -> None:
+def silu_scale_(acc: Any, alpha: Any, inv_scaling: Any, fast_tanh: bool = False) -> None:
     """In place on an fp32 register fragment: ``s -> silu(alpha * s) * inv_scaling``.
 
-    ``silu(x) = x / (1 + 2^(-x log2 e))`` with the hardware ``ex2.approx`` and ``rcp.approx``
-    (relative error ~1e-7, far below bf16/fp16 rounding). A DSL-only helper (call it in a
-    kernel).
+    Default: ``silu(x) = x / (1 + 2^(-x log2 e))`` with the hardware ``ex2.approx`` and
+    ``rcp.approx`` (two MUFU ops, relative error ~1e-7). ``fast_tanh``: ``silu(x) = h + h
+    tanh(h)``, ``h = x / 2``, with ``tanh.approx`` (one MUFU op, relative error ~5e-4: below
+    bf16 rounding, not below fp16's). A DSL-only helper (call it in a kernel).
     """
     import cutlass.cute as cute
 
+    if fast_tanh:
+        half_alpha = alpha * 0.5
+        for i in range(cute.size(acc)):  # plain Python loop: unrolled at trace time
+            h = acc[i] * half_alpha
+            hs = h * inv_scaling
+            acc[i] = hs * cute.math.tanh(h, fastmath=True) + hs
+        return
     neg_alpha_log2e = -alpha * LOG2_E
     for i in range(cute.size(acc)):  # plain Python loop: unrolled at trace time
         s = acc[i]
