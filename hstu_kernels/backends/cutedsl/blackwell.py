@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
+import cutlass.memory
 import cutlass.pipeline as pipeline
-import cutlass.utils as utils
 import cutlass.utils.blackwell_helpers as sm100_utils
 from cutlass.cute.nvgpu import cpasync, tcgen05
 from cutlass.cute.typing import Float32, Int32, Int64
@@ -89,7 +89,7 @@ class BlackwellHstuForward:
 
     def _mmas(self):
         cta_group = tcgen05.CtaGroup.ONE
-        k_major = tcgen05.OperandMajorMode.K
+        k_major = cute.nvgpu.OperandMajorMode.K
         qk = sm100_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, k_major, k_major, self.acc_dtype, cta_group, self.qk_tiler[:2]
         )
@@ -98,7 +98,7 @@ class BlackwellHstuForward:
             self.dtype,
             self.dtype,
             k_major,
-            tcgen05.OperandMajorMode.MN,
+            cute.nvgpu.OperandMajorMode.MN,
             self.acc_dtype,
             cta_group,
             self.pv_tiler[:2],
@@ -299,7 +299,7 @@ class BlackwellHstuForward:
                 cpasync.prefetch_descriptor(tma_k)
                 cpasync.prefetch_descriptor(tma_v)
 
-            storage = utils.SmemAllocator().allocate(self.shared_storage)
+            storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
             q_prod, q_cons = pipeline.PipelineTmaUmma.create(
                 num_stages=Q_TILES,
                 producer_group=_group(1),
