@@ -281,20 +281,22 @@ def summary(entries: list[dict[str, Any]], card: str) -> str:
     top = max(e["history"] for e in entries)
     rows = [e for e in entries if e["history"] == top]
     lines = [
-        f"block on {card}, history {top} ({rows[0]['cached']} cached):",
-        f"{'B':>3} {'T':>4} {'cached ms':>10} {'floor':>7} {'uncached ms':>12} {'floor':>7} "
+        f"block on {card}, history {top} ({rows[0]['cached']} cached); floors: sum / overlapped",
+        f"{'B':>3} {'T':>4} {'cached ms':>10} {'floor':>13} {'uncached ms':>12} {'floor':>13} "
         f"{'speedup':>8}  bar",
     ]
+    nan = float("nan")
     for e in sorted(rows, key=lambda e: (-e["targets"], e["batch"])):
         b = BARS.get((e["batch"], e["targets"]))
         verdict = ""
         if b and top == 4096 and "H100" in card:
             ok = e["time_ms"] <= b[0] and e["baseline_ms"] <= b[1]
             verdict = f"{'PASS' if ok else 'MISS'} (<= {b[0]} / {b[1]} ms)"
+        f1 = f"{e.get('floor_ms', nan):.3f}/{e.get('floor_overlap_ms', nan):.3f}"
+        f2 = f"{e.get('baseline_floor_ms', nan):.3f}/{e.get('baseline_floor_overlap_ms', nan):.3f}"
         lines.append(
-            f"{e['batch']:>3} {e['targets']:>4} {e['time_ms']:>10.3f} "
-            f"{e.get('floor_ms', float('nan')):>7.3f} {e['baseline_ms']:>12.3f} "
-            f"{e.get('baseline_floor_ms', float('nan')):>7.3f} {e['speedup']:>7.2f}x  {verdict}"
+            f"{e['batch']:>3} {e['targets']:>4} {e['time_ms']:>10.3f} {f1:>13} "
+            f"{e['baseline_ms']:>12.3f} {f2:>13} {e['speedup']:>7.2f}x  {verdict}"
         )
     return "\n".join(lines)
 
