@@ -169,6 +169,14 @@ def test_ptx_uses_tcgen05_for_both_gemms_of_both_query_tiles(compiled):
     assert "mma.sync" not in ptx and "wgmma" not in ptx
 
 
+def test_ptx_silu_form_follows_the_dtype(compiled):
+    """bf16: SiLU through tanh.approx (one MUFU op per score; error far below bf16 rounding);
+    fp16: ex2 + rcp (tanh.approx's error is not below fp16 rounding)."""
+    (_, dtype, _, _), ptx, _ = compiled
+    assert ("tanh.approx.f32" in ptx) == (dtype == torch.bfloat16)
+    assert "ex2.approx" in ptx and "rcp.approx" in ptx  # fp16 scores; the targets' self term
+
+
 def test_ptx_allocates_and_frees_tensor_memory(compiled):
     _, ptx, _ = compiled
     assert re.search(r"tcgen05\.alloc\.cta_group::1\.sync\.aligned\.shared::cta\.b32", ptx)

@@ -33,11 +33,14 @@ the dispatcher selects; never run (no B200 was available): see bench/NOTES-black
 
 from __future__ import annotations
 
+import os
+
 import cutlass
 import cutlass.cute as cute
 import cutlass.memory
 import cutlass.pipeline as pipeline
 import cutlass.utils.blackwell_helpers as sm100_utils
+import torch
 from cutlass.cute.nvgpu import cpasync, tcgen05
 from cutlass.cute.typing import Float32, Int32, Int64
 
@@ -73,7 +76,7 @@ class BlackwellHstuForward:
     ``backends/cutedsl_blackwell.py`` does, through ``compile.compile_cached``).
     """
 
-    def __init__(self, dtype: type, head_dim: int, paged: bool) -> None:
+    def __init__(self, dtype: type, head_dim: int, paged: bool, fast_tanh: bool = False) -> None:
         if head_dim not in (64, 128):
             raise ValueError(f"head_dim: expected 64 or 128, got {head_dim}")
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -81,6 +84,9 @@ class BlackwellHstuForward:
         self.dtype = dtype
         self.head_dim = head_dim
         self.is_paged = paged
+        # SiLU through tanh.approx (one MUFU op per score instead of ex2 + rcp): the SFU, not
+        # the tensor core, bounds this kernel at D=128 (bench/NOTES-blackwell.md).
+        self.fast_tanh = fast_tanh
         self.acc_dtype = Float32
         self.qk_tiler = (TILE_M, TILE_N, head_dim)  # (M, N, K) of S = Q K^T
         self.pv_tiler = (TILE_M, head_dim, TILE_N)  # (M, N, K) of O = P V
@@ -587,7 +593,7 @@ class BlackwellHstuForward:
             if not hc.tile_is_full(i, n, p_tile0, seq.history):
                 rS_mn = cute.make_tensor(rS.iterator, row_layout)
                 hc.mask_tile_(rS_mn, cS_mn, p_tile0, i * n, seq.history)
-            hc.silu_scale_(rS, alpha, inv_scaling)
+            hc.silu_scale_(rS, alpha, inv_scaling, self.fast_tanh)
             rP = cute.make_rmem_tensor(tPcP.shape, self.acc_dtype)
             rP_lowp = cute.make_tensor(cute.recast_ptr(rP.iterator, dtype=self.dtype), rS.layout)
             rP_lowp.store(rS.load().to(self.dtype))
@@ -710,8 +716,14 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
-    kernel = BlackwellHstuForward(dtype, head_dim, paged)
+    # SiLU as the warp-MMA kernel does it: tanh.approx for bf16 (error far below bf16
+    # rounding), ex2 + rcp for fp16; $HSTU_CUTEDSL_SILU=tanh|exp overrides.
+    silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
+        "tanh" if torch_dtype == torch.bfloat16 else "exp"
+    )
+    kernel = BlackwellHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh")
     variant = {
+        "silu": silu,
         "dtype": str(torch_dtype),
         "head_dim": head_dim,
         "paged": paged,
