@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -170,21 +171,29 @@ def pack_requests(
     cached = [0] * len(reqs) if cached is None else list(cached)
     if len(cached) != len(reqs):
         raise ValueError(f"cached: expected {len(reqs)} entries, got {len(cached)}")
-    items, actions, positions, target_rows = [], [], [], []
-    end = 0
     for r, c in zip(reqs, cached, strict=True):
         if not 0 <= c <= r.history:
             raise ValueError(f"cached: expected 0..{r.history} for user {r.user_id}, got {c}")
+    rows = sum(r.history - c + r.targets for r, c in zip(reqs, cached, strict=True))
+    total = 3 * rows + sum(r.targets for r in reqs)
+    # Filled in place through a numpy view: a few slice copies per user, no small tensors.
+    buffer = torch.empty(total, dtype=torch.int64, pin_memory=torch.cuda.is_available())
+    buf = buffer.numpy()
+    items, actions, positions = buf[:rows], buf[rows : 2 * rows], buf[2 * rows : 3 * rows]
+    targets = buf[3 * rows :]
+    o = t_o = 0
+    for r, c in zip(reqs, cached, strict=True):
         h, t = r.history, r.targets
-        items += [r.history_items[c:], r.candidates]
-        actions += [r.history_actions[c:], torch.full((t,), num_actions, dtype=torch.int64)]
-        positions += [torch.arange(c, h), torch.full((t,), h, dtype=torch.int64)]
-        start = end + (h - c)
-        target_rows.append(torch.arange(start, start + t))
-        end = start + t
-    buffer = torch.cat(items + actions + positions + target_rows)
-    if torch.cuda.is_available():
-        buffer = buffer.pin_memory()
+        n = h - c
+        items[o : o + n] = r.history_items.numpy()[c:]
+        items[o + n : o + n + t] = r.candidates.numpy()
+        actions[o : o + n] = r.history_actions.numpy()[c:]
+        actions[o + n : o + n + t] = num_actions
+        positions[o : o + n] = np.arange(c, h)
+        positions[o + n : o + n + t] = h
+        targets[t_o : t_o + t] = np.arange(o + n, o + n + t)
+        o += n + t
+        t_o += t
     return PackedInput(
         buffer,
         tuple(r.history for r in reqs),
