@@ -12,6 +12,10 @@ What runs where (no B200 was available to this project):
   metadata, tile walk, page slot, tile classification, mask, SiLU/scale) is the same code the
   warp-MMA kernel runs in ``tests/test_cutedsl_ampere.py`` on an H100;
   :func:`test_kernel_uses_the_shared_helpers` keeps it that way (no private copies).
+- RUN ON ANY TMA GPU (sm_90+, i.e. the H100 GPU tests): ``test_tma_views_on_gpu`` pushes the
+  kernel's own TMA views (``jagged_tma_view``/``jagged_window``, ``page_tma_view``) through real
+  TMA copies (plain TMA, no tcgen05) and checks rows, zero fill past a sequence, a fully
+  out-of-bounds box, and pages by id. Written without a GPU run by its author.
 - RUN ONLY ON sm_100/sm_103 (skipped everywhere else, i.e. never run by this project): the
   parity tests against the reference, the CUDA-graph test and the benchmark entry. One command
   on a B200: ``HYPOTHESIS_PROFILE=gpu python -m pytest tests/test_cutedsl_blackwell.py -s``.
@@ -416,3 +420,195 @@ def test_bench_entry():
     common.write_results("kernel", entries, ceilings=ceilings, path=path)
     print(f"\n{common.card_name()}: {path}\n" + "\n".join(lines))
     assert json.loads(path.read_text())["results"]
+
+
+# ---------------------------------------------------------------- TMA views on any TMA GPU
+#
+# The jagged-window and page views of blackwell.py are plain TMA (sm_90+), so they can run on
+# an H100: a probe kernel TMA-copies 128-row tiles through them and writes them out. This
+# turns "the views address the right rows, rows past a sequence read as zeros, a fully
+# out-of-bounds box completes its transaction" from compiled-only into GPU-tested wherever
+# the GPU tests run on sm_90+ (it does not cover the tcgen05 parts).
+
+
+def _probe_host_fn(dtype_c, d: int, paged: bool, which: int, mn_major: bool):
+    """The ``@cute.jit`` host function of the TMA-view probe for one view (closure constants:
+    the compiled function takes only tensors and ints)."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.nvgpu import cpasync
+
+    from hstu_kernels.backends.cutedsl import blackwell as bw
+
+    # The DSL evaluates the (string, see `from __future__ import annotations`) annotations of
+    # the functions below in this module's globals; the DSL is imported lazily, so add it.
+    globals().update(cute=cute, cutlass=cutlass)
+
+    def smem_layout():
+        # row-major (row, d) tile without swizzle; mn_major: the same bytes seen as (d, row)
+        if mn_major:
+            return cute.make_layout((d, 128), stride=(1, d))
+        return cute.make_layout((128, d), stride=(d, 1))
+
+    @cute.kernel
+    def kernel(atom, g_view, out, cu, page_ids, pad):
+        t, head, b = cute.arch.block_idx()
+        tidx, _, _ = cute.arch.thread_idx()
+        layout = smem_layout()
+        alloc = cutlass.memory.SmemAllocator()
+        s = alloc.allocate_tensor(dtype_c, layout, byte_alignment=128)
+        bar = alloc.allocate_array(cutlass.Int64, 1)
+        if tidx == 0:
+            cute.arch.mbarrier_init(bar, 1)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        tile_shape = cute.select(layout.shape, mode=[0, 1])
+        if cutlass.const_expr(paged):  # cu is the page_indptr here
+            page = page_ids[cu[b] + t]
+            g = cute.flat_divide(g_view, tile_shape)[None, None, 0, 0, (head, page)]
+        else:
+            start = cu[b]
+            window = bw.jagged_window(g_view, pad, start, cu[b + 1] - start, mn_major=mn_major)
+            g = cute.flat_divide(window, tile_shape)
+            if cutlass.const_expr(mn_major):
+                g = g[None, None, 0, t, (head, 0)]
+            else:
+                g = g[None, None, t, 0, (head, 0)]
+        ts, tg = cpasync.tma_partition(
+            atom, 0, cute.make_layout(1), cute.group_modes(s, 0, 2), cute.group_modes(g, 0, 2)
+        )
+        if tidx // 32 == 0:  # one whole warp: the copy elects its issuing lane itself
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(bar, 128 * d * dtype_c.width // 8)
+            cute.copy(atom, tg, ts, tma_bar_ptr=bar)
+        # bounded wait: a transaction that never completes must fail the test, not hang it
+        done = cute.arch.mbarrier_try_wait(bar, 0)
+        for _ in cutlass.range(20000, unroll=1):
+            if not done:
+                done = cute.arch.mbarrier_try_wait(bar, 0)
+        for c in cutlass.range(d, unroll=1):
+            if done:
+                if cutlass.const_expr(mn_major):
+                    out[b, head, t * 128 + tidx, c] = s[c, tidx]
+                else:
+                    out[b, head, t * 128 + tidx, c] = s[tidx, c]
+            else:
+                out[b, head, t * 128 + tidx, c] = dtype_c(7.0)  # marks a lost transaction
+
+    if paged:
+
+        @cute.jit
+        def host(kv: cute.Tensor, out: cute.Tensor, page_indptr: cute.Tensor,
+                 page_ids: cute.Tensor, tiles: cutlass.Int32, stream):  # fmt: skip
+            view = bw.page_tma_view(kv, which, mn_major=mn_major)
+            layout = smem_layout()
+            atom, g_view = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), view, layout, layout.shape
+            )
+            kernel(atom, g_view, out, page_indptr, page_ids, tiles).launch(
+                grid=(tiles, kv.shape[3], page_indptr.shape[0] - 1), block=(128, 1, 1),
+                stream=stream,
+            )  # fmt: skip
+
+        return host
+
+    @cute.jit
+    def host(x: cute.Tensor, out: cute.Tensor, cu: cute.Tensor, pad: cutlass.Int32,
+             tiles: cutlass.Int32, stream):  # fmt: skip
+        view = bw.jagged_tma_view(x, pad, mn_major=mn_major)
+        layout = smem_layout()
+        atom, g_view = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), view, layout, layout.shape
+        )
+        kernel(atom, g_view, out, cu, cu, pad).launch(
+            grid=(tiles, x.shape[1], cu.shape[0] - 1), block=(128, 1, 1), stream=stream
+        )
+
+    return host
+
+
+def _probe_fake_args(dtype_c, d: int, paged: bool):
+    import cutlass
+
+    from hstu_kernels.backends.cutedsl import compile as cc
+
+    i32 = cutlass.Int32
+    out = cc.fake_tensor(dtype_c, (None, None, None, d))
+    if paged:
+        kv = cc.fake_tensor(dtype_c, (None, 2, 128, None, d))
+        meta = [cc.fake_tensor(i32, (None,), align=4) for _ in range(2)]
+        return (kv, out, *meta, i32(1), cc.env_stream())
+    x = cc.fake_tensor(dtype_c, (None, None, d))
+    cu = cc.fake_tensor(i32, (None,), align=4)
+    return (x, out, cu, i32(1), i32(1), cc.env_stream())
+
+
+_PROBES = [(False, 0, False), (False, 0, True), (True, 0, False), (True, 1, True)]
+
+
+@pytest.mark.parametrize("paged,which,mn_major", _PROBES)
+def test_tma_view_probe_compiles_for_hopper(paged, which, mn_major):
+    """The probe below builds for sm_90a (so it can run on the H100 GPU tests)."""
+    pytest.importorskip("cutlass.cute")
+    import cutlass
+
+    from hstu_kernels.backends.cutedsl import compile as cc
+
+    host = _probe_host_fn(cutlass.BFloat16, 128, paged, which, mn_major)
+    ptx = cc.ptx_of(host, _probe_fake_args(cutlass.BFloat16, 128, paged), arch="sm_90a")
+    ptx = ptx if "\n" in ptx else Path(ptx).read_text()
+    assert "cp.async.bulk.tensor" in ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+    reason="needs a TMA GPU (sm_90+)",
+)
+@pytest.mark.parametrize("paged,which,mn_major", _PROBES)
+def test_tma_views_on_gpu(paged, which, mn_major):
+    """Through real TMA: jagged windows give each sequence's rows then zeros (also for a
+    tile entirely past the sequence), page views give whole pages by page id."""
+    import cutlass
+
+    from hstu_kernels.backends.cutedsl import compile as cc
+    from hstu_kernels.dispatch import device_arch
+
+    d, heads = 128, 2
+    host = _probe_host_fn(cutlass.BFloat16, d, paged, which, mn_major)
+    case = make_paged_case([300, 1, 128], [1, 1, 1], [0, 5, 0], page_size=PAGE, heads=heads,
+                           head_dim=d, dtype=torch.bfloat16, device="cuda", seed=5)  # fmt: skip
+    arch = device_arch(torch.device("cuda"))
+    if paged:
+        tiles = max(-(-h // PAGE) for h in case.histories)
+        out = torch.full((3, heads, tiles * 128, d), float("nan"), dtype=torch.bfloat16,
+                         device="cuda")  # fmt: skip
+        pt = case.page_table
+        # every sequence gets `tiles` page ids (padding with its last page) for the probe
+        ids, indptr = [], [0]
+        for b in range(3):
+            own = pt.page_ids[pt.page_indptr[b] : pt.page_indptr[b + 1]].tolist()
+            ids += own + [own[-1]] * (tiles - len(own))
+            indptr.append(len(ids))
+        ids_t = torch.tensor(ids, dtype=torch.int32, device="cuda")
+        indptr_t = torch.tensor(indptr, dtype=torch.int32, device="cuda")
+        fn = cc.compile_kernel(host, _probe_fake_args(cutlass.BFloat16, d, True), arch=arch)
+        fn(case.kv_cache, out, indptr_t, ids_t, tiles)
+        torch.cuda.synchronize()
+        expect = case.kv_cache[ids_t.long(), which]  # [B * tiles, 128, heads, d]
+        expect = expect.view(3, tiles * 128, heads, d).permute(0, 2, 1, 3)
+        torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True)
+    else:
+        x, cu = case.k_full, case.cu_full
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        pad = max(lengths)
+        tiles = -(-pad // 128) + 1  # one tile past the longest sequence: fully out of bounds
+        out = torch.full((3, heads, tiles * 128, d), float("nan"), dtype=torch.bfloat16,
+                         device="cuda")  # fmt: skip
+        fn = cc.compile_kernel(host, _probe_fake_args(cutlass.BFloat16, d, False), arch=arch)
+        fn(x, out, cu, pad, tiles)
+        torch.cuda.synchronize()
+        expect = torch.zeros_like(out)
+        for b, (s, n) in enumerate(zip(cu[:-1].tolist(), lengths, strict=True)):
+            expect[b, :, :n] = x[s : s + n].permute(1, 0, 2)
+        torch.testing.assert_close(out, expect, rtol=0, atol=0)
