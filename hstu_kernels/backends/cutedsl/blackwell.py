@@ -427,14 +427,15 @@ class BlackwellHstuForward:
                 tma_bar_ptr=h.barrier,
             )
         for i in cutlass.range(n_kv, unroll=1):
-            k_src = tKgK[None, i, 0, (head, 0)]
-            v_src = tVgV[None, 0, i, (head, 0)]
             if cutlass.const_expr(self.is_paged):
                 # One page per key tile: the page-table walk gives the page of key i * 128.
                 slot, _ = hc.page_slot(i * TILE_N, PAGE_SIZE)
                 page = page_ids[seq.page_base + slot]
                 k_src = tKgK[None, 0, 0, (head, page)]
                 v_src = tVgV[None, 0, 0, (head, page)]
+            else:
+                k_src = tKgK[None, i, 0, (head, 0)]
+                v_src = tVgV[None, 0, i, (head, 0)]
             h = kv_prod.acquire_and_advance()
             cute.copy(tma_k, k_src, tKsK[None, h.index], tma_bar_ptr=h.barrier)
             h = kv_prod.acquire_and_advance()
