@@ -9,6 +9,9 @@ larger than the 64-key tile, and both ops. Skipped without a GPU or without the 
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -21,6 +24,25 @@ pytest.importorskip("cutlass.cute")
 
 pytestmark = pytest.mark.gpu
 BACKEND = "cutedsl-ampere"
+# Split-KV factor: "" = the backend's own choice (small test batches mostly split), "1" = the
+# single-pass kernel, "3" = three KV chunks summed.
+SPLITS = ["", "1", "3"]
+
+
+@contextlib.contextmanager
+def forced_splits(value: str):
+    from hstu_kernels.backends.cutedsl_ampere import SPLITS_ENV
+
+    old = os.environ.pop(SPLITS_ENV, None)
+    if value:
+        os.environ[SPLITS_ENV] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(SPLITS_ENV, None)
+        if old is not None:
+            os.environ[SPLITS_ENV] = old
+
 
 PAGED_VARIANTS = [
     (torch.bfloat16, 128, 16),
@@ -79,30 +101,36 @@ def check_jagged(case: PagedCase, dtype: torch.dtype) -> None:
     shape=batches(),
     variant=st.sampled_from(PAGED_VARIANTS),
     heads=st.integers(1, 3),
+    splits=st.sampled_from(SPLITS),
     seed=st.integers(0, 2**16),
 )
-def test_paged_parity(shape, variant, heads, seed):
+def test_paged_parity(shape, variant, heads, splits, seed):
     dtype, head_dim, page_size = variant
-    check_paged(_case(shape, page_size, heads, head_dim, seed), dtype)
+    with forced_splits(splits):
+        check_paged(_case(shape, page_size, heads, head_dim, seed), dtype)
 
 
 @given(
     shape=batches(),
     variant=st.sampled_from(JAGGED_VARIANTS),
     heads=st.integers(1, 3),
+    splits=st.sampled_from(SPLITS),
     seed=st.integers(0, 2**16),
 )
-def test_jagged_parity(shape, variant, heads, seed):
+def test_jagged_parity(shape, variant, heads, splits, seed):
     dtype, head_dim = variant
-    check_jagged(_case(shape, 32, heads, head_dim, seed), dtype)
+    with forced_splits(splits):
+        check_jagged(_case(shape, 32, heads, head_dim, seed), dtype)
 
 
+@pytest.mark.parametrize("splits", ["1", "3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_edges(dtype):
+def test_edges(dtype, splits):
     """Fixed edge cases: one-token history, zero targets, lengths on and one past tile edges."""
     shape = ([1, 64, 65, 128, 129, 200], [1, 64, 1, 128, 2, 77], [0, 0, 63, 64, 1, 129])
-    check_paged(_case(shape, 32, 2, 128, 7), dtype)
-    check_jagged(_case(shape, 32, 2, 128, 7), dtype)
+    with forced_splits(splits):
+        check_paged(_case(shape, 32, 2, 128, 7), dtype)
+        check_jagged(_case(shape, 32, 2, 128, 7), dtype)
 
 
 def test_refuses_contexts():
@@ -113,8 +141,10 @@ def test_refuses_contexts():
                           backend=BACKEND)  # fmt: skip
 
 
-def test_cuda_graph_capture_and_replay():
-    """Captured once, replayed on new inputs copied into the same buffers."""
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_cuda_graph_capture_and_replay(splits):
+    """Captured once, replayed on new inputs copied into the same buffers (the split-KV path
+    allocates its workspace and sums it inside the graph)."""
     dtype = torch.bfloat16
     case = _case(([300, 77], [20, 77], [40, 5]), 32, 2, 128, 1)
     q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
@@ -128,11 +158,12 @@ def test_cuda_graph_capture_and_replay():
             backend=BACKEND, out=out,
         )  # fmt: skip
 
-    call()  # compile + warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    with forced_splits(splits):
+        call()  # compile + warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
     # New values in the same buffers; the graph must compute on them.
     other = _case(([300, 77], [20, 77], [40, 5]), 32, 2, 128, 2)
     for dst, src in (

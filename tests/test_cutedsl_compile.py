@@ -107,6 +107,23 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch):
         cc.clear_memory_cache()
 
 
+def test_split_kv_heuristic():
+    from hstu_kernels.backends.cutedsl_ampere import num_splits
+
+    assert num_splits(1088, 68, 1, 132) == 1  # jagged B=8: the q-tiles fill the GPU
+    assert num_splits(12, 68, 1, 132) > 4  # delta B=1: 12 q-tiles for 132 SMs
+    assert num_splits(12, 4, 1, 132) == 1  # too few KV tiles to split
+    for ctas in (1, 7, 96, 192):
+        assert 1 <= num_splits(ctas, 68, 2, 132) <= 16
+
+
+def test_split_range_covers_the_walk():
+    for count in range(0, 30):
+        for parts in range(1, 8):
+            steps = [i for s in range(parts) for i in range(*hc.split_range(count, s, parts))]
+            assert steps == list(range(count))
+
+
 def test_dsl_arch_names():
     from hstu_kernels.backends.cutedsl.compile import dsl_arch
 

@@ -8,6 +8,8 @@ is imported by backend discovery on every machine, with or without the DSL.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hstu_kernels.dispatch import Backend, register
@@ -37,10 +39,38 @@ def _refuse_features(spec) -> None:
 
 
 _KERNELS: dict[tuple, tuple] = {}
+_DUMMY_WS: dict[tuple, torch.Tensor] = {}
+_SMS: dict[int, int] = {}
+SPLITS_ENV = "HSTU_CUTEDSL_SPLITS"  # force the split-KV factor (tests, tuning)
+
+
+def _kernel(key: tuple) -> tuple:
+    if key not in _KERNELS:  # one dict lookup per call once compiled/loaded
+        from hstu_kernels.backends.cutedsl import ampere
+
+        _KERNELS[key] = ampere.get_kernel(*key)
+    return _KERNELS[key]
+
+
+def num_splits(ctas: int, key_tiles: int, occupancy: int, sms: int) -> int:
+    """Split-KV factor: fill the GPU when the q-tiles alone leave SMs idle.
+
+    Picks ``s`` minimising ``waves(s) / s`` (the time of a CTA's share, in whole waves of
+    ``sms * occupancy`` slots) plus a small cost per split (the combine reads ``s`` fp32
+    partials), with at least 4 KV tiles per split.
+    """
+    slots = sms * occupancy
+    if ctas >= slots:
+        return 1
+    best, best_cost = 1, 1.0
+    for s in range(2, min(16, max(1, key_tiles // 4)) + 1):
+        cost = -(-ctas * s // slots) / s + 0.02 * s
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, paged: bool):
-    from hstu_kernels.backends.cutedsl import ampere
     from hstu_kernels.dispatch import device_arch
 
     _refuse_features(spec)
@@ -48,20 +78,38 @@ def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, pa
         _check(name, t)
     if q.shape[0] == 0:
         return
+    rows, heads, head_dim = q.shape
     page_size = kv_cache.shape[2] if paged else 0
-    key = (device_arch(q.device), q.dtype, q.shape[2], page_size, paged)
-    if key not in _KERNELS:  # one dict lookup per call once compiled/loaded
-        _KERNELS[key] = ampere.get_kernel(*key)
-    fn, cfg = _KERNELS[key]
+    key = (device_arch(q.device), q.dtype, head_dim, page_size, paged)
+    fn, cfg = _kernel(key)
     num_m_blocks = max(1, -(-int(max_q) // cfg.block_m))
+    batch = num_targets.shape[0]
+    forced = os.environ.get(SPLITS_ENV)
+    if forced:
+        splits = int(forced)
+    else:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        if index not in _SMS:
+            _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        occupancy = 1 if cfg.num_threads > 128 else 2
+        key_tiles = -(-int(spec.scaling_seqlen) // cfg.block_n)
+        splits = num_splits(num_m_blocks * heads * batch, key_tiles, occupancy, _SMS[index])
     if paged:
         meta = (page_table.page_indptr, page_table.page_ids, page_table.last_page_len)
     else:
         meta = (cu, cu, cu)  # not read by the jagged variant
-    fn(
-        q, k, v, out, kv_cache, cu, num_targets, *meta,
-        float(spec.alpha), 1.0 / float(spec.scaling_seqlen), num_m_blocks,
-    )  # fmt: skip
+    scalars = (float(spec.alpha), 1.0 / float(spec.scaling_seqlen), num_m_blocks)
+    if splits > 1:
+        fn, _ = _kernel((*key, True))
+        ws = torch.empty((splits, rows, heads, head_dim), dtype=torch.float32, device=q.device)
+        fn(q, k, v, out, kv_cache, cu, num_targets, *meta, *scalars, ws, splits)
+        torch.sum(ws, dim=0, out=ws[0])
+        out.copy_(ws[0])
+        return
+    dkey = (q.device, head_dim)
+    if dkey not in _DUMMY_WS:
+        _DUMMY_WS[dkey] = torch.zeros((1, 1, 1, head_dim), dtype=torch.float32, device=q.device)
+    fn(q, k, v, out, kv_cache, cu, num_targets, *meta, *scalars, _DUMMY_WS[dkey], 1)
 
 
 def _jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):

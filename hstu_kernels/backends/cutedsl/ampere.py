@@ -94,6 +94,7 @@ class HstuFwdSm80:
         config: HstuFwdConfig,
         fault: str = "",
         fast_tanh: bool = False,
+        split: bool = False,
     ):
         if head_dim % 64 != 0:
             raise ValueError(f"head_dim: expected a multiple of 64, got {head_dim}")
@@ -110,6 +111,10 @@ class HstuFwdSm80:
         # show that the parity tests catch a broken kernel. Never set in normal use.
         self.fault = fault
         self.fast_tanh = fast_tanh  # SiLU through tanh.approx (one MUFU op instead of two)
+        # Split-KV: each CTA takes one of num_splits chunks of its q-tile's KV tiles and writes
+        # its fp32 partial O to a workspace; the host sums the chunks (HSTU has no softmax
+        # normaliser, so partial outputs simply add up).
+        self.split = split
         if paged and (page_size < 16 or page_size & (page_size - 1)):
             raise ValueError(f"page_size: expected a power of two >= 16, got {page_size}")
 
@@ -130,6 +135,8 @@ class HstuFwdSm80:
         alpha: cutlass.Float32,
         inv_scaling: cutlass.Float32,
         num_m_blocks: cutlass.Int32,
+        mWs: cute.Tensor,  # fp32 [splits, rows, heads, D] (split variant) / [1, 1, 1, D]
+        num_splits: cutlass.Int32,
         stream,
     ):
         dtype = self.dtype
@@ -168,7 +175,7 @@ class HstuFwdSm80:
             (warps, 1, 1),
             permutation_mnk=(warps * 16, 16, 16),
         )
-        grid = (num_m_blocks, mQ.shape[1], mNumTargets.shape[0])
+        grid = (num_m_blocks * num_splits, mQ.shape[1], mNumTargets.shape[0])
         self.kernel(
             mQ,
             mK,
@@ -183,6 +190,8 @@ class HstuFwdSm80:
             alpha,
             inv_scaling,
             num_m_blocks,
+            mWs,
+            num_splits,
             sQ_layout,
             sKV_layout,
             gmem_copy_in,
@@ -208,6 +217,8 @@ class HstuFwdSm80:
         alpha: cutlass.Float32,
         inv_scaling: cutlass.Float32,
         num_m_blocks: cutlass.Int32,
+        mWs: cute.Tensor,
+        num_splits: cutlass.Int32,
         sQ_layout: cute.ComposedLayout,
         sKV_layout: cute.ComposedLayout,
         gmem_copy_in: cute.TiledCopy,
@@ -217,7 +228,8 @@ class HstuFwdSm80:
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bx, by, bz = cute.arch.block_idx()
-        m_block, head, b = hc.schedule_tile(bx, by, bz, num_m_blocks)
+        split = bx % num_splits
+        m_block, head, b = hc.schedule_tile(bx // num_splits, by, bz, num_m_blocks)
         info = hc.sequence_info(
             b,
             mCuQ,
@@ -242,6 +254,9 @@ class HstuFwdSm80:
                 m_block,
                 head,
                 tidx,
+                mWs,
+                split,
+                num_splits,
                 sQ_layout,
                 sKV_layout,
                 gmem_copy_in,
@@ -265,6 +280,9 @@ class HstuFwdSm80:
         m_block,
         head,
         tidx,
+        mWs,
+        split,
+        num_splits,
         sQ_layout,
         sKV_layout,
         gmem_copy_in,
@@ -280,6 +298,7 @@ class HstuFwdSm80:
         p0 = info.q_pos0 + row0
         p1 = p0 + rows_here
         count, n_a, n_b_start = hc.kv_tile_range(p0, p1, info.history, info.total, BN)
+        i_begin, i_end = hc.split_range(count, split, num_splits)
 
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(SharedStorage)
@@ -319,7 +338,7 @@ class HstuFwdSm80:
         if cutlass.const_expr(self.paged):
             kv_stride = cutlass.Int64(mKV.layout.stride[1]) * (dtype.width // 8)
         self.kv_row_ptrs(
-            mK, mKV, mPageIds, info, head, hc.kv_tile_at(0, n_a, n_b_start), tKVcKV, ptr_cur
+            mK, mKV, mPageIds, info, head, hc.kv_tile_at(i_begin, n_a, n_b_start), tKVcKV, ptr_cur
         )
         self.issue_kv(ptr_cur, False, 0, info, v_minus_k, kv_stride, tKsK, tKVcKV, gmem_copy_in)
         cute.arch.cp_async_commit_group()
@@ -347,7 +366,7 @@ class HstuFwdSm80:
         cS = cute.make_identity_tensor((BM, BN))
         tScS_mn = self._mn_view(thr_mma.partition_C(cS))
 
-        for i in range(count):
+        for i in range(i_begin, i_end):
             n_block = hc.kv_tile_at(i, n_a, n_b_start)
             cute.arch.cp_async_wait_group(0)  # K(i) (and Q) landed
             barrier.arrive_and_wait()  # ... for every thread; all done with V(i-1)
@@ -355,7 +374,7 @@ class HstuFwdSm80:
                 ptr_cur, True, n_block, info, v_minus_k, kv_stride, tVsV, tKVcKV, gmem_copy_in
             )
             cute.arch.cp_async_commit_group()
-            if i + 1 < count:
+            if i + 1 < i_end:
                 n_next = hc.kv_tile_at(i + 1, n_a, n_b_start)
                 self.kv_row_ptrs(mK, mKV, mPageIds, info, head, n_next, tKVcKV, ptr_next)
 
@@ -372,7 +391,7 @@ class HstuFwdSm80:
 
             cute.arch.cp_async_wait_group(0)  # V(i) landed
             barrier.arrive_and_wait()  # ... for every thread; all done with K(i)
-            if i + 1 < count:
+            if i + 1 < i_end:
                 self.issue_kv(
                     ptr_next, False, 0, info, v_minus_k, kv_stride, tKsK, tKVcKV, gmem_copy_in
                 )
@@ -398,7 +417,38 @@ class HstuFwdSm80:
             for m in cutlass.range_constexpr(slots):
                 ptr_cur[m] = ptr_next[m]
 
-        # ---- epilogue: O -> smem (reusing sQ: every thread is past its last Q@K^T) -> global
+        cute.arch.cp_async_wait_group(0)  # an empty split still has its prologue K load
+        if cutlass.const_expr(self.split):
+            self.store_partial(mWs, acc_O, thr_mma, info, split, head, m_block, rows_here)
+        else:
+            self.store_out(mO, acc_O, sQ, sQ_layout, tiled_mma, gmem_copy_out, barrier, info,
+                           head, m_block, rows_here, tidx)  # fmt: skip
+
+    @cute.jit
+    def store_partial(self, mWs, acc_O, thr_mma, info, split, head, m_block, rows_here):
+        """Split-KV epilogue: the fp32 partial O straight from registers to the workspace."""
+        BM, D = self.bm, self.head_dim
+        gW = cute.local_tile(
+            cute.domain_offset((info.q_start, 0, 0), mWs[split, None, None, None])[
+                None, head, None
+            ],
+            (BM, D),
+            (m_block, 0),
+        )
+        tWgW = self._mn_view(thr_mma.partition_C(gW))
+        tWcW = self._mn_view(thr_mma.partition_C(cute.make_identity_tensor((BM, D))))
+        acc_mn = self._mn_view(acc_O)
+        for r in cutlass.range_constexpr(cute.size(acc_mn, mode=[0])):
+            if tWcW[r, 0][0] < rows_here:
+                for c in cutlass.range_constexpr(cute.size(acc_mn, mode=[1])):
+                    tWgW[r, c] = acc_mn[r, c]
+
+    @cute.jit
+    def store_out(self, mO, acc_O, sQ, sQ_layout, tiled_mma, gmem_copy_out, barrier, info, head,
+                  m_block, rows_here, tidx):  # fmt: skip
+        """O -> smem (reusing sQ: every thread is past its last Q@K^T) -> global."""
+        BM, D = self.bm, self.head_dim
+        dtype = self.dtype
         rO = cute.make_fragment_like(acc_O, dtype)
         rO.store(acc_O.load().to(dtype))
         r2s = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype)
@@ -521,7 +571,9 @@ class HstuFwdSm80:
 _ELEMS = 8  # 128-bit copies of 16-bit elements
 
 
-def build_variant(arch: str, torch_dtype, head_dim: int, page_size: int, paged: bool):
+def build_variant(
+    arch: str, torch_dtype, head_dim: int, page_size: int, paged: bool, split: bool = False
+):
     """``(kernel, variant, fake_args, config)`` of one variant, for :func:`get_kernel` and for
     compile-only tests (``compile.ptx_of(kernel, fake_args(), arch=...)``)."""
     from hstu_kernels.backends.cutedsl import compile as cc
@@ -535,8 +587,9 @@ def build_variant(arch: str, torch_dtype, head_dim: int, page_size: int, paged: 
     silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
         "tanh" if torch_dtype == torch.bfloat16 else "exp"
     )
-    kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, fault, silu == "tanh")
+    kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, fault, silu == "tanh", split)
     variant = {
+        "split": split,
         "fault": fault,
         "silu": silu,
         "dtype": str(torch_dtype),
@@ -560,25 +613,33 @@ def build_variant(arch: str, torch_dtype, head_dim: int, page_size: int, paged: 
             cutlass.Float32(1.0),
             cutlass.Float32(1.0),
             cutlass.Int32(1),
+            cc.fake_tensor(cutlass.Float32, (None, None, None, head_dim)),
+            cutlass.Int32(1),
             cc.env_stream(),
         )
 
     return kernel, variant, fake_args, cfg
 
 
-def get_kernel(arch: str, torch_dtype, head_dim: int, page_size: int, paged: bool):
+def get_kernel(
+    arch: str, torch_dtype, head_dim: int, page_size: int, paged: bool, split: bool = False
+):
     """The compiled kernel of one variant (compiled once per process, cached on disk), and its
     tile config.
 
     The returned function takes ``(q, k, v, out, kv_cache, cu_seqlens_q, num_targets,
-    page_indptr, page_ids, last_page_len, alpha, inv_scaling, num_m_blocks)`` -- torch tensors
-    and Python scalars -- and launches on the current torch stream. For the jagged variant
+    page_indptr, page_ids, last_page_len, alpha, inv_scaling, num_m_blocks, ws, num_splits)``
+    -- torch tensors and Python scalars -- and launches on the current torch stream. ``ws`` is
+    the fp32 ``[num_splits, rows, heads, D]`` split-KV workspace (``split=True``; the caller
+    sums it over dim 0), else any fp32 ``[1, 1, 1, D]`` tensor with ``num_splits=1``. For the jagged variant
     pass any tensor of the right dtype for ``kv_cache`` and any int32 tensors for the page
     table: they are not read.
     """
     from hstu_kernels.backends.cutedsl import compile as cc
 
-    kernel, variant, fake_args, cfg = build_variant(arch, torch_dtype, head_dim, page_size, paged)
+    kernel, variant, fake_args, cfg = build_variant(
+        arch, torch_dtype, head_dim, page_size, paged, split
+    )
     name = "hstu_fwd_mma_" + cc.dsl_arch(arch).replace("sm_", "sm")
     fn = cc.compile_cached(
         name, variant, kernel, fake_args, arch=arch, sources=[__file__, hc.__file__]

@@ -43,6 +43,7 @@ __all__ = [
     "schedule_tile",
     "sequence_info",
     "silu_scale_",
+    "split_range",
     "tile_is_full",
 ]
 
@@ -143,6 +144,14 @@ def kv_tile_range(p0: Any, p1: Any, history: Any, total: Any, block_n: int) -> t
 def kv_tile_at(i: Any, n_a: Any, n_b_start: Any) -> Any:
     """The KV tile index visited at step ``i`` of :func:`kv_tile_range`."""
     return i + _as_int(i >= n_a) * (n_b_start - n_a)
+
+
+def split_range(count: Any, split: Any, num_splits: Any) -> tuple:
+    """Split-KV: the steps ``[begin, end)`` of a ``count``-step tile walk that chunk ``split``
+    of ``num_splits`` takes (contiguous, equal up to one; trailing chunks may be empty)."""
+    per = (count + num_splits - 1) // num_splits
+    begin = split * per
+    return begin, _min(count, begin + per)
 
 
 def tile_is_full(n_block: Any, block_n: int, p0: Any, history: Any) -> Any:

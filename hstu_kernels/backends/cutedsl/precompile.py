@@ -3,7 +3,8 @@
 ``python -m hstu_kernels.backends.cutedsl.precompile --arch sm_90 --jobs 8 \\
     --variant bf16:128:32:paged --variant bf16:256:0:jagged ...``
 
-Each variant is ``dtype:head_dim:page_size:paged|jagged``, optionally followed by
+Each variant is ``dtype:head_dim:page_size:KIND`` (KIND ``paged``, ``jagged``, ``paged-split`` or
+``jagged-split``: the split-KV variants), optionally followed by
 ``:BM,BN,threads`` to compile a tile shape other than the default (tuning runs). A compile is single-threaded and
 takes seconds; a deployment (or a test session) compiles its variants once here, and every
 later process loads them from the cache (``compile.CACHE_ENV``) in milliseconds.
@@ -21,13 +22,16 @@ import torch
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_variant(text: str) -> tuple[torch.dtype, int, int, bool]:
-    """``"bf16:128:32:paged"`` -> ``(torch.bfloat16, 128, 32, True)`` (a trailing tile field is
-    not part of the result)."""
+def parse_variant(text: str) -> tuple[torch.dtype, int, int, bool, bool]:
+    """``"bf16:128:32:paged-split"`` -> ``(torch.bfloat16, 128, 32, True, True)`` (the
+    arguments of ``ampere.get_kernel`` after the arch; a trailing tile field is not part of
+    the result)."""
     dtype, head_dim, page_size, kind = text.split(":")[:4]
-    if dtype not in _DTYPES or kind not in ("paged", "jagged"):
-        raise ValueError(f"variant: expected dtype:head_dim:page_size:paged|jagged, got {text!r}")
-    return _DTYPES[dtype], int(head_dim), int(page_size), kind == "paged"
+    kinds = ("paged", "jagged", "paged-split", "jagged-split")
+    if dtype not in _DTYPES or kind not in kinds:
+        raise ValueError(f"variant: expected dtype:head_dim:page_size:KIND, got {text!r}")
+    split = kind.endswith("-split")
+    return _DTYPES[dtype], int(head_dim), int(page_size), kind.startswith("paged"), split
 
 
 def _compile_one(arch: str, text: str) -> tuple[str, float, str]:
