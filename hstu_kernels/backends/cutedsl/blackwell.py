@@ -353,6 +353,7 @@ class BlackwellHstuForward:
 
             if warp == MMA_WARP:
                 cute.arch.alloc_tmem(Int32(TMEM_COLS), storage.tmem_holding)
+                cute.arch.sync_warp()  # the whole warp sees the allocation before issuing MMAs
                 if n_kv > 0:
                     self.mma_role(
                         sQ, sK, sV, tStS, tS0, tS1, tO0, tO1, p_tmem,
