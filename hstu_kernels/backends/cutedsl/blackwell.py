@@ -72,8 +72,8 @@ TMEM_O = (256, 384)
 class BlackwellHstuForward:
     """One compiled variant: dtype (``cutlass.BFloat16``/``Float16``), head dim, jagged/paged.
 
-    Compile :meth:`jagged` or :meth:`paged` with ``cute.compile`` (``blackwell_ops`` in
-    ``backends/cutedsl_blackwell.py`` does, through ``compile.compile_cached``).
+    Compile :meth:`jagged` or :meth:`paged` once per variant: :func:`get_kernel` does, through
+    ``compile.compile_cached`` (the backend module ``backends/cutedsl_blackwell.py`` calls it).
     """
 
     def __init__(self, dtype: type, head_dim: int, paged: bool, fast_tanh: bool = False) -> None:
@@ -85,7 +85,7 @@ class BlackwellHstuForward:
         self.head_dim = head_dim
         self.is_paged = paged
         # SiLU through tanh.approx (one MUFU op per score instead of ex2 + rcp): the SFU, not
-        # the tensor core, bounds this kernel at D=128 (bench/NOTES-blackwell.md).
+        # the tensor core, is expected to bound this kernel at D=128 (bench/NOTES-blackwell.md).
         self.fast_tanh = fast_tanh
         self.acc_dtype = Float32
         self.qk_tiler = (TILE_M, TILE_N, head_dim)  # (M, N, K) of S = Q K^T
