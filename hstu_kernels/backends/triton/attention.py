@@ -50,64 +50,62 @@ def _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU: tl.constexpr):
 
 
 @triton.jit
+def _key_rows(
+    PAGE_IDS,
+    page_start,
+    n,
+    H,
+    row_base,
+    offs_n,
+    stride_tok,
+    stride_page,
+    stride_slot,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Element offsets (int64 ``[BLOCK_N]``) of history keys ``n .. n+BLOCK_N-1``' rows.
+
+    Paged: relative to ``KV + h*D`` through the page table (keys past ``H`` get offset 0, so
+    a prefetch past the end reads nothing out of the table); jagged: relative to ``K``/``V``.
+    """
+    j = n + offs_n
+    if PAGED:
+        if BLOCK_N <= PAGE_SIZE:
+            # The whole tile lies in one page (n is a multiple of BLOCK_N): one lookup.
+            page = tl.load(PAGE_IDS + page_start + n // PAGE_SIZE, mask=n < H, other=0)
+            rows = page.to(tl.int64) * stride_page + ((n % PAGE_SIZE) + offs_n) * stride_slot
+        else:
+            # The tile spans several pages: one lookup per key (cached; pages repeat).
+            pages = tl.load(PAGE_IDS + page_start + j // PAGE_SIZE, mask=j < H, other=0)
+            rows = pages.to(tl.int64) * stride_page + (j % PAGE_SIZE) * stride_slot
+    else:
+        rows = row_base + j.to(tl.int64) * stride_tok
+    return rows
+
+
+@triton.jit
 def _history_tile(
     acc,
     q,
     n,
+    rows,
     pos,
     H,
-    K,
-    V,
-    KV,
-    PAGE_IDS,
-    page_start,
-    row_base,
-    h,
-    stride_tok,
-    stride_page,
-    stride_kv,
-    stride_slot,
+    K_BASE,
+    V_BASE,
     alpha,
     neg_alpha_log2e,
     offs_n,
     offs_d,
     MASKED: tl.constexpr,
-    PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_SILU: tl.constexpr,
 ):
-    """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` into ``acc``."""
+    """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` (at ``rows``) into ``acc``."""
     j = n + offs_n
-    if PAGED:
-        if BLOCK_N <= PAGE_SIZE:
-            # The whole tile lies in one page (n is a multiple of BLOCK_N): one lookup.
-            page = tl.load(PAGE_IDS + page_start + n // PAGE_SIZE).to(tl.int64)
-            k_ptrs = (
-                KV
-                + page * stride_page
-                + h * HEAD_DIM
-                + ((n % PAGE_SIZE) + offs_n)[:, None] * stride_slot
-                + offs_d[None, :]
-            )
-        else:
-            # The tile spans several pages: one lookup per page-sized run of keys.
-            if MASKED:
-                pages = tl.load(PAGE_IDS + page_start + j // PAGE_SIZE, mask=j < H, other=0)
-            else:
-                pages = tl.load(PAGE_IDS + page_start + j // PAGE_SIZE)
-            k_ptrs = (
-                KV
-                + h * HEAD_DIM
-                + (pages.to(tl.int64) * stride_page + (j % PAGE_SIZE) * stride_slot)[:, None]
-                + offs_d[None, :]
-            )
-        v_ptrs = k_ptrs + stride_kv
-    else:
-        k_ptrs = K + row_base + j[:, None] * stride_tok + offs_d[None, :]
-        v_ptrs = V + row_base + j[:, None] * stride_tok + offs_d[None, :]
+    k_ptrs = K_BASE + rows[:, None] + offs_d[None, :]
+    v_ptrs = V_BASE + rows[:, None] + offs_d[None, :]
     if MASKED:
         # Slots past the history (the tail of the last page) may hold anything, NaN included.
         k = tl.load(k_ptrs, mask=(j < H)[:, None], other=0.0)
@@ -121,6 +119,67 @@ def _history_tile(
         valid = (j[None, :] <= pos[:, None]) & (j < H)[None, :]
         w = tl.where(valid, w, 0.0)
     return tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _history_range(
+    acc,
+    q,
+    lo,
+    hi,
+    pos,
+    H,
+    K_BASE,
+    V_BASE,
+    PAGE_IDS,
+    page_start,
+    row_base,
+    stride_tok,
+    stride_page,
+    stride_slot,
+    alpha,
+    neg_alpha_log2e,
+    offs_n,
+    offs_d,
+    MASKED: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Accumulate history key tiles ``lo, lo+BLOCK_N, .. < hi``.
+
+    ``PREFETCH`` looks up the next tile's pages one iteration ahead, so the K/V loads never
+    wait on a page-table load.
+    """
+    if PREFETCH:
+        rows = _key_rows(
+            PAGE_IDS, page_start, lo, H, row_base, offs_n, stride_tok, stride_page, stride_slot,
+            PAGED, PAGE_SIZE, BLOCK_N,
+        )  # fmt: skip
+        for n in range(lo, hi, BLOCK_N):
+            rows_next = _key_rows(
+                PAGE_IDS, page_start, n + BLOCK_N, H, row_base, offs_n, stride_tok,
+                stride_page, stride_slot, PAGED, PAGE_SIZE, BLOCK_N,
+            )  # fmt: skip
+            acc = _history_tile(
+                acc, q, n, rows, pos, H, K_BASE, V_BASE, alpha, neg_alpha_log2e, offs_n,
+                offs_d, MASKED, DOT_PRECISION, FAST_SILU,
+            )  # fmt: skip
+            rows = rows_next
+    else:
+        for n in range(lo, hi, BLOCK_N):
+            rows = _key_rows(
+                PAGE_IDS, page_start, n, H, row_base, offs_n, stride_tok, stride_page,
+                stride_slot, PAGED, PAGE_SIZE, BLOCK_N,
+            )  # fmt: skip
+            acc = _history_tile(
+                acc, q, n, rows, pos, H, K_BASE, V_BASE, alpha, neg_alpha_log2e, offs_n,
+                offs_d, MASKED, DOT_PRECISION, FAST_SILU,
+            )  # fmt: skip
+    return acc
 
 
 @triton.jit
@@ -153,6 +212,7 @@ def _hstu_fwd_kernel(
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_SILU: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_hb = tl.program_id(0)
     # The grid's slow axis runs over query tiles from the last (the longest KV range) down,
@@ -199,18 +259,22 @@ def _hstu_fwd_kernel(
     per_split = tl.cdiv(n_tiles, splits)
     lo = split * per_split * BLOCK_N
     end = tl.minimum((split + 1) * per_split, n_tiles) * BLOCK_N
-    for n in range(lo, tl.minimum(end, full_end), BLOCK_N):
-        acc = _history_tile(
-            acc, q, n, pos, H, K, V, KV, PAGE_IDS, page_start, row_base, h,
-            stride_tok, stride_page, stride_kv, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
-            False, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION, FAST_SILU,
-        )  # fmt: skip
-    for n in range(tl.maximum(lo, full_end), end, BLOCK_N):
-        acc = _history_tile(
-            acc, q, n, pos, H, K, V, KV, PAGE_IDS, page_start, row_base, h,
-            stride_tok, stride_page, stride_kv, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
-            True, PAGED, PAGE_SIZE, BLOCK_N, HEAD_DIM, DOT_PRECISION, FAST_SILU,
-        )  # fmt: skip
+    if PAGED:
+        k_base = KV + h * HEAD_DIM
+        v_base = k_base + stride_kv
+    else:
+        k_base = K
+        v_base = V
+    acc = _history_range(
+        acc, q, lo, tl.minimum(end, full_end), pos, H, k_base, v_base, PAGE_IDS, page_start,
+        row_base, stride_tok, stride_page, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
+        False, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_SILU, PREFETCH,
+    )  # fmt: skip
+    acc = _history_range(
+        acc, q, tl.maximum(lo, full_end), end, pos, H, k_base, v_base, PAGE_IDS, page_start,
+        row_base, stride_tok, stride_page, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
+        True, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_SILU, PREFETCH,
+    )  # fmt: skip
 
     # Target keys: each target row sees only itself, so visit only this tile's own targets.
     if split == splits - 1:
@@ -337,7 +401,7 @@ def launch(
         alpha, -alpha * LOG2E, alpha / scaling_seqlen, heads, num_m_tiles,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision,
-        FAST_SILU=fast_silu,
+        FAST_SILU=fast_silu, PREFETCH=config.prefetch,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:

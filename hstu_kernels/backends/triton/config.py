@@ -33,6 +33,7 @@ class Config:
     num_warps: int
     num_stages: int
     splits: int | None = None
+    prefetch: bool = True  # look the next KV tile's pages up one iteration ahead
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
@@ -26,45 +27,58 @@ CASES = {
 }
 
 
-def _configs(name: str, head_dim: int) -> list[tuple[Config, bool]]:
-    out = [(c, True) for c in candidates(head_dim, 32)]
-    out.append((default_config(head_dim, 32, False), False))  # exp2 SiLU
+def _configs(name: str, head_dim: int) -> list[tuple[Config, bool, int]]:
+    """(config, fast SiLU, page size) to time on a case: the candidates, then variants."""
+    out = [(c, True, 32) for c in candidates(head_dim, 32)]
+    base = default_config(head_dim, 32, False)
     if name.startswith("delta"):
-        base = default_config(head_dim, 32, False)
-        for s in (2, 4) if "b1" not in name else (4, 8, 16):
-            out.append(
-                (Config(base.block_m, base.block_n, base.num_warps, base.num_stages, s), True)
-            )
+        for c in list(candidates(head_dim, 32)):
+            out.append((replace(c, prefetch=False), True, 32))
+        out.append((base, True, 128))  # one page lookup per tile
+        if head_dim == 128:
+            out += [
+                (Config(128, 32, 4, 4), True, 32),
+                (Config(64, 32, 4, 4), True, 32),
+                (Config(128, 64, 4, 3), True, 32),
+                (Config(128, 16, 4, 4), True, 32),
+            ]
         if "b1" in name:
-            out.append((Config(64, 64, 4, 2, None), True))
+            out += [
+                (replace(c, splits=s), True, 32)
+                for c in (base, Config(128, 32, 8, 2))
+                for s in (6, 11, 16)
+            ]
     return out
 
 
-def _sweep_case(name: str, extra: list[Config]) -> None:
+def _sweep_case(name: str) -> None:
     from triton.testing import do_bench
 
     b, heads, d, h, n, t, paged = CASES[name]
-    pc = make_paged_case(
-        [h] * b, [n] * b, [t] * b, page_size=32, heads=heads, head_dim=d,
-        dtype=torch.bfloat16, device="cuda", seed=0, spare_pages=1,
-    )  # fmt: skip
-    if paged:
-        q, k, v, cu, rows = pc.q, pc.k_new, pc.v_new, pc.cu_q, n + t
-        kw = dict(kv_cache=pc.kv_cache, page_table=pc.page_table)
-    else:
-        q, k, v, cu, rows = pc.q_full, pc.k_full, pc.v_full, pc.cu_full, h + t
-        kw = {}
-
-    def call(cfg: Config, fast: bool, out: torch.Tensor) -> None:
-        attn.launch(q, k, v, cu, pc.num_targets, rows, d**-0.5, h + t, out, cfg,
-                    fast_silu=fast, **kw)  # fmt: skip
-
+    cases: dict[int, object] = {}
     first = None
-    for cfg, fast in _configs(name, d) + [(c, True) for c in extra]:
+    for cfg, fast, page_size in _configs(name, d):
+        if page_size not in cases:
+            cases[page_size] = make_paged_case(
+                [h] * b, [n] * b, [t] * b, page_size=page_size, heads=heads, head_dim=d,
+                dtype=torch.bfloat16, device="cuda", seed=0, spare_pages=1,
+            )  # fmt: skip
+        pc = cases[page_size]
+        if paged:
+            q, k, v, cu, rows = pc.q, pc.k_new, pc.v_new, pc.cu_q, n + t
+            kw = dict(kv_cache=pc.kv_cache, page_table=pc.page_table)
+        else:
+            q, k, v, cu, rows = pc.q_full, pc.k_full, pc.v_full, pc.cu_full, h + t
+            kw = {}
+
+        def call(out, q=q, k=k, v=v, cu=cu, rows=rows, kw=kw, pc=pc, cfg=cfg, fast=fast):
+            attn.launch(q, k, v, cu, pc.num_targets, rows, d**-0.5, h + t, out, cfg,
+                        fast_silu=fast, **kw)  # fmt: skip
+
         out = torch.full_like(q, float("nan"))
         t0 = time.perf_counter()
         try:
-            call(cfg, fast, out)
+            call(out)
             torch.cuda.synchronize()
         except Exception as exc:
             print(f"{name:11} {cfg} fast={fast}: failed {type(exc).__name__}: {exc}"[:200])
@@ -73,19 +87,21 @@ def _sweep_case(name: str, extra: list[Config]) -> None:
         if first is None:
             first = out.float()
         diff = (out.float() - first).abs().max().item()
-        ms = do_bench(lambda: call(cfg, fast, out), warmup=10, rep=40, return_mode="median")  # noqa: B023
+        ms = do_bench(lambda: call(out), warmup=10, rep=40, return_mode="median")  # noqa: B023
         print(
-            f"{name:11} bm={cfg.block_m:3} bn={cfg.block_n:3} w={cfg.num_warps} "
-            f"st={cfg.num_stages} split={cfg.splits} fast={int(fast)}  {ms * 1e3:8.1f} us  "
+            f"{name:11} ps={page_size:3} bm={cfg.block_m:3} bn={cfg.block_n:3} "
+            f"w={cfg.num_warps} st={cfg.num_stages} split={cfg.splits} "
+            f"pf={int(cfg.prefetch)} fast={int(fast)}  {ms * 1e3:8.1f} us  "
             f"diff={diff:.2e} nan={int(out.isnan().sum())} compile={compile_s:.1f}s",
             flush=True,
         )
+    cases.clear()
 
 
-def sweep(names: list[str], extra: list[Config] | None = None) -> None:
+def sweep(names: list[str]) -> None:
     """Print the time of each config on each named case."""
     for name in names:
-        _sweep_case(name, extra or [])
+        _sweep_case(name)
         torch.cuda.empty_cache()
 
 
