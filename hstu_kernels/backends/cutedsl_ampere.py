@@ -103,8 +103,7 @@ def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, pa
         fn, _ = _kernel((*key, True))
         ws = torch.empty((splits, rows, heads, head_dim), dtype=torch.float32, device=q.device)
         fn(q, k, v, out, kv_cache, cu, num_targets, *meta, *scalars, ws, splits)
-        torch.sum(ws, dim=0, out=ws[0])
-        out.copy_(ws[0])
+        out.copy_(ws.sum(dim=0))
         return
     dkey = (q.device, head_dim)
     if dkey not in _DUMMY_WS:
