@@ -63,8 +63,14 @@ def plot_grouped(entries: Sequence[dict[str, Any]], title: str, out: Path) -> Pa
     return out
 
 
-def plot_e2e(entries: Sequence[dict[str, Any]], title: str, out: Path) -> Path:
-    """Total ms per case (all batches of it) for each mode, by batch size, plus speed-ups."""
+def plot_e2e(
+    entries: Sequence[dict[str, Any]],
+    title: str,
+    out: Path,
+    reference: dict[int, float] | None = None,
+) -> Path:
+    """Total ms per case (all batches of it) for each mode, by batch size, plus speed-ups.
+    ``reference``: published speed-ups by batch size, drawn as markers (the seed's L20)."""
     plt = _pyplot()
     batches = sorted({e["batch"] for e in entries if "batch" in e})
     impls = list(dict.fromkeys(str(e.get("impl", "?")) for e in entries))
@@ -76,7 +82,7 @@ def plot_e2e(entries: Sequence[dict[str, Any]], title: str, out: Path) -> Path:
             hit = [e for e in entries if e.get("batch") == b and str(e.get("impl")) == impl]
             ys.append(hit[0]["time_ms"] if hit else 0.0)
         xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(batches))]
-        ax.bar(xs, ys, width, label=impl)
+        ax.bar(xs, ys, width, label=impl, color=f"C{j}")
         sp = [
             (b, e["speedup"])
             for b in batches
@@ -84,16 +90,29 @@ def plot_e2e(entries: Sequence[dict[str, Any]], title: str, out: Path) -> Path:
             if e.get("batch") == b and str(e.get("impl")) == impl and "speedup" in e
         ]
         if sp:
-            ax2.plot([str(b) for b, _ in sp], [s for _, s in sp], marker="o", label=impl)
-            for b, s in sp:
-                ax2.annotate(f"{s:.2f}x", (str(b), s), textcoords="offset points", xytext=(0, 5))
+            xs2, ys2 = [str(b) for b, _ in sp], [s for _, s in sp]
+            ax2.plot(xs2, ys2, marker="o", label=impl, color=f"C{j}")
+            for x, s in zip(xs2, ys2, strict=True):
+                ax2.annotate(
+                    f"{s:.2f}x", (x, s), textcoords="offset points", xytext=(0, 6), fontsize=8
+                )
     ax.set_xticks(range(len(batches)))
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlabel("users per batch")
     ax.set_ylabel("total time per case (ms)")
     ax.set_title("time per case")
     ax.legend(fontsize=8)
+    shown = [b for b in batches if reference and b in reference]
+    if shown:
+        ax2.plot(
+            [str(b) for b in shown],
+            [reference[b] for b in shown],
+            "kx",
+            ms=9,
+            label="seed, L20 (kvcache+graphs)",
+        )
     ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.set_ylim(bottom=0)
     ax2.set_xlabel("users per batch")
     ax2.set_ylabel("speed-up over baseline")
     ax2.set_title("speed-up")
@@ -123,7 +142,9 @@ def write_plots(path: Path) -> list[Path]:
             continue
         title = f"{bench} on {card}"
         if bench == "e2e":
-            written.append(plot_e2e(entries, title, out))
+            from bench.e2e import TARGET_SPEEDUP
+
+            written.append(plot_e2e(entries, title, out, TARGET_SPEEDUP))
         else:
             written.append(plot_grouped(entries, title, out))
     return written
