@@ -20,6 +20,7 @@ import dataclasses
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,19 @@ def serve_case(
     return (time.perf_counter() - t0) * 1e3, scores
 
 
-def measure(plan: Plan, model: HSTURankingModel, log=print, on_case=None) -> list[dict[str, Any]]:
+def measure(
+    plan: Plan,
+    model: HSTURankingModel,
+    log=print,
+    on_case=None,
+    failures: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Time every (batch size, mode) of ``plan``; returns the results entries.
 
     ``on_case(entries)`` is called with the entries so far after each batch size (so a run
     cut short still leaves its finished cases). Each cached mode's scores are compared with
-    the baseline's on the same requests and the largest difference is logged."""
+    the baseline's on the same requests and the largest difference is logged. A mode that
+    raises is logged, appended to ``failures`` and skipped."""
     c = plan.config
     gen = SyntheticRequests(
         num_items=c.num_items,
@@ -116,8 +124,14 @@ def measure(plan: Plan, model: HSTURankingModel, log=print, on_case=None) -> lis
         scores: dict[str, torch.Tensor] = {}
         for mode in plan.modes:
             use = None if mode == "baseline" else cache
-            serve_case(model, batches, mode, use)  # warm-up: compile, autotune, capture
-            runs = [serve_case(model, batches, mode, use) for _ in range(plan.reps)]
+            try:
+                serve_case(model, batches, mode, use)  # warm-up: compile, autotune, capture
+                runs = [serve_case(model, batches, mode, use) for _ in range(plan.reps)]
+            except Exception:  # one failing mode must not cost the others' numbers
+                log(f"  batch {bs:2d}  {mode:15s} FAILED:\n{traceback.format_exc()}")
+                if failures is not None:
+                    failures.append(f"batch {bs} {mode}")
+                continue
             times[mode] = statistics.median(ms for ms, _ in runs)
             scores[mode] = torch.cat(runs[-1][1]).float()
             line = f"  batch {bs:2d}  {mode:15s} {times[mode]:10.2f} ms / {len(batches)} batches"
@@ -221,8 +235,11 @@ def run(
         common.write_results("e2e", entries, path=path)
         return entries
 
-    entries = write(measure(plan, model, log, on_case=write))
+    failures: list[str] = []
+    entries = write(measure(plan, model, log, on_case=write, failures=failures))
     log(summary(entries))
+    if failures:
+        raise RuntimeError(f"e2e: failed cases (the others were written): {failures}")
     return entries
 
 

@@ -250,3 +250,21 @@ def test_suite_quick_run_cpu(tmp_path, capsys):
     assert {r["impl"] for r in e2e} == {"baseline", "kvcache"}
     assert all(r["time_ms"] > 0 for r in e2e)
     assert (tmp_path / "cpu-e2e.png").exists()
+
+
+def test_e2e_failing_mode_keeps_the_others(tmp_path, monkeypatch):
+    """A mode that raises is reported (the run raises at the end), the others are written."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU smoke run")
+    from bench import e2e
+    from hstu_kernels.model.ranking import HSTURankingModel
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(HSTURankingModel, "_score_cached", broken)
+    path = tmp_path / "r.json"
+    with pytest.raises(RuntimeError, match="batch 1 kvcache"):
+        e2e.run(quick=True, path=path, batch_sizes=(1,), log=lambda *a: None)
+    written = json.loads(path.read_text())["results"]
+    assert [r["impl"] for r in written] == ["baseline"]
