@@ -154,6 +154,22 @@ def _bench(fn, device: str) -> float:
     return statistics.median(times)
 
 
+def _profile(fn, title: str, log) -> None:
+    """Print the kernels of three calls of ``fn``, by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    log(f"--- profile: {title} (3 calls)")
+    log(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    )
+
+
 def _backend(plan: Plan) -> str:
     from hstu_kernels import explain
 
@@ -165,10 +181,16 @@ def _backend(plan: Plan) -> str:
 
 
 def measure(
-    plan: Plan, ceilings: dict, log=print, progress: bool = True, checkpoint=None
+    plan: Plan,
+    ceilings: dict,
+    log=print,
+    progress: bool = True,
+    checkpoint=None,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """Time every case of ``plan``; one entry per case (DESIGN.md §7). ``checkpoint(entries)``
-    is called every 8 cases (so a run cut short still leaves its results)."""
+    is called every 8 cases (so a run cut short still leaves its results). ``profile``: also
+    print each case's top kernels (torch.profiler) for both paths."""
     from hstu_kernels.kvcache import build_jagged_metadata
     from hstu_kernels.model import HSTUBlock
     from hstu_kernels.model.graphs import CachedBlockGraphs
@@ -227,6 +249,11 @@ def measure(
         jmeta = build_jagged_metadata([history] * batch, [targets] * batch, dev)
         x_full = randn(jmeta.num_tokens)
         t_full = _bench(lambda x=x_full, m=jmeta: block.forward_uncached(x, m), dev)
+        if profile:
+            _profile(lambda x_q=x_q, meta=meta: runner(x_q, meta), f"B={batch} H={history} "
+                     f"T={targets} KV cache", log)  # fmt: skip
+            _profile(lambda x=x_full, m=jmeta: block.forward_uncached(x, m), f"B={batch} "
+                     f"H={history} T={targets} no cache", log)  # fmt: skip
         del x_full
         entry = {
             "bench": "block",
@@ -357,6 +384,7 @@ def run(
     plan: Plan | None = None,
     log=print,
     make_plot: bool = True,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure, write this card's results file (``block`` entries) and the sweep plot."""
     plan = plan or make_plan(quick=quick)
@@ -368,7 +396,7 @@ def run(
     def checkpoint(entries: list[dict[str, Any]]) -> None:
         common.write_results("block", entries, ceilings=ceilings or None, path=path)
 
-    entries = measure(plan, ceilings, log=log, checkpoint=checkpoint)
+    entries = measure(plan, ceilings, log=log, checkpoint=checkpoint, profile=profile)
     checkpoint(entries)
     card = common.card_name()
     log(summary(entries, card))
@@ -394,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=str, default=None, help="e.g. 256,0")
     parser.add_argument("--no-graphs", action="store_true", help="run the cached path eagerly")
     parser.add_argument("--results", type=Path, default=None, help="results JSON to write")
+    parser.add_argument("--profile", action="store_true", help="print each case's top kernels")
     args = parser.parse_args(argv)
     plan = make_plan(quick=args.quick)
     ints = lambda s: tuple(int(v) for v in s.split(","))
@@ -405,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, targets=ints(args.targets))
     if args.no_graphs:
         plan = replace(plan, graphs=False)
-    run(plan=plan, path=args.results)
+    run(plan=plan, path=args.results, profile=args.profile)
     return 0
 
 
