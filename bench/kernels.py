@@ -1,7 +1,9 @@
 """Kernel benchmark: jagged and paged (delta) HSTU attention, every backend beside torch SDPA.
 
 ``python -m bench.kernels [--quick]``. Each case is timed with ``triton.testing.do_bench``
-(median, L2 flushed between runs, random data) for every registered backend that can serve it
+(median, L2 flushed between runs, random data; GPU calls replayed from a CUDA graph where they
+can be captured, as deployed, so that host overhead is reported apart as ``host_us``) for every
+registered backend that can serve it
 (forced with ``backend=NAME``, so new backends appear without edits), the PyTorch reference
 where it fits, and torch SDPA flash attention (causal, same shapes) as the peer. Reported:
 time, TFLOP/s (``4 * heads * D * valid (q, k) pairs``, pairs counted exactly from the HSTU
@@ -78,6 +80,42 @@ def _bench(fn, quick: bool) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+
+
+def _graphed(fn):
+    """A CUDA graph replaying ``fn`` (the deployed path: no host overhead in the timing), or
+    ``None`` where ``fn`` cannot be captured."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:
+        torch.cuda.synchronize()
+        return None
+    return graph
+
+
+def _host_us(fn, calls: int = 50) -> float:
+    """Host time per eager call (launch overhead; the GPU queue absorbs the kernels)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def _time_gpu(fn, quick: bool, capture: bool) -> tuple[float, str]:
+    """Median time of ``fn`` replayed from a CUDA graph where it can be captured, else eager."""
+    graph = _graphed(fn) if capture else None
+    if graph is None:
+        return _bench(fn, quick), "eager"
+    ms = _bench(graph.replay, quick)
+    del graph
+    return ms, "cuda-graph"
 
 
 def _wall_ms(fn, reps: int = 3) -> float:
@@ -215,31 +253,43 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
                 skipped[name] = "too slow at this size"
                 continue
             fn = _call(case, pc, name)
+            timing, host = "eager", None
             try:
                 out = fn()
                 if gpu:
                     torch.cuda.synchronize()
-                ms = _bench(fn, quick) if gpu else _wall_ms(fn)
+                    # The reference reads metadata on the host: it cannot be graph-captured.
+                    ms, timing = _time_gpu(fn, quick, capture=name != "reference")
+                    host = None if name == "reference" else _host_us(fn)
+                else:
+                    ms = _wall_ms(fn)
             except Exception as exc:  # one backend failing must not hide the others
                 rows.append((case.name, name, f"failed: {type(exc).__name__}: {exc}"[:90]))
                 continue
-            err = ""
+            notes = [timing]
+            if host is not None:
+                notes.append(f"host {host:.0f} us/call")
             if name == "reference":
                 ref_out = out.float()
             elif ref_out is not None:
-                err = f"max|out-ref|={(out.float() - ref_out).abs().max().item():.2e}"
-            entries.append(_entry(case, name, ms, case.flops(), ceilings, dtype))
-            rows.append((case.name, name, _fmt(entries[-1], err)))
+                notes.append(f"max|out-ref|={(out.float() - ref_out).abs().max().item():.2e}")
+            e = _entry(case, name, ms, case.flops(), ceilings, dtype)
+            e["timing"] = timing
+            if host is not None:
+                e["host_us"] = round(host, 1)
+            entries.append(e)
+            rows.append((case.name, name, _fmt(e, "  ".join(notes))))
         for name, why in skipped.items():
             rows.append((case.name, name, f"skipped: {why}"))
         if gpu:
             fn, flops, note = _sdpa_peer(case, dtype, device)
             try:
                 fn()
-                ms = _bench(fn, quick)
+                ms, timing = _time_gpu(fn, quick, capture=True)
                 e = _entry(case, "torch-sdpa-flash", ms, flops, {}, dtype)
+                e["timing"] = timing
                 entries.append(e)
-                rows.append((case.name, "torch-sdpa-flash", _fmt(e, note)))
+                rows.append((case.name, "torch-sdpa-flash", _fmt(e, f"{note}, {timing}")))
             except Exception as exc:
                 rows.append((case.name, "torch-sdpa-flash", f"failed: {exc}"[:90]))
         del pc

@@ -147,6 +147,7 @@ def test_append_kv_bit_exact_interpreter(shape, page_size, dtype, seed):
 # key), query tiles narrower than key tiles, and the split-KV path with its reduction pass.
 _CONFIGS = [
     Config(32, 32, 4, 1),
+    Config(16, 256, 4, 1),  # 16 pages per tile: the per-key page lookup
     Config(16, 64, 4, 1, splits=3),
     Config(64, 16, 4, 1, splits=2),
 ]

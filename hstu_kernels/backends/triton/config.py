@@ -62,14 +62,17 @@ def tuning_key(
 
 
 def default_config(head_dim: int, page_size: int | None, interpret: bool) -> Config:
-    """The fixed config used without autotuning (and as the tuner's fallback)."""
+    """The fixed config used without autotuning (and as the tuner's fallback).
+
+    Chosen from H100 sweeps (bench/NOTES-triton.md); ``page_size=None`` is the jagged kernel.
+    """
     if interpret:
         # The interpreter's cost grows with the number of tiles visited, not their size.
         return Config(32, 16, 4, 1)
     if head_dim >= 256:
         return Config(128, 64, 8, 2)
     if head_dim >= 128:
-        return Config(128, 64, 8, 2)
+        return Config(64, 64, 4, 3) if page_size is None else Config(128, 32, 4, 4)
     return Config(128, 64, 4, 3)
 
 
@@ -77,9 +80,9 @@ def candidates(head_dim: int, page_size: int | None) -> list[Config]:
     """The configs the autotuner times for a key (the default first)."""
     out = [default_config(head_dim, page_size, False)]
     if head_dim >= 256:
-        out += [Config(64, 64, 8, 2), Config(128, 32, 8, 2), Config(64, 64, 4, 2)]
+        out += [Config(128, 32, 8, 2), Config(64, 64, 4, 2), Config(128, 64, 8, 2, prefetch=False)]
     elif head_dim >= 128:
-        out += [Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(128, 32, 4, 3)]
+        out += [Config(64, 64, 4, 3), Config(128, 32, 4, 4), Config(128, 128, 8, 2)]
     else:
         out += [Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 4)]
     seen, unique = set(), []

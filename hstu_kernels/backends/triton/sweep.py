@@ -28,26 +28,13 @@ CASES = {
 
 
 def _configs(name: str, head_dim: int) -> list[tuple[Config, bool, int]]:
-    """(config, fast SiLU, page size) to time on a case: the candidates, then variants."""
-    out = [(c, True, 32) for c in candidates(head_dim, 32)]
-    base = default_config(head_dim, 32, False)
+    """(config, fast SiLU, page size) to time on a case."""
+    page_size = None if name.startswith("jagged") else 32
+    out = [(c, True, 32) for c in candidates(head_dim, page_size)]
+    base = default_config(head_dim, page_size, False)
     if name.startswith("delta"):
-        for c in list(candidates(head_dim, 32)):
-            out.append((replace(c, prefetch=False), True, 32))
-        out.append((base, True, 128))  # one page lookup per tile
-        if head_dim == 128:
-            out += [
-                (Config(128, 32, 4, 4), True, 32),
-                (Config(64, 32, 4, 4), True, 32),
-                (Config(128, 64, 4, 3), True, 32),
-                (Config(128, 16, 4, 4), True, 32),
-            ]
-        if "b1" in name:
-            out += [
-                (replace(c, splits=s), True, 32)
-                for c in (base, Config(128, 32, 8, 2))
-                for s in (6, 11, 16)
-            ]
+        out.append((replace(base, prefetch=False), True, 32))
+        out += [(base, True, 16), (base, True, 128)]  # 4 lookups / one lookup per tile
     return out
 
 
