@@ -12,6 +12,8 @@ import torch
 
 import hstu_kernels as hk
 from hstu_kernels import reference
+from hstu_kernels.backends.triton.attention import launch
+from hstu_kernels.backends.triton.config import Config
 from hstu_kernels.testing import assert_hstu_close, make_paged_case, poisoned_like
 
 
@@ -35,6 +37,12 @@ def main() -> None:
         )  # fmt: skip
         ref32 = c.reference_full(torch.float32)
         ref_lowp = c.reference_full(dtype)
+        assert_hstu_close(out, ref32[c.rows], ref_lowp[c.rows])
+        out = poisoned_like(q)  # the unsplit path too (small grids split by default)
+        spec = c.spec()
+        max_q = int((c.cu_q[1:] - c.cu_q[:-1]).max())
+        launch(q, k, v, c.cu_q, c.num_targets, max_q, spec.alpha, spec.scaling_seqlen, out,
+               Config(64, 64, 4, 2, splits=1), kv_cache=kv, page_table=c.page_table)  # fmt: skip
         assert_hstu_close(out, ref32[c.rows], ref_lowp[c.rows])
         qf, kf, vf = (t.to(dtype) for t in (c.q_full, c.k_full, c.v_full))
         out = hk.hstu_attention(
