@@ -250,9 +250,9 @@ def test_graph_replay_waits_for_onloaded_pages():
     """A pool that holds about one user: every request offloads others and onloads its user
     asynchronously; the graph's per-layer waits must see the pages in place."""
     histories, targets = [200, 190], [9, 4]
-    splits = [[0, 60, 120, 200], [0, 50, 100, 190]]
+    splits = [[0, 40, 80, 120, 160, 200], [0, 38, 76, 114, 152, 190]]
     _, cache, runner, out, ref32, ref_lowp, _ = _graph_run(
-        True, histories, targets, splits, host_pages=64, num_pages=12, alone=True
+        True, histories, targets, splits, host_pages=64, num_pages=9, alone=True
     )
     assert cache.stats["onloaded"] >= 2, cache.stats
     assert runner.captured
