@@ -191,6 +191,7 @@ def test_chunked_cached_equals_uncached_gpu():
 
 
 def test_graph_buckets_and_cpu_fallback():
+    from hstu_kernels.kvcache import build_paged_metadata
     from hstu_kernels.model.graphs import CachedBlockGraphs, default_token_buckets
 
     assert default_token_buckets(1000)[-1] == 1024
@@ -201,6 +202,14 @@ def test_graph_buckets_and_cpu_fallback():
     assert runner.bucket_for(5, 10) is None and runner.bucket_for(1, 257) is None
     assert not runner.use_graphs  # no graphs on the CPU: eager, unpadded
     meta = cache.prepare([1], [0], [20], [2])
+    # the batch fills its bucket but not the tokens: the padding rows get a slot of their own
+    assert runner._key(meta) == (1, 64, 64, True)
+    meta3 = build_paged_metadata(
+        [[1], [2, 4, 5, 6, 7], [3]], [0, 0, 0], [5, 70, 9], [0, 0, 0], page_size=16, device="cpu"
+    )
+    assert runner._key(meta3) == (4, 256, 256, False)  # 172 padding rows in slot 3
+    exact = build_paged_metadata([[1]] * 4, [0] * 4, [16] * 4, [0] * 4, page_size=16, device="cpu")
+    assert runner._key(exact) == (4, 64, 64, False)
     x = torch.randn(22, block.hidden)
     got = runner(x, meta)
     cache2 = block.make_cache(num_pages=8, page_size=16)
@@ -267,7 +276,7 @@ def test_padded_bucket_rows_change_nothing_cpu():
 
     block = make_block()
     runs = []
-    for pad in (False, True):
+    for pad in (False, True, "no slot"):
         cache = block.make_cache(num_pages=12, page_size=16)
         meta0 = cache.prepare([5, 6], [0, 0], [20, 9], [0, 0])
         x0 = torch.randn(29, block.hidden, generator=torch.Generator().manual_seed(0))
@@ -278,17 +287,18 @@ def test_padded_bucket_rows_change_nothing_cpu():
             meta = build_paged_metadata(
                 meta.page_lists, meta.cached_lengths, meta.new_lengths, meta.target_lengths,
                 page_size=16, device="cpu", pad_batch=4, pad_tokens=32, dummy_page=0,
-                page_capacity=40,
+                page_capacity=40, pad_slot=pad is True,
             )  # fmt: skip
             xp = torch.cat([x, torch.randn(20, block.hidden)])
             out = block.forward_cached(xp, meta, cache, max_seqlen_q=32)[:12]
         else:
             out = block.forward_cached(x, meta, cache)
         runs.append((out, cache.pool.clone()))
-    (out0, pool0), (out1, pool1) = runs
-    assert torch.equal(out0, out1)
-    assert torch.equal(pool0, pool1)
-    assert torch.equal(pool1[:, 0], torch.zeros_like(pool1[:, 0]))  # the dummy page
+    (out0, pool0), *padded = runs
+    for out1, pool1 in padded:
+        assert torch.equal(out0, out1)
+        assert torch.equal(pool0, pool1)
+        assert torch.equal(pool1[:, 0], torch.zeros_like(pool1[:, 0]))  # the dummy page
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

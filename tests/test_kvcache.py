@@ -150,6 +150,17 @@ def test_paged_metadata_padding():
     assert m.page_table.page_ids.tolist() == [3, 1, 0, 0, 0, 0]
     assert m.buffer[-12:].tolist() == [3, 1] + [0] * 10
     assert m.page_table.last_page_len.tolist() == [3, 1, 1, 1, 1]
+    # no padding slot: the padding rows take the last empty slot of the bucket
+    m = build_paged_metadata(
+        [[3, 1]], [5], [2], [1], page_size=4, device="cpu",
+        pad_batch=3, pad_tokens=8, dummy_page=0, pad_slot=False,
+    )  # fmt: skip
+    assert m.cu_seqlens_q.tolist() == [0, 3, 3, 8] and m.num_targets.tolist() == [1, 0, 5]
+    with pytest.raises(ValueError, match="need a free slot"):
+        build_paged_metadata(
+            [[3, 1]], [5], [2], [1], page_size=4, device="cpu",
+            pad_batch=1, pad_tokens=8, dummy_page=0, pad_slot=False,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="pad_batch, pad_tokens"):
         build_paged_metadata(
             [[3, 1]], [5], [2], [1], page_size=4, device="cpu",

@@ -181,6 +181,7 @@ def build_paged_metadata(
     page_capacity: int | None = None,
     dummy_page: int | None = None,
     out: torch.Tensor | None = None,
+    pad_slot: bool = True,
 ) -> BatchMetadata:
     """Build the cached path's metadata from host lists, with one host-to-device copy.
 
@@ -191,6 +192,9 @@ def build_paged_metadata(
     Padding for a CUDA-graph bucket (all three of ``pad_batch``, ``pad_tokens``,
     ``dummy_page`` given): the batch becomes ``pad_batch + 1`` sequences and ``pad_tokens``
     rows; slots ``B .. pad_batch-1`` are empty sequences, slot ``pad_batch`` holds the padding
+    rows. ``pad_slot=False`` adds no slot beyond ``pad_batch``: the padding rows go to slot
+    ``pad_batch - 1``, which must then be an empty one (``B < pad_batch``) unless there are no
+    padding rows.
     rows as targets; all of them use ``dummy_page`` (history of one token). ``page_capacity``
     fixes the length of ``page_ids`` (unused entries point at ``dummy_page``), so the buffer
     layout depends only on the bucket. ``out``: a device int32 buffer to copy into (a graph's
@@ -232,11 +236,17 @@ def build_paged_metadata(
                 f"pad_batch, pad_tokens: expected >= the batch ({batch} sequences, "
                 f"{real_tokens} rows), got {pad_batch}, {pad_tokens}"
             )
+        extra = pad_batch + int(pad_slot) - batch
+        if extra == 0 and pad_tokens > real_tokens:
+            raise ValueError(
+                f"pad_slot: the {pad_tokens - real_tokens} padding rows need a free slot, but "
+                f"the batch fills all {pad_batch}"
+            )
         # Empty slots, then the padding sequence: its rows are targets, so append_kv writes
         # nothing, and they see only the dummy page; real rows never see them.
-        extra = pad_batch + 1 - batch
-        rows += [0] * (extra - 1) + [pad_tokens - real_tokens]
-        targets += [0] * (extra - 1) + [pad_tokens - real_tokens]
+        if extra:
+            rows += [0] * (extra - 1) + [pad_tokens - real_tokens]
+            targets += [0] * (extra - 1) + [pad_tokens - real_tokens]
         for _ in range(extra):
             flat.append(dummy_page)
             indptr.append(len(flat))

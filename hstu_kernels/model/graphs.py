@@ -4,7 +4,10 @@ A call pads its batch to the smallest bucket that holds it: the metadata is rebu
 bucket's static buffer (empty sequences fill the batch slots, one padding sequence of target
 rows fills the token count; padding sees only the cache's reserved dummy page and appends
 nothing, so it can corrupt neither the cache nor real rows), ``x`` is copied into the static
-input, and the graph is replayed. Every graph is captured on first use of its bucket, after
+input, and the graph is replayed. The bucket also fixes the bound on rows per sequence the
+attention is launched for (``max_seqlen_q``, a bucket of the longest sequence, not the
+token count: the grid and the kernels' work split follow it), and whether the padding rows
+need a slot of their own (only when the batch fills its bucket but the tokens do not). Every graph is captured on first use of its bucket, after
 warm-up runs on the real batch (which lets the backends tune on real shapes; appends are
 idempotent), and all graphs share one memory pool (they replay one at a time, in stream
 order).
@@ -47,8 +50,10 @@ def default_token_buckets(max_tokens: int, per_octave: int = 4) -> list[int]:
 
 @dataclass
 class _Bucket:
-    batch: int
+    batch: int  # sequences of the graph (padding slot included)
     tokens: int
+    max_rows: int  # max_seqlen_q of the attention launches
+    pad_slot: bool
     x: torch.Tensor
     meta_buffer: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
@@ -101,8 +106,8 @@ class CachedBlockGraphs:
         self.page_capacity = cache.config.num_pages + self.batch_buckets[-1] + 1
 
     @property
-    def captured(self) -> list[tuple[int, int]]:
-        """The (batch, tokens) buckets captured so far."""
+    def captured(self) -> list[tuple[int, int, int, bool]]:
+        """The (batch, tokens, max rows per sequence, padding slot) buckets captured so far."""
         return [k for k, b in self._buckets.items() if b.graph is not None]
 
     def bucket_for(self, batch: int, tokens: int) -> tuple[int, int] | None:
@@ -113,10 +118,21 @@ class CachedBlockGraphs:
             return None
         return self.batch_buckets[i], self.token_buckets[j]
 
+    def _key(self, meta: BatchMetadata) -> tuple[int, int, int, bool] | None:
+        bt = self.bucket_for(meta.num_real, meta.num_real_tokens)
+        if bt is None:
+            return None
+        batch, tokens = bt
+        pad_rows = tokens - meta.num_real_tokens
+        pad_slot = batch == meta.num_real and pad_rows > 0
+        longest = max(meta.max_seqlen_q, pad_rows)
+        rows = self.token_buckets[bisect.bisect_left(self.token_buckets, longest)]
+        return batch, tokens, min(rows, tokens), pad_slot
+
     def __call__(self, x: torch.Tensor, meta: BatchMetadata) -> torch.Tensor:
         if meta.batch_size != meta.num_real:
             raise ValueError("meta: expected the unpadded metadata of cache.prepare(...)")
-        key = self.bucket_for(meta.num_real, meta.num_real_tokens) if self.use_graphs else None
+        key = self._key(meta) if self.use_graphs else None
         if key is None:
             return self.block.forward_cached(x, meta, self.cache)
         self.block._check_x(x, meta.num_tokens)
@@ -132,12 +148,14 @@ class CachedBlockGraphs:
         b.replays += 1
         return b.out[: meta.num_real_tokens].clone()
 
-    def _new_bucket(self, batch: int, tokens: int) -> _Bucket:
+    def _new_bucket(self, batch: int, tokens: int, max_rows: int, pad_slot: bool) -> _Bucket:
         dev = self.cache.device
-        size = paged_layout_size(batch + 1, self.page_capacity)
+        size = paged_layout_size(batch + int(pad_slot), self.page_capacity)
         return _Bucket(
-            batch=batch,
+            batch=batch + int(pad_slot),
             tokens=tokens,
+            max_rows=max_rows,
+            pad_slot=pad_slot,
             x=torch.zeros(tokens, self.block.hidden, dtype=self.block.dtype, device=dev),
             meta_buffer=torch.zeros(size, dtype=torch.int32, device=dev),
         )
@@ -159,11 +177,12 @@ class CachedBlockGraphs:
             page_capacity=self.page_capacity,
             dummy_page=self.cache.dummy_page,
             out=b.meta_buffer,
+            pad_slot=False,
         )
 
     def _run(self, b: _Bucket, meta: BatchMetadata, waits: bool) -> torch.Tensor:
         return self.block.forward_cached(
-            b.x, meta, self.cache, max_seqlen_q=b.tokens, wait_for_pages=waits
+            b.x, meta, self.cache, max_seqlen_q=b.max_rows, wait_for_pages=waits
         )
 
     def _capture(self, b: _Bucket, meta: BatchMetadata) -> None:
