@@ -302,21 +302,52 @@ def test_padded_bucket_rows_change_nothing_cpu():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_fused_layernorm_mul_silu(device, monkeypatch):
-    """The one-pass Triton kernel (the interpreter on the CPU) against torch ops."""
+def test_layer_row_kernels(device, monkeypatch):
+    """The Triton row kernels of the layer (the interpreter on the CPU) against torch ops:
+    odd row counts (not a multiple of the rows per program) and widths (not a power of 2)."""
     from hstu_kernels.model import layer as L
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(L, "_KERNEL", None)  # re-decorate under the interpreter
-        monkeypatch.setattr(L, "_use_fused", lambda a: True)
+        monkeypatch.setattr(L, "_KERNELS", None)  # re-decorate under the interpreter
+        monkeypatch.setattr(L, "_use_triton", lambda t: True)
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    a, u = (torch.randn(7, 200, generator=gen).to(device, dtype) for _ in range(2))
-    w, b = (torch.randn(200, generator=gen).to(device, dtype) for _ in range(2))
-    got = L.layernorm_mul_silu(a, u, w, b, 1e-6)
-    ref32 = F.layer_norm(a.float(), (200,), w.float(), b.float(), 1e-6) * F.silu(u.float())
-    ref_lowp = F.layer_norm(a, (200,), w, b, 1e-6) * F.silu(u)
-    assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
-    if device == "cpu":
-        monkeypatch.setattr(L, "_KERNEL", None)  # drop the interpreted kernel
+    rows, n = 7, 200
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    a, w, b, uvqk = rand(rows, n), rand(n), rand(n), rand(rows, 4 * n)
+    u = uvqk[:, :n]  # strided, as the layer passes it
+    cases = [
+        (
+            L.layernorm_mul_silu(a, u, w, b, 1e-6),
+            lambda t: F.layer_norm(t(a), (n,), t(w), t(b), 1e-6) * F.silu(t(u)),
+        ),
+        (L.layernorm(a, w, b, 1e-6), lambda t: F.layer_norm(t(a), (n,), t(w), t(b), 1e-6)),
+        (
+            L.silu_split(uvqk, n),
+            lambda t: torch.stack([F.silu(t(uvqk)[:, n * i : n * (i + 1)]) for i in (1, 2, 3)]),
+        ),
+    ]
+    for got, ref in cases:
+        assert got.is_contiguous()
+        ref32, ref_lowp = ref(lambda t: t.float()), ref(lambda t: t)
+        assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
+
+
+def test_block_with_row_kernels_equals_torch_ops_cpu(monkeypatch):
+    """The layer wired to its Triton row kernels (interpreter) computes what torch ops do."""
+    from hstu_kernels.model import layer as L
+
+    block = make_block()
+    meta = build_jagged_metadata([9, 20], [3, 0], "cpu")
+    x = torch.randn(meta.num_tokens, block.hidden, generator=torch.Generator().manual_seed(2))
+    want = block.forward_uncached(x, meta, return_all=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(L, "_KERNELS", None)
+    monkeypatch.setattr(L, "_use_triton", lambda t: True)
+    got = block.forward_uncached(x, meta, return_all=True)
+    for g, w in zip(got, want, strict=True):
+        assert_hstu_close(g, w, w, eps=1e-5)

@@ -1,21 +1,25 @@
 """One HSTU layer for inference, with an uncached and a cached (paged KV) path.
 
     h          = LayerNorm(x)
-    u, v, q, k = SiLU(h @ W_uvqk)            one fused projection, [4, tokens, heads*D]
+    u, v, q, k = SiLU(h @ W_uvqk)            one fused projection, [tokens, 4 * heads*D]
     a          = HSTU attention(q, k, v)     hstu_attention, or append_kv + paged attention
     y          = LayerNorm(a) * u
     out        = x + y @ W_o                 output projection and residual (one addmm)
 
-The projection is a single batched matmul whose output is ``[4, tokens, heads*D]``, so ``u``,
-``v``, ``q`` and ``k`` are contiguous slices the attention ops take without a copy. As in the
-published HSTU inference path, the projections carry no bias (the LayerNorms have affine
-weights). Attention goes through the public ops only, so the layer runs on every backend.
+As in the published HSTU inference path, the projections carry no bias (the LayerNorms have
+affine weights). Attention goes through the public ops only, so the layer runs on every
+backend.
 
-Memory traffic outside the matmuls and the attention is what the uncached path pays for
-every token of every layer, so on CUDA one small Triton kernel computes
-``LayerNorm(a) * SiLU(u)`` in a single pass (``u`` is left raw by the SiLU pass, which then
-covers only ``v``, ``q``, ``k``). Elsewhere (CPU, or ``HSTU_FUSED_LAYERNORM=0``) the same
-math runs as torch ops.
+Memory traffic outside the matmuls and the attention is what the uncached path pays for every
+token of every layer, so on CUDA three small Triton kernels keep it to one pass each:
+
+- ``layernorm``: ``LayerNorm(x)``;
+- ``silu_split``: SiLU of the ``v``, ``q``, ``k`` columns of the projection, written as one
+  ``[3, tokens, heads*D]`` buffer so that ``q``, ``k``, ``v`` are the contiguous tensors the
+  ops take (``u`` stays raw, in place);
+- ``layernorm_mul_silu``: ``LayerNorm(a) * SiLU(u)``, reading ``u`` with its row stride.
+
+Elsewhere (CPU, or ``HSTU_FUSED_LAYERNORM=0``) the same math runs as torch ops.
 """
 
 from __future__ import annotations
@@ -30,61 +34,124 @@ from torch import nn
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention
 
-__all__ = ["HSTULayer", "layernorm_mul_silu"]
+__all__ = ["HSTULayer", "layernorm", "layernorm_mul_silu", "silu_split"]
 
 FUSED_ENV = "HSTU_FUSED_LAYERNORM"
-_KERNEL = None
+_KERNELS: dict | None = None
+ROWS = 4  # rows per program of the row kernels
 
 
-def _fused_kernel():
-    """The Triton kernel of :func:`layernorm_mul_silu` (compiled on first use)."""
-    global _KERNEL
-    if _KERNEL is None:
+def _kernels() -> dict:
+    """The Triton kernels (defined, and compiled, on first use)."""
+    global _KERNELS
+    if _KERNELS is None:
         import triton
         import triton.language as tl
 
         @triton.jit
-        def kernel(A, U, W, B, Y, n_cols, eps, BLOCK: tl.constexpr):
-            row = tl.program_id(0).to(tl.int64)
+        def layernorm_kernel(
+            X, U, W, B, Y, rows, n_cols, stride_u, eps,
+            HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        ):  # fmt: skip
+            r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
             cols = tl.arange(0, BLOCK)
-            mask = cols < n_cols
-            a = tl.load(A + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.sum(a, axis=0) / n_cols
-            d = tl.where(mask, a - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n_cols + eps)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(U + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-            y = (d * rstd * w + b) * (u * tl.sigmoid(u))
-            tl.store(Y + row * n_cols + cols, y.to(Y.dtype.element_ty), mask=mask)
+            mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
+            offs = r[:, None] * n_cols + cols[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=1) / n_cols
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            b = tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            y = d * rstd[:, None] * w[None, :] + b[None, :]
+            if HAS_U:
+                u_offs = r[:, None] * stride_u + cols[None, :]
+                u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
+                y = y * (u * tl.sigmoid(u))
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-        _KERNEL = kernel
-    return _KERNEL
+        @triton.jit
+        def silu_split_kernel(
+            SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr
+        ):
+            r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            part = tl.program_id(1).to(tl.int64)
+            cols = tl.arange(0, BLOCK)
+            mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
+            src = SRC + r[:, None] * stride_src + (part + 1) * n_cols + cols[None, :]
+            x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+            y = x * tl.sigmoid(x)
+            dst = DST + part * rows * n_cols + r[:, None] * n_cols + cols[None, :]
+            tl.store(dst, y.to(DST.dtype.element_ty), mask=mask)
+
+        _KERNELS = {"layernorm": layernorm_kernel, "silu_split": silu_split_kernel}
+    return _KERNELS
 
 
-def _use_fused(a: torch.Tensor) -> bool:
-    if a.device.type != "cuda" or os.environ.get(FUSED_ENV, "1") == "0":
+def _use_triton(t: torch.Tensor) -> bool:
+    if t.device.type != "cuda" or os.environ.get(FUSED_ENV, "1") == "0":
         return False
-    return a.shape[-1] <= 16384
+    return t.shape[-1] <= 8192
+
+
+def _launch_args(n: int) -> dict:
+    import triton
+
+    block = triton.next_power_of_2(n)
+    return dict(ROWS=ROWS, BLOCK=block, num_warps=min(16, max(4, ROWS * block // 512)))
+
+
+def _row_layernorm(
+    x: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    rows, n = x.shape
+    y = torch.empty_like(x)
+    if rows:
+        import triton
+
+        _kernels()["layernorm"][(triton.cdiv(rows, ROWS),)](
+            x, x if u is None else u, weight, bias, y, rows, n,
+            0 if u is None else u.stride(0), eps, HAS_U=u is not None, **_launch_args(n),
+        )  # fmt: skip
+    return y
+
+
+def layernorm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``LayerNorm(x)`` over the last dim of a contiguous ``x [rows, n]``."""
+    if not _use_triton(x):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return _row_layernorm(x, None, weight, bias, eps)
 
 
 def layernorm_mul_silu(
     a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """``LayerNorm(a) * SiLU(u)`` over the last dim of ``a, u [rows, n]`` (one pass on CUDA)."""
-    if not _use_fused(a):
+    """``LayerNorm(a) * SiLU(u)`` over the last dim of ``a [rows, n]`` (contiguous) and
+    ``u [rows, n]`` (unit column stride, any row stride); one pass on CUDA."""
+    if not _use_triton(a):
         y = F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
         return y.mul_(F.silu(u))
-    import triton
+    if u.stride(1) != 1:
+        raise ValueError(f"u: expected unit column stride, got strides {u.stride()}")
+    return _row_layernorm(a, u, weight, bias, eps)
 
-    rows, n = a.shape
-    y = torch.empty_like(a)
+
+def silu_split(uvqk: torch.Tensor, n: int) -> torch.Tensor:
+    """SiLU of columns ``n .. 4n-1`` of ``uvqk [rows, 4n]`` as a contiguous ``[3, rows, n]``
+    (the ``v``, ``q``, ``k`` of the projection); columns ``0 .. n-1`` (``u``) are not read."""
+    rows = uvqk.shape[0]
+    if not _use_triton(uvqk):
+        return F.silu(uvqk[:, n:]).view(rows, 3, n).transpose(0, 1).contiguous()
+    out = torch.empty((3, rows, n), dtype=uvqk.dtype, device=uvqk.device)
     if rows:
-        block = triton.next_power_of_2(n)
-        _fused_kernel()[(rows,)](
-            a, u, weight, bias, y, n, eps, BLOCK=block, num_warps=min(16, max(4, block // 256))
+        import triton
+
+        _kernels()["silu_split"][(triton.cdiv(rows, ROWS), 3)](
+            uvqk, out, rows, n, uvqk.stride(0), **_launch_args(n)
         )
-    return y
+    return out
 
 
 class HSTULayer(nn.Module):
@@ -128,27 +195,25 @@ class HSTULayer(nn.Module):
 
         self.norm_in_weight = param(hidden, std=0.1, mean=1.0)
         self.norm_in_bias = param(hidden, std=0.1)
-        self.uvqk_weight = param(4, hidden, inner, std=1 / math.sqrt(hidden))
+        self.uvqk_weight = param(hidden, 4 * inner, std=1 / math.sqrt(hidden))  # u | v | q | k
         self.norm_attn_weight = param(inner, std=0.1, mean=1.0)
         self.norm_attn_bias = param(inner, std=0.1)
         self.out_weight = param(hidden, inner, std=1 / math.sqrt(inner))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x [T, hidden]`` -> ``u [T, heads*D]`` (before its SiLU) and ``q, k, v
-        [T, heads, D]`` (after theirs)."""
+        """``x [T, hidden]`` -> ``u [T, heads*D]`` (before its SiLU; a strided view) and
+        ``q, k, v [T, heads, D]`` (after theirs; contiguous)."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
         if x.dtype != self.uvqk_weight.dtype:
             raise TypeError(f"x: expected dtype {self.uvqk_weight.dtype}, got {x.dtype}")
         tokens = x.shape[0]
-        h = F.layer_norm(x, (self.hidden,), self.norm_in_weight, self.norm_in_bias, self.eps)
-        # One batched matmul (the same h for all four) -> [4, T, inner], each slice contiguous.
-        uvqk = torch.bmm(h.unsqueeze(0).expand(4, tokens, self.hidden), self.uvqk_weight)
-        # u stays raw here: its SiLU is applied inside layernorm_mul_silu, one pass fewer.
-        F.silu(uvqk[1:], inplace=True)
-        u, v, q, k = uvqk.unbind(0)
+        inner = self.heads * self.head_dim
+        h = layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
+        uvqk = torch.mm(h, self.uvqk_weight)  # [T, 4 * inner]: one GEMM
+        v, q, k = silu_split(uvqk, inner).unbind(0)
         shape = (tokens, self.heads, self.head_dim)
-        return u, q.view(shape), k.view(shape), v.view(shape)
+        return uvqk[:, :inner], q.view(shape), k.view(shape), v.view(shape)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``x + (LayerNorm(attn) * SiLU(u)) @ W_o^T`` (``u`` as :meth:`project` returns it)."""
