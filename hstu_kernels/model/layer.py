@@ -104,6 +104,7 @@ def _launch_args(n: int) -> dict:
 def _row_layernorm(
     x: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
+    x = x.contiguous()  # the kernel indexes rows by the width
     rows, n = x.shape
     y = torch.empty_like(x)
     if rows:
