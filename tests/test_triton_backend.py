@@ -286,6 +286,15 @@ def test_tile_configs_gpu(config):
 
 
 @gpu
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_fp32_on_gpu(head_dim):
+    # fp32 is declared (exact tl.dot); it must fit shared memory at the largest head dim.
+    case = _case(([130, 33], [40, 33], [7, 0]), 16, 2, head_dim, "cuda", 2)
+    _check_paged(case, torch.float32)
+    _check_jagged(case, torch.float32)
+
+
+@gpu
 def test_autotuned_call_and_small_grid_split(monkeypatch):
     # B=1: the grid is far smaller than the GPU, so the KV range is split (and summed).
     monkeypatch.setenv("HSTU_TRITON_AUTOTUNE", "1")

@@ -67,7 +67,8 @@ def default_config(head_dim: int, page_size: int | None, interpret: bool) -> Con
     Chosen from H100 sweeps (bench/NOTES-triton.md); ``page_size=None`` is the jagged kernel.
     """
     if interpret:
-        # The interpreter's cost grows with the number of tiles visited, not their size.
+        # The interpreter's cost grows with the number of tiles visited, not their size; fp32
+        # on a GPU uses this small set too (~64 KB of shared memory at head dim 256).
         return Config(32, 16, 4, 1)
     if head_dim >= 256:
         return Config(128, 64, 8, 2)

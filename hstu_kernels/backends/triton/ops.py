@@ -41,7 +41,9 @@ def _interpreting() -> bool:
 def _pick(run, q: torch.Tensor, batch: int, page_size: int | None, max_seqlen: int) -> Config:
     """The config for this call: tuned on first use of its key, else the fixed default."""
     head_dim = q.shape[2]
-    if _interpreting() or q.device.type != "cuda":
+    if _interpreting() or q.device.type != "cuda" or q.dtype == torch.float32:
+        # fp32 (accepted for exactness, not speed) takes the small tile set: its tiles are
+        # twice as large in bytes and must fit every card's shared memory.
         return default_config(head_dim, page_size, interpret=True)
     fallback = default_config(head_dim, page_size, interpret=False)
     key = _key(q, batch, page_size, max_seqlen)
