@@ -8,6 +8,8 @@ dispatcher picks on the card (the graph tests need a capturable ``append_kv``: T
 
 from __future__ import annotations
 
+import os
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -19,6 +21,25 @@ from hstu_kernels.model import HSTUBlock
 from hstu_kernels.testing import assert_hstu_close
 
 SMALL = dict(num_layers=2, hidden=24, heads=2, head_dim=16)
+
+if not torch.cuda.is_available():
+    # The layer's Triton row kernels run in the interpreter on the CPU; Triton reads this when
+    # triton.language is first imported (as tests/test_triton_backend.py does).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _use_interpreter(monkeypatch) -> None:
+    """Route the layer's row kernels through the Triton interpreter, or skip if Triton was
+    imported before TRITON_INTERPRET was set (its language functions are then compiled-only)."""
+    import triton.language as tl
+
+    from hstu_kernels.model import layer as L
+
+    if type(tl.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(L, "_KERNELS", None)  # re-decorate under the interpreter
+    monkeypatch.setattr(L, "_use_triton", lambda t: True)
 
 
 def make_block(dtype=torch.float32, device="cpu", scaling_seqlen=64, **kw):
@@ -308,9 +329,7 @@ def test_layer_row_kernels(device, monkeypatch):
     from hstu_kernels.model import layer as L
 
     if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr(L, "_KERNELS", None)  # re-decorate under the interpreter
-        monkeypatch.setattr(L, "_use_triton", lambda t: True)
+        _use_interpreter(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows, n = 7, 200
@@ -339,15 +358,12 @@ def test_layer_row_kernels(device, monkeypatch):
 
 def test_block_with_row_kernels_equals_torch_ops_cpu(monkeypatch):
     """The layer wired to its Triton row kernels (interpreter) computes what torch ops do."""
-    from hstu_kernels.model import layer as L
 
     block = make_block()
     meta = build_jagged_metadata([9, 20], [3, 0], "cpu")
     x = torch.randn(meta.num_tokens, block.hidden, generator=torch.Generator().manual_seed(2))
     want = block.forward_uncached(x, meta, return_all=True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(L, "_KERNELS", None)
-    monkeypatch.setattr(L, "_use_triton", lambda t: True)
+    _use_interpreter(monkeypatch)
     got = block.forward_uncached(x, meta, return_all=True)
     for g, w in zip(got, want, strict=True):
         assert_hstu_close(g, w, w, eps=1e-5)
