@@ -70,7 +70,8 @@ def host_overhead(reps: int = 2000) -> None:
     fn, _ = ampere.get_kernel(_arch(), dtype, 128, 32, True)
     pt = case.page_table
     args = (case.q, case.k_new, case.v_new, out, case.kv_cache, case.cu_q, case.num_targets,
-            pt.page_indptr, pt.page_ids, pt.last_page_len, 0.088, 1 / 44, 1)  # fmt: skip
+            pt.page_indptr, pt.page_ids, pt.last_page_len, 0.088, 1 / 44, 1,
+            torch.zeros(1, 1, 1, 128, device="cuda"), 1)  # fmt: skip
 
     def op():
         hk.paged_hstu_attention(
@@ -162,7 +163,8 @@ def sweep() -> None:
                 args = (pc.q_full, pc.k_full, pc.v_full, out, pc.q_full.view(-1), pc.cu_full,
                         pc.num_targets, pc.cu_full, pc.cu_full, pc.cu_full)  # fmt: skip
             nm = -(-rows // cfg.block_m)
-            call = functools.partial(fn, *args, case.head_dim**-0.5, 1.0 / scaling, nm)
+            ws = torch.zeros(1, 1, 1, case.head_dim, device="cuda")
+            call = functools.partial(fn, *args, case.head_dim**-0.5, 1.0 / scaling, nm, ws, 1)
             try:
                 ms = do_bench(call, warmup=25, rep=100, return_mode="median")
             except Exception as exc:  # a tile shape that fails must not hide the others
