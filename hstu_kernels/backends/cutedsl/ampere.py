@@ -8,7 +8,9 @@ cubin. One CTA computes one (q-tile of BM rows, head, sequence):
    -> smem (prefetched during the previous tile's P@V), V tile -> smem (during this tile's
    Q@K^T); ``S = Q K^T`` (ldmatrix + mma.sync, fp32); ``P = silu(alpha S) / scaling_seqlen``
    (zeroed where the HSTU mask drops a pair, only on partial tiles); ``O += P V``.
-3. O -> smem -> global, rows past the sequence not written.
+3. O -> smem -> global, rows past the sequence not written. Split-KV variant (``split=True``):
+   the CTA walks only its chunk of the KV tiles and writes its fp32 partial O to a workspace
+   that the caller sums (no softmax normaliser in HSTU: partials simply add).
 
 KV rows are gathered row by row: history keys through the page table (one page lookup per
 tile when a page covers the tile, else one per row), target keys (paged) or all keys (jagged)
