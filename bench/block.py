@@ -323,6 +323,10 @@ def measure(
     if bar is not None:
         bar.close()
     log(f"graph buckets captured: {runner.captured}; waits inside graphs: {runner.graph_waits}")
+    from hstu_kernels.model import layer
+
+    if layer._BROKEN:
+        log(f"the layer's Triton row kernels were OFF: {layer._BROKEN[0]}")
     return entries
 
 

@@ -350,6 +350,7 @@ def test_layer_row_kernels(device, monkeypatch):
             lambda t: torch.stack([F.silu(t(uvqk)[:, n * i : n * (i + 1)]) for i in (1, 2, 3)]),
         ),
     ]
+    assert not L._BROKEN, L._BROKEN  # the kernels ran (no fallback to torch ops)
     for got, ref in cases:
         assert got.is_contiguous()
         ref32, ref_lowp = ref(lambda t: t.float()), ref(lambda t: t)

@@ -88,10 +88,33 @@ def _kernels() -> dict:
     return _KERNELS
 
 
+_BROKEN: list[str] = []  # why the Triton row kernels were switched off in this process
+
+
 def _use_triton(t: torch.Tensor) -> bool:
-    if t.device.type != "cuda" or os.environ.get(FUSED_ENV, "1") == "0":
+    if t.device.type != "cuda" or os.environ.get(FUSED_ENV, "1") == "0" or _BROKEN:
         return False
     return t.shape[-1] <= 8192
+
+
+def _run_or_fall_back(launch, fallback):
+    """Launch a row kernel; if it cannot run here (a Triton that fails to compile it), say so
+    once, switch the row kernels off for this process and use the torch ops."""
+    try:
+        return launch()
+    except Exception as exc:
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        import warnings
+
+        _BROKEN.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(
+            f"hstu_kernels.model.layer: Triton row kernels disabled ({_BROKEN[0]}); "
+            "using torch ops",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return fallback()
 
 
 def _launch_args(n: int) -> dict:
@@ -120,10 +143,14 @@ def _row_layernorm(
 def layernorm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """``LayerNorm(x)`` over the last dim of a contiguous ``x [rows, n]``."""
-    if not _use_triton(x):
+    """``LayerNorm(x)`` over the last dim of ``x [rows, n]``."""
+
+    def torch_ops() -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return _row_layernorm(x, None, weight, bias, eps)
+
+    if not _use_triton(x):
+        return torch_ops()
+    return _run_or_fall_back(lambda: _row_layernorm(x, None, weight, bias, eps), torch_ops)
 
 
 def layernorm_mul_silu(
@@ -131,28 +158,39 @@ def layernorm_mul_silu(
 ) -> torch.Tensor:
     """``LayerNorm(a) * SiLU(u)`` over the last dim of ``a [rows, n]`` (contiguous) and
     ``u [rows, n]`` (unit column stride, any row stride); one pass on CUDA."""
-    if not _use_triton(a):
+
+    def torch_ops() -> torch.Tensor:
         y = F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
         return y.mul_(F.silu(u))
+
+    if not _use_triton(a):
+        return torch_ops()
     if u.stride(1) != 1:
         raise ValueError(f"u: expected unit column stride, got strides {u.stride()}")
-    return _row_layernorm(a, u, weight, bias, eps)
+    return _run_or_fall_back(lambda: _row_layernorm(a, u, weight, bias, eps), torch_ops)
 
 
 def silu_split(uvqk: torch.Tensor, n: int) -> torch.Tensor:
     """SiLU of columns ``n .. 4n-1`` of ``uvqk [rows, 4n]`` as a contiguous ``[3, rows, n]``
     (the ``v``, ``q``, ``k`` of the projection); columns ``0 .. n-1`` (``u``) are not read."""
     rows = uvqk.shape[0]
-    if not _use_triton(uvqk):
-        return F.silu(uvqk[:, n:]).view(rows, 3, n).transpose(0, 1).contiguous()
-    out = torch.empty((3, rows, n), dtype=uvqk.dtype, device=uvqk.device)
-    if rows:
-        import triton
 
-        _kernels()["silu_split"][(triton.cdiv(rows, ROWS), 3)](
-            uvqk, out, rows, n, uvqk.stride(0), **_launch_args(n)
-        )
-    return out
+    def torch_ops() -> torch.Tensor:
+        return F.silu(uvqk[:, n:]).view(rows, 3, n).transpose(0, 1).contiguous()
+
+    def launch() -> torch.Tensor:
+        out = torch.empty((3, rows, n), dtype=uvqk.dtype, device=uvqk.device)
+        if rows:
+            import triton
+
+            _kernels()["silu_split"][(triton.cdiv(rows, ROWS), 3)](
+                uvqk, out, rows, n, uvqk.stride(0), **_launch_args(n)
+            )
+        return out
+
+    if not _use_triton(uvqk):
+        return torch_ops()
+    return _run_or_fall_back(launch, torch_ops)
 
 
 class HSTULayer(nn.Module):
