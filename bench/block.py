@@ -388,7 +388,17 @@ def plot(entries: list[dict[str, Any]], card: str, out: Path) -> Path:
             if all(p[4] is not None for p in pts):
                 ax.plot(h, [p[4] for p in pts], ":", color=f"C{i}", label=f"B={b} no cache, graph")
             ax.plot(h, [p[1] for p in pts], "-o", ms=3, color=f"C{i}", label=f"B={b} KV cache")
-            ax2.plot(h, [p[3] for p in pts], "-o", ms=3, color=f"C{i}", label=f"B={b}")
+            if all(p[4] is not None for p in pts):
+                ax2.plot(
+                    h, [p[4] / p[1] for p in pts], "-o", ms=3, color=f"C{i}",
+                    label=f"B={b} over no cache, graph",
+                )  # fmt: skip
+                ax2.plot(
+                    h, [p[3] for p in pts], "--", lw=0.8, color=f"C{i}",
+                    label=f"B={b} over no cache, eager",
+                )  # fmt: skip
+            else:
+                ax2.plot(h, [p[3] for p in pts], "-o", ms=3, color=f"C{i}", label=f"B={b}")
         ax.set_yscale("log")
         e0 = entries[0]
         ax.set_xlabel(
