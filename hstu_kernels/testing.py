@@ -173,3 +173,31 @@ def make_paged_case(
         page_table=PageTable.from_lists(page_lists, histories, page_size, device),
         rows=rows,
     )
+
+
+def check_paged_backend(case: PagedCase, dtype: torch.dtype, backend: str) -> None:
+    """Run ``paged_hstu_attention`` on ``backend`` in ``dtype`` over ``case`` (output poisoned
+    first) and assert the DESIGN.md §5 rule against the rows of the full jagged reference."""
+    from hstu_kernels.ops import paged_hstu_attention
+
+    ref32 = case.reference_full(torch.float32)[case.rows]
+    ref_lowp = case.reference_full(dtype)[case.rows]
+    q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
+    out = paged_hstu_attention(
+        q, k_new, v_new, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
+        scaling_seqlen=case.max_total, backend=backend, out=poisoned_like(q),
+    )  # fmt: skip
+    assert_hstu_close(out, ref32, ref_lowp)
+
+
+def check_jagged_backend(case: PagedCase, dtype: torch.dtype, backend: str) -> None:
+    """Run ``hstu_attention`` on ``backend`` in ``dtype`` over the whole sequences of ``case``
+    (output poisoned first) and assert the DESIGN.md §5 rule against the reference."""
+    from hstu_kernels.ops import hstu_attention
+
+    q, k, v = (t.to(dtype) for t in (case.q_full, case.k_full, case.v_full))
+    out = hstu_attention(
+        q, k, v, case.cu_full, num_targets=case.num_targets, backend=backend,
+        out=poisoned_like(q),
+    )  # fmt: skip
+    assert_hstu_close(out, case.reference_full(torch.float32), case.reference_full(dtype))

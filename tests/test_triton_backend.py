@@ -27,6 +27,8 @@ from hstu_kernels.dispatch import registry  # noqa: E402
 from hstu_kernels.testing import (  # noqa: E402
     PagedCase,
     assert_hstu_close,
+    check_jagged_backend,
+    check_paged_backend,
     make_paged_case,
     poisoned_like,
 )
@@ -75,23 +77,11 @@ def _case(shape, page_size, heads, head_dim, device, seed) -> PagedCase:
 
 
 def _check_paged(case: PagedCase, dtype: torch.dtype, backend: str = "triton") -> None:
-    ref32 = case.reference_full(torch.float32)[case.rows]
-    ref_lowp = case.reference_full(dtype)[case.rows]
-    q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
-    out = hk.paged_hstu_attention(
-        q, k_new, v_new, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
-        scaling_seqlen=case.max_total, backend=backend, out=poisoned_like(q),
-    )  # fmt: skip
-    assert_hstu_close(out, ref32, ref_lowp)
+    check_paged_backend(case, dtype, backend)
 
 
 def _check_jagged(case: PagedCase, dtype: torch.dtype) -> None:
-    q, k, v = (t.to(dtype) for t in (case.q_full, case.k_full, case.v_full))
-    out = hk.hstu_attention(
-        q, k, v, case.cu_full, num_targets=case.num_targets, backend="triton",
-        out=poisoned_like(q),
-    )  # fmt: skip
-    assert_hstu_close(out, case.reference_full(torch.float32), case.reference_full(dtype))
+    check_jagged_backend(case, dtype, "triton")
 
 
 def _check_append(case: PagedCase, dtype: torch.dtype) -> None:
