@@ -85,7 +85,7 @@ def hstu_attention(
     Returns:
         ``[sum_b L_b, heads, head_dim]`` in the dtype of ``q`` (``out`` if given).
     """
-    val.check_qkv(("q", "k", "v"), q, k, v)
+    val.check_packed(("q", "k", "v"), q, k, v)
     cu_seqlens = val.check_offsets("cu_seqlens", cu_seqlens, q.device)
     batch = cu_seqlens.shape[0] - 1
     num_targets = val.check_num_targets(num_targets, batch, q.device)
@@ -189,7 +189,7 @@ def paged_hstu_attention(
     Returns:
         ``[sum_b (N_b+T_b), heads, head_dim]`` in the dtype of ``q`` (``out`` if given).
     """
-    val.check_qkv(("q", "k_new", "v_new"), q, k_new, v_new)
+    val.check_packed(("q", "k_new", "v_new"), q, k_new, v_new)
     page_size = val.check_kv_cache(kv_cache, q)
     cu_seqlens_q = val.check_offsets("cu_seqlens_q", cu_seqlens_q, q.device)
     batch = cu_seqlens_q.shape[0] - 1
@@ -255,7 +255,7 @@ def append_kv(
     already describes (pages allocated, ``last_page_len`` updated). Target rows are not cached.
     ``validate`` as in :func:`paged_hstu_attention`.
     """
-    val.check_qkv(("k", "v", "v"), k, v, v)
+    val.check_packed(("k", "v"), k, v)
     page_size = val.check_kv_cache(kv_cache, k, "k")
     cu_seqlens = val.check_offsets("cu_seqlens", cu_seqlens, k.device)
     batch = cu_seqlens.shape[0] - 1

@@ -44,10 +44,11 @@ def check_tensor(
     return t
 
 
-def check_qkv(names: tuple[str, str, str], q: object, k: object, v: object) -> None:
-    """Packed ``[tokens, heads, head_dim]`` tensors of one dtype, shape and device."""
-    q = check_tensor(names[0], q, ndim=3, dtypes=ATTENTION_DTYPES)
-    for name, t in zip(names[1:], (k, v), strict=True):
+def check_packed(names: tuple[str, ...], first: object, *others: object) -> None:
+    """Packed ``[tokens, heads, head_dim]`` tensors of one dtype, shape and device (the first
+    one's)."""
+    q = check_tensor(names[0], first, ndim=3, dtypes=ATTENTION_DTYPES)
+    for name, t in zip(names[1:], others, strict=True):
         t = check_tensor(name, t, ndim=3, dtypes=ATTENTION_DTYPES, device=q.device)
         if t.dtype != q.dtype:
             raise TypeError(
