@@ -12,6 +12,12 @@ from hstu_kernels.model.layer import HSTULayer
 __all__ = ["HSTUBlock"]
 
 
+def _residual_in_place(layer: int, return_all: bool) -> bool:
+    """Whether layer ``layer`` may accumulate its residual into its input: not the first
+    layer's (the caller's ``x``), and none when every layer's output is returned."""
+    return layer > 0 and not return_all
+
+
 class HSTUBlock(nn.Module):
     """``num_layers`` :class:`HSTULayer` s in sequence.
 
@@ -118,9 +124,13 @@ class HSTUBlock(nn.Module):
         """
         self._check_x(x, meta.num_tokens)
         outs = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer.forward_uncached(
-                x, meta, scaling_seqlen=self.scaling_seqlen, backend=self.backend
+                x,
+                meta,
+                scaling_seqlen=self.scaling_seqlen,
+                backend=self.backend,
+                inplace=_residual_in_place(i, return_all),
             )
             outs.append(x)
         return outs if return_all else x
@@ -162,6 +172,7 @@ class HSTUBlock(nn.Module):
                 scaling_seqlen=self.scaling_seqlen,
                 max_seqlen_q=max_seqlen_q,
                 backend=self.backend,
+                inplace=_residual_in_place(i, return_all),
             )
             outs.append(x)
         return outs if return_all else x

@@ -11,15 +11,19 @@ affine weights). Attention goes through the public ops only, so the layer runs o
 backend.
 
 Memory traffic outside the matmuls and the attention is what the uncached path pays for every
-token of every layer, so on CUDA three small Triton kernels keep it to one pass each:
+token of every layer, so on CUDA it is kept to one pass each:
 
-- ``layernorm``: ``LayerNorm(x)``;
-- ``silu_split``: SiLU of the ``v``, ``q``, ``k`` columns of the projection, written as one
-  ``[3, tokens, heads*D]`` buffer so that ``q``, ``k``, ``v`` are the contiguous tensors the
-  ops take (``u`` stays raw, in place);
-- ``layernorm_mul_silu``: ``LayerNorm(a) * SiLU(u)``, reading ``u`` with its row stride.
+- ``layernorm`` (a Triton row kernel): ``LayerNorm(x)``;
+- :func:`~hstu_kernels.model.projection.project_silu`: the projection GEMM with the SiLU of
+  all four column groups in its epilogue, written as one ``[4, tokens, heads*D]`` buffer so
+  that ``u``, ``q``, ``k``, ``v`` are the contiguous tensors the ops take (it falls back to
+  cuBLAS + a SiLU/split pass where that is faster);
+- ``layernorm_mul`` (a Triton row kernel): ``LayerNorm(a) * u``;
+- the residual: ``addmm`` accumulates into ``x`` itself (``inplace=True``) when the caller
+  no longer needs ``x``, which saves the copy of ``x`` an out-of-place ``addmm`` makes.
 
-Elsewhere (CPU, or ``HSTU_FUSED_LAYERNORM=0``) the same math runs as torch ops.
+Elsewhere (CPU, or ``HSTU_FUSED_LAYERNORM=0`` for the row kernels) the same math runs as
+torch ops.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
+from hstu_kernels.model.projection import project_silu
 from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention
 
-__all__ = ["HSTULayer", "layernorm", "layernorm_mul_silu", "silu_split"]
+__all__ = ["HSTULayer", "layernorm", "layernorm_mul"]
 
 FUSED_ENV = "HSTU_FUSED_LAYERNORM"
 _KERNELS: dict | None = None
@@ -67,24 +72,10 @@ def _kernels() -> dict:
             if HAS_U:
                 u_offs = r[:, None] * stride_u + cols[None, :]
                 u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
-                y = y * (u * tl.sigmoid(u))
+                y = y * u
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-        @triton.jit
-        def silu_split_kernel(
-            SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr
-        ):
-            r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-            part = tl.program_id(1).to(tl.int64)
-            cols = tl.arange(0, BLOCK)
-            mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
-            src = SRC + r[:, None] * stride_src + (part + 1) * n_cols + cols[None, :]
-            x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-            y = x * tl.sigmoid(x)
-            dst = DST + part * rows * n_cols + r[:, None] * n_cols + cols[None, :]
-            tl.store(dst, y.to(DST.dtype.element_ty), mask=mask)
-
-        _KERNELS = {"layernorm": layernorm_kernel, "silu_split": silu_split_kernel}
+        _KERNELS = {"layernorm": layernorm_kernel}
     return _KERNELS
 
 
@@ -153,44 +144,21 @@ def layernorm(
     return _run_or_fall_back(lambda: _row_layernorm(x, None, weight, bias, eps), torch_ops)
 
 
-def layernorm_mul_silu(
+def layernorm_mul(
     a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """``LayerNorm(a) * SiLU(u)`` over the last dim of ``a [rows, n]`` (contiguous) and
-    ``u [rows, n]`` (unit column stride, any row stride); one pass on CUDA."""
+    """``LayerNorm(a) * u`` over the last dim of ``a [rows, n]`` and ``u [rows, n]`` (unit
+    column stride, any row stride; already through its SiLU); one pass on CUDA."""
 
     def torch_ops() -> torch.Tensor:
         y = F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
-        return y.mul_(F.silu(u))
+        return y.mul_(u)
 
     if not _use_triton(a):
         return torch_ops()
     if u.stride(1) != 1:
         raise ValueError(f"u: expected unit column stride, got strides {u.stride()}")
     return _run_or_fall_back(lambda: _row_layernorm(a, u, weight, bias, eps), torch_ops)
-
-
-def silu_split(uvqk: torch.Tensor, n: int) -> torch.Tensor:
-    """SiLU of columns ``n .. 4n-1`` of ``uvqk [rows, 4n]`` as a contiguous ``[3, rows, n]``
-    (the ``v``, ``q``, ``k`` of the projection); columns ``0 .. n-1`` (``u``) are not read."""
-    rows = uvqk.shape[0]
-
-    def torch_ops() -> torch.Tensor:
-        return F.silu(uvqk[:, n:]).view(rows, 3, n).transpose(0, 1).contiguous()
-
-    def launch() -> torch.Tensor:
-        out = torch.empty((3, rows, n), dtype=uvqk.dtype, device=uvqk.device)
-        if rows:
-            import triton
-
-            _kernels()["silu_split"][(triton.cdiv(rows, ROWS), 3)](
-                uvqk, out, rows, n, uvqk.stride(0), **_launch_args(n)
-            )
-        return out
-
-    if not _use_triton(uvqk):
-        return torch_ops()
-    return _run_or_fall_back(launch, torch_ops)
 
 
 class HSTULayer(nn.Module):
@@ -240,26 +208,32 @@ class HSTULayer(nn.Module):
         self.out_weight = param(hidden, inner, std=1 / math.sqrt(inner))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x [T, hidden]`` -> ``u [T, heads*D]`` (before its SiLU; a strided view) and
-        ``q, k, v [T, heads, D]`` (after theirs; contiguous)."""
+        """``x [T, hidden]`` -> ``u [T, heads*D]`` and ``q, k, v [T, heads, D]``, all after
+        their SiLU and contiguous (slots of one ``[4, T, heads*D]`` buffer)."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
         if x.dtype != self.uvqk_weight.dtype:
             raise TypeError(f"x: expected dtype {self.uvqk_weight.dtype}, got {x.dtype}")
         tokens = x.shape[0]
-        inner = self.heads * self.head_dim
         h = layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
-        uvqk = torch.mm(h, self.uvqk_weight)  # [T, 4 * inner]: one GEMM
-        v, q, k = silu_split(uvqk, inner).unbind(0)
+        u, v, q, k = project_silu(h, self.uvqk_weight).unbind(0)  # one GEMM, SiLU fused
         shape = (tokens, self.heads, self.head_dim)
-        return uvqk[:, :inner], q.view(shape), k.view(shape), v.view(shape)
+        return u, q.view(shape), k.view(shape), v.view(shape)
 
-    def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``x + (LayerNorm(attn) * SiLU(u)) @ W_o^T`` (``u`` as :meth:`project` returns it)."""
+    def finish(
+        self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, *, inplace: bool = False
+    ) -> torch.Tensor:
+        """``x + (LayerNorm(attn) * u) @ W_o^T`` (``u`` as :meth:`project` returns it).
+
+        ``inplace=True`` accumulates into ``x`` and returns it: no copy of ``x``, but the
+        caller's ``x`` is overwritten (use it only for a tensor nobody reads afterwards).
+        """
         inner = self.heads * self.head_dim
-        y = layernorm_mul_silu(
+        y = layernorm_mul(
             attn.view(-1, inner), u, self.norm_attn_weight, self.norm_attn_bias, self.eps
         )
+        if inplace:
+            return torch.addmm(x, y, self.out_weight.t(), out=x)
         return torch.addmm(x, y, self.out_weight.t())
 
     def forward_uncached(
@@ -270,8 +244,10 @@ class HSTULayer(nn.Module):
         scaling_seqlen: int,
         backend: str = "auto",
         validate: bool = False,
+        inplace: bool = False,
     ) -> torch.Tensor:
-        """Whole sequences (history + targets), ``x [meta.num_tokens, hidden]``."""
+        """Whole sequences (history + targets), ``x [meta.num_tokens, hidden]``;
+        ``inplace``: the residual overwrites ``x`` (see :meth:`finish`)."""
         u, q, k, v = self.project(x)
         attn = hstu_attention(
             q,
@@ -285,7 +261,7 @@ class HSTULayer(nn.Module):
             backend=backend,
             validate=validate,
         )
-        return self.finish(x, attn, u)
+        return self.finish(x, attn, u, inplace=inplace)
 
     def forward_cached(
         self,
@@ -297,10 +273,12 @@ class HSTULayer(nn.Module):
         max_seqlen_q: int | None = None,
         backend: str = "auto",
         validate: bool = False,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """New history + target rows, ``x [meta.num_tokens, hidden]``, over this layer's
         cache ``kv_cache [num_pages, 2, page_size, heads, D]``: appends the new history K/V,
-        then attends over the whole cached history."""
+        then attends over the whole cached history; ``inplace``: the residual overwrites
+        ``x`` (see :meth:`finish`)."""
         u, q, k, v = self.project(x)
         append_kv(
             kv_cache,
@@ -326,4 +304,4 @@ class HSTULayer(nn.Module):
             backend=backend,
             validate=validate,
         )
-        return self.finish(x, attn, u)
+        return self.finish(x, attn, u, inplace=inplace)

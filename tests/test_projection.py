@@ -1,0 +1,301 @@
+"""The fused projection (GEMM + SiLU epilogue into ``[4, T, inner]``), its chooser, and the
+layer/block wired to it and to the in-place residual.
+
+CPU tests run the Triton kernels in the interpreter (fp16/fp32: the interpreter's bf16 dot is
+wrong); ``gpu`` tests run every tile config in bf16 at the profiled shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+
+from hstu_kernels.kvcache import build_jagged_metadata
+from hstu_kernels.model import HSTUBlock
+from hstu_kernels.model import projection as P
+from hstu_kernels.testing import assert_hstu_close, poisoned_like
+
+if not torch.cuda.is_available():
+    # Triton reads this when triton.language is first imported (see tests/test_block.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# small tiles for the interpreter: BLOCK_N divides inner 32/64; several row tiles per group
+SMALL_CONFIGS = (P.GemmConfig(16, 32, 32, 2, 1, 4), P.GemmConfig(32, 16, 16, 3, 1, 4))
+
+
+def _use_interpreter(monkeypatch) -> None:
+    """Route the projection's Triton kernels through the interpreter on CPU tensors."""
+    import triton.language as tl
+
+    if type(tl.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(P, "_KERNELS", None)  # re-decorate under the interpreter
+    monkeypatch.setattr(P, "_triton_ok", lambda h: True)
+    monkeypatch.setattr(P, "_CHOICES", {})
+
+
+def _inputs(tokens, k, inner, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, k, generator=gen).to(device, dtype)
+    w = (torch.randn(k, 4 * inner, generator=gen) / k**0.5).to(device, dtype)
+    return h, w
+
+
+def _refs(h, w):
+    """fp32 yardstick and the low-precision torch path (unfused: rounds the GEMM, then SiLU)."""
+    return P.torch_project_silu(h.float(), w.float()), P.torch_project_silu(h, w)
+
+
+def _check_fused(tokens, k, inner, dtype, config):
+    h, w = _inputs(tokens, k, inner, dtype, seed=tokens + k + inner)
+    out = poisoned_like(torch.empty(4, tokens, inner, dtype=dtype))
+    got = P.silu_gemm(h, w, config, out=out)
+    assert got is out
+    ref32, ref_lowp = _refs(h, w)
+    assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 7, 65, 130])
+def test_silu_gemm_interpreter(tokens, dtype, monkeypatch):
+    _use_interpreter(monkeypatch)
+    # K 40: not a multiple of BLOCK_K (the masked K loop); inner 64 with BLOCK_N 16/32:
+    # several column tiles per slot
+    for k, inner, config in [(32, 32, SMALL_CONFIGS[0]), (64, 64, SMALL_CONFIGS[1])]:
+        _check_fused(tokens, k, inner, dtype, config)
+    _check_fused(tokens, 40, 64, dtype, SMALL_CONFIGS[0])
+
+
+@given(
+    tokens=st.integers(1, 100),
+    k=st.sampled_from([16, 32, 48, 64]),
+    inner=st.sampled_from([32, 64]),
+    config=st.sampled_from(SMALL_CONFIGS),
+)
+def test_silu_gemm_interpreter_random(tokens, k, inner, config):
+    import triton.language as tl
+
+    if type(tl.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    P._KERNELS = None  # hypothesis forbids function-scoped fixtures: reset by hand
+    try:
+        _check_fused(tokens, k, inner, torch.float16, config)
+    finally:
+        P._KERNELS = None
+
+
+def test_silu_gemm_rejects_a_config_that_straddles_slots():
+    h, w = _inputs(4, 32, 48, torch.float32)
+    with pytest.raises(ValueError, match="BLOCK_N does not divide inner=48"):
+        P.silu_gemm(h, w, SMALL_CONFIGS[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_silu_split_interpreter(dtype, monkeypatch):
+    """The unfused path's pass: strided input (a view of a wider product), odd rows and a
+    width that is not a power of two."""
+    _use_interpreter(monkeypatch)
+    rows, inner = 7, 40
+    wide = torch.randn(rows, 4 * inner + 8, generator=torch.Generator().manual_seed(1))
+    uvqk = wide.to(dtype)[:, 3 : 3 + 4 * inner]
+    out = poisoned_like(torch.empty(4, rows, inner, dtype=dtype))
+    got = P.silu_split(uvqk, inner, out=out)
+    ref32 = F.silu(uvqk.float()).view(rows, 4, inner).transpose(0, 1)
+    ref_lowp = F.silu(uvqk).view(rows, 4, inner).transpose(0, 1)
+    assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
+
+
+def test_project_silu_cpu_path():
+    h, w = _inputs(9, 24, 32, torch.float32)
+    got = P.project_silu(h, w)
+    assert got.shape == (4, 9, 32) and got.is_contiguous()
+    want = F.silu(h @ w)
+    for slot in range(4):
+        torch.testing.assert_close(got[slot], want[:, slot * 32 : (slot + 1) * 32])
+    assert P.project_silu(h[:0], w).shape == (4, 0, 32)
+    assert not P._CHOICES  # nothing timed or cached without CUDA
+    with pytest.raises(ValueError, match="4 \\* inner"):
+        P.project_silu(h, w[:, :30])
+    with pytest.raises(ValueError, match="expected \\[T, K\\]"):
+        P.project_silu(h[:, :20], w)
+    with pytest.raises(TypeError, match="one dtype"):
+        P.project_silu(h.double(), w)
+
+
+def test_default_choice():
+    assert P.default_choice(1024) == P.CONFIGS[0]
+    assert P.default_choice(192) == P.GemmConfig(64, 64, 64, 8, 4, 4)
+    assert P.default_choice(96) == P.UNFUSED
+    assert all(c.block_m % 64 == 0 and c.num_warps in (4, 8) for c in P.CONFIGS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_project_silu_chooser_interpreter(dtype, monkeypatch):
+    """With Triton on: fp16 takes the default config (no timing off CUDA), fp32 the unfused
+    path (cuBLAS keeps fp32 exact); a forced choice is obeyed."""
+    _use_interpreter(monkeypatch)
+    monkeypatch.setattr(P, "CONFIGS", SMALL_CONFIGS)
+    calls = []
+    real_gemm, real_split = P.silu_gemm, P.silu_split
+    monkeypatch.setattr(
+        P, "silu_gemm", lambda *a, **kw: calls.append("gemm") or real_gemm(*a, **kw)
+    )
+    monkeypatch.setattr(
+        P, "silu_split", lambda *a, **kw: calls.append("split") or real_split(*a, **kw)
+    )
+    h, w = _inputs(33, 32, 32, dtype)
+    ref32, ref_lowp = _refs(h, w)
+    assert_hstu_close(P.project_silu(h, w), ref32, ref_lowp, eps=1e-5)
+    assert calls == (["gemm"] if dtype == torch.float16 else ["split"])
+    assert_hstu_close(P.project_silu(h, w, choice=P.UNFUSED), ref32, ref_lowp, eps=1e-5)
+    assert_hstu_close(P.project_silu(h, w, choice=SMALL_CONFIGS[1]), ref32, ref_lowp, eps=1e-5)
+    assert calls[-2:] == ["split", "gemm"]
+    assert not P._BROKEN and not P._CHOICES
+
+
+# --- the layer and the block ---------------------------------------------------------------
+
+
+def _block(num_layers=3, dtype=torch.float32, device="cpu"):
+    return HSTUBlock(num_layers, 24, 2, 16, scaling_seqlen=64, dtype=dtype, device=device, seed=5)
+
+
+def test_block_with_fused_projection_equals_torch_ops_cpu(monkeypatch):
+    """The block with the fused kernel (interpreter; K=24 is not a multiple of BLOCK_K)
+    computes what the torch ops do, uncached and cached."""
+    block = _block()
+    meta = build_jagged_metadata([9, 20], [3, 0], "cpu")
+    x = torch.randn(meta.num_tokens, block.hidden, generator=torch.Generator().manual_seed(2))
+    want = block.forward_uncached(x, meta, return_all=True)
+    cache = block.make_cache(num_pages=4, page_size=16)
+    want_cached = block.forward_cached(x[:9], cache.prepare([1], [0], [9], [0]), cache)
+
+    _use_interpreter(monkeypatch)
+    monkeypatch.setattr(P, "CONFIGS", SMALL_CONFIGS)
+    monkeypatch.setattr(P, "_fused_ok", lambda h: True)  # fp32 through the kernel too
+    calls = []
+    real = P.silu_gemm
+    monkeypatch.setattr(P, "silu_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = block.forward_uncached(x, meta, return_all=True)
+    assert len(calls) == block.num_layers
+    for g, w in zip(got, want, strict=True):
+        assert_hstu_close(g, w, w, eps=1e-5)
+    cache = block.make_cache(num_pages=4, page_size=16)
+    got_cached = block.forward_cached(x[:9], cache.prepare([1], [0], [9], [0]), cache)
+    assert_hstu_close(got_cached, want_cached, want_cached, eps=1e-5)
+
+
+def test_finish_in_place_equals_out_of_place():
+    layer = _block(1).layers[0]
+    gen = torch.Generator().manual_seed(3)
+    x, attn = torch.randn(11, 24, generator=gen), torch.randn(11, 2, 16, generator=gen)
+    u = F.silu(torch.randn(11, 32, generator=gen))
+    x0 = x.clone()
+    want = layer.finish(x, attn, u)
+    assert torch.equal(x, x0)  # out of place: x untouched
+    got = layer.finish(x, attn, u, inplace=True)
+    assert got.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_block_spares_callers_x_and_return_all_outputs():
+    """Later layers accumulate in place, but never into the caller's ``x``, and not when
+    every layer's output is returned (they would overwrite each other)."""
+    block = _block()
+    meta = build_jagged_metadata([13, 4], [2, 1], "cpu")
+    x = torch.randn(meta.num_tokens, block.hidden, generator=torch.Generator().manual_seed(4))
+    x0 = x.clone()
+    every = block.forward_uncached(x, meta, return_all=True)
+    last = block.forward_uncached(x, meta)
+    assert torch.equal(x, x0)
+    assert len({o.data_ptr() for o in every}) == block.num_layers
+    torch.testing.assert_close(last, every[-1], rtol=0, atol=0)
+    # the outputs are each layer's own: layer l+1 recomputed from layer l's output
+    one = block.layers[1].forward_uncached(every[0], meta, scaling_seqlen=64, backend="auto")
+    torch.testing.assert_close(one, every[1], rtol=0, atol=0)
+
+    cache = block.make_cache(num_pages=4, page_size=16)
+    xc = x[:13].clone()
+    got = block.forward_cached(xc, cache.prepare([1], [0], [13], [0]), cache)
+    assert torch.equal(xc, x0[:13])
+    cache = block.make_cache(num_pages=4, page_size=16)
+    every_c = block.forward_cached(xc, cache.prepare([1], [0], [13], [0]), cache, return_all=True)
+    torch.testing.assert_close(got, every_c[-1], rtol=0, atol=0)
+
+
+# --- GPU ---------------------------------------------------------------------------------
+
+GPU_TOKENS = [1, 384, 3072, 4352 + 37]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", P.CONFIGS, ids=str)
+@pytest.mark.parametrize("tokens", GPU_TOKENS)
+def test_silu_gemm_gpu(tokens, config):
+    """Every config in bf16 against the fp32 yardstick, DESIGN.md §5 style: the allowance is
+    twice the unfused bf16 path's error (it rounds the GEMM, then the SiLU; the fused kernel
+    rounds once, so it should sit well inside); eps 1e-4 of the output's scale covers a case
+    where that path happened to be exact."""
+    for k, inner in [(1024, 1024), (200, 256)]:  # K=200: the masked K loop
+        if not config.fits(inner):
+            continue
+        h, w = _inputs(tokens, k, inner, torch.bfloat16, "cuda", seed=tokens)
+        out = poisoned_like(torch.empty(4, tokens, inner, dtype=torch.bfloat16, device="cuda"))
+        got = P.silu_gemm(h, w, config, out=out)
+        ref32, ref_lowp = _refs(h, w)
+        assert_hstu_close(got, ref32, ref_lowp, eps=1e-4)
+
+
+@pytest.mark.gpu
+def test_project_silu_chooser_gpu(monkeypatch):
+    monkeypatch.setattr(P, "_CHOICES", {})
+    h, w = _inputs(3000, 1024, 1024, torch.bfloat16, "cuda")
+    ref32, ref_lowp = _refs(h, w)
+    assert_hstu_close(P.project_silu(h, w), ref32, ref_lowp, eps=1e-4)
+    assert list(P._CHOICES) == [(h.device, 4096, 1024, 4096, torch.bfloat16)]
+    choice = next(iter(P._CHOICES.values()))
+    assert choice == P.UNFUSED or choice in P.CONFIGS
+    print("project_silu picks", choice)
+    assert_hstu_close(P.project_silu(h[:2100], w), *_refs(h[:2100], w), eps=1e-4)
+    assert len(P._CHOICES) == 1  # same bucket: timed once
+
+    # unfused path alone
+    assert_hstu_close(P.unfused_project_silu(h, w), ref32, ref_lowp, eps=1e-4)
+
+    # no timing with the switch off
+    monkeypatch.setenv(P.AUTOTUNE_ENV, "0")
+    P.project_silu(h[:100], w)
+    assert P._CHOICES[(h.device, 128, 1024, 4096, torch.bfloat16)] == P.default_choice(1024)
+
+    # no timing inside a graph capture: the default, not cached
+    monkeypatch.delenv(P.AUTOTUNE_ENV)
+    hs = h[:700].clone()
+    P.silu_gemm(hs, w, P.default_choice(1024))  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = P.project_silu(hs, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (h.device, 1024, 1024, 4096, torch.bfloat16) not in P._CHOICES
+    assert_hstu_close(out, *_refs(hs, w), eps=1e-4)
+
+
+@pytest.mark.gpu
+def test_block_in_place_gpu():
+    """bf16 on the card: the in-place residual and the chosen projection give the
+    return_all (out-of-place) outputs."""
+    block = HSTUBlock(3, 256, 2, 128, scaling_seqlen=512, dtype=torch.bfloat16, device="cuda")
+    meta = build_jagged_metadata([300, 33], [17, 0], "cuda")
+    x = torch.randn(meta.num_tokens, 256, device="cuda", dtype=torch.bfloat16)
+    x0 = x.clone()
+    every = block.forward_uncached(x, meta, return_all=True)
+    last = block.forward_uncached(x, meta)
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(last, every[-1], rtol=0, atol=0)
