@@ -103,10 +103,11 @@ def layer_kernels(plan: Plan, batch: int, history: int, targets: int, cached: bo
     kv_read = batch * (history + targets) * 2 * hd  # every key/value read once
     out = [
         ("layernorm_in", 0, 2 * n * hid * e),
-        ("uvqk_matmul", 2 * n * hid * 4 * hd, (n * hid + hid * 4 * hd + n * 4 * hd) * e),
-        ("silu_split_vqk", 0, 2 * n * 3 * hd * e),  # u's SiLU is in layernorm_mul_silu
+        # SiLU in the GEMM's epilogue (model/projection.py; when the chooser takes cuBLAS plus
+        # a SiLU pass instead, that pass's 2 * n * 4 * hd * e bytes come on top).
+        ("uvqk_matmul_silu", 2 * n * hid * 4 * hd, (n * hid + hid * 4 * hd + n * 4 * hd) * e),
         ("attention", 4 * plan.heads * plan.head_dim * pairs, (2 * n * hd + kv_read) * e),
-        ("layernorm_mul_silu_u", 0, 3 * n * hd * e),
+        ("layernorm_mul_u", 0, 3 * n * hd * e),
         ("out_matmul_residual", 2 * n * hd * hid, (n * hd + hd * hid + 2 * n * hid) * e),
     ]
     if cached:

@@ -140,6 +140,7 @@ _CONFIGS = [
     Config(16, 256, 4, 1),  # 16 pages per tile: the per-key page lookup
     Config(16, 64, 4, 1, splits=3),
     Config(64, 16, 4, 1, splits=2),
+    Config(16, 16, 4, 1, splits=5),  # up to 5 chunks: the last-ticket sum over many partials
 ]
 
 
@@ -167,6 +168,24 @@ def test_tile_configs_interpreter(config, paged):
     assert_hstu_close(
         out, case.reference_full(torch.float32)[rows], case.reference_full(dtype)[rows]
     )
+
+
+def test_choose_splits_on_an_h100_sized_grid(monkeypatch):
+    # 132 SMs, as an H100. The figures are H100 measurements (bench/NOTES-triton.md, v4).
+    monkeypatch.setattr(tri_attn, "sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    # Paged B=8 h=4 with targets: 96 alike tiles of 64 key tiles already use 73 % of the SMs,
+    # and every split measured slower (174 us unsplit, 197 us in 2 or 4 chunks).
+    assert tri_attn.choose_splits(96, 64, dev, causal=False) == 1
+    assert tri_attn.choose_splits(32, 64, dev, causal=False) == 4  # B=8, no targets: 163 -> 88
+    assert tri_attn.choose_splits(12, 64, dev, causal=False) == 11  # B=1: one wave
+    # Jagged B=1 over 4352 keys: 136 tiles, the last ones 68 key tiles long, the mean 34:
+    # 2 chunks measured 125 us against 155 unsplit and 153 in 3.
+    assert tri_attn.choose_splits(136, 68, dev, causal=True) == 2
+    assert tri_attn.choose_splits(8 * 136, 68, dev, causal=True) == 1  # B=8: the grid is full
+    assert tri_attn.choose_splits(12, 1, dev, causal=False) == 1  # nothing to split
+    monkeypatch.setattr(tri_attn, "sm_count", lambda device: 1)
+    assert tri_attn.choose_splits(1, 64, torch.device("cpu"), causal=False) == 1
 
 
 # ---------------------------------------------------------------- declarations and errors
@@ -290,7 +309,7 @@ def test_autotuned_call_and_small_grid_split(monkeypatch):
     monkeypatch.setenv("HSTU_TRITON_AUTOTUNE", "1")
     case = _case(([2000], [64], [100]), 32, 2, 128, "cuda", 5)
     _check_paged(case, torch.bfloat16)
-    assert tri_attn.choose_splits(2 * 2, torch.device("cuda")) > 1
+    assert tri_attn.choose_splits(2 * 2, 2000 // 64, torch.device("cuda"), causal=False) > 1
 
 
 @gpu
