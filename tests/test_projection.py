@@ -26,6 +26,9 @@ if not torch.cuda.is_available():
 
 # small tiles for the interpreter: BLOCK_N divides inner 32/64; several row tiles per group
 SMALL_CONFIGS = (P.GemmConfig(16, 32, 32, 2, 1, 4), P.GemmConfig(32, 16, 16, 3, 1, 4))
+# the TMA kernel's: store halves of 16 and 8 columns (16 bytes, TMA's least, in fp16); one
+# without the flattened loop
+SMALL_TMA_CONFIGS = (P.TmaConfig(16, 32, 16, 2, 1, 4), P.TmaConfig(32, 16, 16, 3, 1, 4, False))
 
 
 def _use_interpreter(monkeypatch) -> None:
@@ -55,7 +58,8 @@ def _refs(h, w):
 def _check_fused(tokens, k, inner, dtype, config):
     h, w = _inputs(tokens, k, inner, dtype, seed=tokens + k + inner)
     out = poisoned_like(torch.empty(4, tokens, inner, dtype=dtype))
-    got = P.silu_gemm(h, w, config, out=out)
+    kernel = P.silu_gemm_tma if isinstance(config, P.TmaConfig) else P.silu_gemm
+    got = kernel(h, w, config, out=out)
     assert got is out
     ref32, ref_lowp = _refs(h, w)
     assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
@@ -76,7 +80,7 @@ def test_silu_gemm_interpreter(tokens, dtype, monkeypatch):
     tokens=st.integers(1, 100),
     k=st.sampled_from([16, 32, 48, 64]),
     inner=st.sampled_from([32, 64]),
-    config=st.sampled_from(SMALL_CONFIGS),
+    config=st.sampled_from(SMALL_CONFIGS + SMALL_TMA_CONFIGS),
 )
 def test_silu_gemm_interpreter_random(tokens, k, inner, config):
     import triton.language as tl
@@ -88,6 +92,94 @@ def test_silu_gemm_interpreter_random(tokens, k, inner, config):
         _check_fused(tokens, k, inner, torch.float16, config)
     finally:
         P._KERNELS = None
+
+
+def _skip_without_descriptors() -> None:
+    if P._tensor_descriptor_class() is None:
+        pytest.skip("this triton has no triton.tools.tensor_descriptor (triton < 3.4)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 7, 65, 130])
+def test_silu_gemm_tma_interpreter(tokens, dtype, monkeypatch):
+    """The persistent TMA kernel (3 programs in the interpreter, so each loops over several
+    tiles). T=7, 65, 130 end in a partial row tile: the 3-d output descriptor must clip its
+    rows rather than write them into the next slot's first rows (a [4 * T, inner] view
+    would). K=40 is not a multiple of BLOCK_K: TMA's zero fill stands in for the K mask."""
+    _use_interpreter(monkeypatch)
+    _skip_without_descriptors()
+    for k, inner, config in [(32, 32, SMALL_TMA_CONFIGS[0]), (64, 64, SMALL_TMA_CONFIGS[1])]:
+        _check_fused(tokens, k, inner, dtype, config)
+    _check_fused(tokens, 40, 64, dtype, SMALL_TMA_CONFIGS[0])
+
+
+@pytest.mark.parametrize("config", P.TMA_CONFIGS, ids=str)
+def test_silu_gemm_tma_gpu_configs_interpreter(config, monkeypatch):
+    """The GPU's TMA tile configs on a small shape (one partial row tile of 127, K=200 in
+    four K tiles, the last partial): the same index math as on the card."""
+    _use_interpreter(monkeypatch)
+    _skip_without_descriptors()
+    _check_fused(127, 200, 256, torch.float16, config)
+
+
+def test_tma_unsupported_reasons(monkeypatch):
+    """Where TMA cannot run, :func:`P.tma_unsupported` says why and the kernel refuses;
+    nothing is launched."""
+    _use_interpreter(monkeypatch)
+    _skip_without_descriptors()
+    h, w = _inputs(8, 32, 32, torch.float16)
+    assert P.tma_unsupported(h, w) is None
+    shifted = torch.empty(8 * 32 + 1, dtype=torch.float16)[1:].view(8, 32).copy_(h)
+    assert "h: base pointer" in P.tma_unsupported(shifted, w)
+    assert "column stride" in P.tma_unsupported(h, w.t().contiguous().t())
+    h36, w36 = _inputs(8, 36, 32, torch.float16)  # 72-byte rows
+    assert "K = 36 elements" in P.tma_unsupported(h36, w36)
+    h12, w12 = _inputs(8, 32, 12, torch.float16)  # inner 24 bytes
+    assert "inner = 12 elements" in P.tma_unsupported(h12, w12)
+    with pytest.raises(ValueError, match="h: base pointer"):
+        P.silu_gemm_tma(shifted, w, P.TmaConfig(16, 32, 16, 2, 1, 4))
+    with pytest.raises(ValueError, match="BLOCK_N does not divide inner=48"):
+        P.silu_gemm_tma(*_inputs(4, 32, 48, torch.float16), SMALL_TMA_CONFIGS[0])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert P.tma_unsupported(h, w) == "not a CUDA tensor"
+    monkeypatch.setattr(P, "_tensor_descriptor_class", lambda: None)
+    assert "triton >= 3.4" in P.tma_unsupported(h, w)
+
+
+def test_project_silu_tma_choice_and_fallbacks(monkeypatch):
+    """A TMA choice runs the TMA kernel; on a tensor TMA cannot take, or after the kernel
+    failed, the pointer kernel does the work: the layer never stops on TMA."""
+    _use_interpreter(monkeypatch)
+    _skip_without_descriptors()
+    monkeypatch.setattr(P, "CONFIGS", SMALL_CONFIGS)
+    monkeypatch.setattr(P, "TMA_CONFIGS", SMALL_TMA_CONFIGS)
+    monkeypatch.setattr(P, "_TMA_BROKEN", [])
+    calls = []
+    real_tma, real_gemm = P.silu_gemm_tma, P.silu_gemm
+    monkeypatch.setattr(P, "silu_gemm_tma", lambda *a, **kw: calls.append("tma") or real_tma(*a))
+    monkeypatch.setattr(P, "silu_gemm", lambda *a, **kw: calls.append("gemm") or real_gemm(*a))
+    h, w = _inputs(33, 32, 32, torch.float16)
+    ref32, ref_lowp = _refs(h, w)
+    choice = SMALL_TMA_CONFIGS[0]
+    assert P._candidates(h, w) == [*SMALL_CONFIGS, *SMALL_TMA_CONFIGS]
+    assert_hstu_close(P.project_silu(h, w, choice=choice), ref32, ref_lowp, eps=1e-5)
+    assert calls == ["tma"]
+
+    shifted = torch.empty(33 * 32 + 1, dtype=torch.float16)[1:].view(33, 32).copy_(h)
+    assert P._candidates(shifted, w) == list(SMALL_CONFIGS)
+    assert_hstu_close(P.project_silu(shifted, w, choice=choice), ref32, ref_lowp, eps=1e-5)
+    assert calls[1:] == ["gemm"]  # the default pointer config
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no TMA here")
+
+    monkeypatch.setattr(P, "silu_gemm_tma", broken)
+    with pytest.warns(RuntimeWarning, match="TMA kernel disabled"):
+        got = P.project_silu(h, w, choice=choice)
+    assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
+    assert calls[2:] == ["gemm"] and P._TMA_BROKEN and not P._BROKEN
+    assert P.tma_unsupported(h, w).startswith("switched off earlier")
+    assert P._candidates(h, w) == list(SMALL_CONFIGS)
 
 
 def test_silu_gemm_rejects_a_config_that_straddles_slots():
@@ -252,6 +344,58 @@ def test_silu_gemm_gpu(tokens, config):
         assert_hstu_close(got, ref32, ref_lowp, eps=1e-4)
 
 
+TMA_TOKENS = [1, 127, 384, 3072, 4352, 4352 + 37]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", P.TMA_CONFIGS, ids=str)
+@pytest.mark.parametrize("tokens", TMA_TOKENS)
+def test_silu_gemm_tma_gpu(tokens, config):
+    """Every TMA config in bf16, as test_silu_gemm_gpu: T=1 and 127 (fewer tiles than SMs,
+    a partial row tile), 4352 (34 full row tiles, several per program) and 4389 (a partial
+    last row tile, whose rows past T the 3-d store must clip, not spill into the next slot);
+    K=200 ends in a partial K tile that TMA zero-fills."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0 or later")
+    for k, inner in [(1024, 1024), (200, 256)]:
+        if not config.fits(inner):
+            continue
+        h, w = _inputs(tokens, k, inner, torch.bfloat16, "cuda", seed=tokens)
+        assert P.tma_unsupported(h, w) is None
+        out = poisoned_like(torch.empty(4, tokens, inner, dtype=torch.bfloat16, device="cuda"))
+        got = P.silu_gemm_tma(h, w, config, out=out)
+        ref32, ref_lowp = _refs(h, w)
+        assert_hstu_close(got, ref32, ref_lowp, eps=1e-4)
+
+
+@pytest.mark.gpu
+def test_project_silu_tma_fallback_and_graph_gpu(monkeypatch):
+    """A TMA choice on a misaligned ``h`` (a view 2 bytes into its buffer) runs the pointer
+    kernel instead; on aligned tensors it runs inside a CUDA graph capture (the host-side
+    descriptors travel by value in the kernel's parameters)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0 or later")
+    monkeypatch.setattr(P, "_CHOICES", {})
+    choice = P.TMA_CONFIGS[0]
+    h, w = _inputs(700, 1024, 1024, torch.bfloat16, "cuda")
+    shifted = torch.empty(700 * 1024 + 1, dtype=h.dtype, device="cuda")[1:].view(700, 1024)
+    shifted.copy_(h)
+    assert "h: base pointer" in P.tma_unsupported(shifted, w)
+    ref32, ref_lowp = _refs(h, w)
+    assert_hstu_close(P.project_silu(shifted, w, choice=choice), ref32, ref_lowp, eps=1e-4)
+
+    P.project_silu(h, w, choice=choice)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = P.project_silu(h, w, choice=choice)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_hstu_close(out, ref32, ref_lowp, eps=1e-4)
+    assert not P._TMA_BROKEN and not P._BROKEN
+
+
 @pytest.mark.gpu
 def test_project_silu_chooser_gpu(monkeypatch):
     monkeypatch.setattr(P, "_CHOICES", {})
@@ -260,8 +404,10 @@ def test_project_silu_chooser_gpu(monkeypatch):
     assert_hstu_close(P.project_silu(h, w), ref32, ref_lowp, eps=1e-4)
     assert list(P._CHOICES) == [(h.device, 4096, 1024, 4096, torch.bfloat16)]
     choice = next(iter(P._CHOICES.values()))
-    assert choice == P.UNFUSED or choice in P.CONFIGS
+    assert choice == P.UNFUSED or choice in P.CONFIGS + P.TMA_CONFIGS
     print("project_silu picks", choice)
+    if torch.cuda.get_device_capability()[0] >= 9:  # the TMA kernel is among the candidates
+        assert set(P.TMA_CONFIGS) <= set(P._candidates(h, w))
     assert_hstu_close(P.project_silu(h[:2100], w), *_refs(h[:2100], w), eps=1e-4)
     assert len(P._CHOICES) == 1  # same bucket: timed once
 

@@ -10,7 +10,10 @@ the GEMM's own time (145 us against 384 us at T=34816, hidden 1024, inner 1024, 
 Triton GEMM here applies the SiLU (in fp32, on the accumulator) and stores each tile straight
 into its slot of one contiguous ``[4, T, inner]`` tensor, so the pass disappears.
 
-A Triton GEMM on plain pointers is not always as fast as cuBLAS, so :func:`project_silu`
+Two Triton GEMMs are offered: :func:`silu_gemm` (one program per output tile, plain pointer
+loads) and :func:`silu_gemm_tma` (Hopper and later: a persistent kernel, one program per SM
+looping over the tiles, with TMA tensor-descriptor loads and stores, so one tile's store
+overlaps the next tile's loads). Neither is always as fast as cuBLAS, so :func:`project_silu`
 chooses: the first time it sees a shape (T rounded up to a power of two, K, N, dtype, device)
 it times each Triton config and the unfused path (cuBLAS + a SiLU/split pass writing the same
 layout) and keeps the fastest; it is thus never slower than the unfused path by more than
@@ -32,12 +35,16 @@ import torch.nn.functional as F
 
 __all__ = [
     "CONFIGS",
+    "TMA_CONFIGS",
     "UNFUSED",
     "GemmConfig",
+    "TmaConfig",
     "default_choice",
     "project_silu",
     "silu_gemm",
+    "silu_gemm_tma",
     "silu_split",
+    "tma_unsupported",
     "unfused_project_silu",
 ]
 
@@ -76,12 +83,33 @@ CONFIGS: tuple[GemmConfig, ...] = (
     GemmConfig(64, 128, 64, 8, 4, 4),  # small T: more programs for 132 SMs
     GemmConfig(64, 64, 64, 8, 4, 4),
 )
+
+
+@dataclass(frozen=True)
+class TmaConfig(GemmConfig):
+    """One tile config of :func:`silu_gemm_tma`, the persistent TMA kernel. Its epilogue
+    stores the tile as two ``BLOCK_M x BLOCK_N / 2`` halves (less shared memory for the
+    store buffer, and the second half's SiLU overlaps the first half's store)."""
+
+    flatten: bool = True  # tl.range(flatten=...): one software pipeline across tiles and K
+
+    def __str__(self) -> str:
+        return f"TMA-{super().__str__()}" + ("" if self.flatten else "-noflat")
+
+
+TMA_CONFIGS: tuple[TmaConfig, ...] = (
+    TmaConfig(128, 256, 64, 8, 3, 8),  # 3 x 48 KiB of operands + a 32 KiB store half
+    TmaConfig(128, 128, 64, 8, 4, 8),
+    TmaConfig(128, 256, 64, 8, 4, 8),  # 224 KiB of shared memory (H100: 227); skipped if over
+    TmaConfig(128, 256, 64, 8, 3, 8, flatten=False),  # in case flattening pipelines worse
+)
 UNFUSED = "unfused"  # the cuBLAS GEMM + SiLU/split pass
-Choice = GemmConfig | str
+Choice = GemmConfig | str  # a TmaConfig is a GemmConfig
 
 _KERNELS: dict | None = None
 _CHOICES: dict[tuple, Choice] = {}  # shape key -> the winner of its timing
 _BROKEN: list[str] = []  # why Triton was switched off for the projection in this process
+_TMA_BROKEN: list[str] = []  # why the TMA kernel alone was switched off
 
 
 def _kernels() -> dict:
@@ -156,7 +184,62 @@ def _kernels() -> dict:
             dst = DST + part * rows * n_cols + r[:, None] * n_cols + cols[None, :]
             tl.store(dst, y.to(DST.dtype.element_ty), mask=mask)
 
-        _KERNELS = {"silu_gemm": silu_gemm_kernel, "silu_split": silu_split_kernel}
+        @triton.jit
+        def silu_gemm_tma_kernel(
+            h_desc, w_desc, out_desc, M, K, inner,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+        ):  # fmt: skip
+            # h_desc [M, K] in [BLOCK_M, BLOCK_K] blocks, w_desc [K, 4 * inner] in
+            # [BLOCK_K, BLOCK_N], out_desc [4, M, inner] in [1, BLOCK_M, BLOCK_N // 2]. A 3-d
+            # output descriptor, not [4 * M, inner]: TMA clips a store at each dimension's end,
+            # so the rows of a last row tile past M are dropped, not written into the next slot.
+            # K past its end loads as zeros (both operands), so no K mask is needed.
+            HALF_N: tl.constexpr = BLOCK_N // 2
+            start = tl.program_id(0)
+            tiles_m = tl.cdiv(M, BLOCK_M)
+            tiles_n = 4 * inner // BLOCK_N
+            k_tiles = tl.cdiv(K, BLOCK_K)
+            per_group = GROUP_M * tiles_n
+            # the epilogue recomputes its tile from its own counter, as tutorial 09 does, so
+            # the software pipeline (which issues the next tile's loads before this tile's
+            # store) need not carry the loads' tile indices into the epilogue
+            tile_c = start - NUM_SMS
+            for tile in tl.range(start, tiles_m * tiles_n, NUM_SMS, flatten=FLATTEN):
+                # grouped order (see silu_gemm_kernel): GROUP_M row tiles per column tile
+                first_m = (tile // per_group) * GROUP_M
+                group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+                off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+                off_n = ((tile % per_group) // group_rows) * BLOCK_N
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for ki in range(k_tiles):
+                    a = h_desc.load([off_m, ki * BLOCK_K])
+                    b = w_desc.load([ki * BLOCK_K, off_n])
+                    acc = tl.dot(a, b, acc)
+
+                tile_c += NUM_SMS
+                first_m = (tile_c // per_group) * GROUP_M
+                group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+                off_m = (first_m + (tile_c % per_group) % group_rows) * BLOCK_M
+                off_n = ((tile_c % per_group) // group_rows) * BLOCK_N
+                slot = off_n // inner  # the tile lies inside one column group
+                col = off_n - slot * inner
+                # two halves: half the store buffer, and the first store runs during the
+                # second half's SiLU
+                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
+                acc0, acc1 = tl.split(halves)
+                y0 = acc0 * tl.sigmoid(acc0)  # SiLU on the fp32 accumulator
+                y0 = tl.reshape(y0.to(out_desc.dtype), (1, BLOCK_M, HALF_N))
+                out_desc.store([slot, off_m, col], y0)
+                y1 = acc1 * tl.sigmoid(acc1)
+                y1 = tl.reshape(y1.to(out_desc.dtype), (1, BLOCK_M, HALF_N))
+                out_desc.store([slot, off_m, col + HALF_N], y1)
+
+        _KERNELS = {
+            "silu_gemm": silu_gemm_kernel,
+            "silu_gemm_tma": silu_gemm_tma_kernel,
+            "silu_split": silu_split_kernel,
+        }
     return _KERNELS
 
 
@@ -214,6 +297,92 @@ def silu_gemm(
     return out
 
 
+def _tensor_descriptor_class():
+    """``triton.tools.tensor_descriptor.TensorDescriptor`` (triton >= 3.4), or None."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device: torch.device) -> int:
+    """Programs of the persistent kernel: one per SM (3 off CUDA, so that the interpreter's
+    programs each loop over several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_unsupported(h: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why :func:`silu_gemm_tma` cannot run on ``h [T, K]`` and ``weight [K, 4 * inner]``
+    (contiguous), or None if it can: TMA wants a Hopper or later GPU (or the interpreter),
+    base pointers on 16 bytes and row strides that are multiples of 16 bytes."""
+    if _TMA_BROKEN:
+        return f"switched off earlier ({_TMA_BROKEN[0]})"
+    if _tensor_descriptor_class() is None:
+        return "triton has no triton.tools.tensor_descriptor (needs triton >= 3.4)"
+    if h.device.type == "cuda":
+        if torch.cuda.get_device_capability(h.device)[0] < 9:
+            return "TMA needs compute capability 9.0 or later"
+    elif not _interpreting():
+        return "not a CUDA tensor"
+    item = h.element_size()
+    inner = weight.shape[1] // SLOTS
+    for name, t in (("h", h), ("weight", weight)):
+        if t.data_ptr() % 16:
+            return f"{name}: base pointer not 16-byte aligned"
+        if t.stride(1) != 1:
+            return f"{name}: column stride is not 1"
+    # h's and W's row strides (K, 4 * inner elements); the output's slot/row strides
+    for what, elems in (("K", h.stride(0)), ("4 * inner", weight.stride(0)), ("inner", inner)):
+        if elems * item % 16:
+            return f"{what} = {elems} elements is not a multiple of 16 bytes"
+    return None
+
+
+def silu_gemm_tma(
+    h: torch.Tensor, weight: torch.Tensor, config: TmaConfig, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The persistent TMA kernel: ``SiLU(h @ weight)`` as ``[4, T, inner]``, like
+    :func:`silu_gemm` (same contract), with one program per SM. Raises ValueError where
+    :func:`tma_unsupported` says it cannot run."""
+    import triton
+
+    inner = _check(h, weight)
+    if not config.fits(inner):
+        raise ValueError(f"config {config}: BLOCK_N does not divide inner={inner}")
+    out = _empty_out(h, inner) if out is None else out
+    if out.shape != (SLOTS, h.shape[0], inner) or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {(SLOTS, h.shape[0], inner)}")
+    tokens, k = h.shape
+    if tokens == 0:
+        return out  # a descriptor's dimensions must be positive
+    h, weight = h.contiguous(), weight.contiguous()
+    why = tma_unsupported(h, weight) or (
+        "out: base pointer not 16-byte aligned" if out.data_ptr() % 16 else None
+    )
+    if why:
+        raise ValueError(f"silu_gemm_tma: {why}")
+    descriptor = _tensor_descriptor_class()
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    h_desc = descriptor.from_tensor(h, [bm, bk])
+    w_desc = descriptor.from_tensor(weight, [bk, bn])
+    out_desc = descriptor.from_tensor(out, [1, bm, bn // 2])
+    tiles = triton.cdiv(tokens, bm) * (SLOTS * inner // bn)
+    sms = _num_sms(h.device)
+    _kernels()["silu_gemm_tma"][(min(sms, tiles),)](
+        h_desc, w_desc, out_desc, tokens, k, inner,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
+        FLATTEN=config.flatten, num_stages=config.num_stages, num_warps=config.num_warps,
+    )  # fmt: skip
+    return out
+
+
 def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The SiLU/split pass (Triton): SiLU of ``uvqk [rows, 4 * inner]`` (unit column stride,
     any row stride) as a contiguous ``[4, rows, inner]``. Writes into ``out`` if given."""
@@ -241,10 +410,17 @@ def unfused_project_silu(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     try:
         return silu_split(uvqk, inner)
     except Exception as exc:
-        if torch.cuda.is_current_stream_capturing():
+        if _capturing(h):
             raise
         _disable_triton(exc)
         return F.silu(uvqk).view(h.shape[0], SLOTS, inner).transpose(0, 1).contiguous()
+
+
+def _capturing(h: torch.Tensor) -> bool:
+    """Whether a CUDA graph capture is in progress on ``h``'s device (a failure then must
+    surface: a fallback would be captured half-done). Asked only of CUDA tensors: a CUDA
+    build of torch without a usable driver raises on the question."""
+    return h.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _disable_triton(exc: Exception) -> None:
@@ -287,26 +463,43 @@ def _close_enough(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool(torch.isclose(out.float(), ref.float(), rtol=0.03, atol=0.03 * scale).all())
 
 
+def _candidates(h: torch.Tensor, weight: torch.Tensor) -> list[GemmConfig]:
+    """The fused configs worth timing for this shape: those that fit ``inner``, the TMA ones
+    only where :func:`tma_unsupported` finds nothing against them."""
+    inner = weight.shape[1] // SLOTS
+    tma = TMA_CONFIGS if tma_unsupported(h.contiguous(), weight.contiguous()) is None else ()
+    return [c for c in (*CONFIGS, *tma) if c.fits(inner)]
+
+
+def _fused(h: torch.Tensor, weight: torch.Tensor, config: GemmConfig) -> torch.Tensor:
+    """Run the kernel that ``config`` is for."""
+    if isinstance(config, TmaConfig):
+        return silu_gemm_tma(h, weight, config)
+    return silu_gemm(h, weight, config)
+
+
+def _bench(fn) -> float:
+    """Median time (ms) of ``fn`` after a warm-up call: the first call of a candidate may
+    still compile, allocate or load a cuBLAS kernel, which skewed do_bench's estimate."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, 5, 25, return_mode="median")
+
+
 def _time_candidates(h: torch.Tensor, weight: torch.Tensor) -> dict[Choice, float]:
     """Median time (ms) of the unfused path and of every fused config that fits, compiles
     and agrees with the unfused output."""
-    from triton.testing import do_bench
-
-    inner = weight.shape[1] // SLOTS
     ref = unfused_project_silu(h, weight)
-    times = {
-        UNFUSED: do_bench(lambda: unfused_project_silu(h, weight), 5, 25, return_mode="median")
-    }
-    for config in CONFIGS:
-        if not config.fits(inner):
-            continue
+    times = {UNFUSED: _bench(lambda: unfused_project_silu(h, weight))}
+    for config in _candidates(h, weight):
         try:
-            ok = _close_enough(silu_gemm(h, weight, config), ref)
+            ok = _close_enough(_fused(h, weight, config), ref)
         except Exception:  # does not compile here (e.g. too much shared memory): skip it
             continue
         if ok:
-            fn = lambda c=config: silu_gemm(h, weight, c)
-            times[config] = do_bench(fn, 5, 25, return_mode="median")
+            times[config] = _bench(lambda c=config: _fused(h, weight, c))
     return times
 
 
@@ -328,6 +521,34 @@ def _choose(h: torch.Tensor, weight: torch.Tensor) -> Choice:
     return choice
 
 
+def _disable_tma(exc: Exception) -> None:
+    """Say once why the TMA kernel failed here; the pointer kernel stays on."""
+    _TMA_BROKEN.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(
+        f"hstu_kernels.model.projection: TMA kernel disabled ({_TMA_BROKEN[0]}); "
+        "using the pointer kernel",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _project_tma(h: torch.Tensor, weight: torch.Tensor, config: TmaConfig) -> torch.Tensor:
+    """The TMA kernel where it can run; else (a tensor of the same shape bucket that is not
+    aligned, or a failure) the default pointer config, so the layer never stops on TMA."""
+    if tma_unsupported(h.contiguous(), weight.contiguous()) is None:
+        try:
+            return silu_gemm_tma(h, weight, config)
+        except Exception as exc:
+            if _capturing(h):
+                raise
+            _disable_tma(exc)
+            _CHOICES[_shape_key(h, weight)] = default_choice(weight.shape[1] // SLOTS)
+    fallback = default_choice(weight.shape[1] // SLOTS)
+    if fallback == UNFUSED:
+        return unfused_project_silu(h, weight)
+    return silu_gemm(h, weight, fallback)
+
+
 def project_silu(
     h: torch.Tensor, weight: torch.Tensor, *, choice: Choice | None = None
 ) -> torch.Tensor:
@@ -335,9 +556,10 @@ def project_silu(
     ``u | v | q | k``), returned as one contiguous ``[4, T, inner]`` tensor (slot 0 is
     ``SiLU(u)``, then ``v``, ``q``, ``k``) in ``h``'s dtype.
 
-    On CUDA in bf16/fp16 it runs the fastest of the fused Triton configs and the unfused
-    path for this shape (timed once per shape, see the module docstring); ``choice`` (a
-    :class:`GemmConfig` or :data:`UNFUSED`) forces one. Elsewhere it runs torch ops.
+    On CUDA in bf16/fp16 it runs the fastest of the fused Triton configs (pointer and TMA
+    kernels) and the unfused path for this shape (timed once per shape, see the module
+    docstring); ``choice`` (a :class:`GemmConfig`, a :class:`TmaConfig` or :data:`UNFUSED`)
+    forces one. Elsewhere it runs torch ops.
     """
     inner = _check(h, weight)
     if not _triton_ok(h):
@@ -347,9 +569,11 @@ def project_silu(
     if choice == UNFUSED or not choice.fits(inner):
         return unfused_project_silu(h, weight)
     try:
+        if isinstance(choice, TmaConfig):
+            return _project_tma(h, weight, choice)
         return silu_gemm(h, weight, choice)
     except Exception as exc:
-        if torch.cuda.is_current_stream_capturing():
+        if _capturing(h):
             raise
         _disable_triton(exc)
         _CHOICES[_shape_key(h, weight)] = UNFUSED
@@ -358,23 +582,32 @@ def project_silu(
 
 def _main() -> None:
     """Print the median time of every candidate at the profiled shapes (needs a GPU)."""
-    from triton.testing import do_bench
-
     k, inner, dtype = 1024, 1024, torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     weight = torch.randn(k, SLOTS * inner, device="cuda", generator=gen).div(k**0.5).to(dtype)
-    print(f"{torch.cuda.get_device_name()}: K={k}, inner={inner}, {dtype}; median us")
+    print(f"{torch.cuda.get_device_name()}: K={k}, inner={inner}, {dtype}; median us (TFLOP/s)")
     for tokens in (384, 3072, 34816):
         h = torch.randn(tokens, k, device="cuda", generator=gen).to(dtype)
+        flop = 2.0 * tokens * k * SLOTS * inner
         times = _time_candidates(h, weight)
-        mm = do_bench(lambda h=h: torch.mm(h, weight), 5, 25, return_mode="median")
-        print(f"T={tokens}: cuBLAS mm alone {mm * 1e3:.1f}")
+        mm = _bench(lambda h=h: torch.mm(h, weight))
+        print(f"T={tokens}: cuBLAS mm alone {mm * 1e3:.1f} ({flop / mm / 1e9:.0f})")
         for choice, ms in sorted(times.items(), key=lambda kv: kv[1]):
-            print(f"  {choice!s:28s} {ms * 1e3:8.1f}")
-        missing = [str(c) for c in CONFIGS if c.fits(inner) and c not in times]
+            print(f"  {choice!s:36s} {ms * 1e3:8.1f} ({flop / ms / 1e9:4.0f})")
+        why_no_tma = tma_unsupported(h, weight)
+        if why_no_tma:
+            print(f"  TMA kernel not timed: {why_no_tma}")
+        tried = _candidates(h, weight)
+        missing = [str(c) for c in tried if c not in times]
         if missing:
             print(f"  skipped (no compile or wrong result): {', '.join(missing)}")
-        print(f"  project_silu picks: {_choose(h, weight)}")
+        for config in tried:  # why a candidate was skipped, from a direct call
+            if config not in times:
+                try:
+                    _fused(h, weight, config)
+                except Exception as exc:
+                    print(f"    {config}: {type(exc).__name__}: {str(exc)[:300]}")
+        print(f"  project_silu would pick: {min(times, key=times.get)}")
 
 
 if __name__ == "__main__":
