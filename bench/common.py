@@ -93,11 +93,14 @@ def write_results(
     """Replace ``bench``'s entries in this card's results file (other benches' stay)."""
     path = path or results_path()
     data = load_results(path)
+    # A package this run lacks (the DSL, say) keeps the version the other benches' rows ran
+    # with, rather than vanishing from the file.
+    merged_versions = {**data.get("versions", {}), **versions()}
     data.update(
         card=card_name(),
         arch=card_arch(),
         date=datetime.date.today().isoformat(),
-        versions=versions(),
+        versions=merged_versions,
     )
     if ceilings:
         data["ceilings"] = ceilings

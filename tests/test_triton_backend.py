@@ -275,7 +275,8 @@ def test_append_kv_bit_exact_gpu(shape, page_size, head_dim, dtype, seed):
 
 
 @gpu
-@pytest.mark.parametrize("config", [*_CONFIGS, Config(128, 64, 8, 2), Config(64, 64, 4, 2, 5)],
+@pytest.mark.parametrize("config", [*_CONFIGS, Config(128, 64, 8, 2), Config(64, 64, 4, 2, 5),
+                                    Config(128, 32, 8, 4), Config(64, 64, 4, 3, 3)],
                          ids=str)  # fmt: skip
 def test_tile_configs_gpu(config):
     case = make_paged_case(

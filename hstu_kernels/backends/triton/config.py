@@ -82,6 +82,10 @@ def candidates(head_dim: int, page_size: int | None) -> list[Config]:
     out = [default_config(head_dim, page_size, False)]
     if head_dim >= 256:
         out += [Config(128, 32, 8, 2), Config(64, 64, 4, 2), Config(128, 64, 8, 2, prefetch=False)]
+        if page_size is not None:
+            # Deeper K/V pipelines for the paged kernel, whose short programs (few query rows
+            # over a long cached history) wait on memory more than the jagged ones.
+            out += [Config(128, 32, 8, 3), Config(128, 32, 8, 4), Config(64, 64, 4, 3)]
     elif head_dim >= 128:
         out += [Config(64, 64, 4, 3), Config(128, 32, 4, 4), Config(128, 128, 8, 2)]
     else:
