@@ -270,6 +270,20 @@ def torch_project_silu(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.silu(h @ weight).view(h.shape[0], SLOTS, inner).transpose(0, 1).contiguous()
 
 
+def _checked_out(
+    h: torch.Tensor, weight: torch.Tensor, config: GemmConfig, out: torch.Tensor | None
+) -> tuple[int, torch.Tensor]:
+    """``inner`` and the ``[4, T, inner]`` output (``out``, or a new one) of a fused launch;
+    raises ValueError if the config's column tile or ``out`` does not fit."""
+    inner = _check(h, weight)
+    if not config.fits(inner):
+        raise ValueError(f"config {config}: BLOCK_N does not divide inner={inner}")
+    out = _empty_out(h, inner) if out is None else out
+    if out.shape != (SLOTS, h.shape[0], inner) or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {(SLOTS, h.shape[0], inner)}")
+    return inner, out
+
+
 def silu_gemm(
     h: torch.Tensor, weight: torch.Tensor, config: GemmConfig, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -277,12 +291,7 @@ def silu_gemm(
     config (``config.block_n`` must divide ``inner``). Writes into ``out`` if given."""
     import triton
 
-    inner = _check(h, weight)
-    if not config.fits(inner):
-        raise ValueError(f"config {config}: BLOCK_N does not divide inner={inner}")
-    out = _empty_out(h, inner) if out is None else out
-    if out.shape != (SLOTS, h.shape[0], inner) or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {(SLOTS, h.shape[0], inner)}")
+    inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
         return out
@@ -353,12 +362,7 @@ def silu_gemm_tma(
     :func:`tma_unsupported` says it cannot run."""
     import triton
 
-    inner = _check(h, weight)
-    if not config.fits(inner):
-        raise ValueError(f"config {config}: BLOCK_N does not divide inner={inner}")
-    out = _empty_out(h, inner) if out is None else out
-    if out.shape != (SLOTS, h.shape[0], inner) or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous {(SLOTS, h.shape[0], inner)}")
+    inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
         return out  # a descriptor's dimensions must be positive
