@@ -170,6 +170,18 @@ def test_tile_configs_interpreter(config, paged):
     )
 
 
+@cpu_only
+@pytest.mark.parametrize("sms", [3, 7, 40])
+@pytest.mark.parametrize("config", [Config(16, 16, 4, 1, stream_k=True),
+                                    Config(32, 32, 4, 1, stream_k=True)], ids=str)  # fmt: skip
+@pytest.mark.parametrize("paged", [True, False])
+def test_stream_k_interpreter(monkeypatch, sms, config, paged):
+    # "SMs" that do not divide the work, so programs' shares end inside tiles: tiles of
+    # 1, 2 and more pieces, pieces with no keys at all, and sequences of unequal history.
+    monkeypatch.setattr(tri_attn, "sm_count", lambda device: sms)
+    test_tile_configs_interpreter(config, paged)
+
+
 def test_choose_splits_on_an_h100_sized_grid(monkeypatch):
     # 132 SMs, as an H100. The figures are H100 measurements (bench/NOTES-triton.md, v4).
     monkeypatch.setattr(tri_attn, "sm_count", lambda device: 132)
@@ -276,7 +288,9 @@ def test_append_kv_bit_exact_gpu(shape, page_size, head_dim, dtype, seed):
 
 @gpu
 @pytest.mark.parametrize("config", [*_CONFIGS, Config(128, 64, 8, 2), Config(64, 64, 4, 2, 5),
-                                    Config(128, 32, 8, 4), Config(64, 64, 4, 3, 3)],
+                                    Config(128, 32, 8, 4), Config(64, 64, 4, 3, 3),
+                                    Config(128, 64, 8, 2, stream_k=True),
+                                    Config(128, 32, 8, 4, stream_k=True)],
                          ids=str)  # fmt: skip
 def test_tile_configs_gpu(config):
     case = make_paged_case(

@@ -203,7 +203,14 @@ def _history_range(
 
 
 @triton.jit
-def _hstu_fwd_kernel(
+def _attend_tile(
+    pid_hb,
+    m_tile,
+    split,
+    splits,
+    unit_lo,
+    unit_hi,
+    units,
     Q,
     K,
     V,
@@ -237,13 +244,15 @@ def _hstu_fwd_kernel(
     PREFETCH: tl.constexpr,
     FIXUP: tl.constexpr,
     FIXUP_ROWS: tl.constexpr,
+    STREAM_K: tl.constexpr,
 ):
-    pid_hb = tl.program_id(0)
-    # The grid's slow axis runs over query tiles from the last (the longest KV range) down,
-    # so the longest programs start first and the short ones fill the tail.
-    m_tile = num_m_tiles - 1 - tl.program_id(1)
-    split = tl.program_id(2)
-    splits = tl.num_programs(2)  # a launch value, not a constexpr: no recompile per split count
+    """Query tile ``m_tile`` of (sequence, head) ``pid_hb``: piece ``split`` of ``splits``.
+
+    The piece's keys: ``STREAM_K``, units ``unit_lo .. unit_hi`` of the tile's ``units``
+    (scaled onto its key tiles); ``FIXUP``, chunk ``split`` of ``chunk_tiles`` key tiles;
+    otherwise the ``split``-th of ``splits`` even chunks. A tile in several pieces is combined
+    by the last ticket's holder (``STREAM_K``, ``FIXUP``) or by the sum kernel.
+    """
     b = pid_hb // num_heads
     h = pid_hb % num_heads
 
@@ -267,19 +276,28 @@ def _hstu_fwd_kernel(
     # Tiles below full_end are valid for every row of the tile: no mask needed.
     full_end = (tl.minimum(shift + m0 + 1, H) // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(hi, BLOCK_N)
-    if FIXUP:
-        # Chunks of chunk_tiles key tiles: a short tile has one chunk (one with no history
-        # keys at all still has one, for its targets); programs past its last chunk exit.
-        per_split = chunk_tiles
-        n_chunks = tl.maximum(tl.cdiv(n_tiles, per_split), 1)
-        if split >= n_chunks:
-            return
-    else:
-        # Even chunks; every split writes its partial (zeros when its chunk is empty).
-        per_split = tl.cdiv(n_tiles, splits)
+    if STREAM_K:
+        # The piece's share of the tile's units, scaled onto its real key tiles (the host
+        # sized every tile alike; a longer or shorter history just scales).
         n_chunks = splits
-    lo = split * per_split * BLOCK_N
-    end = tl.minimum((split + 1) * per_split, n_tiles) * BLOCK_N
+        lo = ((unit_lo * n_tiles) // units) * BLOCK_N
+        end = ((unit_hi * n_tiles) // units) * BLOCK_N
+        last_piece = unit_hi == units
+    else:
+        if FIXUP:
+            # Chunks of chunk_tiles key tiles: a short tile has one chunk (one with no history
+            # keys at all still has one, for its targets); programs past its last chunk exit.
+            per_split = chunk_tiles
+            n_chunks = tl.maximum(tl.cdiv(n_tiles, per_split), 1)
+            if split >= n_chunks:
+                return
+        else:
+            # Even chunks; every split writes its partial (zeros when its chunk is empty).
+            per_split = tl.cdiv(n_tiles, splits)
+            n_chunks = splits
+        lo = split * per_split * BLOCK_N
+        end = tl.minimum((split + 1) * per_split, n_tiles) * BLOCK_N
+        last_piece = split == n_chunks - 1
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -312,7 +330,7 @@ def _hstu_fwd_kernel(
     )  # fmt: skip
 
     # Target keys: each target row sees only itself, so visit only this tile's own targets.
-    if split == n_chunks - 1:
+    if last_piece:
         t_lo = tl.maximum(m0, N)
         t_hi = tl.minimum(m0 + BLOCK_M, Lq)
         for n in range(t_lo, t_hi, BLOCK_N):
@@ -332,7 +350,7 @@ def _hstu_fwd_kernel(
         tl.store(OUT + o_off, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(WS + split * ws_stride_split + o_off, acc, mask=row_ok[:, None])
-    if FIXUP and n_chunks > 1:
+    if (FIXUP or STREAM_K) and n_chunks > 1:
         # Every thread's partial is written before the ticket is taken (release, gpu scope);
         # the last ticket's holder acquires, so it sees every other chunk's partial.
         tl.debug_barrier()
@@ -354,6 +372,85 @@ def _hstu_fwd_kernel(
                         cache_modifier=".cg",  # written by other SMs: read from L2, not L1
                     )
                 tl.store(OUT + off_r, total.to(OUT.dtype.element_ty), mask=ok_r)
+
+
+@triton.jit
+def _hstu_fwd_kernel(
+    Q,
+    K,
+    V,
+    KV,
+    PAGE_IDS,
+    PAGE_INDPTR,
+    LAST_LEN,
+    CU,
+    NUM_TARGETS,
+    OUT,
+    WS,
+    TICKETS,
+    stride_tok,
+    stride_page,
+    stride_kv,
+    stride_slot,
+    ws_stride_split,
+    alpha,
+    neg_alpha_log2e,
+    out_scale,
+    num_heads,
+    num_m_tiles,
+    chunk_tiles,
+    num_tiles,
+    units,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    FIXUP: tl.constexpr,
+    FIXUP_ROWS: tl.constexpr,
+    STREAM_K: tl.constexpr,
+):
+    if STREAM_K:
+        # A 1-d grid of P programs shares the num_tiles * units work units evenly: program p
+        # takes units [p*W/P, (p+1)*W/P), so a tile is cut where a program's share ends and
+        # no SM idles while a wave's last tiles finish (96 tiles on 132 SMs, say).
+        n_prog = tl.num_programs(0)
+        p = tl.program_id(0).to(tl.int64)
+        work = num_tiles.to(tl.int64) * units
+        u0 = p * work // n_prog
+        u1 = (p + 1) * work // n_prog
+        t_first = u0 // units
+        t_last = tl.where(u1 > u0, (u1 - 1) // units, t_first - 1)
+        batch_heads = num_tiles // num_m_tiles
+        for t in range(t_first, t_last + 1):
+            # Programs owning the tile's first and last units: the pieces of the tile.
+            first = ((t * units + 1) * n_prog - 1) // work
+            last = ((t + 1) * units * n_prog - 1) // work
+            _attend_tile(
+                (t % batch_heads).to(tl.int32), (t // batch_heads).to(tl.int32),
+                (p - first).to(tl.int32), (last - first + 1).to(tl.int32),
+                tl.maximum(u0 - t * units, 0), tl.minimum(u1 - t * units, units), units,
+                Q, K, V, KV, PAGE_IDS, PAGE_INDPTR, LAST_LEN, CU, NUM_TARGETS, OUT, WS, TICKETS,
+                stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
+                neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, HEAD_DIM,
+                BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU, PREFETCH, FIXUP,
+                FIXUP_ROWS, STREAM_K,
+            )  # fmt: skip
+    else:
+        # The grid's slow axis runs over query tiles from the last (the longest KV range)
+        # down, so the longest programs start first and the short ones fill the tail.
+        _attend_tile(
+            tl.program_id(0), num_m_tiles - 1 - tl.program_id(1), tl.program_id(2),
+            tl.num_programs(2), 0, 0, 1,
+            Q, K, V, KV, PAGE_IDS, PAGE_INDPTR, LAST_LEN, CU, NUM_TARGETS, OUT, WS, TICKETS,
+            stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
+            neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, HEAD_DIM,
+            BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU, PREFETCH, FIXUP,
+            FIXUP_ROWS, STREAM_K,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -476,32 +573,42 @@ def launch(
     # or the longest jagged sequence.
     keys = page_ids.numel() * page_size // batch if paged else max_seqlen
     kv_tiles = triton.cdiv(max(keys, 1), config.block_n)
-    splits = config.splits or choose_splits(programs, kv_tiles, q.device, causal=not paged)
-    fixup = splits > 1 and not paged
-    # Fixed-length chunks (jagged): as many as the longest tile needs.
-    chunk_tiles = triton.cdiv(kv_tiles, splits)
-    if fixup:
-        splits = triton.cdiv(kv_tiles, chunk_tiles)
+    if config.stream_k:
+        # One program per SM over programs * kv_tiles work units; a tile's pieces are at most
+        # the programs a run of kv_tiles units can touch.
+        work = programs * kv_tiles
+        n_prog = max(1, min(sm_count(q.device), work))
+        splits = min(n_prog, kv_tiles // (work // n_prog) + 2)
+        fixup, chunk_tiles = False, 1
+        grid = (n_prog, 1, 1)
+    else:
+        splits = config.splits or choose_splits(programs, kv_tiles, q.device, causal=not paged)
+        fixup = splits > 1 and not paged
+        # Fixed-length chunks (jagged): as many as the longest tile needs.
+        chunk_tiles = triton.cdiv(kv_tiles, splits)
+        if fixup:
+            splits = triton.cdiv(kv_tiles, chunk_tiles)
+        grid = (batch * heads, num_m_tiles, splits)
     ws = tickets = out  # unused unless split
     if splits > 1:
         ws = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-    if fixup:
+    if fixup or (config.stream_k and splits > 1):
         tickets = torch.zeros(programs, dtype=torch.int32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if fast_silu is None:
         fast_silu = q.device.type == "cuda" and q.dtype != torch.float32
-    grid = (batch * heads, num_m_tiles, splits)
     _hstu_fwd_kernel[grid](
         q, k, v, kv, page_ids, page_indptr, last_len, cu_seqlens, num_targets, out, ws, tickets,
         q.stride(0), stride_page, stride_kv, stride_slot, q.numel(),
         alpha, -alpha * LOG2E, alpha / scaling_seqlen, heads, num_m_tiles, chunk_tiles,
+        programs, kv_tiles,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision,
         FAST_SILU=fast_silu, PREFETCH=config.prefetch, FIXUP=fixup,
-        FIXUP_ROWS=min(config.block_m, 32),
+        FIXUP_ROWS=min(config.block_m, 32), STREAM_K=config.stream_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if splits > 1 and not fixup:
+    if splits > 1 and not fixup and not config.stream_k:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(q.numel(), block),)](
             ws, out, q.numel(), splits, BLOCK=block, num_warps=4

@@ -34,6 +34,10 @@ class Config:
     num_stages: int
     splits: int | None = None
     prefetch: bool = True  # look the next KV tile's pages up one iteration ahead
+    # One program per SM sharing all tiles' KV ranges evenly (tiles cut where a program's
+    # share ends, pieces combined by the last one's program); ``splits`` is then unused.
+    # Balances alike tiles (paged). Not yet timed on a GPU: no default or candidate uses it.
+    stream_k: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
