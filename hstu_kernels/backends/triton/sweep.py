@@ -1,8 +1,10 @@
 """Time the attention kernel's configs on the benchmark shapes: a tuning aid for the GPU.
 
 ``python -m hstu_kernels.backends.triton.sweep [--cases jagged256,delta256,...]`` prints, for
-each case, every candidate config (and the exp2 SiLU beside the tanh one) with its median time
-and the largest difference from the first config's output. Not used by the library itself.
+each case, every candidate config (for the paged cases also without the page prefetch, at
+other page sizes and as stream-K) with the median time of its CUDA-graph replay (as the
+autotuner times it) and the largest difference from the first config's output. Not used by
+the library itself.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ CASES = {
     "delta256": (8, 4, 256, 4096, 128, 256, True),
     "delta128": (8, 8, 128, 4096, 128, 256, True),
     "delta256b1": (1, 4, 256, 4096, 128, 256, True),
+    "delta256t0": (8, 4, 256, 4096, 128, 0, True),
+    "jagged256b1": (1, 4, 256, 4096, 4096, 256, False),
 }
 
 
@@ -35,11 +39,12 @@ def _configs(name: str, head_dim: int) -> list[tuple[Config, bool, int]]:
     if name.startswith("delta"):
         out.append((replace(base, prefetch=False), True, 32))
         out += [(base, True, 16), (base, True, 128)]  # 4 lookups / one lookup per tile
+        out += [(replace(c, stream_k=True), True, 32) for c in candidates(head_dim, page_size)]
     return out
 
 
 def _sweep_case(name: str) -> None:
-    from triton.testing import do_bench
+    from hstu_kernels.backends.triton.ops import _time_config
 
     b, heads, d, h, n, t, paged = CASES[name]
     cases: dict[int, object] = {}
@@ -74,10 +79,10 @@ def _sweep_case(name: str) -> None:
         if first is None:
             first = out.float()
         diff = (out.float() - first).abs().max().item()
-        ms = do_bench(lambda: call(out), warmup=10, rep=40, return_mode="median")  # noqa: B023
+        ms = _time_config(lambda c: call(out), cfg)  # noqa: B023
         print(
             f"{name:11} ps={page_size:3} bm={cfg.block_m:3} bn={cfg.block_n:3} "
-            f"w={cfg.num_warps} st={cfg.num_stages} split={cfg.splits} "
+            f"w={cfg.num_warps} st={cfg.num_stages} split={cfg.splits} sk={int(cfg.stream_k)} "
             f"pf={int(cfg.prefetch)} fast={int(fast)}  {ms * 1e3:8.1f} us  "
             f"diff={diff:.2e} nan={int(out.isnan().sum())} compile={compile_s:.1f}s",
             flush=True,
