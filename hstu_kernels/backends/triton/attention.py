@@ -424,27 +424,32 @@ def _hstu_fwd_kernel(
         u1 = (p + 1) * work // n_prog
         t_first = u0 // units
         t_last = tl.where(u1 > u0, (u1 - 1) // units, t_first - 1)
-        batch_heads = num_tiles // num_m_tiles
-        for t in range(t_first, t_last + 1):
+    else:
+        t_first = 0
+        t_last = 0  # one tile, from the grid's coordinates
+    for t in range(t_first, t_last + 1):
+        if STREAM_K:
+            batch_heads = num_tiles // num_m_tiles
+            pid_hb = (t % batch_heads).to(tl.int32)
+            m_tile = (t // batch_heads).to(tl.int32)
             # Programs owning the tile's first and last units: the pieces of the tile.
             first = ((t * units + 1) * n_prog - 1) // work
             last = ((t + 1) * units * n_prog - 1) // work
-            _attend_tile(
-                (t % batch_heads).to(tl.int32), (t // batch_heads).to(tl.int32),
-                (p - first).to(tl.int32), (last - first + 1).to(tl.int32),
-                tl.maximum(u0 - t * units, 0), tl.minimum(u1 - t * units, units), units,
-                Q, K, V, KV, PAGE_IDS, PAGE_INDPTR, LAST_LEN, CU, NUM_TARGETS, OUT, WS, TICKETS,
-                stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
-                neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, HEAD_DIM,
-                BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU, PREFETCH, FIXUP,
-                FIXUP_ROWS, STREAM_K,
-            )  # fmt: skip
-    else:
-        # The grid's slow axis runs over query tiles from the last (the longest KV range)
-        # down, so the longest programs start first and the short ones fill the tail.
+            split = (p - first).to(tl.int32)
+            splits = (last - first + 1).to(tl.int32)
+            unit_lo = tl.maximum(u0 - t * units, 0)
+            unit_hi = tl.minimum(u1 - t * units, units)
+        else:
+            # The grid's slow axis runs over query tiles from the last (the longest KV range)
+            # down, so the longest programs start first and the short ones fill the tail.
+            pid_hb = tl.program_id(0)
+            m_tile = num_m_tiles - 1 - tl.program_id(1)
+            split = tl.program_id(2)
+            splits = tl.num_programs(2)  # a launch value: no recompile per split count
+            unit_lo = 0
+            unit_hi = 0
         _attend_tile(
-            tl.program_id(0), num_m_tiles - 1 - tl.program_id(1), tl.program_id(2),
-            tl.num_programs(2), 0, 0, 1,
+            pid_hb, m_tile, split, splits, unit_lo, unit_hi, units,
             Q, K, V, KV, PAGE_IDS, PAGE_INDPTR, LAST_LEN, CU, NUM_TARGETS, OUT, WS, TICKETS,
             stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
             neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, HEAD_DIM,
@@ -592,7 +597,7 @@ def launch(
     ws = tickets = out  # unused unless split
     if splits > 1:
         ws = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-    if fixup or (config.stream_k and splits > 1):
+    if (fixup or config.stream_k) and splits > 1:  # pieces combined by ticket
         tickets = torch.zeros(programs, dtype=torch.int32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if fast_silu is None:
