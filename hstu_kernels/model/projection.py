@@ -50,6 +50,7 @@ __all__ = [
 
 AUTOTUNE_ENV = "HSTU_PROJECTION_AUTOTUNE"
 FUSED_ENV = "HSTU_FUSED_PROJECTION"
+FAST_SILU_ENV = "HSTU_PROJECTION_FAST_SILU"
 SLOTS = 4  # u, v, q, k
 SPLIT_ROWS = 4  # rows per program of the SiLU/split pass
 
@@ -113,132 +114,19 @@ _TMA_BROKEN: list[str] = []  # why the TMA kernel alone was switched off
 
 
 def _kernels() -> dict:
-    """The Triton kernels (defined, and compiled, on first use)."""
+    """The Triton kernels (imported, and compiled, on first use; re-imported after a reset so
+    that a change of ``TRITON_INTERPRET`` takes effect)."""
     global _KERNELS
     if _KERNELS is None:
-        import triton
-        import triton.language as tl
+        import importlib
 
-        @triton.jit
-        def silu_gemm_kernel(
-            H, W, OUT, M, K, inner,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-        ):  # fmt: skip
-            # H [M, K], W [K, 4 * inner] and OUT [4, M, inner] are contiguous.
-            n_cols = 4 * inner
-            pid = tl.program_id(0)
-            tiles_m = tl.cdiv(M, BLOCK_M)
-            tiles_n = n_cols // BLOCK_N
-            # grouped order: GROUP_M row tiles walk a column tile before the next column,
-            # so W's column tile (and H's row tiles) stay in L2 between programs
-            per_group = GROUP_M * tiles_n
-            first_m = (pid // per_group) * GROUP_M
-            group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-            pid_m = first_m + (pid % per_group) % group_rows
-            pid_n = (pid % per_group) // group_rows
+        from hstu_kernels.model import projection_kernels as kernels
 
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            ks = tl.arange(0, BLOCK_K)
-            # rows past the end load row (r % M), a real one, so the loads need no row mask;
-            # those rows are not stored
-            rows_in = (rows % M).to(tl.int64)
-            h_ptrs = H + rows_in[:, None] * K + ks[None, :]
-            w_ptrs = W + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-                if EVEN_K:
-                    a = tl.load(h_ptrs)
-                    b = tl.load(w_ptrs)
-                else:
-                    k_left = K - k0 * BLOCK_K
-                    a = tl.load(h_ptrs, mask=ks[None, :] < k_left, other=0.0)
-                    b = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
-                acc = tl.dot(a, b, acc)
-                h_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K * n_cols
-
-            y = acc * tl.sigmoid(acc)  # SiLU on the fp32 accumulator: one rounding, at the store
-            slot = (pid_n * BLOCK_N) // inner  # the tile lies inside one column group
-            out_cols = cols - slot * inner
-            dst = (
-                OUT
-                + slot.to(tl.int64) * M * inner
-                + rows.to(tl.int64)[:, None] * inner
-                + out_cols[None, :]
-            )
-            tl.store(dst, y.to(OUT.dtype.element_ty), mask=(rows < M)[:, None])
-
-        @triton.jit
-        def silu_split_kernel(
-            SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr
-        ):
-            r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-            part = tl.program_id(1).to(tl.int64)
-            cols = tl.arange(0, BLOCK)
-            mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
-            src = SRC + r[:, None] * stride_src + part * n_cols + cols[None, :]
-            x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-            y = x * tl.sigmoid(x)
-            dst = DST + part * rows * n_cols + r[:, None] * n_cols + cols[None, :]
-            tl.store(dst, y.to(DST.dtype.element_ty), mask=mask)
-
-        @triton.jit
-        def silu_gemm_tma_kernel(
-            h_desc, w_desc, out_desc, M, K, inner,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-        ):  # fmt: skip
-            # h_desc [M, K] in [BLOCK_M, BLOCK_K] blocks, w_desc [K, 4 * inner] in
-            # [BLOCK_K, BLOCK_N], out_desc [4, M, inner] in [1, BLOCK_M, BLOCK_N // 2]. A 3-d
-            # output descriptor, not [4 * M, inner]: TMA clips a store at each dimension's end,
-            # so the rows of a last row tile past M are dropped, not written into the next slot.
-            # K past its end loads as zeros (both operands), so no K mask is needed.
-            HALF_N: tl.constexpr = BLOCK_N // 2
-            start = tl.program_id(0)
-            tiles_m = tl.cdiv(M, BLOCK_M)
-            tiles_n = 4 * inner // BLOCK_N
-            k_tiles = tl.cdiv(K, BLOCK_K)
-            per_group = GROUP_M * tiles_n
-            # the epilogue recomputes its tile from its own counter, as tutorial 09 does, so
-            # the software pipeline (which issues the next tile's loads before this tile's
-            # store) need not carry the loads' tile indices into the epilogue
-            tile_c = start - NUM_SMS
-            for tile in tl.range(start, tiles_m * tiles_n, NUM_SMS, flatten=FLATTEN):
-                # grouped order (see silu_gemm_kernel): GROUP_M row tiles per column tile
-                first_m = (tile // per_group) * GROUP_M
-                group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-                off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
-                off_n = ((tile % per_group) // group_rows) * BLOCK_N
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for ki in range(k_tiles):
-                    a = h_desc.load([off_m, ki * BLOCK_K])
-                    b = w_desc.load([ki * BLOCK_K, off_n])
-                    acc = tl.dot(a, b, acc)
-
-                tile_c += NUM_SMS
-                first_m = (tile_c // per_group) * GROUP_M
-                group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-                off_m = (first_m + (tile_c % per_group) % group_rows) * BLOCK_M
-                off_n = ((tile_c % per_group) // group_rows) * BLOCK_N
-                slot = off_n // inner  # the tile lies inside one column group
-                col = off_n - slot * inner
-                # two halves: half the store buffer, and the first store runs during the
-                # second half's SiLU
-                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
-                acc0, acc1 = tl.split(halves)
-                y0 = acc0 * tl.sigmoid(acc0)  # SiLU on the fp32 accumulator
-                y0 = tl.reshape(y0.to(out_desc.dtype), (1, BLOCK_M, HALF_N))
-                out_desc.store([slot, off_m, col], y0)
-                y1 = acc1 * tl.sigmoid(acc1)
-                y1 = tl.reshape(y1.to(out_desc.dtype), (1, BLOCK_M, HALF_N))
-                out_desc.store([slot, off_m, col + HALF_N], y1)
-
+        kernels = importlib.reload(kernels)
         _KERNELS = {
-            "silu_gemm": silu_gemm_kernel,
-            "silu_gemm_tma": silu_gemm_tma_kernel,
-            "silu_split": silu_split_kernel,
+            "silu_gemm": kernels.silu_gemm_kernel,
+            "silu_gemm_tma": kernels.silu_gemm_tma_kernel,
+            "silu_split": kernels.silu_split_kernel,
         }
     return _KERNELS
 
@@ -301,7 +189,7 @@ def silu_gemm(
         h, weight, out, tokens, k, inner,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0,
-        num_stages=config.num_stages, num_warps=config.num_warps,
+        FAST_SILU=_fast_silu(h), num_stages=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
     return out
 
@@ -313,6 +201,12 @@ def _tensor_descriptor_class():
     except ImportError:
         return None
     return TensorDescriptor
+
+
+def _fast_silu(h: torch.Tensor) -> bool:
+    """The tanh.approx SiLU (inline PTX) on a GPU; the exact one in the interpreter, and
+    with ``HSTU_PROJECTION_FAST_SILU=0``."""
+    return h.device.type == "cuda" and os.environ.get(FAST_SILU_ENV, "1") != "0"
 
 
 def _interpreting() -> bool:
@@ -382,7 +276,7 @@ def silu_gemm_tma(
     _kernels()["silu_gemm_tma"][(min(sms, tiles),)](
         h_desc, w_desc, out_desc, tokens, k, inner,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
-        FLATTEN=config.flatten, num_stages=config.num_stages, num_warps=config.num_warps,
+        FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), num_stages=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
     return out
 

@@ -36,7 +36,7 @@ class Config:
     prefetch: bool = True  # look the next KV tile's pages up one iteration ahead
     # One program per SM sharing all tiles' KV ranges evenly (tiles cut where a program's
     # share ends, pieces combined by the last one's program); ``splits`` is then unused.
-    # Balances alike tiles (paged). Not yet timed on a GPU: no default or candidate uses it.
+    # Balances alike tiles (paged); a paged tuning candidate (bench/NOTES-triton.md, v5).
     stream_k: bool = False
 
     def __post_init__(self) -> None:
@@ -90,6 +90,9 @@ def candidates(head_dim: int, page_size: int | None) -> list[Config]:
             # Deeper K/V pipelines for the paged kernel, whose short programs (few query rows
             # over a long cached history) wait on memory more than the jagged ones.
             out += [Config(128, 32, 8, 3), Config(128, 32, 8, 4), Config(64, 64, 4, 3)]
+            # Stream-K: one program per SM, so 96 tiles (B=8 with targets) no longer leave
+            # 36 SMs idle (150 -> 145 us on an H100; slower for the other shapes).
+            out += [Config(128, 32, 8, 3, stream_k=True), Config(128, 64, 8, 2, stream_k=True)]
     elif head_dim >= 128:
         out += [Config(64, 64, 4, 3), Config(128, 32, 4, 4), Config(128, 128, 8, 2)]
     else:
