@@ -201,3 +201,20 @@ def check_jagged_backend(case: PagedCase, dtype: torch.dtype, backend: str) -> N
         out=poisoned_like(q),
     )  # fmt: skip
     assert_hstu_close(out, case.reference_full(torch.float32), case.reference_full(dtype))
+
+
+def check_all_target_jagged(backend: str, head_dim: int, device: str = "cuda") -> None:
+    """A jagged batch whose first sequence has no history (every row a target, so no key
+    tiles at all) and whose second has 3 targets: ``backend`` in bf16 against the reference
+    (output poisoned first)."""
+    from hstu_kernels.ops import hstu_attention
+
+    g = torch.Generator(device=device).manual_seed(3)
+    q, k, v = (torch.randn(47, 2, head_dim, device=device, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 4, 47], dtype=torch.int32, device=device)
+    nt = torch.tensor([4, 3], dtype=torch.int32, device=device)
+    lowp = [t.to(torch.bfloat16) for t in (q, k, v)]
+    out = hstu_attention(*lowp, cu, num_targets=nt, backend=backend, out=poisoned_like(lowp[0]))
+    ref32 = hstu_attention(q, k, v, cu, num_targets=nt, backend="reference")
+    ref_lowp = hstu_attention(*lowp, cu, num_targets=nt, backend="reference")
+    assert_hstu_close(out, ref32, ref_lowp)

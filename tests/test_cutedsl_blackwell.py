@@ -41,6 +41,7 @@ from hstu_kernels.dispatch import BackendError, explain
 from hstu_kernels.testing import (
     PagedCase,
     assert_hstu_close,
+    check_all_target_jagged,
     check_jagged_backend,
     check_paged_backend,
     make_paged_case,
@@ -118,13 +119,14 @@ def test_kernel_uses_the_shared_helpers():
         "schedule_tile",
         "sequence_info",
         "kv_tile_range",
-        "page_slot",
         "tile_is_full",
         "mask_tile_",
         "silu_scale_",
     ):
         assert f"hc.{name}(" in src, f"blackwell.py does not call hstu_common.{name}"
     assert "def keep(" not in src and "exp2" not in src, "a private mask/SiLU copy"
+    # the page of a key tile, and the jagged windows, come from tma_views (shared with hopper)
+    assert "tma_views.history_tile_sources(" in src and "tma_views.history_windows(" in src
 
 
 # ---------------------------------------------------------------- compile only (DSL, CPU)
@@ -334,16 +336,7 @@ def test_edges(dtype, head_dim):
 @blackwell_only
 def test_all_target_jagged_sequence():
     """A jagged sequence with no history (every row a target): no key tiles at all."""
-    g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v = (torch.randn(47, 2, 128, device="cuda", generator=g) for _ in range(3))
-    cu = torch.tensor([0, 4, 47], dtype=torch.int32, device="cuda")
-    nt = torch.tensor([4, 3], dtype=torch.int32, device="cuda")
-    lowp = [t.to(torch.bfloat16) for t in (q, k, v)]
-    out = hk.hstu_attention(*lowp, cu, num_targets=nt, backend=BACKEND,
-                            out=poisoned_like(lowp[0]))  # fmt: skip
-    ref32 = hk.hstu_attention(q, k, v, cu, num_targets=nt, backend="reference")
-    ref_lowp = hk.hstu_attention(*lowp, cu, num_targets=nt, backend="reference")
-    assert_hstu_close(out, ref32, ref_lowp)
+    check_all_target_jagged(BACKEND, 128)
 
 
 @pytest.mark.gpu
@@ -433,7 +426,7 @@ def _probe_host_fn(dtype_c, d: int, paged: bool, which: int, mn_major: bool):
     import cutlass.cute as cute
     from cutlass.cute.nvgpu import cpasync
 
-    from hstu_kernels.backends.cutedsl import blackwell as bw
+    from hstu_kernels.backends.cutedsl import tma_views as tv
 
     # The DSL evaluates the (string, see `from __future__ import annotations`) annotations of
     # the functions below in this module's globals; the DSL is imported lazily, so add it.
@@ -463,7 +456,7 @@ def _probe_host_fn(dtype_c, d: int, paged: bool, which: int, mn_major: bool):
             g = cute.flat_divide(g_view, tile_shape)[None, None, 0, 0, (head, page)]
         else:
             start = cu[b]
-            window = bw.jagged_window(g_view, pad, start, cu[b + 1] - start, mn_major=mn_major)
+            window = tv.jagged_window(g_view, pad, start, cu[b + 1] - start, mn_major=mn_major)
             g = cute.flat_divide(window, tile_shape)
             if cutlass.const_expr(mn_major):
                 g = g[None, None, 0, t, (head, 0)]
@@ -495,7 +488,7 @@ def _probe_host_fn(dtype_c, d: int, paged: bool, which: int, mn_major: bool):
         @cute.jit
         def host(kv: cute.Tensor, out: cute.Tensor, page_indptr: cute.Tensor,
                  page_ids: cute.Tensor, tiles: cutlass.Int32, stream):  # fmt: skip
-            view = bw.page_tma_view(kv, which, mn_major=mn_major)
+            view = tv.page_tma_view(kv, which, mn_major=mn_major)
             layout = smem_layout()
             atom, g_view = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), view, layout, layout.shape
@@ -510,7 +503,7 @@ def _probe_host_fn(dtype_c, d: int, paged: bool, which: int, mn_major: bool):
     @cute.jit
     def host(x: cute.Tensor, out: cute.Tensor, cu: cute.Tensor, pad: cutlass.Int32,
              tiles: cutlass.Int32, stream):  # fmt: skip
-        view = bw.jagged_tma_view(x, pad, mn_major=mn_major)
+        view = tv.jagged_tma_view(x, pad, mn_major=mn_major)
         layout = smem_layout()
         atom, g_view = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), view, layout, layout.shape

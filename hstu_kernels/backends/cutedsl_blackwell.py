@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from hstu_kernels.backends.cutedsl.tma_ops import make_ops
 from hstu_kernels.dispatch import Backend, register
 
 ARCHS = frozenset({"sm_100", "sm_103"})
 HEAD_DIMS = frozenset({64, 128})
-PAGE_SIZES = frozenset({128})
+PAGE_SIZE = 128  # one page = one key tile
+PAGE_SIZES = frozenset({PAGE_SIZE})
 PRIORITY = 40  # above cutedsl-ampere (10) and Triton (20 at most) on its archs
 
 
@@ -34,58 +36,9 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-def _check_aligned(name: str, t: torch.Tensor) -> None:
-    # TMA descriptors need 16-byte aligned bases; a view with an odd offset would fault.
-    if t.data_ptr() % 16:
-        raise ValueError(f"{name}: expected a 16-byte aligned data pointer (got a view?)")
-
-
-def _refuse_features(spec) -> None:
-    if spec.num_contexts or spec.max_attn_len:
-        raise ValueError(
-            "cutedsl-blackwell: num_contexts/max_attn_len are not supported (use backend='auto')"
-        )
-
-
-def _jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
-    from hstu_kernels.backends.cutedsl import blackwell
-    from hstu_kernels.dispatch import device_arch
-
-    _refuse_features(spec)
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        _check_aligned(name, t)
-    if q.shape[0] == 0:
-        return
-    fn = blackwell.get_kernel(device_arch(q.device), q.dtype, q.shape[2], paged=False)
-    fn(
-        q, k, v, out, cu_seqlens, num_targets, int(max_seqlen),
-        float(spec.alpha), 1.0 / float(spec.scaling_seqlen),
-    )  # fmt: skip
-
-
-def _paged(
-    q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out
-):
-    from hstu_kernels.backends.cutedsl import blackwell
-    from hstu_kernels.dispatch import device_arch
-
-    _refuse_features(spec)
-    if kv_cache.shape[2] != blackwell.PAGE_SIZE:
-        raise ValueError(
-            f"kv_cache: cutedsl-blackwell takes pages of {blackwell.PAGE_SIZE} tokens, "
-            f"got {kv_cache.shape[2]}"
-        )
-    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("kv_cache", kv_cache),
-                    ("out", out)):  # fmt: skip
-        _check_aligned(name, t)
-    if q.shape[0] == 0:
-        return
-    fn = blackwell.get_kernel(device_arch(q.device), q.dtype, q.shape[2], paged=True)
-    fn(
-        q, k_new, v_new, kv_cache, out, cu_seqlens_q, num_targets,
-        page_table.page_indptr, page_table.page_ids, page_table.last_page_len,
-        int(max_seqlen_q), float(spec.alpha), 1.0 / float(spec.scaling_seqlen),
-    )  # fmt: skip
+_jagged, _paged = make_ops(
+    "cutedsl-blackwell", "hstu_kernels.backends.cutedsl.blackwell", page_size=PAGE_SIZE
+)
 
 
 register(

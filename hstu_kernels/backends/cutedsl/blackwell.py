@@ -45,6 +45,8 @@ from cutlass.cute.nvgpu import cpasync, tcgen05
 from cutlass.cute.typing import Float32, Int32, Int64
 
 from hstu_kernels.backends.cutedsl import hstu_common as hc
+from hstu_kernels.backends.cutedsl import tma_views
+from hstu_kernels.backends.cutedsl.tma_views import jagged_window
 
 __all__ = ["PAGE_SIZE", "TILE_M", "TILE_N", "BlackwellHstuForward"]
 
@@ -69,7 +71,7 @@ TMEM_P_IN_S = 32
 TMEM_O = (256, 384)
 
 
-class BlackwellHstuForward:
+class BlackwellHstuForward(tma_views.TmaAttentionHost):
     """One compiled variant: dtype (``cutlass.BFloat16``/``Float16``), head dim, jagged/paged.
 
     Compile :meth:`jagged` or :meth:`paged` once per variant: :func:`get_kernel` does, through
@@ -111,78 +113,6 @@ class BlackwellHstuForward:
             tcgen05.OperandSource.TMEM,
         )
         return qk, pv
-
-    @cute.jit
-    def jagged(
-        self,
-        q: cute.Tensor,
-        k: cute.Tensor,
-        v: cute.Tensor,
-        out: cute.Tensor,
-        cu_seqlens: cute.Tensor,
-        num_targets: cute.Tensor,
-        max_seqlen: Int32,
-        alpha: Float32,
-        inv_scaling: Float32,
-        stream,
-    ):
-        """Whole sequences: ``q, k, v, out [sum L_b, heads, D]``."""
-        self._launch(
-            q,
-            jagged_tma_view(q, max_seqlen, mn_major=False),
-            jagged_tma_view(k, max_seqlen, mn_major=False),
-            jagged_tma_view(v, max_seqlen, mn_major=True),
-            k,
-            v,
-            out,
-            cu_seqlens,
-            num_targets,
-            None,
-            None,
-            None,
-            max_seqlen,
-            alpha,
-            inv_scaling,
-            stream,
-        )
-
-    @cute.jit
-    def paged(
-        self,
-        q: cute.Tensor,
-        k_new: cute.Tensor,
-        v_new: cute.Tensor,
-        kv_cache: cute.Tensor,
-        out: cute.Tensor,
-        cu_seqlens_q: cute.Tensor,
-        num_targets: cute.Tensor,
-        page_indptr: cute.Tensor,
-        page_ids: cute.Tensor,
-        last_page_len: cute.Tensor,
-        max_seqlen_q: Int32,
-        alpha: Float32,
-        inv_scaling: Float32,
-        stream,
-    ):
-        """New history + target rows over a paged cache ``kv_cache [pages, 2, 128, heads, D]``."""
-        self._launch(
-            q,
-            jagged_tma_view(q, max_seqlen_q, mn_major=False),
-            page_tma_view(kv_cache, 0, mn_major=False),
-            page_tma_view(kv_cache, 1, mn_major=True),
-            k_new,
-            v_new,
-            out,
-            cu_seqlens_q,
-            num_targets,
-            page_indptr,
-            page_ids,
-            last_page_len,
-            max_seqlen_q,
-            alpha,
-            inv_scaling,
-            stream,
-        )
 
     @cute.jit
     def _launch(
@@ -397,12 +327,7 @@ class BlackwellHstuForward:
             cute.group_modes(sQ, 0, 3),
             cute.group_modes(qk_thr.partition_A(gQ), 0, 3),
         )
-        mK_b = mK
-        mV_b = mV
-        if cutlass.const_expr(not self.is_paged):
-            # Keys 0..H-1 of the sequence; rows >= H read as zeros.
-            mK_b = jagged_window(mK, pad, seq.q_start, seq.history, mn_major=False)
-            mV_b = jagged_window(mV, pad, seq.q_start, seq.history, mn_major=True)
+        mK_b, mV_b = tma_views.history_windows(mK, mV, pad, seq, self.is_paged)
         gK = cute.flat_divide(mK_b, cute.select(self.qk_tiler, mode=[1, 2]))
         tKsK, tKgK = cpasync.tma_partition(
             tma_k,
@@ -428,15 +353,9 @@ class BlackwellHstuForward:
                 tma_bar_ptr=h.barrier,
             )
         for i in cutlass.range(n_kv, unroll=1):
-            if cutlass.const_expr(self.is_paged):
-                # One page per key tile: the page-table walk gives the page of key i * 128.
-                slot, _ = hc.page_slot(i * TILE_N, PAGE_SIZE)
-                page = page_ids[seq.page_base + slot]
-                k_src = tKgK[None, 0, 0, (head, page)]
-                v_src = tVgV[None, 0, 0, (head, page)]
-            else:
-                k_src = tKgK[None, i, 0, (head, 0)]
-                v_src = tVgV[None, 0, i, (head, 0)]
+            k_src, v_src = tma_views.history_tile_sources(
+                tKgK, tVgV, i, seq, page_ids, head, self.is_paged
+            )
             h = kv_prod.acquire_and_advance()
             cute.copy(tma_k, k_src, tKsK[None, h.index], tma_bar_ptr=h.barrier)
             h = kv_prod.acquire_and_advance()
@@ -663,48 +582,6 @@ def _umma_pipe(barriers):
     ).make_participants()
 
 
-def jagged_tma_view(t: cute.Tensor, pad: Int32, *, mn_major: bool) -> cute.Tensor:
-    """Packed ``t [rows, heads, D]`` as the TMA-able ``(pad, D, (heads, rows + 1))`` view
-    (``mn_major``: ``(D, pad, (heads, rows + 1))``) that :func:`jagged_window` slides.
-
-    The base is moved back by ``pad`` rows so that the window of a sequence ending at packed
-    row ``e`` ends exactly at the first mode's bound: rows past the sequence (up to ``pad``)
-    are out of bounds, which TMA reads as zeros. ``pad`` must be >= every sequence's length.
-    """
-    rows, heads, d = t.shape
-    s_row, s_head, _ = t.stride
-    base = t.iterator - Int64(pad) * s_row
-    if cutlass.const_expr(mn_major):
-        layout = cute.make_layout((d, pad, (heads, rows + 1)), stride=(1, s_row, (s_head, s_row)))
-    else:
-        layout = cute.make_layout((pad, d, (heads, rows + 1)), stride=(s_row, 1, (s_head, s_row)))
-    return cute.make_tensor(base, layout)
-
-
-def jagged_window(view: cute.Tensor, pad: Int32, start, length, *, mn_major: bool):
-    """Rows ``start .. start + length - 1`` of a :func:`jagged_tma_view` as coordinates
-    ``0 .. length - 1`` of its row mode (with batch coordinate ``(head, 0)``); coordinates
-    ``length .. pad - 1`` are out of bounds (zeros)."""
-    shift = pad - length
-    if cutlass.const_expr(mn_major):
-        return cute.domain_offset((0, shift, (0, start + length)), view)
-    return cute.domain_offset((shift, 0, (0, start + length)), view)
-
-
-def page_tma_view(kv_cache: cute.Tensor, which: int, *, mn_major: bool) -> cute.Tensor:
-    """K (``which=0``) or V (1) of ``kv_cache [pages, 2, 128, heads, D]`` as
-    ``(128, D, (heads, pages))`` (``mn_major``: ``(D, 128, (heads, pages))``): one page is one
-    TMA tile, addressed by the batch coordinate ``(head, page_id)``."""
-    pages, _, page, heads, d = kv_cache.shape
-    s_page, s_kv, s_row, s_head, _ = kv_cache.stride
-    base = kv_cache.iterator + which * s_kv
-    if cutlass.const_expr(mn_major):
-        layout = cute.make_layout((d, page, (heads, pages)), stride=(1, s_row, (s_head, s_page)))
-    else:
-        layout = cute.make_layout((page, d, (heads, pages)), stride=(s_row, 1, (s_head, s_page)))
-    return cute.make_tensor(base, layout)
-
-
 def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     """``(host_fn, variant, fake_args)`` of one variant, for :func:`get_kernel` and for
     compile-only tests (``compile.ptx_of(host_fn, fake_args(), arch=...)``).
@@ -734,22 +611,7 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     }
 
     def fake_args():
-        row = (None, None, head_dim)
-        i32 = cutlass.Int32
-        scalars = (cutlass.Int32(1), cutlass.Float32(1.0), cutlass.Float32(1.0), cc.env_stream())
-        if paged:
-            return (
-                *(cc.fake_tensor(dtype, row) for _ in range(3)),
-                cc.fake_tensor(dtype, (None, 2, PAGE_SIZE, None, head_dim)),
-                cc.fake_tensor(dtype, row),
-                *(cc.fake_tensor(i32, (None,), align=4) for _ in range(5)),
-                *scalars,
-            )
-        return (
-            *(cc.fake_tensor(dtype, row) for _ in range(4)),
-            *(cc.fake_tensor(i32, (None,), align=4) for _ in range(2)),
-            *scalars,
-        )
+        return cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args

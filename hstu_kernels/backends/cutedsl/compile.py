@@ -43,6 +43,7 @@ from typing import Any
 __all__ = [
     "CACHE_ENV",
     "cache_dir",
+    "check_tma_aligned",
     "compile_cached",
     "compile_kernel",
     "compile_stats",
@@ -51,8 +52,10 @@ __all__ = [
     "dsl_available",
     "dsl_version",
     "env_stream",
+    "fake_attention_args",
     "fake_tensor",
     "ptx_of",
+    "refuse_mask_features",
 ]
 
 CACHE_ENV = "HSTU_KERNELS_CUTEDSL_CACHE"
@@ -298,3 +301,45 @@ def clear_memory_cache() -> None:
         _MEMORY.clear()
         _FAST.clear()
         _STATS.clear()
+
+
+def check_tma_aligned(name: str, t: Any) -> None:
+    """Raise ValueError unless ``t``'s data pointer is 16-byte aligned: a TMA descriptor's base
+    must be, and a view with an odd offset would fault inside the kernel."""
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}: expected a 16-byte aligned data pointer (got a view?)")
+
+
+def refuse_mask_features(backend: str, spec: Any) -> None:
+    """Raise ValueError for mask features the TMA kernels do not implement (contexts, a
+    window); the dispatcher never sends them such calls, a forced backend gets this error."""
+    if spec.num_contexts or spec.max_attn_len:
+        raise ValueError(
+            f"{backend}: num_contexts/max_attn_len are not supported (use backend='auto')"
+        )
+
+
+def fake_attention_args(dtype: Any, head_dim: int, *, paged: bool, page_size: int) -> tuple:
+    """Compile-time arguments of the TMA attention kernels' host functions (``blackwell``,
+    ``hopper``), in their order. Paged: ``(q, k_new, v_new, kv_cache, out, cu_seqlens_q,
+    num_targets, page_indptr, page_ids, last_page_len, max_seqlen_q, alpha, inv_scaling,
+    stream)``; jagged: ``(q, k, v, out, cu_seqlens, num_targets, max_seqlen, alpha,
+    inv_scaling, stream)``. ``dtype`` is the cutlass dtype of q/k/v/out."""
+    import cutlass
+
+    row = (None, None, head_dim)
+    i32 = cutlass.Int32
+    scalars = (cutlass.Int32(1), cutlass.Float32(1.0), cutlass.Float32(1.0), env_stream())
+    if paged:
+        return (
+            *(fake_tensor(dtype, row) for _ in range(3)),
+            fake_tensor(dtype, (None, 2, page_size, None, head_dim)),
+            fake_tensor(dtype, row),
+            *(fake_tensor(i32, (None,), align=4) for _ in range(5)),
+            *scalars,
+        )
+    return (
+        *(fake_tensor(dtype, row) for _ in range(4)),
+        *(fake_tensor(i32, (None,), align=4) for _ in range(2)),
+        *scalars,
+    )

@@ -1,0 +1,420 @@
+"""HSTU attention forward for Hopper (sm_90a): warpgroup MMA (wgmma) + TMA, CuTe DSL.
+
+Status: COMPILED ONLY (tests/test_cutedsl_hopper.py, CPU); never run on a GPU; not in the
+dispatch table. The plan, and why it should beat the Triton kernel, is bench/NOTES-hopper.md.
+
+One CTA owns 128 query rows of one (sequence, head) and walks the sequence's history keys in
+``TILE_N``-key tiles (paged: one tile is one cache page). Warp roles (12 warps, 384 threads):
+
+- warpgroups 0 and 1 (consumers): query rows 0-63 and 64-127 of the tile. Per key tile each
+  issues ``S = Q K^T`` (wgmma, both operands in shared memory), masks the tiles that need it,
+  applies ``silu(alpha s) / scaling_seqlen`` in registers and issues ``O += P V`` with P as the
+  register A operand. The two warpgroups are independent, so one's SiLU runs while the other's
+  wgmma runs (no named-barrier alternation yet: the plan's step 3).
+- warpgroup 2 (producer; its first warp issues TMA): Q once, then K_i and V_i into two rings of
+  ``KV_STAGES`` buffers. It gives its registers to the consumers (``setmaxnreg``).
+
+As in ``blackwell.py``: only history keys enter the loop; a target row's own key (the only other
+key it sees) is added in the epilogue as ``silu(alpha q.k) / scaling_seqlen * v`` from
+``k_new``/``v_new`` (jagged: ``k``/``v``). Jagged TMA windows read rows past the history as
+zeros; the last page of a paged sequence may hold anything past the history, so the consumers
+zero those K and V rows in shared memory before they enter an MMA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.memory
+import cutlass.pipeline as pipeline
+import cutlass.utils.hopper_helpers as sm90_utils
+import torch
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.cute.typing import Float32, Int32, Int64
+from cutlass.tensor_utils import LayoutEnum
+
+from hstu_kernels.backends.cutedsl import hstu_common as hc
+from hstu_kernels.backends.cutedsl import tma_views
+from hstu_kernels.backends.cutedsl.tma_views import jagged_window
+
+__all__ = ["PAGE_SIZE", "TILE_M", "TILE_N", "HopperHstuForward"]
+
+TILE_M = 128  # query rows per CTA: two consumer warpgroups of 64 (the wgmma M)
+TILE_N = 32  # history keys per tile (= one page for the paged op)
+PAGE_SIZE = TILE_N
+KV_STAGES = 4  # K ring and V ring, each (D = 256: 4 x 16 KiB + 4 x 16 KiB + 64 KiB of Q)
+CONSUMER_WARPGROUPS = 2
+CONSUMER_THREADS = 128 * CONSUMER_WARPGROUPS
+THREADS = CONSUMER_THREADS + 128
+PRODUCER_WARP = CONSUMER_THREADS // 32
+CONSUMER_REGS = 240  # setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64 Ki registers
+PRODUCER_REGS = 24
+ZERO_TAIL_BARRIER = 1  # named barrier of the consumers (0 is __syncthreads)
+
+
+class HopperHstuForward(tma_views.TmaAttentionHost):
+    """One compiled variant: dtype (``cutlass.BFloat16``/``Float16``), head dim, jagged/paged."""
+
+    def __init__(self, dtype: type, head_dim: int, paged: bool, fast_tanh: bool = False) -> None:
+        if head_dim not in (64, 128, 256):
+            raise ValueError(f"head_dim: expected 64, 128 or 256, got {head_dim}")
+        if dtype not in (cutlass.BFloat16, cutlass.Float16):
+            raise TypeError(f"dtype: expected BFloat16 or Float16, got {dtype}")
+        self.dtype = dtype
+        self.head_dim = head_dim
+        self.is_paged = paged
+        self.fast_tanh = fast_tanh  # SiLU through tanh.approx (one MUFU op per score)
+        self.qk_tiler = (TILE_M, TILE_N, head_dim)  # (M, N, K) of S = Q K^T
+        self.pv_tiler = (TILE_M, head_dim, TILE_N)  # (M, N, K) of O = P V
+
+    # ------------------------------------------------------------------ host side
+
+    def _mmas(self):
+        k_major = cute.nvgpu.OperandMajorMode.K
+        # Two warpgroups along M: each issues m64nN wgmmas for its 64 rows.
+        qk = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, k_major, k_major, Float32, (CONSUMER_WARPGROUPS, 1, 1),
+            (64, TILE_N),
+        )  # fmt: skip
+        # P from registers; V read MN-major (head dim contiguous).
+        pv = sm90_utils.make_trivial_tiled_mma(
+            self.dtype, self.dtype, k_major, cute.nvgpu.OperandMajorMode.MN, Float32,
+            (CONSUMER_WARPGROUPS, 1, 1), (64, self.head_dim), warpgroup.OperandSource.RMEM,
+        )  # fmt: skip
+        return qk, pv
+
+    @cute.jit
+    def _launch(
+        self, q, q_view, k_view, v_view, k_self, v_self, out, cu_seqlens_q, num_targets,
+        page_indptr, page_ids, last_page_len, pad: Int32, alpha: Float32, inv_scaling: Float32,
+        stream,
+    ):  # fmt: skip
+        qk_mma, pv_mma = self._mmas()
+        q_smem = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, self.qk_tiler, self.dtype, 1)
+        k_smem = sm90_utils.make_smem_layout_b(
+            LayoutEnum.ROW_MAJOR, self.qk_tiler, self.dtype, KV_STAGES
+        )
+        v_smem = sm90_utils.make_smem_layout_b(
+            LayoutEnum.COL_MAJOR, self.pv_tiler, self.dtype, KV_STAGES
+        )
+        load_op = cpasync.CopyBulkTensorTileG2SOp()
+        q_one = cute.select(q_smem, mode=[0, 1])
+        k_one = cute.select(k_smem, mode=[0, 1])
+        v_one = cute.select(v_smem, mode=[0, 1])
+        tma_q, q_tma = cpasync.make_tiled_tma_atom(load_op, q_view, q_one, (TILE_M, self.head_dim))
+        tma_k, k_tma = cpasync.make_tiled_tma_atom(load_op, k_view, k_one, (TILE_N, self.head_dim))
+        tma_v, v_tma = cpasync.make_tiled_tma_atom(load_op, v_view, v_one, (self.head_dim, TILE_N))
+        self.q_bytes = cute.size_in_bytes(self.dtype, q_one)
+        self.kv_bytes = cute.size_in_bytes(self.dtype, k_one)
+
+        @cute.struct
+        class SharedStorage:
+            q_bars: cute.struct.MemRange[Int64, 2]
+            k_bars: cute.struct.MemRange[Int64, KV_STAGES * 2]
+            v_bars: cute.struct.MemRange[Int64, KV_STAGES * 2]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(q_smem)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(k_smem)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(v_smem)], 1024]
+
+        self.shared_storage = SharedStorage
+        batch = cu_seqlens_q.shape[0] - 1
+        heads = out.shape[1]
+        grid = ((pad + TILE_M - 1) // TILE_M, heads, batch)
+        self.kernel(
+            qk_mma, pv_mma, tma_q, q_tma, tma_k, k_tma, tma_v, v_tma,
+            q, k_self, v_self, out, cu_seqlens_q, num_targets,
+            page_indptr, page_ids, last_page_len, pad, alpha, inv_scaling,
+            q_smem, k_smem, v_smem,
+        ).launch(grid=grid, block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)  # fmt: skip
+
+    # ------------------------------------------------------------------ device side
+
+    @cute.kernel
+    def kernel(
+        self,
+        qk_mma: cute.TiledMma,
+        pv_mma: cute.TiledMma,
+        tma_q: cute.CopyAtom,
+        mQ: cute.Tensor,
+        tma_k: cute.CopyAtom,
+        mK: cute.Tensor,
+        tma_v: cute.CopyAtom,
+        mV: cute.Tensor,
+        q: cute.Tensor,
+        k_self: cute.Tensor,
+        v_self: cute.Tensor,
+        out: cute.Tensor,
+        cu_seqlens_q: cute.Tensor,
+        num_targets: cute.Tensor,
+        page_indptr,
+        page_ids,
+        last_page_len,
+        pad: Int32,
+        alpha: Float32,
+        inv_scaling: Float32,
+        q_smem: cute.ComposedLayout,
+        k_smem: cute.ComposedLayout,
+        v_smem: cute.ComposedLayout,
+    ):
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        bx, head, b = cute.arch.block_idx()
+        gx, _, _ = cute.arch.grid_dim()
+        m_block, head, b = hc.schedule_tile(bx, head, b, gx)
+
+        seq = hc.sequence_info(
+            b, cu_seqlens_q, num_targets, page_indptr, last_page_len,
+            page_size=PAGE_SIZE, paged=self.is_paged,
+        )  # fmt: skip
+        row0 = m_block * TILE_M
+        if row0 < seq.q_len:
+            p0 = seq.q_pos0 + row0
+            p1 = seq.q_pos0 + cutlass.min(seq.q_len, row0 + TILE_M)
+            # History tiles only: target keys enter through the epilogue's self term.
+            _, n_kv, _ = hc.kv_tile_range(p0, p1, seq.history, seq.total, TILE_N)
+
+            if warp == PRODUCER_WARP:
+                cpasync.prefetch_descriptor(tma_q)
+                cpasync.prefetch_descriptor(tma_k)
+                cpasync.prefetch_descriptor(tma_v)
+
+            storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
+            consumer_warps = pipeline.CooperativeGroup(
+                pipeline.Agent.Thread, CONSUMER_THREADS // 32
+            )
+            one = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
+            q_prod, q_cons = pipeline.PipelineTmaAsync.create(
+                num_stages=1, producer_group=one, consumer_group=consumer_warps,
+                tx_count=self.q_bytes, barrier_storage=storage.q_bars.data_ptr(),
+            ).make_participants()  # fmt: skip
+            k_prod, k_cons = pipeline.PipelineTmaAsync.create(
+                num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
+                tx_count=self.kv_bytes, barrier_storage=storage.k_bars.data_ptr(),
+            ).make_participants()  # fmt: skip
+            v_prod, v_cons = pipeline.PipelineTmaAsync.create(
+                num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
+                tx_count=self.kv_bytes, barrier_storage=storage.v_bars.data_ptr(),
+            ).make_participants()  # fmt: skip
+
+            sQ = storage.sQ.get_tensor(q_smem.outer, swizzle=q_smem.inner)
+            sK = storage.sK.get_tensor(k_smem.outer, swizzle=k_smem.inner)
+            sV = storage.sV.get_tensor(v_smem.outer, swizzle=v_smem.inner)
+
+            if warp >= PRODUCER_WARP:
+                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+                if warp == PRODUCER_WARP and n_kv > 0:
+                    self.load_role(
+                        tma_q, mQ, tma_k, mK, tma_v, mV, sQ, sK, sV, q_prod, k_prod, v_prod,
+                        seq, page_ids, m_block, pad, head, n_kv,
+                    )  # fmt: skip
+            else:
+                cute.arch.setmaxregister_increase(CONSUMER_REGS)
+                self.consumer_role(
+                    qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
+                    seq, row0, p0, head, n_kv, alpha, inv_scaling,
+                )  # fmt: skip
+
+    # ------------------------------------------------------------------ roles
+
+    @cute.jit
+    def load_role(
+        self, tma_q, mQ, tma_k, mK, tma_v, mV, sQ, sK, sV, q_prod, k_prod, v_prod,
+        seq, page_ids, m_block, pad, head, n_kv,
+    ):  # fmt: skip
+        """TMA producer: the Q tile, then K_i and V_i for every history tile i."""
+        mQ_b = jagged_window(mQ, pad, seq.q_start, seq.q_len, mn_major=False)
+        gQ = cute.flat_divide(mQ_b, (TILE_M, self.head_dim))
+        tQsQ, tQgQ = cpasync.tma_partition(
+            tma_q, 0, cute.make_layout(1), cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2)
+        )
+        mK_b, mV_b = tma_views.history_windows(mK, mV, pad, seq, self.is_paged)
+        gK = cute.flat_divide(mK_b, (TILE_N, self.head_dim))
+        tKsK, tKgK = cpasync.tma_partition(
+            tma_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
+        )
+        gV = cute.flat_divide(mV_b, (self.head_dim, TILE_N))
+        tVsV, tVgV = cpasync.tma_partition(
+            tma_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2)
+        )
+        h = q_prod.acquire_and_advance()
+        cute.copy(tma_q, tQgQ[None, m_block, 0, (head, 0)], tQsQ[None, 0], tma_bar_ptr=h.barrier)
+        for i in cutlass.range(n_kv, unroll=1):
+            k_src, v_src = tma_views.history_tile_sources(
+                tKgK, tVgV, i, seq, page_ids, head, self.is_paged
+            )
+            h = k_prod.acquire_and_advance()
+            cute.copy(tma_k, k_src, tKsK[None, h.index], tma_bar_ptr=h.barrier)
+            h = v_prod.acquire_and_advance()
+            cute.copy(tma_v, v_src, tVsV[None, h.index], tma_bar_ptr=h.barrier)
+
+    @cute.jit
+    def consumer_role(
+        self, qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
+        seq, row0, p0, head, n_kv, alpha, inv_scaling,
+    ):  # fmt: skip
+        """One warpgroup's 64 rows: the key-tile loop, then the epilogue."""
+        tidx, _, _ = cute.arch.thread_idx()
+        wg_base = (tidx // 128) * 128
+        wg_qk = qk_mma.get_slice(wg_base)
+        wg_pv = pv_mma.get_slice(wg_base)
+        thr_qk = qk_mma.get_slice(tidx)
+        thr_pv = pv_mma.get_slice(tidx)
+        tSrQ = wg_qk.make_fragment_A(wg_qk.partition_A(sQ))
+        tSrK = wg_qk.make_fragment_B(wg_qk.partition_B(sK))
+        tOrV = wg_pv.make_fragment_B(wg_pv.partition_B(sV))
+        acc_O = cute.make_rmem_tensor(wg_pv.partition_shape_C(self.pv_tiler[:2]), Float32)
+        acc_O.fill(0.0)
+        cS_mn = _mn_view(thr_qk.partition_C(cute.make_identity_tensor(self.qk_tiler[:2])))
+
+        if n_kv > 0:
+            q_h = q_cons.wait_and_advance()
+            rQ = tSrQ[None, None, None, 0]
+            for i in cutlass.range(n_kv, unroll=1):
+                k_h = k_cons.wait_and_advance()
+                v_h = v_cons.wait_and_advance()
+                if cutlass.const_expr(self.is_paged):
+                    self._zero_tail(sK, sV, k_h.index, v_h.index, seq, i, tidx)
+                acc_S = cute.make_rmem_tensor(wg_qk.partition_shape_C(self.qk_tiler[:2]), Float32)
+                _wgmma(qk_mma, acc_S, rQ, tSrK[None, None, None, k_h.index], True)
+                k_h.release()
+                if not hc.tile_is_full(i, TILE_N, p0, seq.history):
+                    hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * TILE_N, seq.history)
+                hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
+                rP = cute.make_fragment_like(acc_S, self.dtype)
+                rP.store(acc_S.load().to(self.dtype))
+                tOrP = cute.make_tensor(rP.iterator, _acc_to_a_operand(rP.layout))
+                _wgmma(pv_mma, acc_O, tOrP, tOrV[None, None, None, v_h.index], False)
+                v_h.release()
+            q_h.release()
+
+        # ---- epilogue: O (+ the self term of target rows) -> global memory ---------------
+        cO_mn = _mn_view(thr_pv.partition_C(cute.make_identity_tensor(self.pv_tiler[:2])))
+        o_mn = _mn_view(acc_O)
+        cols = cute.size(o_mn, mode=[1])
+        for r in cutlass.range_constexpr(cute.size(o_mn, mode=[0])):
+            row = row0 + cO_mn[r, 0][0]
+            g = seq.q_start + row
+            is_target = (row < seq.q_len) & (seq.q_pos0 + row >= seq.history)
+            # The four threads of a quad hold the same rows: each sums its own columns of
+            # q.k and the quad adds them up (every thread runs the shuffles).
+            part = Float32(0.0)
+            if is_target:
+                for c in cutlass.range_constexpr(cols):
+                    d = cO_mn[0, c][1]
+                    part += Float32(q[g, head, d]) * Float32(k_self[g, head, d])
+            part += cute.arch.shuffle_sync_bfly(part, offset=1)
+            part += cute.arch.shuffle_sync_bfly(part, offset=2)
+            if row < seq.q_len:
+                w = cute.make_rmem_tensor((1,), Float32)
+                w[0] = part
+                hc.silu_scale_(w, alpha, inv_scaling, self.fast_tanh)
+                for c in cutlass.range_constexpr(cols):
+                    d = cO_mn[0, c][1]
+                    val = o_mn[r, c]
+                    if is_target:
+                        val = val + w[0] * Float32(v_self[g, head, d])
+                    out[g, head, d] = val.to(self.dtype)
+
+    @cute.jit
+    def _zero_tail(self, sK, sV, k_stage, v_stage, seq, i, tidx):
+        """Paged only: zero the K and V rows of history tile ``i`` that lie past the history
+        (a last page's tail holds anything; see the module docstring), by all consumer
+        threads, then make the stores visible to the tensor cores' async-proxy reads."""
+        valid = seq.history - i * TILE_N
+        if valid < TILE_N:
+            d_size = self.head_dim
+            for e in cutlass.range(tidx, (TILE_N - valid) * d_size, CONSUMER_THREADS, unroll=1):
+                r = valid + e // d_size
+                d = e % d_size
+                sK[r, d, k_stage] = self.dtype(0.0)
+                sV[d, r, v_stage] = self.dtype(0.0)
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.barrier(barrier_id=ZERO_TAIL_BARRIER, number_of_threads=CONSUMER_THREADS)
+
+
+@cute.jit
+def _wgmma(tiled_mma, acc, a, b, zero_init: cutlass.Constexpr):
+    """``acc (+)= a @ b`` over the K blocks of one tile, waited for before returning."""
+    warpgroup.fence()
+    # A fresh atom: setting its ACCUMULATE field must not rebind the caller's tiled MMA.
+    atom = cute.make_mma_atom(tiled_mma.op)
+    atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
+    for k in cutlass.range_constexpr(cute.size(a.shape[2])):
+        cute.gemm(atom, acc, a[None, None, k], b[None, None, k], acc)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.commit_group()
+    warpgroup.wait_group(0)
+
+
+def _mn_view(acc: cute.Tensor) -> cute.Tensor:
+    """A wgmma accumulator fragment ``((2, 2, V), MMA_M, MMA_N)`` as ``(rows, cols)``:
+    rows ``(2, MMA_M)`` (the row pair 8 apart), cols ``(2, V, MMA_N)``."""
+    lay = cute.make_layout(acc.layout.shape)
+    mn = cute.make_layout(
+        ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[0][2], lay.shape[2])),
+        stride=(
+            (lay.stride[0][1], lay.stride[1]),
+            (lay.stride[0][0], lay.stride[0][2], lay.stride[2]),
+        ),
+    )
+    return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
+
+
+def _acc_to_a_operand(acc_layout: cute.Layout) -> cute.Layout:
+    """The S accumulator layout ``((2, 2, N / 8), MMA_M, MMA_N)`` read as the register A
+    operand of the P@V wgmma, ``((2, 2, 2), MMA_M, (N / 16, MMA_N))``: for 16-bit types a
+    thread holds the same (row, key) elements in both, grouped by K blocks of 16."""
+    div = cute.logical_divide(acc_layout, ((None, None, 2), None, None))
+    return cute.make_layout(
+        (
+            (div.shape[0][0], div.shape[0][1], div.shape[0][2][0]),
+            div.shape[1],
+            (div.shape[0][2][1], div.shape[2]),
+        ),
+        stride=(
+            (div.stride[0][0], div.stride[0][1], div.stride[0][2][0]),
+            div.stride[1],
+            (div.stride[0][2][1], div.stride[2]),
+        ),
+    )
+
+
+def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
+    """``(host_fn, variant, fake_args)`` of one variant (argument order as in
+    ``blackwell.build_variant``), for compile-only tests and, once it has run on a GPU, for a
+    backend module."""
+    from hstu_kernels.backends.cutedsl import compile as cc
+
+    dtype = cc.cutlass_dtype(torch_dtype)
+    silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
+        "tanh" if torch_dtype == torch.bfloat16 else "exp"
+    )
+    kernel = HopperHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh")
+    variant = {
+        "silu": silu,
+        "dtype": str(torch_dtype),
+        "head_dim": head_dim,
+        "paged": paged,
+        "page_size": PAGE_SIZE if paged else 0,
+        "tiles": (TILE_M, TILE_N, KV_STAGES),
+    }
+
+    def fake_args():
+        return cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
+
+    host_fn = kernel.paged if paged else kernel.jagged
+    return host_fn, variant, fake_args
+
+
+def get_kernel(arch: str, torch_dtype, head_dim: int, paged: bool):
+    """The compiled kernel of one variant (once per process; cached on disk by
+    :func:`compile.compile_cached`). See :func:`build_variant` for its arguments."""
+    from hstu_kernels.backends.cutedsl import compile as cc
+
+    host_fn, variant, fake_args = build_variant(arch, torch_dtype, head_dim, paged)
+    name = "hstu_fwd_wgmma_" + cc.dsl_arch(arch).replace("sm_", "sm")
+    return cc.compile_cached(
+        name, variant, host_fn, fake_args, arch=arch,
+        sources=[__file__, hc.__file__, tma_views.__file__],
+    )  # fmt: skip

@@ -1,0 +1,57 @@
+"""The ``jagged``/``paged`` op functions of the TMA DSL backends (``cutedsl-blackwell``,
+``cutedsl-hopper``): argument checks, then the kernel module's compiled variant.
+
+Importable without the DSL (the registration modules import it on every machine): the kernel
+module is imported by the first call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+__all__ = ["make_ops"]
+
+
+def make_ops(backend: str, kernel_module: str, page_size: int) -> tuple[Callable, Callable]:
+    """``(jagged, paged)`` op functions calling ``kernel_module.get_kernel``; the paged one
+    takes pages of exactly ``page_size`` tokens (one page per key tile)."""
+    from hstu_kernels.backends.cutedsl import compile as cc
+
+    def kernel(q, paged: bool):
+        from hstu_kernels.dispatch import device_arch
+
+        mod = importlib.import_module(kernel_module)
+        return mod.get_kernel(device_arch(q.device), q.dtype, q.shape[2], paged=paged)
+
+    def jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
+        cc.refuse_mask_features(backend, spec)
+        for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+            cc.check_tma_aligned(name, t)
+        if q.shape[0] == 0:
+            return
+        kernel(q, paged=False)(
+            q, k, v, out, cu_seqlens, num_targets, int(max_seqlen),
+            float(spec.alpha), 1.0 / float(spec.scaling_seqlen),
+        )  # fmt: skip
+
+    def paged(
+        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out
+    ):
+        cc.refuse_mask_features(backend, spec)
+        if kv_cache.shape[2] != page_size:
+            raise ValueError(
+                f"kv_cache: {backend} takes pages of {page_size} tokens, got {kv_cache.shape[2]}"
+            )
+        for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("kv_cache", kv_cache),
+                        ("out", out)):  # fmt: skip
+            cc.check_tma_aligned(name, t)
+        if q.shape[0] == 0:
+            return
+        kernel(q, paged=True)(
+            q, k_new, v_new, kv_cache, out, cu_seqlens_q, num_targets,
+            page_table.page_indptr, page_table.page_ids, page_table.last_page_len,
+            int(max_seqlen_q), float(spec.alpha), 1.0 / float(spec.scaling_seqlen),
+        )  # fmt: skip
+
+    return jagged, paged

@@ -1,0 +1,285 @@
+"""Tests of the "cutedsl-hopper" backend (wgmma + TMA, warp-specialised, sm_90a).
+
+What runs where:
+
+- COMPILED ONLY (CPU, in CI): bf16 at head dims 64/128/256 and fp16 at 256, jagged and paged,
+  compiled for sm_90a with fake tensors; the PTX is checked for the instructions meant (wgmma
+  of both GEMMs with the shapes of the tiles, ``setmaxnreg`` moving registers from the
+  producer to the consumers, TMA with mbarrier completion, no warp MMA or tcgen05, the SiLU
+  form of the dtype, and for the paged op the named barrier of the page-tail zeroing).
+- RUN ON AN H100/H200 ONLY (skipped elsewhere): parity against the reference (hypothesis, odd
+  lengths around the 32-token tiles, one-token histories, zero targets, outputs poisoned), an
+  all-target sequence and CUDA-graph replay. Written without a GPU run: the kernel has not
+  run yet (bench/NOTES-hopper.md); until these pass the backend is only used when forced.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import hstu_kernels as hk
+from hstu_kernels.dispatch import explain
+from hstu_kernels.testing import (
+    PagedCase,
+    check_all_target_jagged,
+    check_jagged_backend,
+    check_paged_backend,
+    make_paged_case,
+    poisoned_like,
+)
+
+BACKEND = "cutedsl-hopper"
+PAGE = 32
+VARIANTS = [(torch.bfloat16, d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
+    (torch.float16, 256, paged) for paged in (False, True)
+]
+
+
+def _id(v) -> str:
+    dtype, d, paged = v
+    return f"{str(dtype).removeprefix('torch.')}-d{d}-{'paged' if paged else 'jagged'}"
+
+
+# ---------------------------------------------------------------- dispatch (CPU, no DSL)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_never_chosen_automatically(head_dim):
+    """Not yet run on a GPU: every other backend that serves a call ranks above it."""
+    for op, kw in (("paged", {"page_size": PAGE}), ("jagged", {})):
+        exp = explain(op, arch="sm_90", head_dim=head_dim, **kw)
+        assert exp.choice not in (None, BACKEND)
+        assert exp.reasons[BACKEND].startswith("could serve, lower priority")
+
+
+def test_what_it_declares():
+    forced = explain("paged", arch="sm_90", head_dim=256, page_size=PAGE, backend=BACKEND)
+    assert forced.reasons[BACKEND].startswith("forced")
+    other_pages = explain("paged", arch="sm_90", head_dim=256, page_size=16)
+    assert other_pages.reasons[BACKEND] == "page size 16 not in [32]"
+    assert (
+        explain("jagged", arch="sm_89", head_dim=128)
+        .reasons[BACKEND]
+        .startswith("arch sm_89 not in")
+    )
+
+
+def test_registration_does_not_import_the_dsl():
+    code = (
+        "import sys; from hstu_kernels.dispatch import registry; "
+        f"assert {BACKEND!r} in registry().backends; "
+        "print('hstu_kernels.backends.cutedsl.hopper' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_kernel_uses_the_shared_helpers():
+    """The arch-neutral parts come from hstu_common (run on GPUs by the warp-MMA kernel's
+    tests) and the TMA views from tma_views (run through real TMA copies on an H100)."""
+    src = (Path(hk.__file__).parent / "backends" / "cutedsl" / "hopper.py").read_text()
+    for name in ("schedule_tile", "sequence_info", "kv_tile_range", "tile_is_full",
+                 "mask_tile_", "silu_scale_"):  # fmt: skip
+        assert f"hc.{name}(" in src, f"hopper.py does not call hstu_common.{name}"
+    for name in ("jagged_tma_view", "jagged_window", "page_tma_view"):
+        assert f"def {name}(" not in src
+    assert "tma_views.history_tile_sources(" in src and "tma_views.history_windows(" in src
+    assert "def keep(" not in src and "exp2" not in src, "a private mask/SiLU copy"
+
+
+# ---------------------------------------------------------------- compile only (DSL, CPU)
+
+_PTX: dict = {}
+
+
+def _ptx(variant) -> str:
+    if variant not in _PTX:
+        pytest.importorskip("cutlass.cute")
+        from hstu_kernels.backends.cutedsl import compile as cc
+        from hstu_kernels.backends.cutedsl import hopper
+
+        dtype, d, paged = variant
+        host_fn, _, fake_args = hopper.build_variant("sm_90a", dtype, d, paged)
+        _PTX[variant] = cc.ptx_of(host_fn, fake_args(), arch="sm_90a")
+    return _PTX[variant]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=_id)
+def compiled(request):
+    return request.param, _ptx(request.param)
+
+
+def test_ptx_targets_sm90a(compiled):
+    _, ptx = compiled
+    assert re.search(r"^\.target sm_90a\s*$", ptx, re.M)
+
+
+def test_ptx_uses_wgmma_for_both_gemms(compiled):
+    (dtype, d, _), ptx = compiled
+    kind = "bf16.bf16" if dtype == torch.bfloat16 else "f16.f16"
+    qk = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{PAGE}k16\.f32\.{kind}", ptx)
+    pv = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{d}k16\.f32\.{kind}", ptx)
+    assert len(qk) == d // 16, len(qk)  # S = Q K^T: one k-step per 16 of the head dim
+    assert len(pv) == PAGE // 16, len(pv)  # O += P V: one k-step per 16 keys
+    assert "wgmma.wait_group.sync.aligned" in ptx
+    assert "mma.sync" not in ptx and "tcgen05" not in ptx
+
+
+def test_ptx_moves_registers_to_the_consumers(compiled):
+    _, ptx = compiled
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)
+
+
+def test_ptx_loads_through_tma(compiled):
+    _, ptx = compiled
+    assert re.search(r"cp\.async\.bulk\.tensor\.\dd\.shared::cta\.global\.tile\.mbarrier::complete_tx", ptx)  # fmt: skip
+    assert "mbarrier.try_wait" in ptx
+
+
+def test_ptx_silu_form_follows_the_dtype(compiled):
+    (dtype, _, _), ptx = compiled
+    assert ("tanh.approx.f32" in ptx) == (dtype == torch.bfloat16)
+    if dtype == torch.float16:
+        assert "ex2.approx" in ptx
+
+
+def test_ptx_paged_zeroes_the_page_tail(compiled):
+    (_, _, paged), ptx = compiled
+    # The consumers' named barrier after zeroing a last page's tail (barrier 1, 256 threads).
+    assert bool(re.search(r"bar\.sync\s+1,\s*256;", ptx)) == paged
+    assert ("fence.proxy.async.shared::cta" in ptx) or not paged
+
+
+def _new_enough_ptxas() -> str | None:
+    """A ptxas that reads this DSL's PTX (the triton wheel's, if recent enough)."""
+    candidates = [shutil.which("ptxas")]
+    try:
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def test_no_register_spills(compiled):
+    _, ptx = compiled
+    ptxas = _new_enough_ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        run = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(src), "-o", "/dev/null"],
+                             capture_output=True, text=True)  # fmt: skip
+    if run.returncode != 0:
+        pytest.skip(f"ptxas cannot read this PTX: {run.stderr.strip()[:200]}")
+    assert re.search(r"0 bytes spill stores, 0 bytes spill loads", run.stderr), run.stderr
+
+
+# ---------------------------------------------------------------- on an H100/H200 only
+
+
+def _on_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+hopper_only = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H100/H200)")
+GPU_VARIANTS = [(dtype, d) for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256)]
+
+
+@st.composite
+def batches(draw, max_history: int = 700, max_targets: int = 300, max_batch: int = 4):
+    """(histories, new, targets): odd lengths around the 32-key tiles and 128-row query tiles,
+    one-token histories and zero targets included."""
+    b = draw(st.integers(1, max_batch))
+    edge = st.sampled_from([1, 31, 32, 33, 127, 128, 129, 255, 257])
+    histories = draw(st.lists(st.one_of(edge, st.integers(1, max_history)), min_size=b, max_size=b))
+    new = [draw(st.one_of(st.just(h), st.integers(1, h))) for h in histories]
+    targets = draw(st.lists(st.integers(0, max_targets), min_size=b, max_size=b))
+    return histories, new, targets
+
+
+def _case(shape, heads: int, head_dim: int, seed: int) -> PagedCase:
+    histories, new, targets = shape
+    return make_paged_case(
+        histories, new, targets, page_size=PAGE, heads=heads, head_dim=head_dim,
+        dtype=torch.float32, device="cuda", seed=seed,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@hopper_only
+@given(shape=batches(), variant=st.sampled_from(GPU_VARIANTS), heads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_paged_parity(shape, variant, heads, seed):
+    dtype, head_dim = variant
+    check_paged_backend(_case(shape, heads, head_dim, seed), dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
+@given(shape=batches(), variant=st.sampled_from(GPU_VARIANTS), heads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_jagged_parity(shape, variant, heads, seed):
+    dtype, head_dim = variant
+    check_jagged_backend(_case(shape, heads, head_dim, seed), dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_edges(head_dim):
+    """One-token history, zero targets, lengths on and one past the tile edges, a sequence
+    whose later query tiles are empty, and many pages."""
+    shape = (
+        [1, 32, 33, 128, 129, 1000, 3],
+        [1, 32, 1, 100, 128, 129, 3],
+        [0, 0, 31, 128, 1, 300, 0],
+    )
+    for dtype in (torch.bfloat16, torch.float16):
+        check_paged_backend(_case(shape, 2, head_dim, 7), dtype, BACKEND)
+        check_jagged_backend(_case(shape, 2, head_dim, 7), dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_all_target_jagged_sequence():
+    """A jagged sequence with no history (every row a target): no key tiles at all."""
+    check_all_target_jagged(BACKEND, 256)
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_cuda_graph_replay_equals_eager():
+    dtype = torch.bfloat16
+    case = _case(([300, 77], [20, 77], [40, 5]), 2, 256, 1)
+    q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
+    max_q = max(n + t for n, t in zip(case.new, case.targets, strict=True))
+
+    def call(out):
+        hk.paged_hstu_attention(
+            q, k_new, v_new, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
+            max_seqlen_q=max_q, scaling_seqlen=case.max_total, backend=BACKEND, out=out,
+        )  # fmt: skip
+
+    eager = poisoned_like(q)
+    call(eager)
+    replayed = poisoned_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(replayed)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, replayed)
