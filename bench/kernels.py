@@ -185,13 +185,22 @@ def _call(case: Case, pc, backend: str):
     )  # fmt: skip
 
 
-def _backends_for(case: Case, dtype: torch.dtype, device: str) -> tuple[list[str], dict]:
+def _backends_for(
+    case: Case, dtype: torch.dtype, device: str, forced_only: bool = False
+) -> tuple[list[str], dict]:
+    """The backends that can serve ``case`` and the reasons of the others. Backends ranked
+    below zero on the arch (forced only: not yet verified there, e.g. a kernel that has not
+    run) are left out unless ``forced_only``: a kernel that faults would take the CUDA context,
+    and every later measurement, with it."""
     op = "jagged" if case.kind == "jagged" else "paged"
     page = case.page_size if op == "paged" else None
-    request = Request(op, device_arch(torch.device(device)), dtype, case.head_dim, page)
+    arch = device_arch(torch.device(device))
+    request = Request(op, arch, dtype, case.head_dim, page)
     names, skipped = [], {}
     for name, backend in registry().backends.items():
         why = backend.refusal(request)
+        if why is None and backend.rank(arch) < 0 and device != "cpu" and not forced_only:
+            why = f"forced only on {arch} (not verified there; --forced-only-backends times it)"
         if why is None:
             names.append(name)
         else:
@@ -231,8 +240,10 @@ def _entry(case: Case, impl: str, ms: float, flops: float, ceilings: dict, dtype
     return e
 
 
-def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
-    """Run the kernel benchmark, write its entries to the results file and return them."""
+def run(*, quick: bool = False, path: Path | None = None, forced_only: bool = False) -> list[dict]:
+    """Run the kernel benchmark, write its entries to the results file and return them.
+    ``forced_only`` also times the backends that are only used when forced (see
+    :func:`_backends_for`)."""
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -244,7 +255,7 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
     rows = []
     for case in cases:
         pc = _inputs(case, dtype, device)
-        names, skipped = _backends_for(case, dtype, device)
+        names, skipped = _backends_for(case, dtype, device, forced_only)
         ref_out = None
         for name in ["reference", *[n for n in names if n != "reference"]]:
             if name not in names:
@@ -321,8 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small shapes")
     parser.add_argument("--results", type=Path, default=None, help="results JSON path")
+    parser.add_argument(
+        "--forced-only-backends",
+        action="store_true",
+        help="also time backends that are not yet verified on this GPU (forced only)",
+    )
     args = parser.parse_args(argv)
-    run(quick=args.quick, path=args.results)
+    run(quick=args.quick, path=args.results, forced_only=args.forced_only_backends)
     return 0
 
 

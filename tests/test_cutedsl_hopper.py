@@ -283,3 +283,18 @@ def test_cuda_graph_replay_equals_eager():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(eager, replayed)
+
+
+def test_kernel_bench_leaves_it_out_until_asked(monkeypatch):
+    """bench.kernels times every backend that serves a case, but not a forced-only one (a
+    kernel that faults would take the CUDA context and every later measurement with it)
+    unless --forced-only-backends asks for it."""
+    from bench import kernels
+
+    monkeypatch.setattr(kernels, "device_arch", lambda device: "sm_90")
+    case = kernels.Case("delta", 8, 4, 256, 4096, 256, 128, page_size=PAGE)
+    names, skipped = kernels._backends_for(case, torch.bfloat16, "cuda")
+    assert BACKEND not in names and skipped[BACKEND].startswith("forced only on sm_90")
+    assert "triton" in names
+    names, _ = kernels._backends_for(case, torch.bfloat16, "cuda", forced_only=True)
+    assert BACKEND in names
