@@ -119,10 +119,13 @@ def _kernels() -> dict:
     global _KERNELS
     if _KERNELS is None:
         import importlib
+        import sys
 
-        from hstu_kernels.model import projection_kernels as kernels
-
-        kernels = importlib.reload(kernels)
+        name = "hstu_kernels.model.projection_kernels"
+        reset = name in sys.modules  # imported before: decorate again (interpreter switch)
+        kernels = importlib.import_module(name)
+        if reset:
+            kernels = importlib.reload(kernels)
         _KERNELS = {
             "silu_gemm": kernels.silu_gemm_kernel,
             "silu_gemm_tma": kernels.silu_gemm_tma_kernel,
