@@ -255,6 +255,17 @@ def test_edges(head_dim):
 
 @pytest.mark.gpu
 @hopper_only
+def test_batch_shorter_than_a_box():
+    """Every sequence shorter than one 32-key tile and the 128-row query box: the TMA boxes are
+    taller than the views' row extent (max_seqlen), which TMA must read as zeros."""
+    shape = ([5, 1, 20], [5, 1, 3], [2, 0, 7])
+    for dtype in (torch.bfloat16, torch.float16):
+        check_paged_backend(_case(shape, 2, 256, 11), dtype, BACKEND)
+        check_jagged_backend(_case(shape, 2, 256, 11), dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
 def test_all_target_jagged_sequence():
     """A jagged sequence with no history (every row a target): no key tiles at all."""
     check_all_target_jagged(BACKEND, 256)

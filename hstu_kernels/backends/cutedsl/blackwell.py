@@ -625,5 +625,6 @@ def get_kernel(arch: str, torch_dtype, head_dim: int, paged: bool):
     host_fn, variant, fake_args = build_variant(arch, torch_dtype, head_dim, paged)
     name = "hstu_fwd_tcgen05_" + cc.dsl_arch(arch).replace("sm_", "sm")
     return cc.compile_cached(
-        name, variant, host_fn, fake_args, arch=arch, sources=[__file__, hc.__file__]
-    )
+        name, variant, host_fn, fake_args, arch=arch,
+        sources=[__file__, hc.__file__, tma_views.__file__],
+    )  # fmt: skip

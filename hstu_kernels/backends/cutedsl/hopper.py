@@ -320,7 +320,12 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
     def _zero_tail(self, sK, sV, k_stage, v_stage, seq, i, tidx):
         """Paged only: zero the K and V rows of history tile ``i`` that lie past the history
         (a last page's tail holds anything; see the module docstring), by all consumer
-        threads, then make the stores visible to the tensor cores' async-proxy reads."""
+        threads, then make the stores visible to the tensor cores' async-proxy reads.
+
+        Only the last history tile can have a tail, and both consumer warpgroups visit it, so
+        both reach the named barrier. Visiting tiles after the history (target tiles, a split
+        of the key range that ends mid-history) would break that: the barrier would then wait
+        for a warpgroup that never comes."""
         valid = seq.history - i * TILE_N
         if valid < TILE_N:
             d_size = self.head_dim
