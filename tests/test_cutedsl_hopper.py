@@ -161,6 +161,29 @@ def test_ptx_paged_zeroes_the_page_tail(compiled):
     assert ("fence.proxy.async.shared::cta" in ptx) or not paged
 
 
+def test_ptx_default_has_no_turn_taking(compiled):
+    _, ptx = compiled
+    assert "bar.arrive" not in ptx  # the consumer warpgroups run freely unless pingpong
+
+
+def test_ptx_pingpong_takes_turns(monkeypatch):
+    """HSTU_CUTEDSL_PINGPONG=1: each GEMM issue waits for this warpgroup's turn (a named
+    barrier picked by the warpgroup index) and hands the turn over; warpgroup 1 starts by
+    handing the first turn to warpgroup 0 (barrier 2)."""
+    pytest.importorskip("cutlass.cute")
+    from hstu_kernels.backends.cutedsl import compile as cc
+    from hstu_kernels.backends.cutedsl import hopper
+
+    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "1")
+    host_fn, variant, fake_args = hopper.build_variant("sm_90a", torch.bfloat16, 256, True)
+    assert variant["pingpong"]
+    ptx = cc.ptx_of(host_fn, fake_args(), arch="sm_90a")
+    assert len(re.findall(r"bar\.sync\s+%r\d+,\s*256;", ptx)) == 2  # before Q@K^T and P@V
+    assert len(re.findall(r"bar\.arrive\s+%r\d+,\s*256;", ptx)) == 2  # after each issue
+    assert re.search(r"bar\.arrive\s+2,\s*256;", ptx)  # the first turn
+    assert re.search(r"bar\.sync\s+1,\s*256;", ptx)  # the page-tail zeroing, as before
+
+
 def _new_enough_ptxas() -> str | None:
     """A ptxas that reads this DSL's PTX (the triton wheel's, if recent enough)."""
     candidates = [shutil.which("ptxas")]
@@ -251,6 +274,17 @@ def test_edges(head_dim):
     for dtype in (torch.bfloat16, torch.float16):
         check_paged_backend(_case(shape, 2, head_dim, 7), dtype, BACKEND)
         check_jagged_backend(_case(shape, 2, head_dim, 7), dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_pingpong_variant(monkeypatch):
+    """The turn-taking variant (HSTU_CUTEDSL_PINGPONG=1) computes the same as the default."""
+    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "1")
+    shape = ([1, 33, 129, 1000], [1, 33, 100, 129], [0, 31, 1, 300])
+    for dtype in (torch.bfloat16, torch.float16):
+        check_paged_backend(_case(shape, 2, 256, 5), dtype, BACKEND)
+        check_jagged_backend(_case(shape, 2, 256, 5), dtype, BACKEND)
 
 
 @pytest.mark.gpu

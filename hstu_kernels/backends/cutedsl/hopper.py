@@ -52,12 +52,20 @@ PRODUCER_WARP = CONSUMER_THREADS // 32
 CONSUMER_REGS = 240  # setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64 Ki registers
 PRODUCER_REGS = 24
 ZERO_TAIL_BARRIER = 1  # named barrier of the consumers (0 is __syncthreads)
+TURN_BARRIER = 2  # pingpong: barrier 2 + w is consumer warpgroup w's turn to issue
 
 
 class HopperHstuForward(tma_views.TmaAttentionHost):
     """One compiled variant: dtype (``cutlass.BFloat16``/``Float16``), head dim, jagged/paged."""
 
-    def __init__(self, dtype: type, head_dim: int, paged: bool, fast_tanh: bool = False) -> None:
+    def __init__(
+        self,
+        dtype: type,
+        head_dim: int,
+        paged: bool,
+        fast_tanh: bool = False,
+        pingpong: bool = False,
+    ) -> None:
         if head_dim not in (64, 128, 256):
             raise ValueError(f"head_dim: expected 64, 128 or 256, got {head_dim}")
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -66,6 +74,9 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         self.head_dim = head_dim
         self.is_paged = paged
         self.fast_tanh = fast_tanh  # SiLU through tanh.approx (one MUFU op per score)
+        # The consumer warpgroups take turns issuing their GEMMs (named barriers); off: they
+        # run freely. An option until both have been timed (bench/NOTES-hopper.md, step 3).
+        self.pingpong = pingpong
         self.qk_tiler = (TILE_M, TILE_N, head_dim)  # (M, N, K) of S = Q K^T
         self.pv_tiler = (TILE_M, head_dim, TILE_N)  # (M, N, K) of O = P V
 
@@ -267,16 +278,23 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         acc_O.fill(0.0)
         cS_mn = _mn_view(thr_qk.partition_C(cute.make_identity_tensor(self.qk_tiler[:2])))
 
+        wg = tidx // 128
         if n_kv > 0:
             q_h = q_cons.wait_and_advance()
             rQ = tSrQ[None, None, None, 0]
+            if cutlass.const_expr(self.pingpong):  # noqa: SIM102 (compile-time)
+                if wg == 1:
+                    self._hand_over(0)  # warpgroup 0 issues first
             for i in cutlass.range(n_kv, unroll=1):
                 k_h = k_cons.wait_and_advance()
                 v_h = v_cons.wait_and_advance()
                 if cutlass.const_expr(self.is_paged):
                     self._zero_tail(sK, sV, k_h.index, v_h.index, seq, i, tidx)
                 acc_S = cute.make_rmem_tensor(wg_qk.partition_shape_C(self.qk_tiler[:2]), Float32)
-                _wgmma(qk_mma, acc_S, rQ, tSrK[None, None, None, k_h.index], True)
+                self._take_turn(wg)
+                _wgmma(qk_mma, acc_S, rQ, tSrK[None, None, None, k_h.index], True, wait=False)
+                self._hand_over(1 - wg)
+                warpgroup.wait_group(0)
                 k_h.release()
                 if not hc.tile_is_full(i, TILE_N, p0, seq.history):
                     hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * TILE_N, seq.history)
@@ -284,7 +302,11 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
                 rP = cute.make_fragment_like(acc_S, self.dtype)
                 rP.store(acc_S.load().to(self.dtype))
                 tOrP = cute.make_tensor(rP.iterator, _acc_to_a_operand(rP.layout))
-                _wgmma(pv_mma, acc_O, tOrP, tOrV[None, None, None, v_h.index], False)
+                self._take_turn(wg)
+                _wgmma(pv_mma, acc_O, tOrP, tOrV[None, None, None, v_h.index], False, wait=False)
+                if wg == 0 or i < n_kv - 1:  # warpgroup 1's last hand-over has no taker
+                    self._hand_over(1 - wg)
+                warpgroup.wait_group(0)
                 v_h.release()
             q_h.release()
 
@@ -317,6 +339,22 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
                     out[g, head, d] = val.to(self.dtype)
 
     @cute.jit
+    def _take_turn(self, wg):
+        """``pingpong``: wait until the other consumer warpgroup has issued its last GEMM, so
+        the two take turns on the tensor cores and each one's SiLU runs under the other's
+        MMAs (FlashAttention-3's scheme). Nothing without ``pingpong``."""
+        if cutlass.const_expr(self.pingpong):
+            cute.arch.barrier(barrier_id=TURN_BARRIER + wg, number_of_threads=CONSUMER_THREADS)
+
+    @cute.jit
+    def _hand_over(self, to_wg):
+        """``pingpong``: let warpgroup ``to_wg`` issue its next GEMM (see :meth:`_take_turn`)."""
+        if cutlass.const_expr(self.pingpong):
+            cute.arch.barrier_arrive(
+                barrier_id=TURN_BARRIER + to_wg, number_of_threads=CONSUMER_THREADS
+            )
+
+    @cute.jit
     def _zero_tail(self, sK, sV, k_stage, v_stage, seq, i, tidx):
         """Paged only: zero the K and V rows of history tile ``i`` that lie past the history
         (a last page's tail holds anything; see the module docstring), by all consumer
@@ -339,8 +377,9 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
 
 
 @cute.jit
-def _wgmma(tiled_mma, acc, a, b, zero_init: cutlass.Constexpr):
-    """``acc (+)= a @ b`` over the K blocks of one tile, waited for before returning."""
+def _wgmma(tiled_mma, acc, a, b, zero_init: cutlass.Constexpr, wait: cutlass.Constexpr = True):
+    """``acc (+)= a @ b`` over the K blocks of one tile; ``wait``: waited for before returning
+    (else the caller waits, ``warpgroup.wait_group(0)``, before it reads ``acc``)."""
     warpgroup.fence()
     # A fresh atom: setting its ACCUMULATE field must not rebind the caller's tiled MMA.
     atom = cute.make_mma_atom(tiled_mma.op)
@@ -349,7 +388,8 @@ def _wgmma(tiled_mma, acc, a, b, zero_init: cutlass.Constexpr):
         cute.gemm(atom, acc, a[None, None, k], b[None, None, k], acc)
         atom.set(warpgroup.Field.ACCUMULATE, True)
     warpgroup.commit_group()
-    warpgroup.wait_group(0)
+    if cutlass.const_expr(wait):
+        warpgroup.wait_group(0)
 
 
 def _mn_view(acc: cute.Tensor) -> cute.Tensor:
@@ -395,9 +435,11 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
         "tanh" if torch_dtype == torch.bfloat16 else "exp"
     )
-    kernel = HopperHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh")
+    pingpong = os.environ.get("HSTU_CUTEDSL_PINGPONG", "0") == "1"  # A/B runs
+    kernel = HopperHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh", pingpong=pingpong)
     variant = {
         "silu": silu,
+        "pingpong": pingpong,
         "dtype": str(torch_dtype),
         "head_dim": head_dim,
         "paged": paged,
