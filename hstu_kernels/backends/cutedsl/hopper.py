@@ -266,9 +266,9 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
     ):  # fmt: skip
         """One warpgroup's 64 rows: the key-tile loop, then the epilogue."""
         tidx, _, _ = cute.arch.thread_idx()
-        wg_base = (tidx // 128) * 128
-        wg_qk = qk_mma.get_slice(wg_base)
-        wg_pv = pv_mma.get_slice(wg_base)
+        wg = tidx // 128  # this thread's consumer warpgroup
+        wg_qk = qk_mma.get_slice(wg * 128)
+        wg_pv = pv_mma.get_slice(wg * 128)
         thr_qk = qk_mma.get_slice(tidx)
         thr_pv = pv_mma.get_slice(tidx)
         tSrQ = wg_qk.make_fragment_A(wg_qk.partition_A(sQ))
@@ -278,7 +278,6 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         acc_O.fill(0.0)
         cS_mn = _mn_view(thr_qk.partition_C(cute.make_identity_tensor(self.qk_tiler[:2])))
 
-        wg = tidx // 128
         if n_kv > 0:
             q_h = q_cons.wait_and_advance()
             rQ = tSrQ[None, None, None, 0]
