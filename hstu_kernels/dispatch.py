@@ -26,6 +26,7 @@ __all__ = [
     "Request",
     "device_arch",
     "explain",
+    "grid_tiles",
     "register",
     "registry",
     "select",
@@ -50,6 +51,9 @@ class Request:
     head_dim: int
     page_size: int | None = None  # paged ops only
     features: frozenset[str] = frozenset()
+    # Size hint: query tiles of 128 rows over batch x heads, rounded up to a power of two
+    # (None: unknown). Only Backend.declines reads it; see grid_tiles().
+    tiles: int | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -88,6 +92,9 @@ class Backend:
     priority: Mapping[str, int] = field(default_factory=lambda: {"*": 0})
     probe: Callable[[str], str | None] = lambda arch: None
     description: str = ""
+    # declines(request): why another backend is faster for this call (measured), or None.
+    # Consulted by "auto" selection only; a forced backend runs whatever it serves.
+    declines: Callable[[Request], str | None] | None = None
 
     def rank(self, arch: str) -> int:
         return self.priority.get(arch, self.priority.get("*", 0))
@@ -131,6 +138,7 @@ class Explanation:
             f"{r.op} on {r.arch}, {str(r.dtype).removeprefix('torch.')}, head dim {r.head_dim}"
             + (f", page size {r.page_size}" if r.page_size is not None else "")
             + (f", features {sorted(r.features)}" if r.features else "")
+            + (f", ~{r.tiles} query tiles" if r.tiles is not None else "")
         )
         lines = [head, f"  -> {self.choice or 'no backend'}"]
         lines += [f"  {name}: {why}" for name, why in self.reasons.items()]
@@ -195,6 +203,9 @@ class Registry:
         choice = None
         for b in candidates:
             why = b.refusal(request, check_available=check_available)
+            if why is None and b.declines is not None:
+                declined = b.declines(request)
+                why = None if declined is None else f"declines: {declined}"
             if why is not None:
                 reasons[b.name] = why
             elif choice is None:
@@ -214,6 +225,15 @@ class Registry:
                 raise BackendError(f"no backend can serve this call:\n{exp}")
             chosen = self._selected[key] = self.backends[exp.choice]
         return chosen
+
+
+def grid_tiles(batch: int, heads: int, max_seqlen_q: int | None) -> int | None:
+    """:attr:`Request.tiles` of a call: ``batch * heads * ceil(max_seqlen_q / 128)`` rounded
+    up to a power of two (so that the selection cache stays small), ``None`` if unknown."""
+    if max_seqlen_q is None:
+        return None
+    tiles = max(1, batch * heads * -(-max(max_seqlen_q, 1) // 128))
+    return 1 << (tiles - 1).bit_length()
 
 
 _REGISTRY = Registry(discover=True)
@@ -259,11 +279,16 @@ def explain(
     max_attn_len: int = 0,
     backend: str = "auto",
     arch: str | None = None,
+    batch: int | None = None,
+    heads: int = 1,
+    max_seqlen_q: int | None = None,
 ) -> Explanation:
     """Which backend a call with these properties would get, and why (print the result).
 
     ``device`` defaults to the current CUDA device, or the CPU without CUDA; ``arch`` (e.g.
     ``"sm_90"``) overrides the device's arch, to ask about another GPU without probing it.
+    ``batch``/``heads``/``max_seqlen_q`` give the call's size (:func:`grid_tiles`), which a
+    backend may decline as too small for it; without ``batch`` the size is unknown.
     """
     probe = arch is None
     if arch is None:
@@ -277,5 +302,6 @@ def explain(
         features.add("contexts")
     if max_attn_len:
         features.add("window")
-    request = Request(op, arch, dtype, head_dim, page_size, frozenset(features))
+    tiles = None if batch is None else grid_tiles(batch, heads, max_seqlen_q)
+    request = Request(op, arch, dtype, head_dim, page_size, frozenset(features), tiles)
     return _REGISTRY.explain(request, backend, check_available=probe)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from hstu_kernels import validation as val
-from hstu_kernels.dispatch import Request, device_arch, select
+from hstu_kernels.dispatch import Request, device_arch, grid_tiles, select
 from hstu_kernels.types import AttentionSpec, PageTable
 
 __all__ = ["append_kv", "hstu_attention", "paged_hstu_attention"]
@@ -100,6 +100,7 @@ def hstu_attention(
         q.shape[2],
         None,
         _features(num_contexts, max_attn_len),
+        grid_tiles(batch, q.shape[1], max_seqlen),
     )
     impl = select(request, backend).ops["jagged"]
 
@@ -206,6 +207,7 @@ def paged_hstu_attention(
         q.shape[2],
         page_size,
         _features(num_contexts, max_attn_len),
+        grid_tiles(batch, q.shape[1], max_seqlen_q),
     )
     impl = select(request, backend).ops["paged"]
 

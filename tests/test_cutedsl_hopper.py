@@ -15,6 +15,8 @@ What runs where:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -54,12 +56,13 @@ def _id(v) -> str:
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_never_chosen_automatically(head_dim):
-    """Not yet run on a GPU: every other backend that serves a call ranks above it."""
+def test_chosen_on_sm90_only(head_dim):
+    """Run and measured on H100s: the sm_90 default (for the grids it does not decline, see
+    tests/test_dispatch.py); on other archs never."""
     for op, kw in (("paged", {"page_size": PAGE}), ("jagged", {})):
-        exp = explain(op, arch="sm_90", head_dim=head_dim, **kw)
-        assert exp.choice not in (None, BACKEND)
-        assert exp.reasons[BACKEND].startswith("could serve, lower priority")
+        assert explain(op, arch="sm_90", head_dim=head_dim, **kw).choice == BACKEND
+        other = explain(op, arch="sm_89", head_dim=head_dim, **kw)
+        assert other.reasons[BACKEND].startswith("arch sm_89 not in")
 
 
 def test_what_it_declares():
@@ -88,7 +91,7 @@ def test_kernel_uses_the_shared_helpers():
     """The arch-neutral parts come from hstu_common (run on GPUs by the warp-MMA kernel's
     tests) and the TMA views from tma_views (run through real TMA copies on an H100)."""
     src = (Path(hk.__file__).parent / "backends" / "cutedsl" / "hopper.py").read_text()
-    for name in ("schedule_tile", "sequence_info", "kv_tile_range", "tile_is_full",
+    for name in ("lpt_tile", "sequence_info", "kv_tile_range", "tile_is_full",
                  "mask_tile_", "silu_scale_"):  # fmt: skip
         assert f"hc.{name}(" in src, f"hopper.py does not call hstu_common.{name}"
     for name in ("jagged_tma_view", "jagged_window", "page_tma_view"):
@@ -129,8 +132,12 @@ def test_ptx_uses_wgmma_for_both_gemms(compiled):
     kind = "bf16.bf16" if dtype == torch.bfloat16 else "f16.f16"
     qk = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{PAGE}k16\.f32\.{kind}", ptx)
     pv = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{d}k16\.f32\.{kind}", ptx)
-    assert len(qk) == d // 16, len(qk)  # S = Q K^T: one k-step per 16 of the head dim
-    assert len(pv) == PAGE // 16, len(pv)  # O += P V: one k-step per 16 keys
+    # The key loop's first S and last P V are peeled off (S_{i+1} is issued with P_i V_i), so
+    # each GEMM appears twice: one k-step per 16 of the head dim (S), per 16 keys (P V).
+    assert len(qk) == 2 * (d // 16), len(qk)
+    assert len(pv) == 2 * (PAGE // 16), len(pv)
+    # The loop waits for S_i only (one group, P_{i-1} V_{i-1}, still in flight).
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
     assert "wgmma.wait_group.sync.aligned" in ptx
     assert "mma.sync" not in ptx and "tcgen05" not in ptx
 
@@ -161,26 +168,36 @@ def test_ptx_paged_zeroes_the_page_tail(compiled):
     assert ("fence.proxy.async.shared::cta" in ptx) or not paged
 
 
-def test_ptx_default_has_no_turn_taking(compiled):
+def test_ptx_pingpong_takes_turns(compiled):
+    """The default: each GEMM issue (the first S, S_{i+1} with P_i V_i, the last P V) waits
+    for this warpgroup's turn (a named barrier picked by the warpgroup index) and hands the
+    turn over; warpgroup 1 starts by handing the first turn to warpgroup 0 (barrier 2), and
+    warpgroup 0 hands its last to warpgroup 1 (barrier 3)."""
     _, ptx = compiled
-    assert "bar.arrive" not in ptx  # the consumer warpgroups run freely unless pingpong
+    assert len(re.findall(r"bar\.sync\s+%r\d+,\s*256;", ptx)) == 3
+    assert len(re.findall(r"bar\.arrive\s+%r\d+,\s*256;", ptx)) == 2
+    assert re.search(r"bar\.arrive\s+2,\s*256;", ptx)  # the first turn
+    assert re.search(r"bar\.arrive\s+3,\s*256;", ptx)  # warpgroup 0's last
 
 
-def test_ptx_pingpong_takes_turns(monkeypatch):
-    """HSTU_CUTEDSL_PINGPONG=1: each GEMM issue waits for this warpgroup's turn (a named
-    barrier picked by the warpgroup index) and hands the turn over; warpgroup 1 starts by
-    handing the first turn to warpgroup 0 (barrier 2)."""
+def test_ptx_split_kv_partials(compiled):
+    """Split-KV: one epilogue writes fp32 partials (f32 stores), the other the output."""
+    _, ptx = compiled
+    assert re.search(r"st\.global(\.v2)?\.f32", ptx) or re.search(r"st\.global\.v2\.b32", ptx)
+    assert "atom.global" not in ptx  # no tickets: the caller sums the partials
+
+
+def test_ptx_without_pingpong(monkeypatch):
+    """HSTU_CUTEDSL_PINGPONG=0 (for A/B runs): the warpgroups run freely, no turn barriers."""
     pytest.importorskip("cutlass.cute")
     from hstu_kernels.backends.cutedsl import compile as cc
     from hstu_kernels.backends.cutedsl import hopper
 
-    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "1")
+    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "0")
     host_fn, variant, fake_args = hopper.build_variant("sm_90a", torch.bfloat16, 256, True)
-    assert variant["pingpong"]
+    assert not variant["pingpong"]
     ptx = cc.ptx_of(host_fn, fake_args(), arch="sm_90a")
-    assert len(re.findall(r"bar\.sync\s+%r\d+,\s*256;", ptx)) == 2  # before Q@K^T and P@V
-    assert len(re.findall(r"bar\.arrive\s+%r\d+,\s*256;", ptx)) == 2  # after each issue
-    assert re.search(r"bar\.arrive\s+2,\s*256;", ptx)  # the first turn
+    assert "bar.arrive" not in ptx and not re.search(r"bar\.sync\s+%r\d+", ptx)
     assert re.search(r"bar\.sync\s+1,\s*256;", ptx)  # the page-tail zeroing, as before
 
 
@@ -276,11 +293,51 @@ def test_edges(head_dim):
         check_jagged_backend(_case(shape, 2, head_dim, 7), dtype, BACKEND)
 
 
+@contextlib.contextmanager
+def _forced_splits(n: int):
+    """Force ``n`` key-range splits per query tile (``split_kv.split_buffers``)."""
+    old = os.environ.get("HSTU_CUTEDSL_SPLITS")
+    os.environ["HSTU_CUTEDSL_SPLITS"] = str(n)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["HSTU_CUTEDSL_SPLITS"]
+        else:
+            os.environ["HSTU_CUTEDSL_SPLITS"] = old
+
+
 @pytest.mark.gpu
 @hopper_only
-def test_pingpong_variant(monkeypatch):
-    """The turn-taking variant (HSTU_CUTEDSL_PINGPONG=1) computes the same as the default."""
-    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "1")
+@given(shape=batches(), variant=st.sampled_from(GPU_VARIANTS), heads=st.integers(1, 3),
+       seed=st.integers(0, 2**16), splits=st.sampled_from([2, 3, 5, 16]))  # fmt: skip
+def test_split_kv_parity(shape, variant, heads, seed, splits):
+    """Forced splits: fp32 partials summed after the kernel, tiles with fewer key tiles than
+    splits (empty parts write zeros), one split's own range ending in a page tail."""
+    dtype, head_dim = variant
+    case = _case(shape, heads, head_dim, seed)
+    with _forced_splits(splits):
+        check_paged_backend(case, dtype, BACKEND)
+        check_jagged_backend(case, dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_split_kv_edges():
+    """Long histories split in 2..16."""
+    shape = ([1, 33, 1000, 4000], [1, 33, 100, 129], [0, 31, 1, 300])
+    for splits in (2, 7, 16):
+        with _forced_splits(splits):
+            for dtype in (torch.bfloat16, torch.float16):
+                check_paged_backend(_case(shape, 2, 256, splits), dtype, BACKEND)
+                check_jagged_backend(_case(shape, 2, 256, splits), dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_without_pingpong(monkeypatch):
+    """The free-running variant (HSTU_CUTEDSL_PINGPONG=0) computes the same as the default."""
+    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "0")
     shape = ([1, 33, 129, 1000], [1, 33, 100, 129], [0, 31, 1, 300])
     for dtype in (torch.bfloat16, torch.float16):
         check_paged_backend(_case(shape, 2, 256, 5), dtype, BACKEND)
@@ -307,7 +364,10 @@ def test_all_target_jagged_sequence():
 
 @pytest.mark.gpu
 @hopper_only
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("splits", [1, 4])
+def test_cuda_graph_replay_equals_eager(splits):
+    """Replays equal the eager call bit for bit (split-KV: the partials and their sum are in
+    the graph; the sum is in split order)."""
     dtype = torch.bfloat16
     case = _case(([300, 77], [20, 77], [40, 5]), 2, 256, 1)
     q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
@@ -319,27 +379,90 @@ def test_cuda_graph_replay_equals_eager():
             max_seqlen_q=max_q, scaling_seqlen=case.max_total, backend=BACKEND, out=out,
         )  # fmt: skip
 
-    eager = poisoned_like(q)
-    call(eager)
-    replayed = poisoned_like(q)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call(replayed)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(eager, replayed)
+    with _forced_splits(splits):
+        eager = poisoned_like(q)
+        call(eager)
+        replayed = poisoned_like(q)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call(replayed)
+    for _ in range(3):
+        replayed.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(eager, replayed)
 
 
-def test_kernel_bench_leaves_it_out_until_asked(monkeypatch):
-    """bench.kernels times every backend that serves a case, but not a forced-only one (a
-    kernel that faults would take the CUDA context and every later measurement with it)
-    unless --forced-only-backends asks for it."""
+def test_kernel_bench_times_it_on_sm90(monkeypatch):
+    """bench.kernels times every backend that serves a case on its arch: this one on sm_90."""
     from bench import kernels
 
     monkeypatch.setattr(kernels, "device_arch", lambda device: "sm_90")
     case = kernels.Case("delta", 8, 4, 256, 4096, 256, 128, page_size=PAGE)
-    names, skipped = kernels._backends_for(case, torch.bfloat16, "cuda")
-    assert BACKEND not in names and skipped[BACKEND].startswith("forced only on sm_90")
-    assert "triton" in names
-    names, _ = kernels._backends_for(case, torch.bfloat16, "cuda", forced_only=True)
-    assert BACKEND in names
+    names, _ = kernels._backends_for(case, torch.bfloat16, "cuda")
+    assert BACKEND in names and "triton" in names
+
+
+# ---------------------------------------------------------------- split-KV choice (CPU)
+
+
+@pytest.mark.parametrize(
+    ("tiles", "kv_tiles", "causal", "expected"),
+    [
+        (96, 128, False, 1),  # delta B=8, 4 heads, 384 rows: most SMs busy already
+        (32, 128, False, 4),  # delta B=8 without targets: one tile per (sequence, head)
+        (12, 128, False, 11),  # delta B=1: 12 tiles fill 132 SMs in 11 parts
+        (1088, 136, True, 1),  # jagged: never (measured no gain)
+        (136, 136, True, 1),
+    ],
+)
+def test_choose_splits(tiles, kv_tiles, causal, expected):
+    from hstu_kernels.backends.cutedsl.split_kv import choose_splits
+
+    assert choose_splits(tiles, kv_tiles, 132, causal) == expected
+
+
+def test_split_buffers_shapes(monkeypatch):
+    """The op's split-KV arguments: a stand-in without a split; with one, fp32 partials per
+    split; fixed chunks only for jagged."""
+    from hstu_kernels.backends.cutedsl import split_kv
+
+    monkeypatch.setattr(split_kv, "sm_count", lambda device: 132)
+    q = torch.empty((4 * 384, 4, 256), dtype=torch.bfloat16)
+    partials, chunk = split_kv.split_buffers(q, 4, 384, 128, 128, causal=False)
+    assert partials.shape == (split_kv.choose_splits(48, 128, 132, False), *q.shape)
+    assert partials.dtype == torch.float32 and chunk == 0
+    monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "3")
+    partials, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
+    assert partials.shape[0] == 3 and chunk == 34
+    monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "1")
+    partials, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
+    assert partials.shape[0] == 1 and chunk == 0
+
+
+def test_sum_partials_in_fp32():
+    """The partials are summed in fp32, then cast once (not cast, then summed)."""
+    from hstu_kernels.backends.cutedsl.split_kv import sum_partials
+
+    partials = torch.randn((5, 7, 2, 64), generator=torch.Generator().manual_seed(0))
+    out = torch.empty((7, 2, 64), dtype=torch.bfloat16)
+    sum_partials(partials, out)
+    assert torch.equal(out, partials.sum(0).to(torch.bfloat16))
+
+
+def test_lpt_tile_order():
+    """The one-dimensional grid visits every (m_block, head, batch, split) once, longest query
+    tiles (highest m_block) of every sequence and head first, a tile's splits side by side."""
+    from hstu_kernels.backends.cutedsl.hstu_common import lpt_tile
+
+    m_blocks, batch, heads, splits = 3, 2, 4, 5
+    order = [
+        lpt_tile(i, batch, heads, splits, m_blocks)
+        for i in range(m_blocks * batch * heads * splits)
+    ]
+    assert len(set(order)) == len(order)
+    assert [o[0] for o in order] == sorted((o[0] for o in order), reverse=True)
+    assert [o[3] for o in order[:splits]] == list(range(splits))
+    assert {o[1:3] for o in order[: batch * heads * splits]} == {
+        (h, b) for h in range(heads) for b in range(batch)
+    }

@@ -67,6 +67,39 @@ def fake_registry(unavailable: dict[str, str] | None = None) -> Registry:
 
 
 @pytest.mark.parametrize(
+    "op,batch,max_seqlen_q,expected",
+    [
+        ("paged", 8, 384, "cutedsl-hopper"),  # 96 tiles of 4 heads
+        ("paged", 8, 128, "triton"),  # 32 tiles: triton's split kernel measured faster
+        ("paged", 1, 384, "triton"),
+        ("jagged", 8, 4352, "cutedsl-hopper"),
+        ("jagged", 1, 4352, "triton"),
+    ],
+)
+def test_sm90_small_grids_go_to_triton(op, batch, max_seqlen_q, expected, monkeypatch):
+    """On sm_90 the Hopper kernel declines the grids triton serves faster (measured)."""
+    monkeypatch.delenv("HSTU_KERNELS_BACKEND", raising=False)
+    exp = hk.explain(
+        op, arch="sm_90", dtype=torch.bfloat16, head_dim=256, batch=batch, heads=4,
+        max_seqlen_q=max_seqlen_q,
+    )  # fmt: skip
+    assert exp.choice == expected, str(exp)
+    if expected == "triton":
+        assert exp.reasons["cutedsl-hopper"].startswith("declines: ")
+    forced = hk.explain(op, arch="sm_90", head_dim=256, batch=batch, heads=4,
+                        max_seqlen_q=max_seqlen_q, backend="cutedsl-hopper")  # fmt: skip
+    assert forced.choice == "cutedsl-hopper"  # declining binds "auto" only
+
+
+def test_grid_tiles_rounds_up_to_a_power_of_two():
+    from hstu_kernels.dispatch import grid_tiles
+
+    assert grid_tiles(8, 4, 384) == 128 and grid_tiles(1, 4, 4352) == 256
+    assert grid_tiles(1, 1, 1) == 1 and grid_tiles(3, 1, 129) == 8
+    assert grid_tiles(2, 2, None) is None
+
+
+@pytest.mark.parametrize(
     "arch,head_dim,page_size,expected",
     [
         ("cpu", 256, 32, "reference"),
@@ -168,8 +201,8 @@ def test_real_registry_serves_cpu_with_reference():
     [
         ("sm_80", 256, 32, "triton"),
         ("sm_89", 256, 32, "triton"),
-        ("sm_90", 256, 32, "triton"),  # measured faster than cutedsl-ampere on an H100
-        ("sm_90", 128, 128, "triton"),
+        ("sm_90", 256, 32, "cutedsl-hopper"),  # measured fastest on an H100 (large grids)
+        ("sm_90", 128, 128, "triton"),  # hopper's pages are 32 tokens
         ("sm_100", 128, 128, "cutedsl-blackwell"),
         ("sm_100", 256, 32, "cutedsl-ampere"),
         ("cpu", 256, 32, "reference"),

@@ -4,10 +4,9 @@ Serves jagged and paged (delta) HSTU attention on sm_90 in bf16/fp16, head dims 
 pages of exactly 32 tokens (one page = one 32-key tile), causal + targets (no contexts/window),
 no ``append_kv``.
 
-Status: compiled for sm_90a in CI (tests/test_cutedsl_hopper.py); NOT YET RUN on a GPU. Its
-priority is below every other backend's, so ``backend="auto"`` never picks it; it runs only
-when forced (``backend="cutedsl-hopper"`` or ``HSTU_KERNELS_BACKEND``), which is what its GPU
-tests and the next measurements do. Plan and expectations: ``bench/NOTES-hopper.md``.
+Status: compiled for sm_90a in CI (tests/test_cutedsl_hopper.py) and run on H100s (its GPU
+tests, bench/NOTES-hopper.md). On sm_90 it ranks above triton, but declines (``declines``)
+grids too small for it, which triton's split kernels serve faster.
 
 The DSL is imported only when a call needs the kernel.
 """
@@ -24,7 +23,14 @@ ARCHS = frozenset({"sm_90"})
 HEAD_DIMS = frozenset({64, 128, 256})
 PAGE_SIZE = 32  # one page = one key tile
 PAGE_SIZES = frozenset({PAGE_SIZE})
-PRIORITY = -20  # forced only until measured (below the reference's 0)
+# Above triton (20) on sm_90: faster on an H100 for the grids it does not decline (below).
+PRIORITY = 30
+# Below these query-tile counts (Request.tiles, 128-row tiles over batch x heads, rounded up
+# to a power of two) triton's kernel measured faster on an H100 (bench/NOTES-hopper.md):
+# paged 32 tiles (B=8 without targets) 77.9 vs 73.9 us, 16 (B=1) 39.8 vs 33.9 us; jagged 256
+# (B=1, 4352 tokens) 111.8 vs 109.6 us. Above: paged 128 (B=8 + 256 targets) 118.8 vs
+# 144.4 us, jagged 2048 (B=8) 555.6 vs 664.1 us.
+MIN_TILES = {"paged": 64, "jagged": 512}
 
 
 def _probe(arch: str) -> str | None:
@@ -35,7 +41,25 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-_jagged, _paged = make_ops(NAME, "hstu_kernels.backends.cutedsl.hopper", page_size=PAGE_SIZE)
+def _split_kv(q, batch: int, max_seqlen_q: int, kv_tiles: int, paged: bool) -> tuple:
+    """The kernel's split-KV arguments ``(partials, chunk_tiles)`` and the partials' sum."""
+    from hstu_kernels.backends.cutedsl.split_kv import split_buffers, sum_partials
+
+    partials, chunk = split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
+    return (partials, chunk), lambda out: sum_partials(partials, out)
+
+
+def _declines(request) -> str | None:
+    """Small grids go to triton (measured faster there; see MIN_TILES)."""
+    least = MIN_TILES.get(request.op)
+    if least is None or request.tiles is None or request.tiles >= least:
+        return None
+    return f"~{request.tiles} query tiles < {least}: triton measured faster on small grids"
+
+
+_jagged, _paged = make_ops(
+    NAME, "hstu_kernels.backends.cutedsl.hopper", page_size=PAGE_SIZE, split_kv=_split_kv
+)
 
 
 register(
@@ -47,9 +71,10 @@ register(
         head_dims=HEAD_DIMS,
         page_sizes=PAGE_SIZES,
         features=frozenset(),
-        priority={"*": PRIORITY},
+        priority={"sm_90": PRIORITY, "*": 0},
         probe=_probe,
-        description="CuTe DSL wgmma + TMA, warp-specialized (sm_90a); compiled in CI, not yet "
-        "run on a GPU, so only used when forced",
+        declines=_declines,
+        description="CuTe DSL wgmma + TMA, warp-specialized (sm_90a); the Hopper default for "
+        "large grids (measured on an H100)",
     )
 )

@@ -55,7 +55,7 @@ ZERO_TAIL_BARRIER = 1  # named barrier of the consumers (0 is __syncthreads)
 TURN_BARRIER = 2  # pingpong: barrier 2 + w is consumer warpgroup w's turn to issue
 
 
-class HopperHstuForward(tma_views.TmaAttentionHost):
+class HopperHstuForward:
     """One compiled variant: dtype (``cutlass.BFloat16``/``Float16``), head dim, jagged/paged."""
 
     def __init__(
@@ -64,7 +64,7 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         head_dim: int,
         paged: bool,
         fast_tanh: bool = False,
-        pingpong: bool = False,
+        pingpong: bool = True,
     ) -> None:
         if head_dim not in (64, 128, 256):
             raise ValueError(f"head_dim: expected 64, 128 or 256, got {head_dim}")
@@ -75,12 +75,48 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         self.is_paged = paged
         self.fast_tanh = fast_tanh  # SiLU through tanh.approx (one MUFU op per score)
         # The consumer warpgroups take turns issuing their GEMMs (named barriers); off: they
-        # run freely. An option until both have been timed (bench/NOTES-hopper.md, step 3).
+        # run freely (2 % slower on an H100, bench/NOTES-hopper.md).
         self.pingpong = pingpong
         self.qk_tiler = (TILE_M, TILE_N, head_dim)  # (M, N, K) of S = Q K^T
         self.pv_tiler = (TILE_M, head_dim, TILE_N)  # (M, N, K) of O = P V
 
     # ------------------------------------------------------------------ host side
+
+    @cute.jit
+    def jagged(
+        self, q: cute.Tensor, k: cute.Tensor, v: cute.Tensor, out: cute.Tensor,
+        cu_seqlens: cute.Tensor, num_targets: cute.Tensor, max_seqlen: Int32, alpha: Float32,
+        inv_scaling: Float32, partials: cute.Tensor, chunk_tiles: Int32, stream,
+    ):  # fmt: skip
+        """Whole sequences: ``q, k, v, out [sum L_b, heads, D]``. Split-KV arguments: see
+        :meth:`_launch`."""
+        self._launch(
+            q,
+            tma_views.jagged_tma_view(q, max_seqlen, mn_major=False),
+            tma_views.jagged_tma_view(k, max_seqlen, mn_major=False),
+            tma_views.jagged_tma_view(v, max_seqlen, mn_major=True),
+            k, v, out, cu_seqlens, num_targets, None, None, None, max_seqlen, alpha,
+            inv_scaling, partials, chunk_tiles, stream,
+        )  # fmt: skip
+
+    @cute.jit
+    def paged(
+        self, q: cute.Tensor, k_new: cute.Tensor, v_new: cute.Tensor, kv_cache: cute.Tensor,
+        out: cute.Tensor, cu_seqlens_q: cute.Tensor, num_targets: cute.Tensor,
+        page_indptr: cute.Tensor, page_ids: cute.Tensor, last_page_len: cute.Tensor,
+        max_seqlen_q: Int32, alpha: Float32, inv_scaling: Float32, partials: cute.Tensor,
+        chunk_tiles: Int32, stream,
+    ):  # fmt: skip
+        """New history + target rows over a paged cache ``kv_cache [pages, 2, 32, heads, D]``
+        (one page per key tile). Split-KV arguments: see :meth:`_launch`."""
+        self._launch(
+            q,
+            tma_views.jagged_tma_view(q, max_seqlen_q, mn_major=False),
+            tma_views.page_tma_view(kv_cache, 0, mn_major=False),
+            tma_views.page_tma_view(kv_cache, 1, mn_major=True),
+            k_new, v_new, out, cu_seqlens_q, num_targets, page_indptr, page_ids, last_page_len,
+            max_seqlen_q, alpha, inv_scaling, partials, chunk_tiles, stream,
+        )  # fmt: skip
 
     def _mmas(self):
         k_major = cute.nvgpu.OperandMajorMode.K
@@ -100,8 +136,16 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
     def _launch(
         self, q, q_view, k_view, v_view, k_self, v_self, out, cu_seqlens_q, num_targets,
         page_indptr, page_ids, last_page_len, pad: Int32, alpha: Float32, inv_scaling: Float32,
-        stream,
+        partials, chunk_tiles: Int32, stream,
     ):  # fmt: skip
+        """Split-KV: the grid has ``S = partials.shape[0]`` CTAs per query tile; split ``s``
+        walks the tile's history key tiles ``[s c, (s + 1) c)`` with ``c = max(chunk_tiles,
+        ceil(n / S))`` for a tile of ``n`` key tiles (``chunk_tiles = 0``: equal parts) and
+        writes its fp32 partial (zeros where its part is empty) to ``partials [S, rows,
+        heads, D]``; the caller sums them into ``out``. ``S = 1``: ``out`` directly.
+
+        The grid is one-dimensional in longest-first order over all sequences and heads
+        (:func:`hc.lpt_tile`), so that a grid of several waves starts its long tiles first."""
         qk_mma, pv_mma = self._mmas()
         q_smem = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, self.qk_tiler, self.dtype, 1)
         k_smem = sm90_utils.make_smem_layout_b(
@@ -132,12 +176,12 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         self.shared_storage = SharedStorage
         batch = cu_seqlens_q.shape[0] - 1
         heads = out.shape[1]
-        grid = ((pad + TILE_M - 1) // TILE_M, heads, batch)
+        grid = ((pad + TILE_M - 1) // TILE_M * batch * heads * partials.shape[0], 1, 1)
         self.kernel(
             qk_mma, pv_mma, tma_q, q_tma, tma_k, k_tma, tma_v, v_tma,
             q, k_self, v_self, out, cu_seqlens_q, num_targets,
             page_indptr, page_ids, last_page_len, pad, alpha, inv_scaling,
-            q_smem, k_smem, v_smem,
+            partials, chunk_tiles, q_smem, k_smem, v_smem,
         ).launch(grid=grid, block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)  # fmt: skip
 
     # ------------------------------------------------------------------ device side
@@ -165,14 +209,18 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         pad: Int32,
         alpha: Float32,
         inv_scaling: Float32,
+        partials: cute.Tensor,
+        chunk_tiles: Int32,
         q_smem: cute.ComposedLayout,
         k_smem: cute.ComposedLayout,
         v_smem: cute.ComposedLayout,
     ):
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        bx, head, b = cute.arch.block_idx()
-        gx, _, _ = cute.arch.grid_dim()
-        m_block, head, b = hc.schedule_tile(bx, head, b, gx)
+        bx, _, _ = cute.arch.block_idx()
+        num_splits = partials.shape[0]
+        m_block, head, b, split = hc.lpt_tile(
+            bx, cu_seqlens_q.shape[0] - 1, out.shape[1], num_splits, (pad + TILE_M - 1) // TILE_M
+        )
 
         seq = hc.sequence_info(
             b, cu_seqlens_q, num_targets, page_indptr, last_page_len,
@@ -184,56 +232,70 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
             p1 = seq.q_pos0 + cutlass.min(seq.q_len, row0 + TILE_M)
             # History tiles only: target keys enter through the epilogue's self term.
             _, n_kv, _ = hc.kv_tile_range(p0, p1, seq.history, seq.total, TILE_N)
+            chunk = cutlass.max(cutlass.max(chunk_tiles, (n_kv + num_splits - 1) // num_splits), 1)
+            kv_begin = split * chunk  # an empty part (kv_begin >= n_kv) writes zeros
+            kv_end = cutlass.min(n_kv, kv_begin + chunk)
+            self._tile(
+                warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self,
+                out, seq, page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha,
+                inv_scaling, split, partials, q_smem, k_smem, v_smem,
+            )  # fmt: skip
 
-            if warp == PRODUCER_WARP:
-                cpasync.prefetch_descriptor(tma_q)
-                cpasync.prefetch_descriptor(tma_k)
-                cpasync.prefetch_descriptor(tma_v)
+    @cute.jit
+    def _tile(
+        self, warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self, out, seq,
+        page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha, inv_scaling, split,
+        partials, q_smem, k_smem, v_smem,
+    ):  # fmt: skip
+        """One CTA's work: the query tile's history key tiles ``[kv_begin, kv_end)``."""
+        if warp == PRODUCER_WARP:
+            cpasync.prefetch_descriptor(tma_q)
+            cpasync.prefetch_descriptor(tma_k)
+            cpasync.prefetch_descriptor(tma_v)
 
-            storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
-            consumer_warps = pipeline.CooperativeGroup(
-                pipeline.Agent.Thread, CONSUMER_THREADS // 32
-            )
-            one = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
-            q_prod, q_cons = pipeline.PipelineTmaAsync.create(
-                num_stages=1, producer_group=one, consumer_group=consumer_warps,
-                tx_count=self.q_bytes, barrier_storage=storage.q_bars.data_ptr(),
-            ).make_participants()  # fmt: skip
-            k_prod, k_cons = pipeline.PipelineTmaAsync.create(
-                num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
-                tx_count=self.kv_bytes, barrier_storage=storage.k_bars.data_ptr(),
-            ).make_participants()  # fmt: skip
-            v_prod, v_cons = pipeline.PipelineTmaAsync.create(
-                num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
-                tx_count=self.kv_bytes, barrier_storage=storage.v_bars.data_ptr(),
-            ).make_participants()  # fmt: skip
+        storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
+        consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS // 32)
+        one = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
+        q_prod, q_cons = pipeline.PipelineTmaAsync.create(
+            num_stages=1, producer_group=one, consumer_group=consumer_warps,
+            tx_count=self.q_bytes, barrier_storage=storage.q_bars.data_ptr(),
+        ).make_participants()  # fmt: skip
+        k_prod, k_cons = pipeline.PipelineTmaAsync.create(
+            num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
+            tx_count=self.kv_bytes, barrier_storage=storage.k_bars.data_ptr(),
+        ).make_participants()  # fmt: skip
+        v_prod, v_cons = pipeline.PipelineTmaAsync.create(
+            num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
+            tx_count=self.kv_bytes, barrier_storage=storage.v_bars.data_ptr(),
+        ).make_participants()  # fmt: skip
 
-            sQ = storage.sQ.get_tensor(q_smem.outer, swizzle=q_smem.inner)
-            sK = storage.sK.get_tensor(k_smem.outer, swizzle=k_smem.inner)
-            sV = storage.sV.get_tensor(v_smem.outer, swizzle=v_smem.inner)
+        sQ = storage.sQ.get_tensor(q_smem.outer, swizzle=q_smem.inner)
+        sK = storage.sK.get_tensor(k_smem.outer, swizzle=k_smem.inner)
+        sV = storage.sV.get_tensor(v_smem.outer, swizzle=v_smem.inner)
 
-            if warp >= PRODUCER_WARP:
-                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
-                if warp == PRODUCER_WARP and n_kv > 0:
-                    self.load_role(
-                        tma_q, mQ, tma_k, mK, tma_v, mV, sQ, sK, sV, q_prod, k_prod, v_prod,
-                        seq, page_ids, m_block, pad, head, n_kv,
-                    )  # fmt: skip
-            else:
-                cute.arch.setmaxregister_increase(CONSUMER_REGS)
-                self.consumer_role(
-                    qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
-                    seq, row0, p0, head, n_kv, alpha, inv_scaling,
+        if warp >= PRODUCER_WARP:
+            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            if warp == PRODUCER_WARP and kv_end > kv_begin:
+                self.load_role(
+                    tma_q, mQ, tma_k, mK, tma_v, mV, sQ, sK, sV, q_prod, k_prod, v_prod,
+                    seq, page_ids, m_block, pad, head, kv_begin, kv_end,
                 )  # fmt: skip
+        else:
+            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            self.consumer_role(
+                qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
+                seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split, partials,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ roles
 
     @cute.jit
     def load_role(
         self, tma_q, mQ, tma_k, mK, tma_v, mV, sQ, sK, sV, q_prod, k_prod, v_prod,
-        seq, page_ids, m_block, pad, head, n_kv,
+        seq, page_ids, m_block, pad, head, kv_begin, kv_end,
     ):  # fmt: skip
-        """TMA producer: the Q tile, then K_i and V_i for every history tile i."""
+        """TMA producer: the Q tile, then K_i and V_i for history tiles ``kv_begin <= i <
+        kv_end``."""
         mQ_b = jagged_window(mQ, pad, seq.q_start, seq.q_len, mn_major=False)
         gQ = cute.flat_divide(mQ_b, (TILE_M, self.head_dim))
         tQsQ, tQgQ = cpasync.tma_partition(
@@ -250,7 +312,7 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         )
         h = q_prod.acquire_and_advance()
         cute.copy(tma_q, tQgQ[None, m_block, 0, (head, 0)], tQsQ[None, 0], tma_bar_ptr=h.barrier)
-        for i in cutlass.range(n_kv, unroll=1):
+        for i in cutlass.range(kv_begin, kv_end, unroll=1):
             k_src, v_src = tma_views.history_tile_sources(
                 tKgK, tVgV, i, seq, page_ids, head, self.is_paged
             )
@@ -262,9 +324,10 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
     @cute.jit
     def consumer_role(
         self, qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
-        seq, row0, p0, head, n_kv, alpha, inv_scaling,
+        seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split, partials,
     ):  # fmt: skip
-        """One warpgroup's 64 rows: the key-tile loop, then the epilogue."""
+        """One warpgroup's 64 rows: the key-tile loop over ``[kv_begin, kv_end)``, then the
+        epilogue."""
         tidx, _, _ = cute.arch.thread_idx()
         wg = tidx // 128  # this thread's consumer warpgroup
         wg_qk = qk_mma.get_slice(wg * 128)
@@ -278,45 +341,59 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
         acc_O.fill(0.0)
         cS_mn = _mn_view(thr_qk.partition_C(cute.make_identity_tensor(self.qk_tiler[:2])))
 
-        if n_kv > 0:
+        if kv_end > kv_begin:
             q_h = q_cons.wait_and_advance()
             rQ = tSrQ[None, None, None, 0]
             if cutlass.const_expr(self.pingpong):  # noqa: SIM102 (compile-time)
                 if wg == 1:
                     self._hand_over(0)  # warpgroup 0 issues first
-            for i in cutlass.range(n_kv, unroll=1):
+            acc_S = cute.make_rmem_tensor(wg_qk.partition_shape_C(self.qk_tiler[:2]), Float32)
+            rP = cute.make_fragment_like(acc_S, self.dtype)
+            tOrP = cute.make_tensor(rP.iterator, _acc_to_a_operand(rP.layout))
+            # P_i V_i is issued with S_{i+1} = Q K_{i+1}^T, so SiLU(S_{i+1}) runs while the
+            # tensor cores do P_i V_i (FlashAttention-3's intra-warpgroup overlap). rP is
+            # rewritten only once P_i V_i, its reader, is done.
+            k_h = k_cons.wait_and_advance()
+            self._zero_tail(sK, k_h.index, None, 0, seq, kv_begin, tidx)
+            self._take_turn(wg)
+            _wgmma(qk_mma, acc_S, rQ, tSrK[None, None, None, k_h.index], True, wait=False)
+            self._hand_over(1 - wg)
+            warpgroup.wait_group(0)
+            k_h.release()
+            self._scores_to_p(acc_S, rP, cS_mn, seq, p0, kv_begin, alpha, inv_scaling)
+            for i in cutlass.range(kv_begin + 1, kv_end, unroll=1):
                 k_h = k_cons.wait_and_advance()
+                self._zero_tail(sK, k_h.index, None, 0, seq, i, tidx)
                 v_h = v_cons.wait_and_advance()
-                if cutlass.const_expr(self.is_paged):
-                    self._zero_tail(sK, sV, k_h.index, v_h.index, seq, i, tidx)
-                acc_S = cute.make_rmem_tensor(wg_qk.partition_shape_C(self.qk_tiler[:2]), Float32)
                 self._take_turn(wg)
                 _wgmma(qk_mma, acc_S, rQ, tSrK[None, None, None, k_h.index], True, wait=False)
-                self._hand_over(1 - wg)
-                warpgroup.wait_group(0)
-                k_h.release()
-                if not hc.tile_is_full(i, TILE_N, p0, seq.history):
-                    hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * TILE_N, seq.history)
-                hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
-                rP = cute.make_fragment_like(acc_S, self.dtype)
-                rP.store(acc_S.load().to(self.dtype))
-                tOrP = cute.make_tensor(rP.iterator, _acc_to_a_operand(rP.layout))
-                self._take_turn(wg)
                 _wgmma(pv_mma, acc_O, tOrP, tOrV[None, None, None, v_h.index], False, wait=False)
-                if wg == 0 or i < n_kv - 1:  # warpgroup 1's last hand-over has no taker
-                    self._hand_over(1 - wg)
-                warpgroup.wait_group(0)
+                self._hand_over(1 - wg)
+                warpgroup.wait_group(1)  # S_i is ready; P_{i-1} V_{i-1} may still run
+                k_h.release()
+                self._scores_to_p(acc_S, rP, cS_mn, seq, p0, i, alpha, inv_scaling, wait=True)
                 v_h.release()
+            v_h = v_cons.wait_and_advance()
+            self._zero_tail(None, 0, sV, v_h.index, seq, kv_end - 1, tidx)
+            self._take_turn(wg)
+            _wgmma(pv_mma, acc_O, tOrP, tOrV[None, None, None, v_h.index], False, wait=False)
+            if wg == 0:  # warpgroup 1's last hand-over has no taker
+                self._hand_over(1)
+            warpgroup.wait_group(0)
+            v_h.release()
             q_h.release()
 
         # ---- epilogue: O (+ the self term of target rows) -> global memory ---------------
         cO_mn = _mn_view(thr_pv.partition_C(cute.make_identity_tensor(self.pv_tiler[:2])))
         o_mn = _mn_view(acc_O)
+        rows = cute.size(o_mn, mode=[0])
         cols = cute.size(o_mn, mode=[1])
-        for r in cutlass.range_constexpr(cute.size(o_mn, mode=[0])):
+        for r in cutlass.range_constexpr(rows):
             row = row0 + cO_mn[r, 0][0]
             g = seq.q_start + row
+            # Split 0 adds the self term (every split sees the target row, one must add it).
             is_target = (row < seq.q_len) & (seq.q_pos0 + row >= seq.history)
+            is_target = is_target & (split == 0)
             # The four threads of a quad hold the same rows: each sums its own columns of
             # q.k and the quad adds them up (every thread runs the shuffles).
             part = Float32(0.0)
@@ -326,16 +403,28 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
                     part += Float32(q[g, head, d]) * Float32(k_self[g, head, d])
             part += cute.arch.shuffle_sync_bfly(part, offset=1)
             part += cute.arch.shuffle_sync_bfly(part, offset=2)
-            if row < seq.q_len:
+            if is_target:
                 w = cute.make_rmem_tensor((1,), Float32)
                 w[0] = part
                 hc.silu_scale_(w, alpha, inv_scaling, self.fast_tanh)
+                # Rounded to the input dtype, as every history key's weight is (the P V MMA's
+                # operand), so that all keys' weights carry the same rounding.
+                p_self = w[0].to(self.dtype).to(Float32)
                 for c in cutlass.range_constexpr(cols):
                     d = cO_mn[0, c][1]
-                    val = o_mn[r, c]
-                    if is_target:
-                        val = val + w[0] * Float32(v_self[g, head, d])
-                    out[g, head, d] = val.to(self.dtype)
+                    o_mn[r, c] = o_mn[r, c] + p_self * Float32(v_self[g, head, d])
+        if partials.shape[0] > 1:  # split-KV: this split's fp32 partial, summed by the caller
+            for r in cutlass.range_constexpr(rows):
+                row = row0 + cO_mn[r, 0][0]
+                if row < seq.q_len:
+                    for c in cutlass.range_constexpr(cols):
+                        partials[split, seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c]
+        else:
+            for r in cutlass.range_constexpr(rows):
+                row = row0 + cO_mn[r, 0][0]
+                if row < seq.q_len:
+                    for c in cutlass.range_constexpr(cols):
+                        out[seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c].to(self.dtype)
 
     @cute.jit
     def _take_turn(self, wg):
@@ -354,25 +443,43 @@ class HopperHstuForward(tma_views.TmaAttentionHost):
             )
 
     @cute.jit
-    def _zero_tail(self, sK, sV, k_stage, v_stage, seq, i, tidx):
-        """Paged only: zero the K and V rows of history tile ``i`` that lie past the history
-        (a last page's tail holds anything; see the module docstring), by all consumer
-        threads, then make the stores visible to the tensor cores' async-proxy reads.
+    def _scores_to_p(
+        self, acc_S, rP, cS_mn, seq, p0, i, alpha, inv_scaling, wait: cutlass.Constexpr = False
+    ):
+        """S of history tile ``i`` -> P = silu(alpha S) / scaling_seqlen in ``rP`` (masked where
+        the tile needs it). ``wait``: the previous P V may still read ``rP``; wait for it
+        before the conversion overwrites ``rP`` (the SiLU before it runs under that MMA)."""
+        if not hc.tile_is_full(i, TILE_N, p0, seq.history):
+            hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * TILE_N, seq.history)
+        hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
+        if cutlass.const_expr(wait):
+            warpgroup.wait_group(0)
+        rP.store(acc_S.load().to(self.dtype))
+
+    @cute.jit
+    def _zero_tail(self, sK, k_stage, sV, v_stage, seq, i, tidx):
+        """Paged only: zero the K rows (``sK``) and/or the V rows (``sV``; ``None``: not that
+        one) of history tile ``i`` that lie past the history (a last page's tail holds
+        anything; see the module docstring), by all consumer threads, then make the stores
+        visible to the tensor cores' async-proxy reads.
 
         Only the last history tile can have a tail, and both consumer warpgroups visit it, so
         both reach the named barrier. Visiting tiles after the history (target tiles, a split
         of the key range that ends mid-history) would break that: the barrier would then wait
         for a warpgroup that never comes."""
-        valid = seq.history - i * TILE_N
-        if valid < TILE_N:
-            d_size = self.head_dim
-            for e in cutlass.range(tidx, (TILE_N - valid) * d_size, CONSUMER_THREADS, unroll=1):
-                r = valid + e // d_size
-                d = e % d_size
-                sK[r, d, k_stage] = self.dtype(0.0)
-                sV[d, r, v_stage] = self.dtype(0.0)
-            cute.arch.fence_proxy("async.shared", space="cta")
-            cute.arch.barrier(barrier_id=ZERO_TAIL_BARRIER, number_of_threads=CONSUMER_THREADS)
+        if cutlass.const_expr(self.is_paged):
+            valid = seq.history - i * TILE_N
+            if valid < TILE_N:
+                d_size = self.head_dim
+                for e in cutlass.range(tidx, (TILE_N - valid) * d_size, CONSUMER_THREADS, unroll=1):
+                    r = valid + e // d_size
+                    d = e % d_size
+                    if cutlass.const_expr(sK is not None):
+                        sK[r, d, k_stage] = self.dtype(0.0)
+                    if cutlass.const_expr(sV is not None):
+                        sV[d, r, v_stage] = self.dtype(0.0)
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.barrier(barrier_id=ZERO_TAIL_BARRIER, number_of_threads=CONSUMER_THREADS)
 
 
 @cute.jit
@@ -425,20 +532,21 @@ def _acc_to_a_operand(acc_layout: cute.Layout) -> cute.Layout:
 
 
 def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
-    """``(host_fn, variant, fake_args)`` of one variant (argument order as in
-    ``blackwell.build_variant``), for compile-only tests and, once it has run on a GPU, for a
-    backend module."""
+    """``(host_fn, variant, fake_args)`` of one variant: the arguments of
+    ``compile.fake_attention_args`` with the split-KV ``partials, chunk_tiles``
+    before the stream (:meth:`HopperHstuForward._launch`)."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
     silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
         "tanh" if torch_dtype == torch.bfloat16 else "exp"
     )
-    pingpong = os.environ.get("HSTU_CUTEDSL_PINGPONG", "0") == "1"  # A/B runs
+    pingpong = os.environ.get("HSTU_CUTEDSL_PINGPONG", "1") == "1"  # 0: for A/B runs
     kernel = HopperHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh", pingpong=pingpong)
     variant = {
         "silu": silu,
         "pingpong": pingpong,
+        "split_kv": True,
         "dtype": str(torch_dtype),
         "head_dim": head_dim,
         "paged": paged,
@@ -447,7 +555,9 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     }
 
     def fake_args():
-        return cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
+        *args, stream = cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
+        partials = cc.fake_tensor(cutlass.Float32, (None, None, None, head_dim))
+        return (*args, partials, cutlass.Int32(0), stream)
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args

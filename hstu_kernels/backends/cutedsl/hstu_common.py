@@ -128,6 +128,19 @@ def schedule_tile(block_x: Any, block_y: Any, block_z: Any, num_m_blocks: Any) -
     return num_m_blocks - 1 - block_x, block_y, block_z
 
 
+def lpt_tile(block: Any, batch: Any, heads: Any, splits: Any, num_m_blocks: Any) -> tuple:
+    """``(m_block, head, batch, split)`` of CTA ``block`` of a one-dimensional grid of
+    ``num_m_blocks * batch * heads * splits`` CTAs, longest first across the whole grid: the
+    last query tiles (they see the most keys) of every sequence and head before any shorter
+    one, a tile's splits side by side. (A grid ordered by sequence would start a later
+    sequence's long tiles only after an earlier one's short tiles.)"""
+    split = block % splits
+    rest = block // splits
+    head = rest % heads
+    rest = rest // heads
+    return num_m_blocks - 1 - rest // batch, head, rest % batch, split
+
+
 def kv_tile_range(p0: Any, p1: Any, history: Any, total: Any, block_n: int) -> tuple:
     """The KV tiles of the q-tile with query positions ``[p0, p1)`` (``p1 > p0``).
 
