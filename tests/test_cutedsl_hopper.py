@@ -180,11 +180,15 @@ def test_ptx_pingpong_takes_turns(compiled):
     assert re.search(r"bar\.arrive\s+3,\s*256;", ptx)  # warpgroup 0's last
 
 
-def test_ptx_split_kv_partials(compiled):
-    """Split-KV: one epilogue writes fp32 partials (f32 stores), the other the output."""
+def test_ptx_split_kv_ticket(compiled):
+    """Split-KV: the partial stores are released (fence) before the ticket's atomic add, and
+    the last split acquires (fence) before it reads the others' partials."""
     _, ptx = compiled
-    assert re.search(r"st\.global(\.v2)?\.f32", ptx) or re.search(r"st\.global\.v2\.b32", ptx)
-    assert "atom.global" not in ptx  # no tickets: the caller sums the partials
+    fence = r"fence\.acq_rel\.gpu;"
+    atom = r"atom\.global\.acq_rel\.add\.u32"
+    assert re.search(fence + r"[\s\S]*" + atom + r"[\s\S]*" + fence, ptx)
+    assert re.search(r"bar\.sync\s+4,\s*256;", ptx)
+    assert "ld.global.nc" not in ptx  # the partials are read coherently
 
 
 def test_ptx_without_pingpong(monkeypatch):
@@ -312,8 +316,8 @@ def _forced_splits(n: int):
 @given(shape=batches(), variant=st.sampled_from(GPU_VARIANTS), heads=st.integers(1, 3),
        seed=st.integers(0, 2**16), splits=st.sampled_from([2, 3, 5, 16]))  # fmt: skip
 def test_split_kv_parity(shape, variant, heads, seed, splits):
-    """Forced splits: fp32 partials summed after the kernel, tiles with fewer key tiles than
-    splits (empty parts write zeros), one split's own range ending in a page tail."""
+    """Forced splits: partial sums by the last split of each query tile, tiles with fewer key
+    tiles than splits (empty splits exit), one split's own range ending in a page tail."""
     dtype, head_dim = variant
     case = _case(shape, heads, head_dim, seed)
     with _forced_splits(splits):
@@ -324,7 +328,7 @@ def test_split_kv_parity(shape, variant, heads, seed, splits):
 @pytest.mark.gpu
 @hopper_only
 def test_split_kv_edges():
-    """Long histories split in 2..16."""
+    """Long histories split in 2..16 (the tickets of a query tile reach every count)."""
     shape = ([1, 33, 1000, 4000], [1, 33, 100, 129], [0, 31, 1, 300])
     for splits in (2, 7, 16):
         with _forced_splits(splits):
@@ -366,8 +370,8 @@ def test_all_target_jagged_sequence():
 @hopper_only
 @pytest.mark.parametrize("splits", [1, 4])
 def test_cuda_graph_replay_equals_eager(splits):
-    """Replays equal the eager call bit for bit (split-KV: the partials and their sum are in
-    the graph; the sum is in split order)."""
+    """Replays equal the eager call bit for bit (split-KV: the tickets are zeroed in the
+    graph, and the partials are summed in split order whichever split finishes last)."""
     dtype = torch.bfloat16
     case = _case(([300, 77], [20, 77], [40, 5]), 2, 256, 1)
     q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
@@ -412,8 +416,8 @@ def test_kernel_bench_times_it_on_sm90(monkeypatch):
         (96, 128, False, 1),  # delta B=8, 4 heads, 384 rows: most SMs busy already
         (32, 128, False, 4),  # delta B=8 without targets: one tile per (sequence, head)
         (12, 128, False, 11),  # delta B=1: 12 tiles fill 132 SMs in 11 parts
-        (1088, 136, True, 1),  # jagged: never (measured no gain)
-        (136, 136, True, 1),
+        (1088, 136, True, 1),  # jagged B=8: the mean load dominates
+        (136, 136, True, 2),  # jagged B=1: the longest tile dominates
     ],
 )
 def test_choose_splits(tiles, kv_tiles, causal, expected):
@@ -424,30 +428,21 @@ def test_choose_splits(tiles, kv_tiles, causal, expected):
 
 def test_split_buffers_shapes(monkeypatch):
     """The op's split-KV arguments: a stand-in without a split; with one, fp32 partials per
-    split; fixed chunks only for jagged."""
+    split and zeroed tickets per query tile; fixed chunks only for jagged."""
     from hstu_kernels.backends.cutedsl import split_kv
 
     monkeypatch.setattr(split_kv, "sm_count", lambda device: 132)
     q = torch.empty((4 * 384, 4, 256), dtype=torch.bfloat16)
-    partials, chunk = split_kv.split_buffers(q, 4, 384, 128, 128, causal=False)
+    partials, tickets, chunk = split_kv.split_buffers(q, 4, 384, 128, 128, causal=False)
     assert partials.shape == (split_kv.choose_splits(48, 128, 132, False), *q.shape)
     assert partials.dtype == torch.float32 and chunk == 0
+    assert tickets.shape == (48,) and not tickets.any()
     monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "3")
-    partials, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
+    partials, tickets, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
     assert partials.shape[0] == 3 and chunk == 34
     monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "1")
-    partials, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
+    partials, _, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
     assert partials.shape[0] == 1 and chunk == 0
-
-
-def test_sum_partials_in_fp32():
-    """The partials are summed in fp32, then cast once (not cast, then summed)."""
-    from hstu_kernels.backends.cutedsl.split_kv import sum_partials
-
-    partials = torch.randn((5, 7, 2, 64), generator=torch.Generator().manual_seed(0))
-    out = torch.empty((7, 2, 64), dtype=torch.bfloat16)
-    sum_partials(partials, out)
-    assert torch.equal(out, partials.sum(0).to(torch.bfloat16))
 
 
 def test_lpt_tile_order():

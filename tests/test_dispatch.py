@@ -73,7 +73,8 @@ def fake_registry(unavailable: dict[str, str] | None = None) -> Registry:
         ("paged", 8, 128, "triton"),  # 32 tiles: triton's split kernel measured faster
         ("paged", 1, 384, "triton"),
         ("jagged", 8, 4352, "cutedsl-hopper"),
-        ("jagged", 1, 4352, "triton"),
+        ("jagged", 1, 4352, "cutedsl-hopper"),  # split in 2
+        ("jagged", 1, 1024, "triton"),
     ],
 )
 def test_sm90_small_grids_go_to_triton(op, batch, max_seqlen_q, expected, monkeypatch):

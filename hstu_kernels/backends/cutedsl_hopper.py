@@ -26,11 +26,12 @@ PAGE_SIZES = frozenset({PAGE_SIZE})
 # Above triton (20) on sm_90: faster on an H100 for the grids it does not decline (below).
 PRIORITY = 30
 # Below these query-tile counts (Request.tiles, 128-row tiles over batch x heads, rounded up
-# to a power of two) triton's kernel measured faster on an H100 (bench/NOTES-hopper.md):
-# paged 32 tiles (B=8 without targets) 77.9 vs 73.9 us, 16 (B=1) 39.8 vs 33.9 us; jagged 256
-# (B=1, 4352 tokens) 111.8 vs 109.6 us. Above: paged 128 (B=8 + 256 targets) 118.8 vs
-# 144.4 us, jagged 2048 (B=8) 555.6 vs 664.1 us.
-MIN_TILES = {"paged": 64, "jagged": 512}
+# to a power of two) triton's kernel measured faster on an H100 (bench/NOTES-hopper.md),
+# 4 heads of 256, history 4096: paged 32 tiles (B=8 without targets) 77.9 vs 73.9 us, 16
+# (B=1 + 256 targets) 40.0 vs 33.7 us. Above: paged 128 (B=8 + 256 targets) 118.5 vs
+# 145.4 us; jagged 128 (B=1 without targets, split in 2) 75.2 vs 96.8 us, 256 (B=1 + 256
+# targets, split in 2) 86.7 vs 109.8 us, 2048 (B=8) 588.4 vs 674.1 us.
+MIN_TILES = {"paged": 64, "jagged": 128}
 
 
 def _probe(arch: str) -> str | None:
@@ -42,11 +43,11 @@ def _probe(arch: str) -> str | None:
 
 
 def _split_kv(q, batch: int, max_seqlen_q: int, kv_tiles: int, paged: bool) -> tuple:
-    """The kernel's split-KV arguments ``(partials, chunk_tiles)`` and the partials' sum."""
-    from hstu_kernels.backends.cutedsl.split_kv import split_buffers, sum_partials
+    """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles)``; nothing to run
+    after it (the kernel sums the partials)."""
+    from hstu_kernels.backends.cutedsl.split_kv import split_buffers
 
-    partials, chunk = split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
-    return (partials, chunk), lambda out: sum_partials(partials, out)
+    return split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged), None
 
 
 def _declines(request) -> str | None:

@@ -24,6 +24,7 @@ zero those K and V rows in shared memory before they enter an MMA.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import cutlass
 import cutlass.cute as cute
@@ -53,6 +54,17 @@ CONSUMER_REGS = 240  # setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64 Ki registers
 PRODUCER_REGS = 24
 ZERO_TAIL_BARRIER = 1  # named barrier of the consumers (0 is __syncthreads)
 TURN_BARRIER = 2  # pingpong: barrier 2 + w is consumer warpgroup w's turn to issue
+EPILOGUE_BARRIER = 4  # split-KV: the consumers' partial stores before / after the ticket
+
+
+class SplitKV(NamedTuple):
+    """A CTA's part of its query tile's key range (``HopperHstuForward._launch``)."""
+
+    split: Int32  # this CTA's split
+    pieces: Int32  # splits with keys of this query tile (1: no partials, ``out`` directly)
+    partials: cute.Tensor  # fp32 [splits, rows, heads, D]
+    tickets: cute.Tensor  # int32, one per query tile: its splits done so far
+    ticket: Int32  # this query tile's index into ``tickets``
 
 
 class HopperHstuForward:
@@ -86,7 +98,8 @@ class HopperHstuForward:
     def jagged(
         self, q: cute.Tensor, k: cute.Tensor, v: cute.Tensor, out: cute.Tensor,
         cu_seqlens: cute.Tensor, num_targets: cute.Tensor, max_seqlen: Int32, alpha: Float32,
-        inv_scaling: Float32, partials: cute.Tensor, chunk_tiles: Int32, stream,
+        inv_scaling: Float32, partials: cute.Tensor, tickets: cute.Tensor, chunk_tiles: Int32,
+        stream,
     ):  # fmt: skip
         """Whole sequences: ``q, k, v, out [sum L_b, heads, D]``. Split-KV arguments: see
         :meth:`_launch`."""
@@ -96,7 +109,7 @@ class HopperHstuForward:
             tma_views.jagged_tma_view(k, max_seqlen, mn_major=False),
             tma_views.jagged_tma_view(v, max_seqlen, mn_major=True),
             k, v, out, cu_seqlens, num_targets, None, None, None, max_seqlen, alpha,
-            inv_scaling, partials, chunk_tiles, stream,
+            inv_scaling, partials, tickets, chunk_tiles, stream,
         )  # fmt: skip
 
     @cute.jit
@@ -105,7 +118,7 @@ class HopperHstuForward:
         out: cute.Tensor, cu_seqlens_q: cute.Tensor, num_targets: cute.Tensor,
         page_indptr: cute.Tensor, page_ids: cute.Tensor, last_page_len: cute.Tensor,
         max_seqlen_q: Int32, alpha: Float32, inv_scaling: Float32, partials: cute.Tensor,
-        chunk_tiles: Int32, stream,
+        tickets: cute.Tensor, chunk_tiles: Int32, stream,
     ):  # fmt: skip
         """New history + target rows over a paged cache ``kv_cache [pages, 2, 32, heads, D]``
         (one page per key tile). Split-KV arguments: see :meth:`_launch`."""
@@ -115,7 +128,7 @@ class HopperHstuForward:
             tma_views.page_tma_view(kv_cache, 0, mn_major=False),
             tma_views.page_tma_view(kv_cache, 1, mn_major=True),
             k_new, v_new, out, cu_seqlens_q, num_targets, page_indptr, page_ids, last_page_len,
-            max_seqlen_q, alpha, inv_scaling, partials, chunk_tiles, stream,
+            max_seqlen_q, alpha, inv_scaling, partials, tickets, chunk_tiles, stream,
         )  # fmt: skip
 
     def _mmas(self):
@@ -136,13 +149,15 @@ class HopperHstuForward:
     def _launch(
         self, q, q_view, k_view, v_view, k_self, v_self, out, cu_seqlens_q, num_targets,
         page_indptr, page_ids, last_page_len, pad: Int32, alpha: Float32, inv_scaling: Float32,
-        partials, chunk_tiles: Int32, stream,
+        partials, tickets, chunk_tiles: Int32, stream,
     ):  # fmt: skip
         """Split-KV: the grid has ``S = partials.shape[0]`` CTAs per query tile; split ``s``
         walks the tile's history key tiles ``[s c, (s + 1) c)`` with ``c = max(chunk_tiles,
-        ceil(n / S))`` for a tile of ``n`` key tiles (``chunk_tiles = 0``: equal parts) and
-        writes its fp32 partial (zeros where its part is empty) to ``partials [S, rows,
-        heads, D]``; the caller sums them into ``out``. ``S = 1``: ``out`` directly.
+        ceil(n / S))`` for a tile of ``n`` key tiles (``chunk_tiles = 0``: equal parts). A
+        tile walked by more than one split writes fp32 ``partials [S, rows, heads, D]``, and
+        the split that finishes last (``tickets``: int32, one per query tile, zero before the
+        call and after it) sums them in split order into ``out``. ``S = 1``: ``partials`` and
+        ``tickets`` are not touched.
 
         The grid is one-dimensional in longest-first order over all sequences and heads
         (:func:`hc.lpt_tile`), so that a grid of several waves starts its long tiles first."""
@@ -169,6 +184,7 @@ class HopperHstuForward:
             q_bars: cute.struct.MemRange[Int64, 2]
             k_bars: cute.struct.MemRange[Int64, KV_STAGES * 2]
             v_bars: cute.struct.MemRange[Int64, KV_STAGES * 2]
+            ticket: cute.struct.MemRange[Int32, 1]  # split-KV: this split's arrival order
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(q_smem)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(k_smem)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(v_smem)], 1024]
@@ -181,7 +197,7 @@ class HopperHstuForward:
             qk_mma, pv_mma, tma_q, q_tma, tma_k, k_tma, tma_v, v_tma,
             q, k_self, v_self, out, cu_seqlens_q, num_targets,
             page_indptr, page_ids, last_page_len, pad, alpha, inv_scaling,
-            partials, chunk_tiles, q_smem, k_smem, v_smem,
+            partials, tickets, chunk_tiles, q_smem, k_smem, v_smem,
         ).launch(grid=grid, block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)  # fmt: skip
 
     # ------------------------------------------------------------------ device side
@@ -210,6 +226,7 @@ class HopperHstuForward:
         alpha: Float32,
         inv_scaling: Float32,
         partials: cute.Tensor,
+        tickets: cute.Tensor,
         chunk_tiles: Int32,
         q_smem: cute.ComposedLayout,
         k_smem: cute.ComposedLayout,
@@ -218,9 +235,12 @@ class HopperHstuForward:
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         bx, _, _ = cute.arch.block_idx()
         num_splits = partials.shape[0]
-        m_block, head, b, split = hc.lpt_tile(
-            bx, cu_seqlens_q.shape[0] - 1, out.shape[1], num_splits, (pad + TILE_M - 1) // TILE_M
+        batch, heads, m_blocks = (
+            cu_seqlens_q.shape[0] - 1,
+            out.shape[1],
+            (pad + TILE_M - 1) // TILE_M,
         )
+        m_block, head, b, split = hc.lpt_tile(bx, batch, heads, num_splits, m_blocks)
 
         seq = hc.sequence_info(
             b, cu_seqlens_q, num_targets, page_indptr, last_page_len,
@@ -233,19 +253,23 @@ class HopperHstuForward:
             # History tiles only: target keys enter through the epilogue's self term.
             _, n_kv, _ = hc.kv_tile_range(p0, p1, seq.history, seq.total, TILE_N)
             chunk = cutlass.max(cutlass.max(chunk_tiles, (n_kv + num_splits - 1) // num_splits), 1)
-            kv_begin = split * chunk  # an empty part (kv_begin >= n_kv) writes zeros
+            pieces = cutlass.max((n_kv + chunk - 1) // chunk, 1)  # splits with work here
+            kv_begin = split * chunk
             kv_end = cutlass.min(n_kv, kv_begin + chunk)
-            self._tile(
-                warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self,
-                out, seq, page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha,
-                inv_scaling, split, partials, q_smem, k_smem, v_smem,
-            )  # fmt: skip
+            ticket = (b * heads + head) * m_blocks + m_block
+            split_kv = SplitKV(split, pieces, partials, tickets, ticket)
+            if split < pieces:
+                self._tile(
+                    warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self,
+                    out, seq, page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha,
+                    inv_scaling, split_kv, q_smem, k_smem, v_smem,
+                )  # fmt: skip
 
     @cute.jit
     def _tile(
         self, warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self, out, seq,
-        page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha, inv_scaling, split,
-        partials, q_smem, k_smem, v_smem,
+        page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha, inv_scaling, split_kv,
+        q_smem, k_smem, v_smem,
     ):  # fmt: skip
         """One CTA's work: the query tile's history key tiles ``[kv_begin, kv_end)``."""
         if warp == PRODUCER_WARP:
@@ -269,6 +293,7 @@ class HopperHstuForward:
             tx_count=self.kv_bytes, barrier_storage=storage.v_bars.data_ptr(),
         ).make_participants()  # fmt: skip
 
+        sTicket = storage.ticket.get_tensor(cute.make_layout(1))
         sQ = storage.sQ.get_tensor(q_smem.outer, swizzle=q_smem.inner)
         sK = storage.sK.get_tensor(k_smem.outer, swizzle=k_smem.inner)
         sV = storage.sV.get_tensor(v_smem.outer, swizzle=v_smem.inner)
@@ -284,7 +309,7 @@ class HopperHstuForward:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             self.consumer_role(
                 qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
-                seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split, partials,
+                seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sTicket,
             )  # fmt: skip
 
     # ------------------------------------------------------------------ roles
@@ -324,7 +349,7 @@ class HopperHstuForward:
     @cute.jit
     def consumer_role(
         self, qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
-        seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split, partials,
+        seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sTicket,
     ):  # fmt: skip
         """One warpgroup's 64 rows: the key-tile loop over ``[kv_begin, kv_end)``, then the
         epilogue."""
@@ -393,7 +418,7 @@ class HopperHstuForward:
             g = seq.q_start + row
             # Split 0 adds the self term (every split sees the target row, one must add it).
             is_target = (row < seq.q_len) & (seq.q_pos0 + row >= seq.history)
-            is_target = is_target & (split == 0)
+            is_target = is_target & (split_kv.split == 0)
             # The four threads of a quad hold the same rows: each sums its own columns of
             # q.k and the quad adds them up (every thread runs the shuffles).
             part = Float32(0.0)
@@ -413,18 +438,55 @@ class HopperHstuForward:
                 for c in cutlass.range_constexpr(cols):
                     d = cO_mn[0, c][1]
                     o_mn[r, c] = o_mn[r, c] + p_self * Float32(v_self[g, head, d])
-        if partials.shape[0] > 1:  # split-KV: this split's fp32 partial, summed by the caller
-            for r in cutlass.range_constexpr(rows):
-                row = row0 + cO_mn[r, 0][0]
-                if row < seq.q_len:
-                    for c in cutlass.range_constexpr(cols):
-                        partials[split, seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c]
+        if split_kv.pieces > 1:
+            self._sum_splits(o_mn, cO_mn, out, seq, row0, head, split_kv, sTicket, tidx)
         else:
-            for r in cutlass.range_constexpr(rows):
-                row = row0 + cO_mn[r, 0][0]
-                if row < seq.q_len:
-                    for c in cutlass.range_constexpr(cols):
-                        out[seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c].to(self.dtype)
+            self._store(o_mn, cO_mn, out, seq, row0, head)
+
+    @cute.jit
+    def _store(self, o_mn, cO_mn, out, seq, row0, head):
+        """This thread's rows of O, cast to the output dtype, into ``out``."""
+        for r in cutlass.range_constexpr(cute.size(o_mn, mode=[0])):
+            row = row0 + cO_mn[r, 0][0]
+            if row < seq.q_len:
+                for c in cutlass.range_constexpr(cute.size(o_mn, mode=[1])):
+                    out[seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c].to(self.dtype)
+
+    @cute.jit
+    def _sum_splits(self, o_mn, cO_mn, out, seq, row0, head, split_kv, sTicket, tidx):
+        """Split-KV epilogue: write this split's fp32 partial; the split of the query tile
+        that finishes last (the tile's ticket counts arrivals) sums all partials in split
+        order (deterministic: the same sum whichever split is last) into ``out`` and zeroes
+        the ticket again."""
+        rows = cute.size(o_mn, mode=[0])
+        cols = cute.size(o_mn, mode=[1])
+        partials = split_kv.partials
+        for r in cutlass.range_constexpr(rows):
+            row = row0 + cO_mn[r, 0][0]
+            if row < seq.q_len:
+                for c in cutlass.range_constexpr(cols):
+                    partials[split_kv.split, seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c]
+        # Release: every thread's partial stores before the ticket (threadfence reduction).
+        cute.arch.fence_acq_rel_gpu()
+        cute.arch.barrier(barrier_id=EPILOGUE_BARRIER, number_of_threads=CONSUMER_THREADS)
+        if tidx == 0:
+            sTicket[0] = cute.arch.atomic_add(
+                split_kv.tickets.iterator + split_kv.ticket, Int32(1), sem="acq_rel", scope="gpu"
+            )
+        cute.arch.barrier(barrier_id=EPILOGUE_BARRIER, number_of_threads=CONSUMER_THREADS)
+        if sTicket[0] == split_kv.pieces - 1:  # the last split of this query tile
+            if tidx == 0:
+                split_kv.tickets[split_kv.ticket] = Int32(0)
+            cute.arch.fence_acq_rel_gpu()  # acquire: the other splits' partials
+            o_mn.fill(0.0)
+            for s in cutlass.range(split_kv.pieces, unroll=1):
+                for r in cutlass.range_constexpr(rows):
+                    row = row0 + cO_mn[r, 0][0]
+                    if row < seq.q_len:
+                        for c in cutlass.range_constexpr(cols):
+                            d = cO_mn[0, c][1]
+                            o_mn[r, c] = o_mn[r, c] + partials[s, seq.q_start + row, head, d]
+            self._store(o_mn, cO_mn, out, seq, row0, head)
 
     @cute.jit
     def _take_turn(self, wg):
@@ -533,7 +595,7 @@ def _acc_to_a_operand(acc_layout: cute.Layout) -> cute.Layout:
 
 def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     """``(host_fn, variant, fake_args)`` of one variant: the arguments of
-    ``compile.fake_attention_args`` with the split-KV ``partials, chunk_tiles``
+    ``compile.fake_attention_args`` with the split-KV ``partials, tickets, chunk_tiles``
     before the stream (:meth:`HopperHstuForward._launch`)."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
@@ -557,7 +619,8 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     def fake_args():
         *args, stream = cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
         partials = cc.fake_tensor(cutlass.Float32, (None, None, None, head_dim))
-        return (*args, partials, cutlass.Int32(0), stream)
+        tickets = cc.fake_tensor(cutlass.Int32, (None,), align=4)
+        return (*args, partials, tickets, cutlass.Int32(0), stream)
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args

@@ -4,9 +4,9 @@ Importable without the DSL (the op functions run it before the kernel module is 
 One CTA owns one 128-row query tile; a grid of fewer tiles than SMs (a batch of one, a delta
 call without targets) or of lopsided causal tiles (jagged: tile ``i`` walks ~``i`` key tiles)
 leaves SMs idle or waits on its longest tile. Splitting a tile's key range over several CTAs
-(``cutedsl/hopper.py``: each writes an fp32 partial, :func:`sum_partials` adds them up)
-fixes both, at the price of a per-CTA overhead (the Q load, the pipeline fill) and the
-partials' round trip through memory.
+(``cutedsl/hopper.py``: each writes an fp32 partial, the last to finish adds them up) fixes
+both, at the price of a per-CTA overhead (the Q load, the pipeline fill) and the partials'
+round trip through memory.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 
 import torch
 
-__all__ = ["MAX_SPLITS", "choose_splits", "split_buffers", "sum_partials"]
+__all__ = ["MAX_SPLITS", "choose_splits", "split_buffers"]
 
 MAX_SPLITS = 16
 # One more CTA of a query tile costs about this many key tiles of work (Q tile load, pipeline
@@ -40,21 +40,25 @@ def choose_splits(tiles: int, kv_tiles: int, sms: int, causal: bool) -> int:
 
     - Paged (``causal=False``): the tiles are alike, so the launch lasts ``waves`` CTA times;
       split only a grid that leaves more than half the SMs idle (96 tiles of 128 keys on 132
-      SMs measured 119 us unsplit, 157 us in 2: the partials' round trip costs more than the
-      idle SMs), into the count that minimises ``ceil(tiles * s / sms) * (ceil(kv_tiles / s)
-      + overhead)``.
-    - Jagged (``causal=True``): never. B=1 over 4352 keys measured 112.6 us unsplit and
-      111.7 us in 2 on an H100 (bench/NOTES-hopper.md): the longest tile's time saved goes
-      into the partials of every split tile.
+      SMs measured 119 us unsplit, 157 us in 2 on an H100: the partials' round trip costs
+      more than the idle SMs), into the count that minimises ``ceil(tiles * s / sms) *
+      (ceil(kv_tiles / s) + overhead)``.
+    - Jagged (``causal=True``): tile ``i`` walks ~``i`` of the key tiles in chunks of
+      ``ceil(kv_tiles / s)``; the launch lasts about the longer of the mean load per SM and
+      the longest chunk.
 
     A larger split is taken only if it wins by more than 2 %.
     """
-    if causal or tiles <= 0 or kv_tiles <= 1 or sms <= 1 or 2 * tiles > sms:
+    if tiles <= 0 or kv_tiles <= 1 or sms <= 1 or (not causal and 2 * tiles > sms):
         return 1
     best, best_cost = 1, float("inf")
     for s in range(1, min(MAX_SPLITS, kv_tiles) + 1):
-        chunk = math.ceil(kv_tiles / s) + (SPLIT_OVERHEAD_TILES if s > 1 else 0.0)
-        cost = math.ceil(tiles * s / sms) * chunk
+        extra = SPLIT_OVERHEAD_TILES if s > 1 else 0.0
+        chunk = math.ceil(kv_tiles / s) + extra
+        if causal:
+            cost = max(tiles * (kv_tiles / 2 + (s - 1) * extra) / sms, chunk)
+        else:
+            cost = math.ceil(tiles * s / sms) * chunk
         if cost < best_cost * 0.98:
             best, best_cost = s, cost
     return best
@@ -62,11 +66,12 @@ def choose_splits(tiles: int, kv_tiles: int, sms: int, causal: bool) -> int:
 
 def split_buffers(
     q: torch.Tensor, batch: int, max_seqlen_q: int, kv_tiles: int, block_m: int, causal: bool
-) -> tuple[torch.Tensor, int]:
-    """``(partials, chunk_tiles)`` for one call: fp32 ``partials [splits, *q.shape]`` (the
-    kernel's split count is ``partials.shape[0]``; a one-element stand-in without a split) and
-    the fixed chunk length in key tiles (jagged: short tiles are not split; 0 for equal parts
-    of each tile's own range, paged). Sum the partials with :func:`sum_partials`.
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(partials, tickets, chunk_tiles)`` for one call: fp32 ``partials [splits, *q.shape]``
+    (the kernel's split count is ``partials.shape[0]``; a one-element stand-in without a
+    split), int32 zero ``tickets`` (one per query tile) and the fixed chunk length in key
+    tiles (jagged: short tiles are not split; 0 for equal parts of each tile's own range,
+    paged).
 
     ``HSTU_CUTEDSL_SPLITS=N`` forces ``N`` splits (measurements, tests)."""
     heads = q.shape[1]
@@ -77,13 +82,8 @@ def split_buffers(
     else:
         splits = choose_splits(tiles, kv_tiles, sm_count(q.device), causal)
     if splits == 1:
-        return torch.empty((1, 1, 1, q.shape[2]), dtype=torch.float32, device=q.device), 0
+        stand_in = torch.empty((1, 1, 1, q.shape[2]), dtype=torch.float32, device=q.device)
+        return stand_in, torch.empty((1,), dtype=torch.int32, device=q.device), 0
     partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-    return partials, (math.ceil(kv_tiles / splits) if causal else 0)
-
-
-def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = sum_s partials[s]``, summed in fp32 in split order (deterministic), then cast
-    (no-op without a split)."""
-    if partials.shape[0] > 1:
-        out.copy_(partials.sum(dim=0))
+    tickets = torch.zeros((tiles,), dtype=torch.int32, device=q.device)
+    return partials, tickets, (math.ceil(kv_tiles / splits) if causal else 0)
