@@ -42,6 +42,7 @@ from hstu_kernels.testing import (
 
 BACKEND = "cutedsl-hopper"
 PAGE = 32
+JAGGED_TILE = 64
 VARIANTS = [(torch.bfloat16, d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
     (torch.float16, 256, paged) for paged in (False, True)
 ]
@@ -128,14 +129,18 @@ def test_ptx_targets_sm90a(compiled):
 
 
 def test_ptx_uses_wgmma_for_both_gemms(compiled):
-    (dtype, d, _), ptx = compiled
+    (dtype, d, paged), ptx = compiled
     kind = "bf16.bf16" if dtype == torch.bfloat16 else "f16.f16"
-    qk = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{PAGE}k16\.f32\.{kind}", ptx)
+    tile = PAGE if paged else JAGGED_TILE  # keys per tile: a page, or 64 (jagged)
+    qk = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{tile}k16\.f32\.{kind}", ptx)
     pv = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{d}k16\.f32\.{kind}", ptx)
     # The key loop's first S and last P V are peeled off (S_{i+1} is issued with P_i V_i), so
     # each GEMM appears twice: one k-step per 16 of the head dim (S), per 16 keys (P V).
-    assert len(qk) == 2 * (d // 16), len(qk)
-    assert len(pv) == 2 * (PAGE // 16), len(pv)
+    if d == tile:  # D = 64 jagged: both GEMMs are m64n64
+        assert len(qk) == 2 * (d // 16) + 2 * (tile // 16), len(qk)
+    else:
+        assert len(qk) == 2 * (d // 16), len(qk)
+        assert len(pv) == 2 * (tile // 16), len(pv)
     # The loop waits for S_i only (one group, P_{i-1} V_{i-1}, still in flight).
     assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)
     assert "wgmma.wait_group.sync.aligned" in ptx
@@ -245,10 +250,10 @@ GPU_VARIANTS = [(dtype, d) for dtype in (torch.bfloat16, torch.float16) for d in
 
 @st.composite
 def batches(draw, max_history: int = 700, max_targets: int = 300, max_batch: int = 4):
-    """(histories, new, targets): odd lengths around the 32-key tiles and 128-row query tiles,
+    """(histories, new, targets): odd lengths around the 32- and 64-key tiles and 128-row query tiles,
     one-token histories and zero targets included."""
     b = draw(st.integers(1, max_batch))
-    edge = st.sampled_from([1, 31, 32, 33, 127, 128, 129, 255, 257])
+    edge = st.sampled_from([1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 257])
     histories = draw(st.lists(st.one_of(edge, st.integers(1, max_history)), min_size=b, max_size=b))
     new = [draw(st.one_of(st.just(h), st.integers(1, h))) for h in histories]
     targets = draw(st.lists(st.integers(0, max_targets), min_size=b, max_size=b))

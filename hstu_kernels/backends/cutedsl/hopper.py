@@ -38,14 +38,17 @@ from cutlass.tensor_utils import LayoutEnum
 
 from hstu_kernels.backends.cutedsl import hstu_common as hc
 from hstu_kernels.backends.cutedsl import tma_views
+from hstu_kernels.backends.cutedsl.split_kv import JAGGED_TILE_N, jagged_tile_n
 from hstu_kernels.backends.cutedsl.tma_views import jagged_window
 
 __all__ = ["PAGE_SIZE", "TILE_M", "TILE_N", "HopperHstuForward"]
 
 TILE_M = 128  # query rows per CTA: two consumer warpgroups of 64 (the wgmma M)
-TILE_N = 32  # history keys per tile (= one page for the paged op)
-PAGE_SIZE = TILE_N
-KV_STAGES = 4  # K ring and V ring, each (D = 256: 4 x 16 KiB + 4 x 16 KiB + 64 KiB of Q)
+PAGE_SIZE = 32  # the paged op's pages: one page is one key tile
+TILE_N = PAGE_SIZE  # history keys per tile of the paged op
+# The jagged op's tiles are JAGGED_TILE_N = 64 keys (fewer waits per key, m64n64
+# wgmmas for S); its K/V rings then hold 2 stages at D = 256.
+SMEM_BYTES = 227 * 1024  # per CTA on sm_90
 CONSUMER_WARPGROUPS = 2
 CONSUMER_THREADS = 128 * CONSUMER_WARPGROUPS
 THREADS = CONSUMER_THREADS + 128
@@ -77,6 +80,7 @@ class HopperHstuForward:
         paged: bool,
         fast_tanh: bool = False,
         pingpong: bool = True,
+        tile_n: int | None = None,
     ) -> None:
         if head_dim not in (64, 128, 256):
             raise ValueError(f"head_dim: expected 64, 128 or 256, got {head_dim}")
@@ -89,8 +93,15 @@ class HopperHstuForward:
         # The consumer warpgroups take turns issuing their GEMMs (named barriers); off: they
         # run freely (2 % slower on an H100, bench/NOTES-hopper.md).
         self.pingpong = pingpong
-        self.qk_tiler = (TILE_M, TILE_N, head_dim)  # (M, N, K) of S = Q K^T
-        self.pv_tiler = (TILE_M, head_dim, TILE_N)  # (M, N, K) of O = P V
+        self.tile_n = tile_n or (PAGE_SIZE if paged else JAGGED_TILE_N)
+        if paged and self.tile_n != PAGE_SIZE:
+            raise ValueError(f"tile_n: the paged op's key tile is one page ({PAGE_SIZE})")
+        self.qk_tiler = (TILE_M, self.tile_n, head_dim)  # (M, N, K) of S = Q K^T
+        self.pv_tiler = (TILE_M, head_dim, self.tile_n)  # (M, N, K) of O = P V
+        # K and V rings as deep as shared memory allows beside Q, at most 4 stages (D = 256:
+        # 64 KiB of Q + 4 x 32 KiB of 32-key K/V stages, or 2 x 64 KiB of 64-key stages).
+        stage = 2 * self.tile_n * head_dim * 2
+        self.kv_stages = min(4, (SMEM_BYTES - TILE_M * head_dim * 2 - 1024) // stage)
 
     # ------------------------------------------------------------------ host side
 
@@ -136,7 +147,7 @@ class HopperHstuForward:
         # Two warpgroups along M: each issues m64nN wgmmas for its 64 rows.
         qk = sm90_utils.make_trivial_tiled_mma(
             self.dtype, self.dtype, k_major, k_major, Float32, (CONSUMER_WARPGROUPS, 1, 1),
-            (64, TILE_N),
+            (64, self.tile_n),
         )  # fmt: skip
         # P from registers; V read MN-major (head dim contiguous).
         pv = sm90_utils.make_trivial_tiled_mma(
@@ -164,26 +175,30 @@ class HopperHstuForward:
         qk_mma, pv_mma = self._mmas()
         q_smem = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, self.qk_tiler, self.dtype, 1)
         k_smem = sm90_utils.make_smem_layout_b(
-            LayoutEnum.ROW_MAJOR, self.qk_tiler, self.dtype, KV_STAGES
+            LayoutEnum.ROW_MAJOR, self.qk_tiler, self.dtype, self.kv_stages
         )
         v_smem = sm90_utils.make_smem_layout_b(
-            LayoutEnum.COL_MAJOR, self.pv_tiler, self.dtype, KV_STAGES
+            LayoutEnum.COL_MAJOR, self.pv_tiler, self.dtype, self.kv_stages
         )
         load_op = cpasync.CopyBulkTensorTileG2SOp()
         q_one = cute.select(q_smem, mode=[0, 1])
         k_one = cute.select(k_smem, mode=[0, 1])
         v_one = cute.select(v_smem, mode=[0, 1])
         tma_q, q_tma = cpasync.make_tiled_tma_atom(load_op, q_view, q_one, (TILE_M, self.head_dim))
-        tma_k, k_tma = cpasync.make_tiled_tma_atom(load_op, k_view, k_one, (TILE_N, self.head_dim))
-        tma_v, v_tma = cpasync.make_tiled_tma_atom(load_op, v_view, v_one, (self.head_dim, TILE_N))
+        tma_k, k_tma = cpasync.make_tiled_tma_atom(
+            load_op, k_view, k_one, (self.tile_n, self.head_dim)
+        )
+        tma_v, v_tma = cpasync.make_tiled_tma_atom(
+            load_op, v_view, v_one, (self.head_dim, self.tile_n)
+        )
         self.q_bytes = cute.size_in_bytes(self.dtype, q_one)
         self.kv_bytes = cute.size_in_bytes(self.dtype, k_one)
 
         @cute.struct
         class SharedStorage:
             q_bars: cute.struct.MemRange[Int64, 2]
-            k_bars: cute.struct.MemRange[Int64, KV_STAGES * 2]
-            v_bars: cute.struct.MemRange[Int64, KV_STAGES * 2]
+            k_bars: cute.struct.MemRange[Int64, self.kv_stages * 2]
+            v_bars: cute.struct.MemRange[Int64, self.kv_stages * 2]
             ticket: cute.struct.MemRange[Int32, 1]  # split-KV: this split's arrival order
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(q_smem)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(k_smem)], 1024]
@@ -251,7 +266,7 @@ class HopperHstuForward:
             p0 = seq.q_pos0 + row0
             p1 = seq.q_pos0 + cutlass.min(seq.q_len, row0 + TILE_M)
             # History tiles only: target keys enter through the epilogue's self term.
-            _, n_kv, _ = hc.kv_tile_range(p0, p1, seq.history, seq.total, TILE_N)
+            _, n_kv, _ = hc.kv_tile_range(p0, p1, seq.history, seq.total, self.tile_n)
             chunk = cutlass.max(cutlass.max(chunk_tiles, (n_kv + num_splits - 1) // num_splits), 1)
             pieces = cutlass.max((n_kv + chunk - 1) // chunk, 1)  # splits with work here
             kv_begin = split * chunk
@@ -285,11 +300,11 @@ class HopperHstuForward:
             tx_count=self.q_bytes, barrier_storage=storage.q_bars.data_ptr(),
         ).make_participants()  # fmt: skip
         k_prod, k_cons = pipeline.PipelineTmaAsync.create(
-            num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
+            num_stages=self.kv_stages, producer_group=one, consumer_group=consumer_warps,
             tx_count=self.kv_bytes, barrier_storage=storage.k_bars.data_ptr(),
         ).make_participants()  # fmt: skip
         v_prod, v_cons = pipeline.PipelineTmaAsync.create(
-            num_stages=KV_STAGES, producer_group=one, consumer_group=consumer_warps,
+            num_stages=self.kv_stages, producer_group=one, consumer_group=consumer_warps,
             tx_count=self.kv_bytes, barrier_storage=storage.v_bars.data_ptr(),
         ).make_participants()  # fmt: skip
 
@@ -327,11 +342,11 @@ class HopperHstuForward:
             tma_q, 0, cute.make_layout(1), cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2)
         )
         mK_b, mV_b = tma_views.history_windows(mK, mV, pad, seq, self.is_paged)
-        gK = cute.flat_divide(mK_b, (TILE_N, self.head_dim))
+        gK = cute.flat_divide(mK_b, (self.tile_n, self.head_dim))
         tKsK, tKgK = cpasync.tma_partition(
             tma_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
         )
-        gV = cute.flat_divide(mV_b, (self.head_dim, TILE_N))
+        gV = cute.flat_divide(mV_b, (self.head_dim, self.tile_n))
         tVsV, tVgV = cpasync.tma_partition(
             tma_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2)
         )
@@ -511,8 +526,8 @@ class HopperHstuForward:
         """S of history tile ``i`` -> P = silu(alpha S) / scaling_seqlen in ``rP`` (masked where
         the tile needs it). ``wait``: the previous P V may still read ``rP``; wait for it
         before the conversion overwrites ``rP`` (the SiLU before it runs under that MMA)."""
-        if not hc.tile_is_full(i, TILE_N, p0, seq.history):
-            hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * TILE_N, seq.history)
+        if not hc.tile_is_full(i, self.tile_n, p0, seq.history):
+            hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * self.tile_n, seq.history)
         hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
         if cutlass.const_expr(wait):
             warpgroup.wait_group(0)
@@ -530,10 +545,12 @@ class HopperHstuForward:
         of the key range that ends mid-history) would break that: the barrier would then wait
         for a warpgroup that never comes."""
         if cutlass.const_expr(self.is_paged):
-            valid = seq.history - i * TILE_N
-            if valid < TILE_N:
+            valid = seq.history - i * self.tile_n
+            if valid < self.tile_n:
                 d_size = self.head_dim
-                for e in cutlass.range(tidx, (TILE_N - valid) * d_size, CONSUMER_THREADS, unroll=1):
+                for e in cutlass.range(
+                    tidx, (self.tile_n - valid) * d_size, CONSUMER_THREADS, unroll=1
+                ):
                     r = valid + e // d_size
                     d = e % d_size
                     if cutlass.const_expr(sK is not None):
@@ -604,7 +621,11 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
         "tanh" if torch_dtype == torch.bfloat16 else "exp"
     )
     pingpong = os.environ.get("HSTU_CUTEDSL_PINGPONG", "1") == "1"  # 0: for A/B runs
-    kernel = HopperHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh", pingpong=pingpong)
+    # 32 or 64 keys per jagged tile (A/B runs; the paged op's tile is one page)
+    tile_n = None if paged else jagged_tile_n()
+    kernel = HopperHstuForward(
+        dtype, head_dim, paged, fast_tanh=silu == "tanh", pingpong=pingpong, tile_n=tile_n
+    )
     variant = {
         "silu": silu,
         "pingpong": pingpong,
@@ -613,7 +634,7 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
         "head_dim": head_dim,
         "paged": paged,
         "page_size": PAGE_SIZE if paged else 0,
-        "tiles": (TILE_M, TILE_N, KV_STAGES),
+        "tiles": (TILE_M, kernel.tile_n, kernel.kv_stages),
     }
 
     def fake_args():

@@ -16,9 +16,21 @@ import os
 
 import torch
 
-__all__ = ["MAX_SPLITS", "choose_splits", "split_buffers"]
+__all__ = ["JAGGED_TILE_N", "MAX_SPLITS", "choose_splits", "jagged_tile_n", "split_buffers"]
 
 MAX_SPLITS = 16
+JAGGED_TILE_N = 64  # keys per tile of the Hopper kernel's jagged op (paged: one 32-token page)
+
+
+def jagged_tile_n() -> int:
+    """The jagged op's key tile: ``JAGGED_TILE_N``, or ``HSTU_CUTEDSL_JAGGED_TILE_N`` (32 or
+    64; for A/B runs)."""
+    tile = int(os.environ.get("HSTU_CUTEDSL_JAGGED_TILE_N", JAGGED_TILE_N))
+    if tile not in (32, 64):
+        raise ValueError(f"HSTU_CUTEDSL_JAGGED_TILE_N: expected 32 or 64, got {tile}")
+    return tile
+
+
 # One more CTA of a query tile costs about this many key tiles of work (Q tile load, pipeline
 # fill, the fp32 partial written and summed); rounded up so that a split must win clearly.
 SPLIT_OVERHEAD_TILES = 2.0
