@@ -186,14 +186,17 @@ def _profile(fn, title: str, log) -> None:
     )
 
 
-def _backend(plan: Plan) -> str:
+def _backends(plan: Plan, batch: int, history: int, new: int, targets: int) -> tuple[str, str]:
+    """The attention backends ``auto`` picks for one case: ``(cached, uncached)``, i.e. the
+    paged call over the cache and the jagged call over whole sequences (the choice can depend
+    on the grid's size)."""
     from hstu_kernels import explain
 
-    exp = explain(
-        "paged", device=plan.device, dtype=plan.dtype, head_dim=plan.head_dim,
-        page_size=plan.page_size,
-    )  # fmt: skip
-    return exp.choice or "none"
+    common = {"device": plan.device, "dtype": plan.dtype, "head_dim": plan.head_dim,
+              "batch": batch, "heads": plan.heads}  # fmt: skip
+    paged = explain("paged", page_size=plan.page_size, max_seqlen_q=new + targets, **common)
+    jagged = explain("jagged", max_seqlen_q=history + targets, **common)
+    return paged.choice or "none", jagged.choice or "none"
 
 
 def measure(
@@ -225,7 +228,6 @@ def measure(
         block, cache, batch_buckets=plan.batches,
         max_tokens=max_b * (plan.new + max(plan.targets)), use_graphs=plan.graphs,
     )  # fmt: skip
-    impl = _backend(plan)
     pool = torch.cuda.graph_pool_handle() if plan.graphs else None
     gen = torch.Generator().manual_seed(0)
 
@@ -279,10 +281,13 @@ def measure(
             _profile(lambda x=x_full, m=jmeta: block.forward_uncached(x, m), f"B={batch} "
                      f"H={history} T={targets} no cache", log)  # fmt: skip
         del x_full
+        cached_attention, uncached_attention = _backends(plan, batch, history, new, targets)
         entry = {
             "bench": "block",
             "case": f"B={batch} H={history} T={targets}",
-            "impl": f"kvcache+{'graphs' if plan.graphs else 'eager'} ({impl})",
+            "impl": f"kvcache+{'graphs' if plan.graphs else 'eager'}",
+            "cached_attention": cached_attention,
+            "uncached_attention": uncached_attention,
             "batch": batch,
             "heads": plan.heads,
             "head_dim": plan.head_dim,
