@@ -187,16 +187,27 @@ def summary(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def attention_backends(config: RankingConfig) -> dict[str, str | None]:
-    """The backend the dispatcher picks for each op the model calls, on this machine."""
+def attention_backends(config: RankingConfig, plan: Plan, batch: int) -> dict[str, str]:
+    """The backends the dispatcher picks, on this machine, for each op the model calls over a
+    case of ``batch`` users (the choice can depend on the call's size, which grows with the
+    history): ``"a+b"`` where the case's calls get more than one."""
     from hstu_kernels import explain
 
-    kw = dict(dtype=config.dtype, head_dim=config.head_dim, backend=config.backend)
-    return {
-        "jagged": explain("jagged", **kw).choice,
-        "paged": explain("paged", page_size=config.page_size, **kw).choice,
-        "append_kv": explain("append_kv", page_size=config.page_size, **kw).choice,
+    kw = dict(dtype=config.dtype, head_dim=config.head_dim, backend=config.backend,
+              batch=batch, heads=config.heads)  # fmt: skip
+    histories = range(plan.start, plan.stop + 1, plan.step)
+    jagged = {explain("jagged", max_seqlen_q=h + plan.targets, **kw).choice for h in histories}
+    # Each request appends its newest `step` history tokens (the first: `start`) + candidates.
+    paged = {
+        explain("paged", page_size=config.page_size, max_seqlen_q=n + plan.targets, **kw).choice
+        for n in {plan.start, plan.step}
     }
+    append = explain("append_kv", page_size=config.page_size, **kw).choice
+
+    def names(choices: set) -> str:
+        return "+".join(sorted(str(c) for c in choices))
+
+    return {"jagged": names(jagged), "paged": names(paged), "append_kv": str(append)}
 
 
 def run(
@@ -224,14 +235,15 @@ def run(
         f"{plan.step}, {plan.targets} candidates, batch sizes {list(plan.batch_sizes)}, "
         f"modes {list(plan.modes)}, {plan.reps} rep(s)"
     )
-    backends = attention_backends(c)
-    log(f"e2e: attention backends {backends}")
+    backends = {b: attention_backends(c, plan, b) for b in plan.batch_sizes}
+    log(f"e2e: attention backends per batch size {backends}")
     model = HSTURankingModel(c, device=plan.device)
 
     def write(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entries = sorted(entries, key=lambda e: (e["batch"], plan.modes.index(e["impl"])))
         for e in entries:
-            e["backend"] = backends["jagged" if e["impl"] == "baseline" else "paged"]
+            ops = backends.get(e["batch"]) or attention_backends(c, plan, e["batch"])
+            e["backend"] = ops["jagged" if e["impl"] == "baseline" else "paged"]
         common.write_results("e2e", entries, path=path)
         return entries
 

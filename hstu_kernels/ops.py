@@ -6,7 +6,9 @@ silently ignored: an argument the chosen backend cannot honour is an error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -46,6 +48,18 @@ def _needs_host(
         )
     check = validate and not capturing
     return check or bool(missing), check
+
+
+def _select_sized(
+    request: Request, backend: str, batch: int, heads: int, max_seqlen: int, impl: Callable
+) -> Callable:
+    """``impl``, or the op of the backend chosen again now that the call's size is known, if
+    it was not when ``request`` was made (``max_seqlen`` read from the device): a backend
+    may decline a call by its size (``Backend.declines``)."""
+    if request.tiles is not None:
+        return impl
+    sized = dataclasses.replace(request, tiles=grid_tiles(batch, heads, max_seqlen))
+    return select(sized, backend).ops[request.op]
 
 
 def hstu_attention(
@@ -117,6 +131,7 @@ def hstu_attention(
             _check_contexts(num_contexts, [n - t for n, t in zip(host.lengths, host.targets)])
         max_seqlen = max_seqlen or max(longest, 1)
         scaling_seqlen = scaling_seqlen or max(longest, 1)
+    impl = _select_sized(request, backend, batch, q.shape[1], max_seqlen, impl)
     spec = AttentionSpec(alpha, scaling_seqlen, num_contexts, max_attn_len)
     out = _check_out(out, q)
     impl(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out)
@@ -232,6 +247,7 @@ def paged_hstu_attention(
             _check_contexts(num_contexts, host.histories)
         max_seqlen_q = max_seqlen_q or max(max(host.lengths), 1)
         scaling_seqlen = scaling_seqlen or max(h + t for h, t in zip(host.histories, host.targets))
+    impl = _select_sized(request, backend, batch, q.shape[1], max_seqlen_q, impl)
     spec = AttentionSpec(alpha, scaling_seqlen, num_contexts, max_attn_len)
     out = _check_out(out, q)
     impl(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out)

@@ -4,13 +4,14 @@ What runs where:
 
 - COMPILED ONLY (CPU, in CI): bf16 at head dims 64/128/256 and fp16 at 256, jagged and paged,
   compiled for sm_90a with fake tensors; the PTX is checked for the instructions meant (wgmma
-  of both GEMMs with the shapes of the tiles, ``setmaxnreg`` moving registers from the
-  producer to the consumers, TMA with mbarrier completion, no warp MMA or tcgen05, the SiLU
-  form of the dtype, and for the paged op the named barrier of the page-tail zeroing).
+  of both GEMMs with the shapes of the tiles, the overlap's ``wait_group 1``, the turn-taking
+  barriers, ``setmaxnreg`` moving registers from the producer to the consumers, TMA with
+  mbarrier completion, the split-KV ticket's fences and atomic, no warp MMA or tcgen05, the
+  SiLU form of the dtype, and for the paged op the named barrier of the page-tail zeroing).
 - RUN ON AN H100/H200 ONLY (skipped elsewhere): parity against the reference (hypothesis, odd
-  lengths around the 32-token tiles, one-token histories, zero targets, outputs poisoned), an
-  all-target sequence and CUDA-graph replay. Written without a GPU run: the kernel has not
-  run yet (bench/NOTES-hopper.md); until these pass the backend is only used when forced.
+  lengths around the 32- and 64-key tiles and 128-row query tiles, one-token histories, zero
+  targets, outputs poisoned), forced key-range splits, an all-target sequence and CUDA-graph
+  replay. All passed on H100s (bench/NOTES-hopper.md).
 """
 
 from __future__ import annotations
@@ -422,7 +423,7 @@ def test_kernel_bench_times_it_on_sm90(monkeypatch):
         (32, 128, False, 4),  # delta B=8 without targets: one tile per (sequence, head)
         (12, 128, False, 11),  # delta B=1: 12 tiles fill 132 SMs in 11 parts
         (1088, 136, True, 1),  # jagged B=8: the mean load dominates
-        (136, 136, True, 2),  # jagged B=1: the longest tile dominates
+        (136, 68, True, 2),  # jagged B=1 (64-key tiles): the longest tile dominates
     ],
 )
 def test_choose_splits(tiles, kv_tiles, causal, expected):

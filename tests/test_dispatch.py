@@ -221,3 +221,26 @@ def test_real_registry_follows_the_dispatch_table(arch, head_dim, page_size, exp
         # its priority on the CPU is below the reference's.
         assert exp.reasons["triton"].startswith("could serve, lower priority")
     assert exp.choice == expected, str(exp)
+
+
+def test_size_read_from_the_device_is_used_to_select(monkeypatch):
+    """Without max_seqlen the call's size is unknown when the backend is first chosen; once
+    the offsets are read it is chosen again with the size (a backend may decline by size)."""
+    import hstu_kernels.ops as ops_mod
+    from hstu_kernels.dispatch import grid_tiles
+
+    seen = []
+    real = ops_mod.select
+
+    def spy(request, backend="auto"):
+        seen.append(request.tiles)
+        return real(request, backend)
+
+    monkeypatch.setattr(ops_mod, "select", spy)
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    hk.hstu_attention(q, q, q, cu)
+    assert seen == [None, grid_tiles(2, 2, 6)]
+    seen.clear()
+    hk.hstu_attention(q, q, q, cu, max_seqlen=6)
+    assert seen == [grid_tiles(2, 2, 6)]

@@ -25,12 +25,15 @@ PAGE_SIZE = 32  # one page = one key tile
 PAGE_SIZES = frozenset({PAGE_SIZE})
 # Above triton (20) on sm_90: faster on an H100 for the grids it does not decline (below).
 PRIORITY = 30
-# Below these query-tile counts (Request.tiles, 128-row tiles over batch x heads, rounded up
-# to a power of two) triton's kernel measured faster on an H100 (bench/NOTES-hopper.md),
-# 4 heads of 256, history 4096: paged 32 tiles (B=8 without targets) 77.9 vs 73.9 us, 16
-# (B=1 + 256 targets) 40.0 vs 33.7 us. Above: paged 128 (B=8 + 256 targets) 118.5 vs
-# 145.4 us; jagged 128 (B=1 without targets, split in 2) 75.2 vs 96.8 us, 256 (B=1 + 256
-# targets, split in 2) 86.7 vs 109.8 us, 2048 (B=8) 588.4 vs 674.1 us.
+# Grids below these sizes go to triton. Request.tiles is the call's 128-row query tiles over
+# batch x heads rounded up to a power of two, so paged grids of 32 tiles or fewer and jagged
+# grids of 64 or fewer are declined. Measured on an H100 (bench/NOTES-hopper.md), 4 heads of
+# 256, history 4096: triton faster on paged 32 tiles (B=8 without targets: 77-83 us split in 2
+# or 4, triton 74-77) and 12 (B=1 + 256 targets: 60.3 us in 11 splits, triton 33.3); hopper
+# faster on paged 96 (B=8 + 256 targets: 120.8 vs 144.3 us), jagged 128 (B=1 without targets,
+# in 2: 75.2 vs 96.8), 136 (B=1 + 256 targets, in 2: 79.4 vs 111.5) and 1088 (B=8: 517.7 vs
+# 673.9). Unmeasured: paged grids of 33-64 tiles (e.g. B=4 + targets, 48) and jagged grids of
+# fewer than 128 tiles (short sequences).
 MIN_TILES = {"paged": 64, "jagged": 128}
 
 

@@ -1,24 +1,28 @@
 """HSTU attention forward for Hopper (sm_90a): warpgroup MMA (wgmma) + TMA, CuTe DSL.
 
-Status: COMPILED ONLY (tests/test_cutedsl_hopper.py, CPU); never run on a GPU; not in the
-dispatch table. The plan, and why it should beat the Triton kernel, is bench/NOTES-hopper.md.
+Status: the sm_90 default (backends/cutedsl_hopper.py), run and measured on H100s
+(tests/test_cutedsl_hopper.py; each step's prediction and measurement in
+bench/NOTES-hopper.md).
 
-One CTA owns 128 query rows of one (sequence, head) and walks the sequence's history keys in
-``TILE_N``-key tiles (paged: one tile is one cache page). Warp roles (12 warps, 384 threads):
+One CTA owns 128 query rows of one (sequence, head), or a split of their key range, and walks
+the sequence's history keys in ``tile_n``-key tiles (paged: 32, one cache page per tile;
+jagged: 64). Warp roles (12 warps, 384 threads):
 
-- warpgroups 0 and 1 (consumers): query rows 0-63 and 64-127 of the tile. Per key tile each
-  issues ``S = Q K^T`` (wgmma, both operands in shared memory), masks the tiles that need it,
-  applies ``silu(alpha s) / scaling_seqlen`` in registers and issues ``O += P V`` with P as the
-  register A operand. The two warpgroups are independent, so one's SiLU runs while the other's
-  wgmma runs (no named-barrier alternation yet: the plan's step 3).
+- warpgroups 0 and 1 (consumers): query rows 0-63 and 64-127 of the tile. Each issues
+  ``S_{i+1} = Q K_{i+1}^T`` (wgmma, both operands in shared memory) together with
+  ``O += P_i V_i`` (P as the register A operand), waits for S only, masks the tiles that need
+  it and applies ``silu(alpha s) / scaling_seqlen`` in registers while ``P_i V_i`` runs
+  (intra-warpgroup overlap); the two warpgroups take turns issuing (named barriers,
+  ``pingpong``), so one's SiLU also runs under the other's MMAs.
 - warpgroup 2 (producer; its first warp issues TMA): Q once, then K_i and V_i into two rings of
-  ``KV_STAGES`` buffers. It gives its registers to the consumers (``setmaxnreg``).
+  ``kv_stages`` buffers. It gives its registers to the consumers (``setmaxnreg``).
 
 As in ``blackwell.py``: only history keys enter the loop; a target row's own key (the only other
 key it sees) is added in the epilogue as ``silu(alpha q.k) / scaling_seqlen * v`` from
 ``k_new``/``v_new`` (jagged: ``k``/``v``). Jagged TMA windows read rows past the history as
 zeros; the last page of a paged sequence may hold anything past the history, so the consumers
-zero those K and V rows in shared memory before they enter an MMA.
+zero those K and V rows in shared memory before they enter an MMA. Split-KV (small or lopsided
+grids): each split writes an fp32 partial and the last one of a query tile sums them.
 """
 
 from __future__ import annotations
@@ -540,10 +544,9 @@ class HopperHstuForward:
         anything; see the module docstring), by all consumer threads, then make the stores
         visible to the tensor cores' async-proxy reads.
 
-        Only the last history tile can have a tail, and both consumer warpgroups visit it, so
-        both reach the named barrier. Visiting tiles after the history (target tiles, a split
-        of the key range that ends mid-history) would break that: the barrier would then wait
-        for a warpgroup that never comes."""
+        Only the last history tile can have a tail, and both consumer warpgroups of the CTA
+        walk the same tiles, so both reach the named barrier together (whatever the split).
+        The loop must never visit a tile past the history: its ``valid`` would be <= 0."""
         if cutlass.const_expr(self.is_paged):
             valid = seq.history - i * self.tile_n
             if valid < self.tile_n:

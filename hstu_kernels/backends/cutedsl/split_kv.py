@@ -33,6 +33,7 @@ def jagged_tile_n() -> int:
 
 # One more CTA of a query tile costs about this many key tiles of work (Q tile load, pipeline
 # fill, the fp32 partial written and summed); rounded up so that a split must win clearly.
+# Set for 32-key tiles; the jagged op's 64-key tiles count it double (performance only).
 SPLIT_OVERHEAD_TILES = 2.0
 
 _SM_COUNT: dict[int, int] = {}
