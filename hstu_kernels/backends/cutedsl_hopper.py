@@ -46,14 +46,14 @@ def _probe(arch: str) -> str | None:
 
 
 def _split_kv(q, batch: int, max_seqlen_q: int, kv_tiles: int, paged: bool) -> tuple:
-    """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles)``; nothing to run
-    after it (the kernel sums the partials). ``kv_tiles`` counts 32-key pages; the jagged
-    op's tiles are ``jagged_tile_n()`` keys."""
+    """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles)`` (the kernel sums
+    the partials). ``kv_tiles`` counts 32-key pages; the jagged op's tiles are
+    ``jagged_tile_n()`` keys."""
     from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_buffers
 
     if not paged:
         kv_tiles = -(-max(max_seqlen_q, 1) // jagged_tile_n())
-    return split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged), None
+    return split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
 
 
 def _declines(request) -> str | None:

@@ -17,16 +17,15 @@ def make_ops(
     backend: str,
     kernel_module: str,
     page_size: int,
-    split_kv: Callable[..., tuple[tuple, Callable | None]] | None = None,
+    split_kv: Callable[..., tuple] | None = None,
 ) -> tuple[Callable, Callable]:
     """``(jagged, paged)`` op functions calling ``kernel_module.get_kernel``; the paged one
     takes pages of exactly ``page_size`` tokens (one page per key tile).
 
-    ``split_kv(q, batch, max_seqlen_q, kv_tiles, paged)``, if given, returns ``(args,
-    finish)``: arguments the kernel takes after ``inv_scaling`` (the Hopper kernel's split-KV
-    buffers) and ``finish(out)`` to run after it (or ``None``); ``kv_tiles``: the longest key
-    range in ``page_size`` tiles from shapes only (no sync): the longest sequence (jagged),
-    the mean cached history (paged)."""
+    ``split_kv(q, batch, max_seqlen_q, kv_tiles, paged)``, if given, returns the arguments
+    the kernel takes after ``inv_scaling`` (the Hopper kernel's split-KV buffers);
+    ``kv_tiles``: the longest key range in ``page_size`` tiles from shapes only (no sync):
+    the longest sequence (jagged), the mean cached history (paged)."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
     def kernel(q, paged: bool):
@@ -42,17 +41,13 @@ def make_ops(
         if q.shape[0] == 0:
             return
         batch = cu_seqlens.shape[0] - 1
-        extra, finish = (), None
+        extra = ()
         if split_kv is not None:
-            extra, finish = split_kv(
-                q, batch, int(max_seqlen), -(-int(max_seqlen) // page_size), False
-            )
+            extra = split_kv(q, batch, int(max_seqlen), -(-int(max_seqlen) // page_size), False)
         kernel(q, paged=False)(
             q, k, v, out, cu_seqlens, num_targets, int(max_seqlen),
             float(spec.alpha), 1.0 / float(spec.scaling_seqlen), *extra,
         )  # fmt: skip
-        if finish is not None:
-            finish(out)
 
     def paged(
         q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out
@@ -68,16 +63,14 @@ def make_ops(
         if q.shape[0] == 0:
             return
         batch = cu_seqlens_q.shape[0] - 1
-        extra, finish = (), None
+        extra = ()
         if split_kv is not None:
             kv_tiles = max(1, page_table.page_ids.numel() // batch)
-            extra, finish = split_kv(q, batch, int(max_seqlen_q), kv_tiles, True)
+            extra = split_kv(q, batch, int(max_seqlen_q), kv_tiles, True)
         kernel(q, paged=True)(
             q, k_new, v_new, kv_cache, out, cu_seqlens_q, num_targets,
             page_table.page_indptr, page_table.page_ids, page_table.last_page_len,
             int(max_seqlen_q), float(spec.alpha), 1.0 / float(spec.scaling_seqlen), *extra,
         )  # fmt: skip
-        if finish is not None:
-            finish(out)
 
     return jagged, paged
