@@ -30,6 +30,7 @@ __all__ = [
     "register",
     "registry",
     "select",
+    "sm_count",
 ]
 
 OPS = ("jagged", "paged", "append_kv")
@@ -266,6 +267,20 @@ def device_arch(device: torch.device) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         _ARCH_CACHE[index] = f"sm_{major}{minor}"
     return _ARCH_CACHE[index]
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached; the backends size their grids by it); 1 off
+    CUDA (the Triton interpreter)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def explain(

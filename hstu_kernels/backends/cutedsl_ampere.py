@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from hstu_kernels.dispatch import Backend, register
+from hstu_kernels.dispatch import Backend, register, sm_count
 
 ARCHS = frozenset({"sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120"})
 
@@ -40,7 +40,6 @@ def _refuse_features(spec) -> None:
 
 _KERNELS: dict[tuple, tuple] = {}
 _DUMMY_WS: dict[tuple, torch.Tensor] = {}
-_SMS: dict[int, int] = {}
 SPLITS_ENV = "HSTU_CUTEDSL_SPLITS"  # force the split-KV factor (tests, tuning)
 
 
@@ -88,12 +87,9 @@ def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, pa
     if forced:
         splits = int(forced)
     else:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        if index not in _SMS:
-            _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
         occupancy = 1 if cfg.num_threads > 128 else 2
         key_tiles = -(-int(spec.scaling_seqlen) // cfg.block_n)
-        splits = num_splits(num_m_blocks * heads * batch, key_tiles, occupancy, _SMS[index])
+        splits = num_splits(num_m_blocks * heads * batch, key_tiles, occupancy, sm_count(q.device))
     if paged:
         meta = (page_table.page_indptr, page_table.page_ids, page_table.last_page_len)
     else:

@@ -45,14 +45,14 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-def _split_kv(q, batch: int, max_seqlen_q: int, kv_tiles: int, paged: bool) -> tuple:
+def _split_kv(q, batch: int, max_seqlen_q: int, mean_pages: int | None) -> tuple:
     """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles)`` (the kernel sums
-    the partials). ``kv_tiles`` counts 32-key pages; the jagged op's tiles are
-    ``jagged_tile_n()`` keys."""
+    the partials). The key range in the op's tiles: ``mean_pages`` (paged: one page per
+    tile), or the longest sequence in ``jagged_tile_n()``-key tiles (jagged: ``None``)."""
     from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_buffers
 
-    if not paged:
-        kv_tiles = -(-max(max_seqlen_q, 1) // jagged_tile_n())
+    paged = mean_pages is not None
+    kv_tiles = mean_pages if paged else -(-max(max_seqlen_q, 1) // jagged_tile_n())
     return split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
 
 

@@ -45,11 +45,10 @@ from hstu_kernels.backends.cutedsl import tma_views
 from hstu_kernels.backends.cutedsl.split_kv import JAGGED_TILE_N, jagged_tile_n
 from hstu_kernels.backends.cutedsl.tma_views import jagged_window
 
-__all__ = ["PAGE_SIZE", "TILE_M", "TILE_N", "HopperHstuForward"]
+__all__ = ["PAGE_SIZE", "TILE_M", "HopperHstuForward"]
 
 TILE_M = 128  # query rows per CTA: two consumer warpgroups of 64 (the wgmma M)
 PAGE_SIZE = 32  # the paged op's pages: one page is one key tile
-TILE_N = PAGE_SIZE  # history keys per tile of the paged op
 # The jagged op's tiles are JAGGED_TILE_N = 64 keys (fewer waits per key, m64n64
 # wgmmas for S); its K/V rings then hold 2 stages at D = 256.
 SMEM_BYTES = 227 * 1024  # per CTA on sm_90

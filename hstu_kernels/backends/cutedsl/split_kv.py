@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from hstu_kernels.dispatch import sm_count
+
 __all__ = ["JAGGED_TILE_N", "MAX_SPLITS", "choose_splits", "jagged_tile_n", "split_buffers"]
 
 MAX_SPLITS = 16
@@ -35,16 +37,6 @@ def jagged_tile_n() -> int:
 # fill, the fp32 partial written and summed); rounded up so that a split must win clearly.
 # Set for 32-key tiles; the jagged op's 64-key tiles count it double (performance only).
 SPLIT_OVERHEAD_TILES = 2.0
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def choose_splits(tiles: int, kv_tiles: int, sms: int, causal: bool) -> int:

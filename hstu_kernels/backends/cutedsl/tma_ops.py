@@ -22,10 +22,10 @@ def make_ops(
     """``(jagged, paged)`` op functions calling ``kernel_module.get_kernel``; the paged one
     takes pages of exactly ``page_size`` tokens (one page per key tile).
 
-    ``split_kv(q, batch, max_seqlen_q, kv_tiles, paged)``, if given, returns the arguments
-    the kernel takes after ``inv_scaling`` (the Hopper kernel's split-KV buffers);
-    ``kv_tiles``: the longest key range in ``page_size`` tiles from shapes only (no sync):
-    the longest sequence (jagged), the mean cached history (paged)."""
+    ``split_kv(q, batch, max_seqlen_q, mean_pages)``, if given, returns the arguments the
+    kernel takes after ``inv_scaling`` (the Hopper kernel's split-KV buffers);
+    ``mean_pages``: the mean cached history in pages, from shapes only (no sync), or ``None``
+    for the jagged op (its key range is ``max_seqlen_q``)."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
     def kernel(q, paged: bool):
@@ -41,9 +41,7 @@ def make_ops(
         if q.shape[0] == 0:
             return
         batch = cu_seqlens.shape[0] - 1
-        extra = ()
-        if split_kv is not None:
-            extra = split_kv(q, batch, int(max_seqlen), -(-int(max_seqlen) // page_size), False)
+        extra = () if split_kv is None else split_kv(q, batch, int(max_seqlen), None)
         kernel(q, paged=False)(
             q, k, v, out, cu_seqlens, num_targets, int(max_seqlen),
             float(spec.alpha), 1.0 / float(spec.scaling_seqlen), *extra,
@@ -63,10 +61,8 @@ def make_ops(
         if q.shape[0] == 0:
             return
         batch = cu_seqlens_q.shape[0] - 1
-        extra = ()
-        if split_kv is not None:
-            kv_tiles = max(1, page_table.page_ids.numel() // batch)
-            extra = split_kv(q, batch, int(max_seqlen_q), kv_tiles, True)
+        mean_pages = max(1, page_table.page_ids.numel() // batch)
+        extra = () if split_kv is None else split_kv(q, batch, int(max_seqlen_q), mean_pages)
         kernel(q, paged=True)(
             q, k_new, v_new, kv_cache, out, cu_seqlens_q, num_targets,
             page_table.page_indptr, page_table.page_ids, page_table.last_page_len,

@@ -88,10 +88,11 @@ def history_tile_sources(tKgK, tVgV, i, seq, page_ids, head, paged: cutlass.Cons
 
 
 class TmaAttentionHost:
-    """The two host entry points of a TMA attention kernel, shared by ``blackwell`` and
-    ``hopper``: each builds the TMA views of its op and calls the subclass's ``_launch(q,
-    q_view, k_view, v_view, k_self, v_self, out, cu_seqlens_q, num_targets, page_indptr,
-    page_ids, last_page_len, pad, alpha, inv_scaling, stream)``."""
+    """The two host entry points of a TMA attention kernel (``blackwell``; ``hopper``'s also
+    take its split-KV buffers, so it has its own): each builds the TMA views of its op and
+    calls the subclass's ``_launch(q, q_view, k_view, v_view, k_self, v_self, out,
+    cu_seqlens_q, num_targets, page_indptr, page_ids, last_page_len, pad, alpha, inv_scaling,
+    stream)``."""
 
     @cute.jit
     def jagged(

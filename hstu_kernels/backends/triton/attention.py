@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from hstu_kernels.backends.triton.config import Config
+from hstu_kernels.dispatch import sm_count
 
 LOG2E = math.log2(math.e)
 
@@ -469,18 +470,7 @@ def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr):
     tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=ok)
 
 
-_SM_COUNT: dict[int, int] = {}
 MAX_SPLITS = 16
-
-
-def sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached); 1 for the interpreter."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def grid_programs(batch: int, heads: int, max_seqlen: int, block_m: int) -> int:
