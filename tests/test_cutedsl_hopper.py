@@ -6,8 +6,7 @@ What runs where:
   compiled for sm_90a with fake tensors; the PTX is checked for the instructions meant (wgmma
   of both GEMMs with the shapes of the tiles, the overlap's ``wait_group 1``, the turn-taking
   barriers, ``setmaxnreg`` moving registers from the producer to the consumers, TMA with
-  mbarrier completion, the split-KV cluster reduction (cluster barriers, stores into the
-  other CTAs' shared memory, no partial in global memory), no warp MMA or tcgen05, the
+  mbarrier completion, the split-KV ticket's fences and atomic, no warp MMA or tcgen05, the
   SiLU form of the dtype, and for the paged op the named barrier of the page-tail zeroing).
 - RUN ON AN H100/H200 ONLY (skipped elsewhere): parity against the reference (hypothesis, odd
   lengths around the 32- and 64-key tiles and 128-row query tiles, one-token histories, zero
@@ -187,22 +186,15 @@ def test_ptx_pingpong_takes_turns(compiled):
     assert re.search(r"bar\.arrive\s+3,\s*256;", ptx)  # warpgroup 0's last
 
 
-def test_ptx_split_kv_cluster_reduction(compiled):
-    """Split-KV: the splits' partials travel between the cluster's CTAs (``mapa`` + 16-byte
-    stores to shared::cluster, one per four accumulator values), between two cluster barriers
-    (arrive has release, wait acquire semantics by default: no ``.relaxed``), and never
-    through global memory (no fp32 global stores, no atomics); the owner reads them back
-    16 bytes at a time."""
-    (_, head_dim, _), ptx = compiled
-    quads = 128 * head_dim // 256 // 4  # one consumer thread's accumulator values / 4
-    assert len(re.findall(r"mapa\.shared::cluster", ptx)) == quads
-    assert len(re.findall(r"st\.shared::cluster\.v4\.(?:b|f)32", ptx)) == quads
-    assert re.search(r"ld\.shared\.v4\.(?:b|f)32", ptx)
-    # Two in the consumers' reduction, one in the producer warps' loop over the same two.
-    assert len(re.findall(r"barrier\.cluster\.arrive;", ptx)) == 3
-    assert len(re.findall(r"barrier\.cluster\.wait;", ptx)) == 3
-    assert "barrier.cluster.arrive.relaxed" not in ptx
-    assert not re.search(r"st\.global\.f32|atom\.global", ptx)
+def test_ptx_split_kv_ticket(compiled):
+    """Split-KV: the partial stores are released (fence) before the ticket's atomic add, and
+    the last split acquires (fence) before it reads the others' partials."""
+    _, ptx = compiled
+    fence = r"fence\.acq_rel\.gpu;"
+    atom = r"atom\.global\.acq_rel\.add\.u32"
+    assert re.search(fence + r"[\s\S]*" + atom + r"[\s\S]*" + fence, ptx)
+    assert re.search(r"bar\.sync\s+4,\s*256;", ptx)
+    assert "ld.global.nc" not in ptx  # the partials are read coherently
 
 
 def test_ptx_without_pingpong(monkeypatch):
@@ -328,11 +320,10 @@ def _forced_splits(n: int):
 @pytest.mark.gpu
 @hopper_only
 @given(shape=batches(), variant=st.sampled_from(GPU_VARIANTS), heads=st.integers(1, 3),
-       seed=st.integers(0, 2**16), splits=st.sampled_from([2, 4, 8]))  # fmt: skip
+       seed=st.integers(0, 2**16), splits=st.sampled_from([2, 3, 5, 16]))  # fmt: skip
 def test_split_kv_parity(shape, variant, heads, seed, splits):
-    """Forced splits: the cluster's reduction, tiles with fewer key tiles than splits (idle
-    CTAs still own and sum a part; a tile of one piece skips the reduction), one split's own
-    range ending in a page tail."""
+    """Forced splits: partial sums by the last split of each query tile, tiles with fewer key
+    tiles than splits (empty splits exit), one split's own range ending in a page tail."""
     dtype, head_dim = variant
     case = _case(shape, heads, head_dim, seed)
     with _forced_splits(splits):
@@ -343,10 +334,9 @@ def test_split_kv_parity(shape, variant, heads, seed, splits):
 @pytest.mark.gpu
 @hopper_only
 def test_split_kv_edges():
-    """Long histories split in clusters of 2, 4 and 8 (every owner's part non-empty), beside
-    histories of 1 and 2 key tiles (one piece; idle owners)."""
+    """Long histories split in 2..16 (the tickets of a query tile reach every count)."""
     shape = ([1, 33, 1000, 4000], [1, 33, 100, 129], [0, 31, 1, 300])
-    for splits in (2, 4, 8):
+    for splits in (2, 7, 16):
         with _forced_splits(splits):
             for dtype in (torch.bfloat16, torch.float16):
                 check_paged_backend(_case(shape, 2, 256, splits), dtype, BACKEND)
@@ -386,8 +376,8 @@ def test_all_target_jagged_sequence():
 @hopper_only
 @pytest.mark.parametrize("splits", [1, 4])
 def test_cuda_graph_replay_equals_eager(splits):
-    """Replays equal the eager call bit for bit (split-KV: the cluster sums the partials in
-    split order, whichever split finishes first)."""
+    """Replays equal the eager call bit for bit (split-KV: the tickets are zeroed in the
+    graph, and the partials are summed in split order whichever split finishes last)."""
     dtype = torch.bfloat16
     case = _case(([300, 77], [20, 77], [40, 5]), 2, 256, 1)
     q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
@@ -429,46 +419,36 @@ def test_kernel_bench_times_it_on_sm90(monkeypatch):
 @pytest.mark.parametrize(
     ("tiles", "kv_tiles", "causal", "expected"),
     [
-        # Paged, 4096-token histories on an H100's clusters ({2: 66, 4: 30, 8: 15}); each
-        # the fastest of splits 1/2/4/8 measured (bench/NOTES-hopper.md).
-        (96, 128, False, 1),  # B=8 + targets: one wave unsplit
-        (48, 128, False, 2),  # B=4 + targets
-        (32, 128, False, 2),  # B=8 without targets: 32 clusters of 4 do not fit at once
-        (24, 128, False, 4),  # B=2 + targets
-        (12, 128, False, 8),  # B=1 + targets: 12 clusters of 8 in one wave
-        (12, 1, False, 1),  # nothing to split
-        (136, 68, True, 1),  # jagged: not split (see choose_splits)
+        (96, 128, False, 1),  # delta B=8, 4 heads, 384 rows: most SMs busy already
+        (32, 128, False, 4),  # delta B=8 without targets: one tile per (sequence, head)
+        (12, 128, False, 11),  # delta B=1: 12 tiles fill 132 SMs in 11 parts
+        (1088, 136, True, 1),  # jagged B=8: the mean load dominates
+        (136, 68, True, 2),  # jagged B=1 (64-key tiles): the longest tile dominates
     ],
 )
 def test_choose_splits(tiles, kv_tiles, causal, expected):
     from hstu_kernels.backends.cutedsl.split_kv import choose_splits
 
-    assert choose_splits(tiles, kv_tiles, 132, causal, {2: 66, 4: 30, 8: 15}) == expected
+    assert choose_splits(tiles, kv_tiles, 132, causal) == expected
 
 
-def test_choose_splits_counts_cluster_placement():
-    """With room for 32 clusters of 4 side by side, B=8 without targets takes 4 splits."""
-    from hstu_kernels.backends.cutedsl.split_kv import choose_splits
-
-    assert choose_splits(32, 128, 132, False, {2: 66, 4: 32, 8: 16}) == 4
-
-
-def test_split_args(monkeypatch):
-    """The op's split-KV arguments: ``(splits, chunk)``, 1 split without CUDA or where
-    splitting does not pay, fixed chunks only for jagged; a forced count must be a cluster
-    size the kernel takes."""
+def test_split_buffers_shapes(monkeypatch):
+    """The op's split-KV arguments: a stand-in without a split; with one, fp32 partials per
+    split and zeroed tickets per query tile; fixed chunks only for jagged."""
     from hstu_kernels.backends.cutedsl import split_kv
 
+    monkeypatch.setattr(split_kv, "sm_count", lambda device: 132)
     q = torch.empty((4 * 384, 4, 256), dtype=torch.bfloat16)
-    assert split_kv.split_args(q, 4, 384, 128, 128, causal=False) == (1, 0)  # CPU tensor
-    monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "4")
-    assert split_kv.split_args(q, 4, 384, 100, 128, causal=True) == (4, 25)  # forced: tests
-    assert split_kv.split_args(q, 4, 384, 100, 128, causal=False) == (4, 0)
-    monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "1")
-    assert split_kv.split_args(q, 4, 384, 100, 128, causal=True) == (1, 0)
+    partials, tickets, chunk = split_kv.split_buffers(q, 4, 384, 128, 128, causal=False)
+    assert partials.shape == (split_kv.choose_splits(48, 128, 132, False), *q.shape)
+    assert partials.dtype == torch.float32 and chunk == 0
+    assert tickets.shape == (48,) and not tickets.any()
     monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "3")
-    with pytest.raises(ValueError, match="cluster of 1, 2, 4, 8"):
-        split_kv.split_args(q, 4, 384, 100, 128, causal=True)
+    partials, tickets, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
+    assert partials.shape[0] == 3 and chunk == 34
+    monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "1")
+    partials, _, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
+    assert partials.shape[0] == 1 and chunk == 0
 
 
 def test_lpt_tile_order():

@@ -26,15 +26,15 @@ PAGE_SIZES = frozenset({PAGE_SIZE})
 # Above triton (20) on sm_90: faster on an H100 for the grids it does not decline (below).
 PRIORITY = 30
 # Grids below these sizes go to triton. Request.tiles is the call's 128-row query tiles over
-# batch x heads rounded up to a power of two, so paged grids of 16 tiles or fewer and jagged
+# batch x heads rounded up to a power of two, so paged grids of 32 tiles or fewer and jagged
 # grids of 64 or fewer are declined. Measured on an H100 (bench/NOTES-hopper.md), 4 heads of
-# 256, history 4096, with the cluster split-KV (us, L2 flushed / back to back): paged B=1 +
-# 256 targets (12 tiles) 35.6 / 30.4 against triton's 34.2 / 28.6; B=2 + targets (24) 49.7 /
-# 44.6 against 49.6 / 44.7; B=8 without targets (32) 75.2 / 66.5 against 74.7 / 69.1; B=4 +
-# targets (48) 76.5 against 90.3; B=8 + targets (96) 122.0 against 146.1. Jagged: 128
-# tiles and up measured faster (B=1 without targets, in 2 splits: 75.2 vs 96.8) before the
-# jagged op stopped splitting (split_kv.choose_splits); grids of fewer than 128 unmeasured.
-MIN_TILES = {"paged": 32, "jagged": 128}
+# 256, history 4096: triton faster on paged 32 tiles (B=8 without targets: 77-83 us split in 2
+# or 4, triton 74-77) and 12 (B=1 + 256 targets: 60.3 us in 11 splits, triton 33.3); hopper
+# faster on paged 96 (B=8 + 256 targets: 120.8 vs 144.3 us), jagged 128 (B=1 without targets,
+# in 2: 75.2 vs 96.8), 136 (B=1 + 256 targets, in 2: 79.4 vs 111.5) and 1088 (B=8: 517.7 vs
+# 673.9). Unmeasured: paged grids of 33-64 tiles (e.g. B=4 + targets, 48) and jagged grids of
+# fewer than 128 tiles (short sequences).
+MIN_TILES = {"paged": 64, "jagged": 128}
 
 
 def _probe(arch: str) -> str | None:
@@ -46,14 +46,14 @@ def _probe(arch: str) -> str | None:
 
 
 def _split_kv(q, batch: int, max_seqlen_q: int, mean_pages: int | None) -> tuple:
-    """The kernel's split-KV arguments ``(num_splits, chunk_tiles)``. The key range in the
-    op's tiles: ``mean_pages`` (paged: one page per tile), or the longest sequence in
-    ``jagged_tile_n()``-key tiles (jagged: ``None``)."""
-    from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_args
+    """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles)`` (the kernel sums
+    the partials). The key range in the op's tiles: ``mean_pages`` (paged: one page per
+    tile), or the longest sequence in ``jagged_tile_n()``-key tiles (jagged: ``None``)."""
+    from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_buffers
 
     paged = mean_pages is not None
     kv_tiles = mean_pages if paged else -(-max(max_seqlen_q, 1) // jagged_tile_n())
-    return split_args(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
+    return split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
 
 
 def _declines(request) -> str | None:

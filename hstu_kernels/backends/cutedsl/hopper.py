@@ -21,15 +21,8 @@ As in ``blackwell.py``: only history keys enter the loop; a target row's own key
 key it sees) is added in the epilogue as ``silu(alpha q.k) / scaling_seqlen * v`` from
 ``k_new``/``v_new`` (jagged: ``k``/``v``). Jagged TMA windows read rows past the history as
 zeros; the last page of a paged sequence may hold anything past the history, so the consumers
-zero those K and V rows in shared memory before they enter an MMA.
-
-Split-KV (small or lopsided grids): the splits of a query tile are one thread-block cluster
-(``S`` = 2, 4 or 8 CTAs, co-scheduled by the hardware). After their main loops each CTA holds
-an fp32 partial of the tile's O in registers; the cluster reduces them through distributed
-shared memory into the (then free) K/V rings: CTA ``j`` owns the ``j``-th of ``S`` equal
-parts of every thread's accumulator values, receives the other CTAs' values of its part, and
-sums them in split order (deterministic) into ``out``. No partial leaves the chip, and the
-reduction is spread over the cluster instead of falling on one CTA.
+zero those K and V rows in shared memory before they enter an MMA. Split-KV (small or lopsided
+grids): each split writes an fp32 partial and the last one of a query tile sums them.
 """
 
 from __future__ import annotations
@@ -43,8 +36,6 @@ import cutlass.memory
 import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 import torch
-from cutlass._mlir import ir
-from cutlass._mlir.dialects import llvm, vector
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.typing import Float32, Int32, Int64
 from cutlass.tensor_utils import LayoutEnum
@@ -69,16 +60,17 @@ CONSUMER_REGS = 240  # setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64 Ki registers
 PRODUCER_REGS = 24
 ZERO_TAIL_BARRIER = 1  # named barrier of the consumers (0 is __syncthreads)
 TURN_BARRIER = 2  # pingpong: barrier 2 + w is consumer warpgroup w's turn to issue
-SPLIT_SIZES = (1, 2, 4, 8)  # cluster sizes: portable (<= 8), dividing every thread's values
-MAX_SPLITS = SPLIT_SIZES[-1]
+EPILOGUE_BARRIER = 4  # split-KV: the consumers' partial stores before / after the ticket
 
 
 class SplitKV(NamedTuple):
     """A CTA's part of its query tile's key range (``HopperHstuForward._launch``)."""
 
-    split: Int32  # this CTA's split = its rank in the cluster
-    splits: Int32  # CTAs per query tile = the cluster size
-    pieces: Int32  # splits with keys of this query tile (1: no reduction, ``out`` directly)
+    split: Int32  # this CTA's split
+    pieces: Int32  # splits with keys of this query tile (1: no partials, ``out`` directly)
+    partials: cute.Tensor  # fp32 [splits, rows, heads, D]
+    tickets: cute.Tensor  # int32, one per query tile: its splits done so far
+    ticket: Int32  # this query tile's index into ``tickets``
 
 
 class HopperHstuForward:
@@ -104,8 +96,6 @@ class HopperHstuForward:
         # The consumer warpgroups take turns issuing their GEMMs (named barriers); off: they
         # run freely (2 % slower on an H100, bench/NOTES-hopper.md).
         self.pingpong = pingpong
-        # split-KV reduction's stores into the other CTAs: "v4" (16 bytes) or "scalar" (A/B)
-        self.exchange = os.environ.get("HSTU_CUTEDSL_EXCHANGE", "v4")
         self.tile_n = tile_n or (PAGE_SIZE if paged else JAGGED_TILE_N)
         if paged and self.tile_n != PAGE_SIZE:
             raise ValueError(f"tile_n: the paged op's key tile is one page ({PAGE_SIZE})")
@@ -122,7 +112,8 @@ class HopperHstuForward:
     def jagged(
         self, q: cute.Tensor, k: cute.Tensor, v: cute.Tensor, out: cute.Tensor,
         cu_seqlens: cute.Tensor, num_targets: cute.Tensor, max_seqlen: Int32, alpha: Float32,
-        inv_scaling: Float32, num_splits: Int32, chunk_tiles: Int32, stream,
+        inv_scaling: Float32, partials: cute.Tensor, tickets: cute.Tensor, chunk_tiles: Int32,
+        stream,
     ):  # fmt: skip
         """Whole sequences: ``q, k, v, out [sum L_b, heads, D]``. Split-KV arguments: see
         :meth:`_launch`."""
@@ -132,7 +123,7 @@ class HopperHstuForward:
             tma_views.jagged_tma_view(k, max_seqlen, mn_major=False),
             tma_views.jagged_tma_view(v, max_seqlen, mn_major=True),
             k, v, out, cu_seqlens, num_targets, None, None, None, max_seqlen, alpha,
-            inv_scaling, num_splits, chunk_tiles, stream,
+            inv_scaling, partials, tickets, chunk_tiles, stream,
         )  # fmt: skip
 
     @cute.jit
@@ -140,8 +131,8 @@ class HopperHstuForward:
         self, q: cute.Tensor, k_new: cute.Tensor, v_new: cute.Tensor, kv_cache: cute.Tensor,
         out: cute.Tensor, cu_seqlens_q: cute.Tensor, num_targets: cute.Tensor,
         page_indptr: cute.Tensor, page_ids: cute.Tensor, last_page_len: cute.Tensor,
-        max_seqlen_q: Int32, alpha: Float32, inv_scaling: Float32, num_splits: Int32,
-        chunk_tiles: Int32, stream,
+        max_seqlen_q: Int32, alpha: Float32, inv_scaling: Float32, partials: cute.Tensor,
+        tickets: cute.Tensor, chunk_tiles: Int32, stream,
     ):  # fmt: skip
         """New history + target rows over a paged cache ``kv_cache [pages, 2, 32, heads, D]``
         (one page per key tile). Split-KV arguments: see :meth:`_launch`."""
@@ -151,7 +142,7 @@ class HopperHstuForward:
             tma_views.page_tma_view(kv_cache, 0, mn_major=False),
             tma_views.page_tma_view(kv_cache, 1, mn_major=True),
             k_new, v_new, out, cu_seqlens_q, num_targets, page_indptr, page_ids, last_page_len,
-            max_seqlen_q, alpha, inv_scaling, num_splits, chunk_tiles, stream,
+            max_seqlen_q, alpha, inv_scaling, partials, tickets, chunk_tiles, stream,
         )  # fmt: skip
 
     def _mmas(self):
@@ -172,13 +163,15 @@ class HopperHstuForward:
     def _launch(
         self, q, q_view, k_view, v_view, k_self, v_self, out, cu_seqlens_q, num_targets,
         page_indptr, page_ids, last_page_len, pad: Int32, alpha: Float32, inv_scaling: Float32,
-        num_splits: Int32, chunk_tiles: Int32, stream,
+        partials, tickets, chunk_tiles: Int32, stream,
     ):  # fmt: skip
-        """Split-KV: the grid has ``S = num_splits`` CTAs per query tile (one of
-        ``SPLIT_SIZES``), launched as clusters of ``S``; split ``s`` walks the tile's history
-        key tiles ``[s c, (s + 1) c)`` with ``c = max(chunk_tiles, ceil(n / S))`` for a tile
-        of ``n`` key tiles (``chunk_tiles = 0``: equal parts), and the cluster sums the splits'
-        partials (module docstring).
+        """Split-KV: the grid has ``S = partials.shape[0]`` CTAs per query tile; split ``s``
+        walks the tile's history key tiles ``[s c, (s + 1) c)`` with ``c = max(chunk_tiles,
+        ceil(n / S))`` for a tile of ``n`` key tiles (``chunk_tiles = 0``: equal parts). A
+        tile walked by more than one split writes fp32 ``partials [S, rows, heads, D]``, and
+        the split that finishes last (``tickets``: int32, one per query tile, zero before the
+        call and after it) sums them in split order into ``out``. ``S = 1``: ``partials`` and
+        ``tickets`` are not touched.
 
         The grid is one-dimensional in longest-first order over all sequences and heads
         (:func:`hc.lpt_tile`), so that a grid of several waves starts its long tiles first."""
@@ -203,18 +196,13 @@ class HopperHstuForward:
         )
         self.q_bytes = cute.size_in_bytes(self.dtype, q_one)
         self.kv_bytes = cute.size_in_bytes(self.dtype, k_one)
-        # The split-KV reduction's receive buffer (TILE_M x D fp32, every consumer thread's
-        # values) reuses the K ring and the V ring behind it: sK's size is a multiple of its
-        # 1024-byte alignment, so sV starts where sK ends.
-        k_ring = cute.cosize(k_smem) * self.dtype.width // 8
-        v_ring = cute.cosize(v_smem) * self.dtype.width // 8
-        assert k_ring % 1024 == 0 and k_ring + v_ring >= TILE_M * self.head_dim * 4
 
         @cute.struct
         class SharedStorage:
             q_bars: cute.struct.MemRange[Int64, 2]
             k_bars: cute.struct.MemRange[Int64, self.kv_stages * 2]
             v_bars: cute.struct.MemRange[Int64, self.kv_stages * 2]
+            ticket: cute.struct.MemRange[Int32, 1]  # split-KV: this split's arrival order
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(q_smem)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(k_smem)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(v_smem)], 1024]
@@ -222,16 +210,13 @@ class HopperHstuForward:
         self.shared_storage = SharedStorage
         batch = cu_seqlens_q.shape[0] - 1
         heads = out.shape[1]
-        grid = ((pad + TILE_M - 1) // TILE_M * batch * heads * num_splits, 1, 1)
+        grid = ((pad + TILE_M - 1) // TILE_M * batch * heads * partials.shape[0], 1, 1)
         self.kernel(
             qk_mma, pv_mma, tma_q, q_tma, tma_k, k_tma, tma_v, v_tma,
             q, k_self, v_self, out, cu_seqlens_q, num_targets,
             page_indptr, page_ids, last_page_len, pad, alpha, inv_scaling,
-            num_splits, chunk_tiles, q_smem, k_smem, v_smem,
-        ).launch(
-            grid=grid, block=[THREADS, 1, 1], cluster=[num_splits, 1, 1], stream=stream,
-            min_blocks_per_mp=1,
-        )  # fmt: skip
+            partials, tickets, chunk_tiles, q_smem, k_smem, v_smem,
+        ).launch(grid=grid, block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)  # fmt: skip
 
     # ------------------------------------------------------------------ device side
 
@@ -258,7 +243,8 @@ class HopperHstuForward:
         pad: Int32,
         alpha: Float32,
         inv_scaling: Float32,
-        num_splits: Int32,
+        partials: cute.Tensor,
+        tickets: cute.Tensor,
         chunk_tiles: Int32,
         q_smem: cute.ComposedLayout,
         k_smem: cute.ComposedLayout,
@@ -266,6 +252,7 @@ class HopperHstuForward:
     ):
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         bx, _, _ = cute.arch.block_idx()
+        num_splits = partials.shape[0]
         batch, heads, m_blocks = (
             cu_seqlens_q.shape[0] - 1,
             out.shape[1],
@@ -287,9 +274,9 @@ class HopperHstuForward:
             pieces = cutlass.max((n_kv + chunk - 1) // chunk, 1)  # splits with work here
             kv_begin = split * chunk
             kv_end = cutlass.min(n_kv, kv_begin + chunk)
-            split_kv = SplitKV(split, num_splits, pieces)
-            # A reduced tile needs every CTA of its cluster (each owns a part of the sum).
-            if split < pieces or pieces > 1:
+            ticket = (b * heads + head) * m_blocks + m_block
+            split_kv = SplitKV(split, pieces, partials, tickets, ticket)
+            if split < pieces:
                 self._tile(
                     warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self,
                     out, seq, page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha,
@@ -324,14 +311,10 @@ class HopperHstuForward:
             tx_count=self.kv_bytes, barrier_storage=storage.v_bars.data_ptr(),
         ).make_participants()  # fmt: skip
 
+        sTicket = storage.ticket.get_tensor(cute.make_layout(1))
         sQ = storage.sQ.get_tensor(q_smem.outer, swizzle=q_smem.inner)
         sK = storage.sK.get_tensor(k_smem.outer, swizzle=k_smem.inner)
         sV = storage.sV.get_tensor(v_smem.outer, swizzle=v_smem.inner)
-        # Split-KV reduction: fp32 receive buffer over the K and V rings (see _launch).
-        sRecv = cute.make_tensor(
-            cute.recast_ptr(storage.sK.data_ptr(), dtype=Float32),
-            cute.make_layout(TILE_M * self.head_dim),
-        )
 
         if warp >= PRODUCER_WARP:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
@@ -340,17 +323,11 @@ class HopperHstuForward:
                     tma_q, mQ, tma_k, mK, tma_v, mV, sQ, sK, sV, q_prod, k_prod, v_prod,
                     seq, page_ids, m_block, pad, head, kv_begin, kv_end,
                 )  # fmt: skip
-            if split_kv.pieces > 1:
-                # Every live thread of the cluster takes part in its barriers: the two of the
-                # consumers' reduction (consumer_role / _reduce_splits).
-                for _ in cutlass.range(2, unroll=1):
-                    cute.arch.cluster_arrive()
-                    cute.arch.cluster_wait()
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             self.consumer_role(
                 qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
-                seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sRecv,
+                seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sTicket,
             )  # fmt: skip
 
     # ------------------------------------------------------------------ roles
@@ -390,7 +367,7 @@ class HopperHstuForward:
     @cute.jit
     def consumer_role(
         self, qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
-        seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sRecv,
+        seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sTicket,
     ):  # fmt: skip
         """One warpgroup's 64 rows: the key-tile loop over ``[kv_begin, kv_end)``, then the
         epilogue."""
@@ -480,8 +457,7 @@ class HopperHstuForward:
                     d = cO_mn[0, c][1]
                     o_mn[r, c] = o_mn[r, c] + p_self * Float32(v_self[g, head, d])
         if split_kv.pieces > 1:
-            cO = thr_pv.partition_C(cute.make_identity_tensor(self.pv_tiler[:2]))
-            self._reduce_splits(acc_O, cO, out, seq, row0, head, split_kv, sRecv, tidx)
+            self._sum_splits(o_mn, cO_mn, out, seq, row0, head, split_kv, sTicket, tidx)
         else:
             self._store(o_mn, cO_mn, out, seq, row0, head)
 
@@ -495,55 +471,40 @@ class HopperHstuForward:
                     out[seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c].to(self.dtype)
 
     @cute.jit
-    def _reduce_splits(self, acc_O, cO, out, seq, row0, head, split_kv, sRecv, tidx):
-        """Split-KV epilogue: sum the partials of the cluster's ``pieces`` working splits.
-
-        Every consumer thread of every CTA holds the same ``(row, col)`` positions of the
-        tile in its accumulator values ``0..V-1``. CTA ``j`` of the cluster owns values
-        ``[j V/S, (j+1) V/S)``: each working split stores its values of part ``j`` into CTA
-        ``j``'s ``sRecv`` (slot ``split``, thread-minor so the stores do not conflict), and
-        each CTA then adds up its own part, split by split in order (the result does not
-        depend on timing), and writes it to ``out``. Two cluster barriers: the first frees
-        the K/V rings ``sRecv`` overlays (every CTA is past its main loop), the second
-        publishes the stores (release / acquire)."""
-        values = cute.size(acc_O)  # a power of two (D / 2), 4 per (2 rows x 2 cols) quad
-        quads = values // 4
-        per = quads // split_kv.splits  # quads each CTA owns (>= 1: SPLIT_SIZES)
-        cute.arch.cluster_arrive()
-        cute.arch.cluster_wait()
-        if split_kv.split < split_kv.pieces:
-            # 16-byte stores, one per quad of values, into [slot][quad][thread][4].
-            for g in cutlass.range_constexpr(quads):
-                owner = g * split_kv.splits // quads  # quads: a power of two (a shift)
-                slot_quad = split_kv.split * per + g - owner * per
-                remote = cute.arch.map_dsmem_ptr(
-                    sRecv.iterator + (slot_quad * CONSUMER_THREADS + tidx) * 4, owner
-                )
-                quad = vector.from_elements(
-                    ir.VectorType.get([4], Float32.mlir_type),
-                    [acc_O[4 * g + e].ir_value() for e in range(4)],
-                )
-                llvm.store(quad, remote.to_llvm_ptr(), alignment=16)
-        cute.arch.cluster_arrive()
-        cute.arch.cluster_wait()
-        # This CTA's quads: every split's four values are loaded at once (slots past the
-        # working splits re-read the last one and are left out of the sum by a select), then
-        # added in split order.
-        last = split_kv.pieces - 1
-        for gg in cutlass.range(per, unroll=2):
-            parts = []
-            for s in cutlass.range_constexpr(MAX_SPLITS):
-                base = ((cutlass.min(s, last) * per + gg) * CONSUMER_THREADS + tidx) * 4
-                parts.append([sRecv[base + e] for e in range(4)])
-            g = split_kv.split * per + gg
-            for e in cutlass.range_constexpr(4):
-                total = parts[0][e]
-                for s in cutlass.range_constexpr(1, MAX_SPLITS):
-                    total = total + Float32(cutlass.select_(s <= last, parts[s][e], 0.0))
-                row, col = cO[(e % 2, e // 2, g), 0, 0]
-                row = row0 + row
-                if row < seq.q_len:
-                    out[seq.q_start + row, head, col] = total.to(self.dtype)
+    def _sum_splits(self, o_mn, cO_mn, out, seq, row0, head, split_kv, sTicket, tidx):
+        """Split-KV epilogue: write this split's fp32 partial; the split of the query tile
+        that finishes last (the tile's ticket counts arrivals) sums all partials in split
+        order (deterministic: the same sum whichever split is last) into ``out`` and zeroes
+        the ticket again."""
+        rows = cute.size(o_mn, mode=[0])
+        cols = cute.size(o_mn, mode=[1])
+        partials = split_kv.partials
+        for r in cutlass.range_constexpr(rows):
+            row = row0 + cO_mn[r, 0][0]
+            if row < seq.q_len:
+                for c in cutlass.range_constexpr(cols):
+                    partials[split_kv.split, seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c]
+        # Release: every thread's partial stores before the ticket (threadfence reduction).
+        cute.arch.fence_acq_rel_gpu()
+        cute.arch.barrier(barrier_id=EPILOGUE_BARRIER, number_of_threads=CONSUMER_THREADS)
+        if tidx == 0:
+            sTicket[0] = cute.arch.atomic_add(
+                split_kv.tickets.iterator + split_kv.ticket, Int32(1), sem="acq_rel", scope="gpu"
+            )
+        cute.arch.barrier(barrier_id=EPILOGUE_BARRIER, number_of_threads=CONSUMER_THREADS)
+        if sTicket[0] == split_kv.pieces - 1:  # the last split of this query tile
+            if tidx == 0:
+                split_kv.tickets[split_kv.ticket] = Int32(0)
+            cute.arch.fence_acq_rel_gpu()  # acquire: the other splits' partials
+            o_mn.fill(0.0)
+            for s in cutlass.range(split_kv.pieces, unroll=1):
+                for r in cutlass.range_constexpr(rows):
+                    row = row0 + cO_mn[r, 0][0]
+                    if row < seq.q_len:
+                        for c in cutlass.range_constexpr(cols):
+                            d = cO_mn[0, c][1]
+                            o_mn[r, c] = o_mn[r, c] + partials[s, seq.q_start + row, head, d]
+            self._store(o_mn, cO_mn, out, seq, row0, head)
 
     @cute.jit
     def _take_turn(self, wg):
@@ -653,7 +614,7 @@ def _acc_to_a_operand(acc_layout: cute.Layout) -> cute.Layout:
 
 def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     """``(host_fn, variant, fake_args)`` of one variant: the arguments of
-    ``compile.fake_attention_args`` with the split-KV ``num_splits, chunk_tiles``
+    ``compile.fake_attention_args`` with the split-KV ``partials, tickets, chunk_tiles``
     before the stream (:meth:`HopperHstuForward._launch`)."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
@@ -670,8 +631,7 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     variant = {
         "silu": silu,
         "pingpong": pingpong,
-        "split_kv": "cluster",
-        "exchange": kernel.exchange,
+        "split_kv": True,
         "dtype": str(torch_dtype),
         "head_dim": head_dim,
         "paged": paged,
@@ -681,7 +641,9 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
 
     def fake_args():
         *args, stream = cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
-        return (*args, cutlass.Int32(1), cutlass.Int32(0), stream)
+        partials = cc.fake_tensor(cutlass.Float32, (None, None, None, head_dim))
+        tickets = cc.fake_tensor(cutlass.Int32, (None,), align=4)
+        return (*args, partials, tickets, cutlass.Int32(0), stream)
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args

@@ -1,18 +1,16 @@
-"""How many key-range splits the Hopper kernel's grid gets.
+"""How many key-range splits the Hopper kernel's grid gets, and the buffers they need.
 
 Importable without the DSL (the op functions run it before the kernel module is imported).
 One CTA owns one 128-row query tile; a grid of fewer tiles than SMs (a batch of one, a delta
 call without targets) or of lopsided causal tiles (jagged: tile ``i`` walks ~``i`` key tiles)
-leaves SMs idle or waits on its longest tile. Splitting a tile's key range over a cluster of
-2, 4 or 8 CTAs (``cutedsl/hopper.py``: the cluster sums its fp32 partials through distributed
-shared memory) fixes both, at the price of a per-CTA overhead (the Q load, the pipeline fill,
-the reduction) and of the clusters' placement: a cluster's CTAs must fit in one GPC at once,
-so fewer clusters than ``SMs / S`` may run side by side.
+leaves SMs idle or waits on its longest tile. Splitting a tile's key range over several CTAs
+(``cutedsl/hopper.py``: each writes an fp32 partial, the last to finish adds them up) fixes
+both, at the price of a per-CTA overhead (the Q load, the pipeline fill) and the partials'
+round trip through memory.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -20,16 +18,9 @@ import torch
 
 from hstu_kernels.dispatch import sm_count
 
-__all__ = [
-    "JAGGED_TILE_N",
-    "SPLIT_SIZES",
-    "choose_splits",
-    "cluster_capacity",
-    "jagged_tile_n",
-    "split_args",
-]
+__all__ = ["JAGGED_TILE_N", "MAX_SPLITS", "choose_splits", "jagged_tile_n", "split_buffers"]
 
-SPLIT_SIZES = (1, 2, 4, 8)  # cluster sizes the kernel takes (hopper.SPLIT_SIZES)
+MAX_SPLITS = 16
 JAGGED_TILE_N = 64  # keys per tile of the Hopper kernel's jagged op (paged: one 32-token page)
 
 
@@ -42,86 +33,62 @@ def jagged_tile_n() -> int:
     return tile
 
 
-# Every CTA costs about this many 32-key tiles of work beyond its key tiles, whatever its
-# split (fitted on an H100 over splits 1..8 of 4096-token histories: ~0.65-0.75 us per key
-# tile plus ~25 us per CTA; bench/NOTES-hopper.md).
-CTA_OVERHEAD_TILES = 28.0
+# One more CTA of a query tile costs about this many key tiles of work (Q tile load, pipeline
+# fill, the fp32 partial written and summed); rounded up so that a split must win clearly.
+# Set for 32-key tiles; the jagged op's 64-key tiles count it double (performance only).
+SPLIT_OVERHEAD_TILES = 2.0
 
 
-def choose_splits(
-    tiles: int, kv_tiles: int, sms: int, causal: bool, clusters: dict[int, int] | None = None
-) -> int:
-    """Splits per query tile (one of ``SPLIT_SIZES``) for ``tiles`` query tiles of
-    ``kv_tiles`` key tiles each, on ``sms`` SMs (one CTA per SM at a time), where at most
-    ``clusters[S]`` clusters of ``S`` CTAs run at once (default ``sms // S``).
+def choose_splits(tiles: int, kv_tiles: int, sms: int, causal: bool) -> int:
+    """Splits per query tile for ``tiles`` query tiles whose longest walks ``kv_tiles`` key
+    tiles, on ``sms`` SMs (one CTA per SM at a time).
 
-    - Paged (``causal=False``): the tiles are alike, so the launch lasts ``waves`` CTA times:
-      the count that minimises ``ceil(tiles / clusters[S]) * (ceil(kv_tiles / S) +
-      CTA_OVERHEAD_TILES)``. A larger split is taken only if it wins by more than 2 %.
-    - Jagged (``causal=True``): 1. Its lopsided causal grids were split in 2 with fp32
-      partials in global memory (-8 % at B=1); with the cluster reduction the one run
-      measured was slower (124 against 99 us at B=1 + 256 targets on an H200, before the
-      owner's sum was vectorised), so splitting waits for a measurement that says otherwise.
+    - Paged (``causal=False``): the tiles are alike, so the launch lasts ``waves`` CTA times;
+      split only a grid that leaves more than half the SMs idle (96 tiles of 128 keys on 132
+      SMs measured 119 us unsplit, 157 us in 2 on an H100: the partials' round trip costs
+      more than the idle SMs), into the count that minimises ``ceil(tiles * s / sms) *
+      (ceil(kv_tiles / s) + overhead)``.
+    - Jagged (``causal=True``): tile ``i`` walks ~``i`` of the key tiles in chunks of
+      ``ceil(kv_tiles / s)``; the launch lasts about the longer of the mean load per SM and
+      the longest chunk.
+
+    A larger split is taken only if it wins by more than 2 %.
     """
-    if causal or tiles <= 0 or kv_tiles <= 1 or sms <= 1:
+    if tiles <= 0 or kv_tiles <= 1 or sms <= 1 or (not causal and 2 * tiles > sms):
         return 1
     best, best_cost = 1, float("inf")
-    for s in SPLIT_SIZES:
-        if s > kv_tiles:
-            break
-        at_once = (clusters or {}).get(s, sms // s)
-        cost = math.ceil(tiles / max(at_once, 1)) * (math.ceil(kv_tiles / s) + CTA_OVERHEAD_TILES)
+    for s in range(1, min(MAX_SPLITS, kv_tiles) + 1):
+        extra = SPLIT_OVERHEAD_TILES if s > 1 else 0.0
+        chunk = math.ceil(kv_tiles / s) + extra
+        if causal:
+            cost = max(tiles * (kv_tiles / 2 + (s - 1) * extra) / sms, chunk)
+        else:
+            cost = math.ceil(tiles * s / sms) * chunk
         if cost < best_cost * 0.98:
             best, best_cost = s, cost
     return best
 
 
-@functools.cache
-def cluster_capacity(device_index: int) -> dict[int, int]:
-    """``{S: clusters of S one-CTA-per-SM CTAs the device runs at once}``: the CUDA occupancy
-    query through the DSL's ``HardwareInfo`` (``SMs // S`` where that fails), less 1/16 for
-    clusters of 4 and 8: on an H100 it answers 33 and 16 where Nsight Compute reports 30 and
-    15 for this kernel (its dummy kernel is not ours)."""
-    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-    capacity = {s: sms // s for s in SPLIT_SIZES}
-    try:
-        from cutlass.utils import HardwareInfo
-
-        with torch.cuda.device(device_index):
-            info = HardwareInfo(device_index)
-            for s in SPLIT_SIZES[1:]:
-                capacity[s] = int(info.get_max_active_clusters(s))
-    except Exception:  # an estimate is the fallback, not an error
-        pass
-    for s in SPLIT_SIZES[2:]:
-        capacity[s] -= -(-capacity[s] // 16)
-    return capacity
-
-
-def split_args(
+def split_buffers(
     q: torch.Tensor, batch: int, max_seqlen_q: int, kv_tiles: int, block_m: int, causal: bool
-) -> tuple[int, int]:
-    """``(num_splits, chunk_tiles)`` for one call: the kernel's splits per query tile (its
-    cluster size) and the fixed chunk length in key tiles (jagged: short tiles are not
-    split; 0 for equal parts of each tile's own range, paged).
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(partials, tickets, chunk_tiles)`` for one call: fp32 ``partials [splits, *q.shape]``
+    (the kernel's split count is ``partials.shape[0]``; a one-element stand-in without a
+    split), int32 zero ``tickets`` (one per query tile) and the fixed chunk length in key
+    tiles (jagged: short tiles are not split; 0 for equal parts of each tile's own range,
+    paged).
 
-    ``HSTU_CUTEDSL_SPLITS=N`` forces ``N`` splits (measurements, tests; here one of
-    ``SPLIT_SIZES``)."""
+    ``HSTU_CUTEDSL_SPLITS=N`` forces ``N`` splits (measurements, tests)."""
     heads = q.shape[1]
     tiles = batch * heads * math.ceil(max(max_seqlen_q, 1) / block_m)
     forced = os.environ.get("HSTU_CUTEDSL_SPLITS")
     if forced:
-        splits = int(forced)
-        if splits not in SPLIT_SIZES:
-            raise ValueError(
-                f"HSTU_CUTEDSL_SPLITS={forced}: cutedsl-hopper splits a query tile over a "
-                f"cluster of {', '.join(map(str, SPLIT_SIZES))} CTAs"
-            )
-    elif q.device.type == "cuda":
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        splits = choose_splits(tiles, kv_tiles, sm_count(q.device), causal, cluster_capacity(index))
+        splits = max(1, min(int(forced), kv_tiles, MAX_SPLITS))
     else:
-        splits = 1
+        splits = choose_splits(tiles, kv_tiles, sm_count(q.device), causal)
     if splits == 1:
-        return 1, 0
-    return splits, (math.ceil(kv_tiles / splits) if causal else 0)
+        stand_in = torch.empty((1, 1, 1, q.shape[2]), dtype=torch.float32, device=q.device)
+        return stand_in, torch.empty((1,), dtype=torch.int32, device=q.device), 0
+    partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+    tickets = torch.zeros((tiles,), dtype=torch.int32, device=q.device)
+    return partials, tickets, (math.ceil(kv_tiles / splits) if causal else 0)
