@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
+from hstu_kernels.model.fusion import CacheAppend, FoldedNorm, fold_layernorm, project_normed
 from hstu_kernels.model.projection import project_silu
 from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention
 
@@ -206,18 +208,51 @@ class HSTULayer(nn.Module):
         self.norm_attn_weight = param(inner, std=0.1, mean=1.0)
         self.norm_attn_bias = param(inner, std=0.1)
         self.out_weight = param(hidden, inner, std=1 / math.sqrt(inner))
+        self._fold: tuple | None = None  # (parameter stamp, FoldedNorm)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def folded_norm(self) -> FoldedNorm:
+        """The input LayerNorm folded into the projection weight (recomputed when any of
+        the three parameters changes)."""
+        params = (self.norm_in_weight, self.norm_in_bias, self.uvqk_weight)
+        stamp = (*((p.data_ptr(), p._version) for p in params), self.eps)
+        if self._fold is None or self._fold[0] != stamp:
+            self._fold = (stamp, fold_layernorm(*params, self.eps))
+        return self._fold[1]
+
+    def project(
+        self, x: torch.Tensor, *, append: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """``x [T, hidden]`` -> ``u [T, heads*D]`` and ``q, k, v [T, heads, D]``, all after
-        their SiLU and contiguous (slots of one ``[4, T, heads*D]`` buffer)."""
+        their SiLU and contiguous (slots of one ``[4, T, heads*D]`` buffer).
+
+        ``append(k, v)``, if given, is called with the new ``k``/``v`` (the cached path's
+        append). On CUDA the input LayerNorm may run inside the projection GEMM
+        (:mod:`~hstu_kernels.model.fusion`).
+        """
+        return self._project(x, append, None)
+
+    def _project(self, x, append, cache: CacheAppend | None) -> tuple[torch.Tensor, ...]:
+        """:meth:`project`; ``cache``: where the fused kernel may append k/v itself (then
+        ``append`` runs only on the separate path)."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
         if x.dtype != self.uvqk_weight.dtype:
             raise TypeError(f"x: expected dtype {self.uvqk_weight.dtype}, got {x.dtype}")
         tokens = x.shape[0]
-        h = layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
-        u, v, q, k = project_silu(h, self.uvqk_weight).unbind(0)  # one GEMM, SiLU fused
         shape = (tokens, self.heads, self.head_dim)
+
+        def separate() -> torch.Tensor:
+            h = layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
+            uvqk = project_silu(h, self.uvqk_weight)  # one GEMM, SiLU fused
+            if append is not None:
+                append(uvqk[3].view(shape), uvqk[1].view(shape))
+            return uvqk
+
+        if append is not None and cache is None:
+            uvqk = separate()
+        else:
+            uvqk = project_normed(x, self.folded_norm, separate, append=cache)
+        u, v, q, k = uvqk.unbind(0)
         return u, q.view(shape), k.view(shape), v.view(shape)
 
     def finish(
@@ -279,17 +314,28 @@ class HSTULayer(nn.Module):
         cache ``kv_cache [num_pages, 2, page_size, heads, D]``: appends the new history K/V,
         then attends over the whole cached history; ``inplace``: the residual overwrites
         ``x`` (see :meth:`finish`)."""
-        u, q, k, v = self.project(x)
-        append_kv(
-            kv_cache,
-            meta.page_table,
-            k,
-            v,
-            meta.cu_seqlens_q,
-            num_targets=meta.num_targets,
-            backend=backend,
-            validate=validate,
+
+        def append(k: torch.Tensor, v: torch.Tensor) -> None:
+            append_kv(
+                kv_cache,
+                meta.page_table,
+                k,
+                v,
+                meta.cu_seqlens_q,
+                num_targets=meta.num_targets,
+                backend=backend,
+                validate=validate,
+            )
+
+        # The projection may write k/v into the pages itself: only where no backend was
+        # forced and nothing is to be validated (the op does both).
+        fuse = backend == "auto" and not validate
+        cache = (
+            CacheAppend(kv_cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
+            if fuse
+            else None
         )
+        u, q, k, v = self._project(x, append, cache)
         attn = paged_hstu_attention(
             q,
             k,

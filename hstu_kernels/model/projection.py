@@ -29,9 +29,13 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from hstu_kernels.model.fusion import CacheAppend, FoldedNorm
 
 __all__ = [
     "CONFIGS",
@@ -176,10 +180,23 @@ def _checked_out(
 
 
 def silu_gemm(
-    h: torch.Tensor, weight: torch.Tensor, config: GemmConfig, *, out: torch.Tensor | None = None
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    config: GemmConfig,
+    *,
+    out: torch.Tensor | None = None,
+    norm: FoldedNorm | None = None,
+    append: CacheAppend | None = None,
 ) -> torch.Tensor:
     """The fused Triton kernel: ``SiLU(h @ weight)`` as ``[4, T, inner]``, with the given tile
-    config (``config.block_n`` must divide ``inner``). Writes into ``out`` if given."""
+    config (``config.block_n`` must divide ``inner``). Writes into ``out`` if given.
+
+    ``norm`` (a :class:`~hstu_kernels.model.fusion.FoldedNorm`, whose ``weight`` must be the
+    ``weight`` passed): ``h`` is the un-normalised input and the kernel computes
+    ``SiLU(LayerNorm(h) @ W)`` (see :func:`~hstu_kernels.model.fusion.fold_layernorm`).
+    ``append`` (a :class:`~hstu_kernels.model.fusion.CacheAppend`): the ``k`` and ``v``
+    slots' new history rows are also written into the paged cache, as ``append_kv`` would.
+    """
     import triton
 
     inner, out = _checked_out(h, weight, config, out)
@@ -187,12 +204,27 @@ def silu_gemm(
     if tokens == 0:
         return out
     h, weight = h.contiguous(), weight.contiguous()  # the kernel assumes unit column strides
+    if norm is not None and norm.weight.data_ptr() != weight.data_ptr():
+        raise ValueError("norm: its folded weight must be the weight passed")
+    colsum, wbias, eps = (norm.colsum, norm.bias, norm.eps) if norm is not None else (h, h, 0.0)
+    if append is not None:
+        append.check(tokens, inner, h)
+        kv, t = append.kv_cache, append.page_table
+        cache_args = (
+            kv, append.cu_seqlens, append.num_targets, t.page_ids, t.page_indptr,
+            t.last_page_len, append.batch, kv.stride(0), kv.stride(1), kv.stride(2),
+        )  # fmt: skip
+        page_size, steps = kv.shape[2], max(1, append.batch.bit_length())
+    else:
+        cache_args, page_size, steps = (h, h, h, h, h, h, 0, 0, 0, 0), 16, 1
     grid = (triton.cdiv(tokens, config.block_m) * (SLOTS * inner // config.block_n),)
     _kernels()["silu_gemm"][grid](
-        h, weight, out, tokens, k, inner,
+        h, weight, out, tokens, k, inner, colsum, wbias, eps, *cache_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0,
-        FAST_SILU=_fast_silu(h), num_stages=config.num_stages, num_warps=config.num_warps,
+        FAST_SILU=_fast_silu(h), NORM=norm is not None, APPEND=append is not None,
+        PAGE_SIZE=page_size, SEARCH_STEPS=steps,
+        num_stages=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
     return out
 

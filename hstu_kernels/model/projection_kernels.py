@@ -29,12 +29,53 @@ def silu_f32(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def append_rows(
+    rows, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page, stride_slot,
+    PAGE_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):  # fmt: skip
+    """Element offsets in the cache (relative to its K or V plane) of packed rows ``rows``,
+    and whether each is a new history row (targets and rows past the batch are not)."""
+    total = tl.load(CU + batch)
+    in_range = rows < total
+    # largest b with cu[b] <= row (empty sequences share an offset with the next one)
+    lo = tl.zeros_like(rows)
+    hi = tl.zeros_like(rows) + (batch - 1)
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        go_right = tl.load(CU + mid, mask=in_range, other=0) <= rows
+        active = lo < hi
+        hi = tl.where(active & ~go_right, mid - 1, hi)
+        lo = tl.where(active & go_right, mid, lo)
+    start = tl.load(CU + lo, mask=in_range, other=0)
+    length = tl.load(CU + lo + 1, mask=in_range, other=0) - start
+    new = length - tl.load(NUM_TARGETS + lo, mask=in_range, other=0)
+    i = rows - start
+    is_new = in_range & (i < new)
+    page_start = tl.load(PAGE_INDPTR + lo, mask=is_new, other=0)
+    num_pages = tl.load(PAGE_INDPTR + lo + 1, mask=is_new, other=1) - page_start
+    history = (num_pages - 1) * PAGE_SIZE + tl.load(LAST_LEN + lo, mask=is_new, other=0)
+    pos = history - new + i
+    page = tl.load(PAGE_IDS + page_start + pos // PAGE_SIZE, mask=is_new, other=0)
+    return page.to(tl.int64) * stride_page + (pos % PAGE_SIZE) * stride_slot, is_new
+
+
+@triton.jit
 def silu_gemm_kernel(
     H, W, OUT, M, K, inner,
+    COLSUM, WBIAS, eps,
+    KV, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch,
+    stride_page, stride_kv, stride_slot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FAST_SILU: tl.constexpr,
+    NORM: tl.constexpr = False, APPEND: tl.constexpr = False,
+    PAGE_SIZE: tl.constexpr = 16, SEARCH_STEPS: tl.constexpr = 1,
 ):  # fmt: skip
     # H [M, K], W [K, 4 * inner] and OUT [4, M, inner] are contiguous.
+    # NORM: H is the un-normalised x and W = diag(gamma) W_uvqk, so LayerNorm(x) @ W_uvqk
+    # = rstd * (x @ W - mean * COLSUM) + WBIAS, with COLSUM the column sums of W and
+    # WBIAS = beta @ W_uvqk (fp32); the row statistics come from the K loop's own loads of x,
+    # so the LayerNorm costs no pass of its own. APPEND: the k and v tiles are also written
+    # into their rows of the paged cache KV (new history rows only), as append_kv would.
     n_cols = 4 * inner
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -56,6 +97,8 @@ def silu_gemm_kernel(
     h_ptrs = H + rows_in[:, None] * K + ks[None, :]
     w_ptrs = W + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(h_ptrs)
@@ -64,17 +107,38 @@ def silu_gemm_kernel(
             k_left = K - k0 * BLOCK_K
             a = tl.load(h_ptrs, mask=ks[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        if NORM:
+            a32 = a.to(tl.float32)
+            row_sum += tl.sum(a32, axis=1)
+            row_sq += tl.sum(a32 * a32, axis=1)
         acc = tl.dot(a, b, acc)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * n_cols
 
+    if NORM:
+        mean = row_sum / K
+        # E[x^2] - mean^2 in fp32: exact enough unless |mean| is ~1e3 standard deviations
+        rstd = 1.0 / tl.sqrt(tl.maximum(row_sq / K - mean * mean, 0.0) + eps)
+        colsum = tl.load(COLSUM + cols)
+        wbias = tl.load(WBIAS + cols)
+        acc = (acc - mean[:, None] * colsum[None, :]) * rstd[:, None] + wbias[None, :]
     y = silu_f32(acc, FAST_SILU)  # on the fp32 accumulator: one rounding, at the store
+    y = y.to(OUT.dtype.element_ty)
     slot = (pid_n * BLOCK_N) // inner  # the tile lies inside one column group
     out_cols = cols - slot * inner
     dst = (
         OUT + slot.to(tl.int64) * M * inner + rows.to(tl.int64)[:, None] * inner + out_cols[None, :]
     )
-    tl.store(dst, y.to(OUT.dtype.element_ty), mask=(rows < M)[:, None])
+    tl.store(dst, y, mask=(rows < M)[:, None])
+    if APPEND:  # noqa: SIM102 (a constexpr test apart from the runtime one)
+        if slot % 2 == 1:  # slots u, v, q, k: v (1) goes to plane 1, k (3) to plane 0
+            plane = (3 - slot) // 2
+            cache_off, is_new = append_rows(
+                rows, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page,
+                stride_slot, PAGE_SIZE, SEARCH_STEPS,
+            )  # fmt: skip
+            kv_dst = KV + plane * stride_kv + cache_off[:, None] + out_cols[None, :]
+            tl.store(kv_dst, y, mask=is_new[:, None])
 
 
 @triton.jit

@@ -1,0 +1,214 @@
+"""The projection kernel with the input LayerNorm folded in and the cache append in its
+epilogue (:mod:`hstu_kernels.model.fusion`), and the layer's choice between it and the
+separate path.
+
+CPU tests run the kernel in the Triton interpreter (fp16/fp32); ``gpu`` tests run it in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+
+import hstu_kernels
+from hstu_kernels.kvcache import build_paged_metadata
+from hstu_kernels.model import fusion as FU
+from hstu_kernels.model import projection as P
+from hstu_kernels.testing import assert_hstu_close, poisoned_like
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/test_block.py
+
+SMALL = (P.GemmConfig(16, 32, 32, 2, 1, 4), P.GemmConfig(32, 16, 16, 3, 1, 4))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _interpreter_or_gpu() -> None:
+    """Skip unless the kernels can run: on a GPU, or on CPU under the interpreter."""
+    if DEVICE == "cuda":
+        return
+    import triton.language as tl
+
+    if type(tl.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+
+
+def _layer_inputs(tokens, k, inner, dtype, seed, row_shift=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    # rows with their own offsets and scales: the folded mean/rstd terms must matter
+    x = torch.randn(tokens, k, generator=gen) * (1 + torch.rand(tokens, 1, generator=gen))
+    x = x + row_shift * torch.randn(tokens, 1, generator=gen)
+    gamma = 1 + 0.2 * torch.randn(k, generator=gen)
+    beta = 0.2 * torch.randn(k, generator=gen)
+    w = torch.randn(k, 4 * inner, generator=gen) / k**0.5
+    return [t.to(DEVICE, dtype) for t in (x, gamma, beta, w)]
+
+
+def _refs(x, gamma, beta, w, eps):
+    """fp32 yardstick and the separate path in x's dtype (LayerNorm rounded, then GEMM)."""
+    h32 = F.layer_norm(x.float(), (x.shape[1],), gamma.float(), beta.float(), eps)
+    hlp = F.layer_norm(x.float(), (x.shape[1],), gamma.float(), beta.float(), eps).to(x.dtype)
+    return P.torch_project_silu(h32, w.float()), P.torch_project_silu(hlp, w)
+
+
+def _paged_batch(new, targets, cached, heads, head_dim, page_size, dtype, seed):
+    """A poisoned cache, its metadata and the page lists of a batch."""
+    gen = torch.Generator().manual_seed(seed)
+    lists, nxt = [], 1  # page 0 left unused: it must stay poisoned
+    for c, n in zip(cached, new, strict=True):
+        need = -(-(c + n) // page_size)
+        lists.append(list(range(nxt, nxt + need)))
+        nxt += need
+    perm = torch.randperm(nxt + 2, generator=gen).tolist()  # pages out of order
+    lists = [[perm[p] for p in pl] for pl in lists]
+    cache = poisoned_like(torch.empty(nxt + 2, 2, page_size, heads, head_dim, dtype=dtype))
+    meta = build_paged_metadata(lists, cached, new, targets, page_size=page_size, device=DEVICE)
+    return cache.to(DEVICE), meta
+
+
+def _check(tokens_new, targets, cached, k, heads, head_dim, page_size, dtype, config, seed):
+    inner = heads * head_dim
+    tokens = sum(tokens_new) + sum(targets)
+    eps = 1e-5
+    x, gamma, beta, w = _layer_inputs(tokens, k, inner, dtype, seed)
+    fold = FU.fold_layernorm(gamma, beta, w, eps)
+    cache, meta = _paged_batch(tokens_new, targets, cached, heads, head_dim, page_size, dtype, seed)
+    expected_cache = cache.clone()
+    append = FU.CacheAppend(cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
+    out = poisoned_like(torch.empty(4, tokens, inner, dtype=dtype, device=DEVICE))
+    got = P.silu_gemm(x, fold.weight, config, out=out, norm=fold, append=append)
+    assert got is out
+    ref32, ref_lowp = _refs(x, gamma, beta, w, eps)
+    # the folded weight rounds gamma * W once more than the separate path: as much error as
+    # the separate path's own rounding of LayerNorm(x), hence the factor 2 of the rule
+    assert_hstu_close(got, ref32, ref_lowp, eps=1e-4)
+    shape = (tokens, heads, head_dim)
+    hstu_kernels.append_kv(
+        expected_cache, meta.page_table, got[3].view(shape), got[1].view(shape),
+        meta.cu_seqlens_q, num_targets=meta.num_targets, backend="reference",
+    )  # fmt: skip
+    # the epilogue stores the same values into the same slots, and nothing else
+    assert torch.equal(cache.view(torch.int16), expected_cache.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_norm_append_edges(dtype):
+    """A one-token history, a sequence of targets only, a page edge crossed by the new rows,
+    an empty sequence; K not a multiple of BLOCK_K."""
+    _interpreter_or_gpu()
+    if DEVICE == "cuda":
+        dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+    configs = SMALL if DEVICE == "cpu" else P.CONFIGS
+    for i, config in enumerate(configs):
+        _check([1, 0, 19, 0], [2, 3, 0, 0], [0, 4, 14, 1], 40, 2, 16, 16, dtype, config, i)
+
+
+@given(
+    batch=st.integers(1, 4),
+    data=st.data(),
+    config=st.sampled_from(SMALL),
+    k=st.sampled_from([16, 48]),
+)
+def test_norm_append_random(batch, data, config, k):
+    _interpreter_or_gpu()
+    P._KERNELS = None  # hypothesis forbids function-scoped fixtures: reset by hand
+    try:
+        new = data.draw(st.lists(st.integers(0, 40), min_size=batch, max_size=batch))
+        tgt = data.draw(st.lists(st.integers(0, 6), min_size=batch, max_size=batch))
+        cached = data.draw(st.lists(st.integers(0, 50), min_size=batch, max_size=batch))
+        cached = [c if c + n else 1 for c, n in zip(cached, new, strict=True)]
+        if sum(new) + sum(tgt) == 0:
+            tgt[0] = 1
+        dtype = torch.float16
+        _check(new, tgt, cached, k, 2, 16, 16, dtype, config, batch * 100 + k)
+    finally:
+        P._KERNELS = None
+
+
+def test_norm_only_matches_layernorm_then_projection():
+    """Without an append (the uncached path): only the folded LayerNorm."""
+    _interpreter_or_gpu()
+    dtype = torch.float16
+    x, gamma, beta, w = _layer_inputs(37, 32, 32, dtype, seed=5)
+    fold = FU.fold_layernorm(gamma, beta, w, 1e-6)
+    got = P.silu_gemm(x, fold.weight, SMALL[0] if DEVICE == "cpu" else P.CONFIGS[3], norm=fold)
+    ref32, ref_lowp = _refs(x, gamma, beta, w, 1e-6)
+    assert_hstu_close(got, ref32, ref_lowp, eps=1e-4)
+
+
+def test_fold_and_append_reject_bad_inputs():
+    x, gamma, beta, w = _layer_inputs(4, 32, 32, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="gamma, beta"):
+        FU.fold_layernorm(gamma[:-1], beta, w, 1e-6)
+    fold = FU.fold_layernorm(gamma, beta, w, 1e-6)
+    with pytest.raises(ValueError, match="folded weight must be the weight"):
+        P.silu_gemm(x, w, SMALL[0], norm=fold)
+    cache, meta = _paged_batch([4], [0], [0], 2, 8, 16, torch.float32, 0)  # heads*D 16, not 32
+    append = FU.CacheAppend(cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
+    with pytest.raises(ValueError, match="heads\\*D = 32"):
+        P.silu_gemm(x, fold.weight, SMALL[0], norm=fold, append=append)
+
+
+def test_project_normed_falls_back_to_the_separate_path(monkeypatch):
+    """Off CUDA (or with HSTU_FUSED_INPUT=0) the separate path runs and the fold is never
+    computed."""
+    calls = []
+
+    def fold():
+        calls.append("fold")
+        raise AssertionError("not needed")
+
+    x = torch.randn(3, 8)
+    if DEVICE == "cuda":
+        monkeypatch.setenv(FU.FUSED_INPUT_ENV, "0")
+    assert FU.project_normed(x, fold, lambda: x * 2) is not None
+    assert calls == []
+
+
+def test_layer_cached_path_with_the_fused_projection(monkeypatch):
+    """The layer's cached path with the fused kernel forced (interpreter on the CPU): the
+    same outputs and the same cache as the separate path (LayerNorm, projection, append_kv),
+    chunk after chunk, so k and v land in the right planes and rows."""
+    import triton.language as tl
+
+    from hstu_kernels.model import HSTUBlock
+
+    if DEVICE == "cuda":
+        pytest.skip("the GPU runs this through tests/test_block.py")
+    if type(tl.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    monkeypatch.setattr(P, "_KERNELS", None)
+    monkeypatch.setattr(P, "_triton_ok", lambda h: True)
+
+    def run(fused: bool):
+        monkeypatch.setattr(FU, "_CHOICES", {})
+        monkeypatch.setenv(FU.FUSED_INPUT_ENV, "1" if fused else "0")
+        # fused: every shape's timing picks the first small config
+        monkeypatch.setattr(P, "CONFIGS", (SMALL[0],))
+        monkeypatch.setattr(FU, "_time", lambda *a: SMALL[0])
+        monkeypatch.setattr(FU, "_can_time", lambda x: True)
+        block = HSTUBlock(
+            num_layers=2, hidden=32, heads=2, head_dim=16, scaling_seqlen=64,
+            dtype=torch.float16, seed=3,
+        )  # fmt: skip
+        cache = block.make_cache(num_pages=12, page_size=16)
+        gen = torch.Generator().manual_seed(2)
+        outs = []
+        for cached, new, tgt in (([0, 0], [20, 9], [0, 3]), ([20, 9], [7, 17], [2, 0])):
+            meta = cache.prepare([5, 6], cached, new, tgt)
+            x = torch.randn(sum(new) + sum(tgt), 32, generator=gen).half()
+            outs.append(block.forward_cached(x, meta, cache))
+        return outs, cache.pool.clone(), FU._CHOICES
+
+    sep_outs, sep_pool, sep_choices = run(False)
+    fused_outs, fused_pool, fused_choices = run(True)
+    assert not sep_choices and fused_choices and set(fused_choices.values()) == {SMALL[0]}
+    for a, b in zip(fused_outs, sep_outs, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused_pool, sep_pool, atol=2e-2, rtol=2e-2)
+    assert torch.isfinite(fused_pool).all()
