@@ -254,7 +254,16 @@ def _graph_run(use_graphs, histories, targets, splits, host_pages=0, num_pages=6
 
 
 @pytest.mark.gpu
-def test_graph_replay_equals_eager_and_spares_the_cache():
+@pytest.mark.parametrize("fused_input", ["timed", "forced"])
+def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch):
+    """``forced``: the projection with the input LayerNorm and the append fused in, whatever
+    the timing says (at these small shapes the separate path may win it)."""
+    from hstu_kernels.model import fusion
+    from hstu_kernels.model import projection as P
+
+    monkeypatch.setattr(fusion, "_CHOICES", {})
+    if fused_input == "forced":
+        monkeypatch.setattr(fusion, "_time", lambda *a: P.GemmConfig(64, 64, 64, 8, 4, 4))
     histories, targets = [300, 33, 1, 129], [17, 0, 5, 64]
     splits = [[0, 100, 290, 300], [0, 1, 33], [0, 1], [0, 128, 129]]
     _, c_e, _, eager, ref32, ref_lowp, by_e = _graph_run(False, histories, targets, splits)
