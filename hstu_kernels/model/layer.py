@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
-from hstu_kernels.model.fusion import CacheAppend, FoldedNorm, fold_layernorm, project_normed
+from hstu_kernels.model.fusion import CacheAppend, project_appending
 from hstu_kernels.model.projection import project_silu
 from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention
 
@@ -49,35 +49,19 @@ ROWS = 4  # rows per program of the row kernels
 
 
 def _kernels() -> dict:
-    """The Triton kernels (defined, and compiled, on first use)."""
+    """The Triton kernels (imported, and compiled, on first use; re-imported after a reset so
+    that a change of ``TRITON_INTERPRET`` takes effect)."""
     global _KERNELS
     if _KERNELS is None:
-        import triton
-        import triton.language as tl
+        import importlib
+        import sys
 
-        @triton.jit
-        def layernorm_kernel(
-            X, U, W, B, Y, rows, n_cols, stride_u, eps,
-            HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-        ):  # fmt: skip
-            r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-            cols = tl.arange(0, BLOCK)
-            mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
-            offs = r[:, None] * n_cols + cols[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.sum(x, axis=1) / n_cols
-            d = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
-            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            b = tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            y = d * rstd[:, None] * w[None, :] + b[None, :]
-            if HAS_U:
-                u_offs = r[:, None] * stride_u + cols[None, :]
-                u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
-                y = y * u
-            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-
-        _KERNELS = {"layernorm": layernorm_kernel}
+        name = "hstu_kernels.model.row_kernels"
+        reset = name in sys.modules  # imported before: decorate again (interpreter switch)
+        kernels = importlib.import_module(name)
+        if reset:
+            kernels = importlib.reload(kernels)
+        _KERNELS = {"layernorm": kernels.layernorm_kernel}
     return _KERNELS
 
 
@@ -126,9 +110,12 @@ def _row_layernorm(
     if rows:
         import triton
 
+        from hstu_kernels.pdl import launch_options
+
         _kernels()["layernorm"][(triton.cdiv(rows, ROWS),)](
             x, x if u is None else u, weight, bias, y, rows, n,
             0 if u is None else u.stride(0), eps, HAS_U=u is not None, **_launch_args(n),
+            **launch_options(x),
         )  # fmt: skip
     return y
 
@@ -208,16 +195,6 @@ class HSTULayer(nn.Module):
         self.norm_attn_weight = param(inner, std=0.1, mean=1.0)
         self.norm_attn_bias = param(inner, std=0.1)
         self.out_weight = param(hidden, inner, std=1 / math.sqrt(inner))
-        self._fold: tuple | None = None  # (parameter stamp, FoldedNorm)
-
-    def folded_norm(self) -> FoldedNorm:
-        """The input LayerNorm folded into the projection weight (recomputed when any of
-        the three parameters changes)."""
-        params = (self.norm_in_weight, self.norm_in_bias, self.uvqk_weight)
-        stamp = (*((p.data_ptr(), p._version) for p in params), self.eps)
-        if self._fold is None or self._fold[0] != stamp:
-            self._fold = (stamp, fold_layernorm(*params, self.eps))
-        return self._fold[1]
 
     def project(
         self, x: torch.Tensor, *, append: Callable[[torch.Tensor, torch.Tensor], None] | None = None
@@ -226,32 +203,32 @@ class HSTULayer(nn.Module):
         their SiLU and contiguous (slots of one ``[4, T, heads*D]`` buffer).
 
         ``append(k, v)``, if given, is called with the new ``k``/``v`` (the cached path's
-        append). On CUDA the input LayerNorm may run inside the projection GEMM
-        (:mod:`~hstu_kernels.model.fusion`).
+        append).
         """
         return self._project(x, append, None)
 
     def _project(self, x, append, cache: CacheAppend | None) -> tuple[torch.Tensor, ...]:
-        """:meth:`project`; ``cache``: where the fused kernel may append k/v itself (then
-        ``append`` runs only on the separate path)."""
+        """:meth:`project`; ``cache``: where the projection's epilogue may write the new k/v
+        itself (:mod:`~hstu_kernels.model.fusion`; ``append`` then runs only if the separate
+        path is taken)."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
         if x.dtype != self.uvqk_weight.dtype:
             raise TypeError(f"x: expected dtype {self.uvqk_weight.dtype}, got {x.dtype}")
         tokens = x.shape[0]
         shape = (tokens, self.heads, self.head_dim)
+        h = layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
 
         def separate() -> torch.Tensor:
-            h = layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
             uvqk = project_silu(h, self.uvqk_weight)  # one GEMM, SiLU fused
             if append is not None:
                 append(uvqk[3].view(shape), uvqk[1].view(shape))
             return uvqk
 
-        if append is not None and cache is None:
+        if cache is None:
             uvqk = separate()
         else:
-            uvqk = project_normed(x, self.folded_norm, separate, append=cache)
+            uvqk = project_appending(h, self.uvqk_weight, cache, separate)
         u, v, q, k = uvqk.unbind(0)
         return u, q.view(shape), k.view(shape), v.view(shape)
 
@@ -328,7 +305,7 @@ class HSTULayer(nn.Module):
             )
 
         # The projection may write k/v into the pages itself: only where no backend was
-        # forced and nothing is to be validated (the op does both).
+        # forced and nothing is to be validated (the append op does both).
         fuse = backend == "auto" and not validate
         cache = (
             CacheAppend(kv_cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from hstu_kernels.model.fusion import CacheAppend, FoldedNorm
+    from hstu_kernels.model.fusion import CacheAppend
 
 __all__ = [
     "CONFIGS",
@@ -185,30 +185,25 @@ def silu_gemm(
     config: GemmConfig,
     *,
     out: torch.Tensor | None = None,
-    norm: FoldedNorm | None = None,
     append: CacheAppend | None = None,
 ) -> torch.Tensor:
     """The fused Triton kernel: ``SiLU(h @ weight)`` as ``[4, T, inner]``, with the given tile
     config (``config.block_n`` must divide ``inner``). Writes into ``out`` if given.
 
-    ``norm`` (a :class:`~hstu_kernels.model.fusion.FoldedNorm`, whose ``weight`` must be the
-    ``weight`` passed): ``h`` is the un-normalised input and the kernel computes
-    ``SiLU(LayerNorm(h) @ W)`` (see :func:`~hstu_kernels.model.fusion.fold_layernorm`).
     ``append`` (a :class:`~hstu_kernels.model.fusion.CacheAppend`): the ``k`` and ``v``
     slots' new history rows are also written into the paged cache, as ``append_kv`` would.
     """
     import triton
+
+    from hstu_kernels.pdl import launch_options
 
     inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
         return out
     h, weight = h.contiguous(), weight.contiguous()  # the kernel assumes unit column strides
-    if norm is not None and norm.weight.data_ptr() != weight.data_ptr():
-        raise ValueError("norm: its folded weight must be the weight passed")
-    colsum, wbias, eps = (norm.colsum, norm.bias, norm.eps) if norm is not None else (h, h, 0.0)
     if append is not None:
-        append.check(tokens, inner, h)
+        append.check(inner, h)
         kv, t = append.kv_cache, append.page_table
         cache_args = (
             kv, append.cu_seqlens, append.num_targets, t.page_ids, t.page_indptr,
@@ -219,12 +214,12 @@ def silu_gemm(
         cache_args, page_size, steps = (h, h, h, h, h, h, 0, 0, 0, 0), 16, 1
     grid = (triton.cdiv(tokens, config.block_m) * (SLOTS * inner // config.block_n),)
     _kernels()["silu_gemm"][grid](
-        h, weight, out, tokens, k, inner, colsum, wbias, eps, *cache_args,
+        h, weight, out, tokens, k, inner, *cache_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0,
-        FAST_SILU=_fast_silu(h), NORM=norm is not None, APPEND=append is not None,
-        PAGE_SIZE=page_size, SEARCH_STEPS=steps,
-        num_stages=config.num_stages, num_warps=config.num_warps,
+        FAST_SILU=_fast_silu(h), APPEND=append is not None, PAGE_SIZE=page_size,
+        SEARCH_STEPS=steps, num_stages=config.num_stages, num_warps=config.num_warps,
+        **launch_options(h),
     )  # fmt: skip
     return out
 
@@ -291,6 +286,8 @@ def silu_gemm_tma(
     :func:`tma_unsupported` says it cannot run."""
     import triton
 
+    from hstu_kernels.pdl import launch_options
+
     inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
@@ -312,6 +309,7 @@ def silu_gemm_tma(
         h_desc, w_desc, out_desc, tokens, k, inner,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
         FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), num_stages=config.num_stages, num_warps=config.num_warps,
+        **launch_options(h),
     )  # fmt: skip
     return out
 
@@ -321,6 +319,8 @@ def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = Non
     any row stride) as a contiguous ``[4, rows, inner]``. Writes into ``out`` if given."""
     import triton
 
+    from hstu_kernels.pdl import launch_options
+
     rows = uvqk.shape[0]
     if uvqk.dim() != 2 or uvqk.shape[1] != SLOTS * inner or uvqk.stride(1) != 1:
         raise ValueError(f"uvqk: expected [rows, {SLOTS * inner}] with unit column stride")
@@ -329,8 +329,9 @@ def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = Non
         block = triton.next_power_of_2(inner)
         warps = min(16, max(4, SPLIT_ROWS * block // 512))
         _kernels()["silu_split"][(triton.cdiv(rows, SPLIT_ROWS), SLOTS)](
-            uvqk, out, rows, inner, uvqk.stride(0), ROWS=SPLIT_ROWS, BLOCK=block, num_warps=warps
-        )
+            uvqk, out, rows, inner, uvqk.stride(0), ROWS=SPLIT_ROWS, BLOCK=block,
+            num_warps=warps, **launch_options(uvqk),
+        )  # fmt: skip
     return out
 
 

@@ -7,6 +7,8 @@ re-decorated (module reload) when the interpreter is switched on, as the CPU tes
 import triton
 import triton.language as tl
 
+from hstu_kernels.pdl_triton import pdl_start
+
 
 @triton.jit
 def silu_f32(x, FAST: tl.constexpr):
@@ -62,20 +64,18 @@ def append_rows(
 @triton.jit
 def silu_gemm_kernel(
     H, W, OUT, M, K, inner,
-    COLSUM, WBIAS, eps,
     KV, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch,
     stride_page, stride_kv, stride_slot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FAST_SILU: tl.constexpr,
-    NORM: tl.constexpr = False, APPEND: tl.constexpr = False,
-    PAGE_SIZE: tl.constexpr = 16, SEARCH_STEPS: tl.constexpr = 1,
+    APPEND: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 16,
+    SEARCH_STEPS: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
-    # H [M, K], W [K, 4 * inner] and OUT [4, M, inner] are contiguous.
-    # NORM: H is the un-normalised x and W = diag(gamma) W_uvqk, so LayerNorm(x) @ W_uvqk
-    # = rstd * (x @ W - mean * COLSUM) + WBIAS, with COLSUM the column sums of W and
-    # WBIAS = beta @ W_uvqk (fp32); the row statistics come from the K loop's own loads of x,
-    # so the LayerNorm costs no pass of its own. APPEND: the k and v tiles are also written
-    # into their rows of the paged cache KV (new history rows only), as append_kv would.
+    # H [M, K], W [K, 4 * inner] and OUT [4, M, inner] are contiguous. APPEND: the k and v
+    # tiles are also written into their rows of the paged cache KV (new history rows only),
+    # as append_kv would, which saves that kernel's launch and its re-read of k and v.
+    if USE_PDL:
+        pdl_start()
     n_cols = 4 * inner
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -97,8 +97,6 @@ def silu_gemm_kernel(
     h_ptrs = H + rows_in[:, None] * K + ks[None, :]
     w_ptrs = W + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(h_ptrs)
@@ -107,21 +105,10 @@ def silu_gemm_kernel(
             k_left = K - k0 * BLOCK_K
             a = tl.load(h_ptrs, mask=ks[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
-        if NORM:
-            a32 = a.to(tl.float32)
-            row_sum += tl.sum(a32, axis=1)
-            row_sq += tl.sum(a32 * a32, axis=1)
         acc = tl.dot(a, b, acc)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * n_cols
 
-    if NORM:
-        mean = row_sum / K
-        # E[x^2] - mean^2 in fp32: exact enough unless |mean| is ~1e3 standard deviations
-        rstd = 1.0 / tl.sqrt(tl.maximum(row_sq / K - mean * mean, 0.0) + eps)
-        colsum = tl.load(COLSUM + cols)
-        wbias = tl.load(WBIAS + cols)
-        acc = (acc - mean[:, None] * colsum[None, :]) * rstd[:, None] + wbias[None, :]
     y = silu_f32(acc, FAST_SILU)  # on the fp32 accumulator: one rounding, at the store
     y = y.to(OUT.dtype.element_ty)
     slot = (pid_n * BLOCK_N) // inner  # the tile lies inside one column group
@@ -142,7 +129,12 @@ def silu_gemm_kernel(
 
 
 @triton.jit
-def silu_split_kernel(SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def silu_split_kernel(
+    SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
+):  # fmt: skip
+    if USE_PDL:
+        pdl_start()
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     part = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -159,8 +151,10 @@ def silu_gemm_tma_kernel(
     h_desc, w_desc, out_desc, M, K, inner,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-    FAST_SILU: tl.constexpr,
+    FAST_SILU: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
+    if USE_PDL:
+        pdl_start()
     # h_desc [M, K] in [BLOCK_M, BLOCK_K] blocks, w_desc [K, 4 * inner] in
     # [BLOCK_K, BLOCK_N], out_desc [4, M, inner] in [1, BLOCK_M, BLOCK_N // 2]. A 3-d
     # output descriptor, not [4 * M, inner]: TMA clips a store at each dimension's end,

@@ -15,10 +15,7 @@ HSTU needs no softmax rescaling, so the partial sums of KV chunks simply add. Tw
 combine them (both deterministic and CUDA-graph capturable: sizes come from shapes only):
 
 - paged (every tile alike, split evenly into ``splits`` chunks): each program writes its fp32
-  partial into a workspace; when the whole grid fits on the GPU at once, the splits of a tile
-  wait for each other at a counter and each sums a share of the tile's rows in chunk order
-  (no second kernel: at B=1 its launch cost as much as the sum); otherwise a second kernel
-  sums them in the same order;
+  partial into a workspace and a second kernel sums them in a fixed order;
 - jagged (tiles of very different lengths): chunks have a fixed length, so only the long
   tiles are split; a short tile's single program stores its output directly, and the chunks
   of a long one take tickets from the tile's counter after writing their partials: the
@@ -31,7 +28,6 @@ combine them (both deterministic and CUDA-graph capturable: sizes come from shap
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -39,6 +35,8 @@ import triton.language as tl
 
 from hstu_kernels.backends.triton.config import Config
 from hstu_kernels.dispatch import sm_count
+from hstu_kernels.pdl import launch_options
+from hstu_kernels.pdl_triton import pdl_start
 
 LOG2E = math.log2(math.e)
 
@@ -250,8 +248,6 @@ def _attend_tile(
     FIXUP: tl.constexpr,
     FIXUP_ROWS: tl.constexpr,
     STREAM_K: tl.constexpr,
-    GROUP_REDUCE: tl.constexpr,
-    REDUCE_ROWS: tl.constexpr,
 ):
     """Query tile ``m_tile`` of (sequence, head) ``pid_hb``: piece ``split`` of ``splits``.
 
@@ -379,30 +375,6 @@ def _attend_tile(
                         cache_modifier=".cg",  # written by other SMs: read from L2, not L1
                     )
                 tl.store(OUT + off_r, total.to(OUT.dtype.element_ty), mask=ok_r)
-    if GROUP_REDUCE and n_chunks > 1:
-        # The splits of a tile wait for each other, then each sums a share of its rows: the
-        # reduction is spread over the tile's programs, as the sum kernel spreads it over
-        # the GPU, without that kernel's launch. The host takes this path only when every
-        # program of the grid fits on the GPU at once, so no split waits for one that has
-        # no SM to run on.
-        tl.debug_barrier()
-        tile = pid_hb * num_m_tiles + m_tile
-        tl.atomic_add(TICKETS + tile, 1, sem="release", scope="gpu")
-        arrived = tl.atomic_add(TICKETS + tile, 0, sem="acquire", scope="gpu")
-        while arrived < n_chunks:
-            arrived = tl.atomic_add(TICKETS + tile, 0, sem="acquire", scope="gpu")
-        for r0 in tl.static_range(0, BLOCK_M, REDUCE_ROWS):
-            if (r0 // REDUCE_ROWS) % n_chunks == split:  # slices dealt round robin
-                rows_r = m0 + r0 + tl.arange(0, REDUCE_ROWS)
-                off_r = row_base + rows_r[:, None] * stride_tok + offs_d[None, :]
-                ok_r = (rows_r < Lq)[:, None]
-                total = tl.zeros([REDUCE_ROWS, HEAD_DIM], dtype=tl.float32)
-                for c in range(0, n_chunks):
-                    total += tl.load(
-                        WS + c * ws_stride_split + off_r, mask=ok_r, other=0.0,
-                        cache_modifier=".cg",
-                    )  # fmt: skip
-                tl.store(OUT + off_r, total.to(OUT.dtype.element_ty), mask=ok_r)
 
 
 @triton.jit
@@ -443,9 +415,10 @@ def _hstu_fwd_kernel(
     FIXUP: tl.constexpr,
     FIXUP_ROWS: tl.constexpr,
     STREAM_K: tl.constexpr,
-    GROUP_REDUCE: tl.constexpr,
-    REDUCE_ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:
+        pdl_start()
     if STREAM_K:
         # A 1-d grid of P programs shares the num_tiles * units work units evenly: program p
         # takes units [p*W/P, (p+1)*W/P), so a tile is cut where a program's share ends and
@@ -487,13 +460,15 @@ def _hstu_fwd_kernel(
             stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
             neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, HEAD_DIM,
             BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU, PREFETCH, FIXUP,
-            FIXUP_ROWS, STREAM_K, GROUP_REDUCE, REDUCE_ROWS,
+            FIXUP_ROWS, STREAM_K,
         )  # fmt: skip
 
 
 @triton.jit
-def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr):
+def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     """``OUT = sum_s WS[s]`` in a fixed order, cast to OUT's dtype."""
+    if USE_PDL:
+        pdl_start()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -546,22 +521,6 @@ def choose_splits(programs: int, kv_tiles: int, device: torch.device, causal: bo
         if cost < best_cost * 0.98:  # a bigger split must win by more than noise
             best, best_cost = s, cost
     return best
-
-
-SPLIT_REDUCE_ENV = "HSTU_TRITON_SPLIT_REDUCE"
-
-
-def _group_reduce_allowed(grid: int, device: torch.device) -> bool:
-    """Whether the splits of a paged tile may sum their partials themselves (waiting for
-    each other) instead of in a second kernel: only when all ``grid`` programs fit on the
-    GPU at once (one per SM), never in the interpreter (it runs programs one after another),
-    and not with ``HSTU_TRITON_SPLIT_REDUCE=kernel`` (for a GPU shared through MPS, where
-    fewer SMs than the device reports may be free)."""
-    if os.environ.get(SPLIT_REDUCE_ENV, "group") == "kernel" or device.type != "cuda":
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    return grid <= sm_count(device)
 
 
 def launch(
@@ -635,13 +594,7 @@ def launch(
     ws = tickets = out  # unused unless split
     if splits > 1:
         ws = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-    group_reduce = (
-        splits > 1
-        and not fixup
-        and not config.stream_k
-        and _group_reduce_allowed(programs * splits, q.device)
-    )
-    if (fixup or config.stream_k or group_reduce) and splits > 1:  # pieces meet by ticket
+    if (fixup or config.stream_k) and splits > 1:  # pieces combined by ticket
         tickets = torch.zeros(programs, dtype=torch.int32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if fast_silu is None:
@@ -655,11 +608,10 @@ def launch(
         PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision,
         FAST_SILU=fast_silu, PREFETCH=config.prefetch, FIXUP=fixup,
         FIXUP_ROWS=min(config.block_m, 32), STREAM_K=config.stream_k,
-        GROUP_REDUCE=group_reduce, REDUCE_ROWS=min(config.block_m, 8),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(q),
     )  # fmt: skip
-    if splits > 1 and not fixup and not config.stream_k and not group_reduce:
+    if splits > 1 and not fixup and not config.stream_k:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(q.numel(), block),)](
-            ws, out, q.numel(), splits, BLOCK=block, num_warps=4
+            ws, out, q.numel(), splits, BLOCK=block, num_warps=4, **launch_options(q)
         )
