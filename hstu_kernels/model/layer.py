@@ -110,12 +110,9 @@ def _row_layernorm(
     if rows:
         import triton
 
-        from hstu_kernels.pdl import launch_options
-
         _kernels()["layernorm"][(triton.cdiv(rows, ROWS),)](
             x, x if u is None else u, weight, bias, y, rows, n,
             0 if u is None else u.stride(0), eps, HAS_U=u is not None, **_launch_args(n),
-            **launch_options(x),
         )  # fmt: skip
     return y
 

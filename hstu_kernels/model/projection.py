@@ -195,8 +195,6 @@ def silu_gemm(
     """
     import triton
 
-    from hstu_kernels.pdl import launch_options
-
     inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
@@ -219,7 +217,6 @@ def silu_gemm(
         GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0,
         FAST_SILU=_fast_silu(h), APPEND=append is not None, PAGE_SIZE=page_size,
         SEARCH_STEPS=steps, num_stages=config.num_stages, num_warps=config.num_warps,
-        **launch_options(h),
     )  # fmt: skip
     return out
 
@@ -286,8 +283,6 @@ def silu_gemm_tma(
     :func:`tma_unsupported` says it cannot run."""
     import triton
 
-    from hstu_kernels.pdl import launch_options
-
     inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
@@ -309,7 +304,6 @@ def silu_gemm_tma(
         h_desc, w_desc, out_desc, tokens, k, inner,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
         FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), num_stages=config.num_stages, num_warps=config.num_warps,
-        **launch_options(h),
     )  # fmt: skip
     return out
 
@@ -318,8 +312,6 @@ def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = Non
     """The SiLU/split pass (Triton): SiLU of ``uvqk [rows, 4 * inner]`` (unit column stride,
     any row stride) as a contiguous ``[4, rows, inner]``. Writes into ``out`` if given."""
     import triton
-
-    from hstu_kernels.pdl import launch_options
 
     rows = uvqk.shape[0]
     if uvqk.dim() != 2 or uvqk.shape[1] != SLOTS * inner or uvqk.stride(1) != 1:
@@ -330,7 +322,7 @@ def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = Non
         warps = min(16, max(4, SPLIT_ROWS * block // 512))
         _kernels()["silu_split"][(triton.cdiv(rows, SPLIT_ROWS), SLOTS)](
             uvqk, out, rows, inner, uvqk.stride(0), ROWS=SPLIT_ROWS, BLOCK=block,
-            num_warps=warps, **launch_options(uvqk),
+            num_warps=warps,
         )  # fmt: skip
     return out
 

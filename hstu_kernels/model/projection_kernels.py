@@ -7,8 +7,6 @@ re-decorated (module reload) when the interpreter is switched on, as the CPU tes
 import triton
 import triton.language as tl
 
-from hstu_kernels.pdl_triton import pdl_start
-
 
 @triton.jit
 def silu_f32(x, FAST: tl.constexpr):
@@ -69,13 +67,11 @@ def silu_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FAST_SILU: tl.constexpr,
     APPEND: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 16,
-    SEARCH_STEPS: tl.constexpr = 1, USE_PDL: tl.constexpr = False,
+    SEARCH_STEPS: tl.constexpr = 1,
 ):  # fmt: skip
     # H [M, K], W [K, 4 * inner] and OUT [4, M, inner] are contiguous. APPEND: the k and v
     # tiles are also written into their rows of the paged cache KV (new history rows only),
     # as append_kv would, which saves that kernel's launch and its re-read of k and v.
-    if USE_PDL:
-        pdl_start()
     n_cols = 4 * inner
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -131,10 +127,7 @@ def silu_gemm_kernel(
 @triton.jit
 def silu_split_kernel(
     SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
-    if USE_PDL:
-        pdl_start()
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     part = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -151,10 +144,8 @@ def silu_gemm_tma_kernel(
     h_desc, w_desc, out_desc, M, K, inner,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-    FAST_SILU: tl.constexpr, USE_PDL: tl.constexpr = False,
+    FAST_SILU: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:
-        pdl_start()
     # h_desc [M, K] in [BLOCK_M, BLOCK_K] blocks, w_desc [K, 4 * inner] in
     # [BLOCK_K, BLOCK_N], out_desc [4, M, inner] in [1, BLOCK_M, BLOCK_N // 2]. A 3-d
     # output descriptor, not [4 * M, inner]: TMA clips a store at each dimension's end,

@@ -7,18 +7,13 @@ re-decorated (module reload) when the interpreter is switched on, as the CPU tes
 import triton
 import triton.language as tl
 
-from hstu_kernels.pdl_triton import pdl_start
-
 
 @triton.jit
 def layernorm_kernel(
     X, U, W, B, Y, rows, n_cols, stride_u, eps,
     HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """``Y = LayerNorm(X) (* U)`` for ``ROWS`` rows of ``n_cols`` per program."""
-    if USE_PDL:
-        pdl_start()
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (r < rows)[:, None] & (cols < n_cols)[None, :]

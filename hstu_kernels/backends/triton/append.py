@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hstu_kernels.pdl import launch_options
-from hstu_kernels.pdl_triton import pdl_start
 from hstu_kernels.types import PageTable
 
 
@@ -37,10 +35,7 @@ def _append_kv_kernel(
     SEARCH_STEPS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):
-    if USE_PDL:
-        pdl_start()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_range = rows < total_rows
     # Largest b with cu[b] <= row (empty sequences share an offset with the next one).
@@ -98,5 +93,5 @@ def append_kv(
         total, batch, width, k.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         PAGE_SIZE=kv_cache.shape[2], SEARCH_STEPS=max(1, batch.bit_length()),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4, **launch_options(k),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip

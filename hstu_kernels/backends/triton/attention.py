@@ -35,8 +35,6 @@ import triton.language as tl
 
 from hstu_kernels.backends.triton.config import Config
 from hstu_kernels.dispatch import sm_count
-from hstu_kernels.pdl import launch_options
-from hstu_kernels.pdl_triton import pdl_start
 
 LOG2E = math.log2(math.e)
 
@@ -415,10 +413,7 @@ def _hstu_fwd_kernel(
     FIXUP: tl.constexpr,
     FIXUP_ROWS: tl.constexpr,
     STREAM_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):
-    if USE_PDL:
-        pdl_start()
     if STREAM_K:
         # A 1-d grid of P programs shares the num_tiles * units work units evenly: program p
         # takes units [p*W/P, (p+1)*W/P), so a tile is cut where a program's share ends and
@@ -465,10 +460,8 @@ def _hstu_fwd_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr):
     """``OUT = sum_s WS[s]`` in a fixed order, cast to OUT's dtype."""
-    if USE_PDL:
-        pdl_start()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -608,10 +601,10 @@ def launch(
         PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision,
         FAST_SILU=fast_silu, PREFETCH=config.prefetch, FIXUP=fixup,
         FIXUP_ROWS=min(config.block_m, 32), STREAM_K=config.stream_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(q),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1 and not fixup and not config.stream_k:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(q.numel(), block),)](
-            ws, out, q.numel(), splits, BLOCK=block, num_warps=4, **launch_options(q)
+            ws, out, q.numel(), splits, BLOCK=block, num_warps=4
         )
