@@ -7,6 +7,9 @@ re-decorated (module reload) when the interpreter is switched on, as the CPU tes
 import triton
 import triton.language as tl
 
+# the append contract's row -> page slot mapping, one implementation for both writers
+from hstu_kernels.backends.triton.append import cache_slots
+
 
 @triton.jit
 def silu_f32(x, FAST: tl.constexpr):
@@ -26,37 +29,6 @@ def silu_f32(x, FAST: tl.constexpr):
         return h + h * t
     else:
         return x * tl.sigmoid(x)
-
-
-@triton.jit
-def append_rows(
-    rows, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page, stride_slot,
-    PAGE_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-):  # fmt: skip
-    """Element offsets in the cache (relative to its K or V plane) of packed rows ``rows``,
-    and whether each is a new history row (targets and rows past the batch are not)."""
-    total = tl.load(CU + batch)
-    in_range = rows < total
-    # largest b with cu[b] <= row (empty sequences share an offset with the next one)
-    lo = tl.zeros_like(rows)
-    hi = tl.zeros_like(rows) + (batch - 1)
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        go_right = tl.load(CU + mid, mask=in_range, other=0) <= rows
-        active = lo < hi
-        hi = tl.where(active & ~go_right, mid - 1, hi)
-        lo = tl.where(active & go_right, mid, lo)
-    start = tl.load(CU + lo, mask=in_range, other=0)
-    length = tl.load(CU + lo + 1, mask=in_range, other=0) - start
-    new = length - tl.load(NUM_TARGETS + lo, mask=in_range, other=0)
-    i = rows - start
-    is_new = in_range & (i < new)
-    page_start = tl.load(PAGE_INDPTR + lo, mask=is_new, other=0)
-    num_pages = tl.load(PAGE_INDPTR + lo + 1, mask=is_new, other=1) - page_start
-    history = (num_pages - 1) * PAGE_SIZE + tl.load(LAST_LEN + lo, mask=is_new, other=0)
-    pos = history - new + i
-    page = tl.load(PAGE_IDS + page_start + pos // PAGE_SIZE, mask=is_new, other=0)
-    return page.to(tl.int64) * stride_page + (pos % PAGE_SIZE) * stride_slot, is_new
 
 
 @triton.jit
@@ -116,8 +88,8 @@ def silu_gemm_kernel(
     if APPEND:  # noqa: SIM102 (a constexpr test apart from the runtime one)
         if slot % 2 == 1:  # slots u, v, q, k: v (1) goes to plane 1, k (3) to plane 0
             plane = (3 - slot) // 2
-            cache_off, is_new = append_rows(
-                rows, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page,
+            cache_off, is_new = cache_slots(
+                rows, M, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page,
                 stride_slot, PAGE_SIZE, SEARCH_STEPS,
             )  # fmt: skip
             kv_dst = KV + plane * stride_kv + cache_off[:, None] + out_cols[None, :]

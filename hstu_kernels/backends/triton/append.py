@@ -15,6 +15,39 @@ from hstu_kernels.types import PageTable
 
 
 @triton.jit
+def cache_slots(
+    rows, total_rows, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page,
+    stride_slot, PAGE_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):  # fmt: skip
+    """Where packed rows ``rows`` go in the cache: element offsets relative to its K (or V)
+    plane, and whether each is a new history row (targets and rows past the batch are not).
+    Shared with the projection kernel that appends from its epilogue, so that both write
+    exactly where ``append_kv`` says."""
+    in_range = rows < total_rows
+    # Largest b with cu[b] <= row (empty sequences share an offset with the next one).
+    lo = tl.zeros_like(rows)
+    hi = tl.zeros_like(rows) + (batch - 1)
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        active = lo < hi
+        go_right = tl.load(CU + mid, mask=in_range, other=0) <= rows
+        hi = tl.where(active & ~go_right, mid - 1, hi)
+        lo = tl.where(active & go_right, mid, lo)
+    b = lo
+    start = tl.load(CU + b, mask=in_range, other=0)
+    length = tl.load(CU + b + 1, mask=in_range, other=0) - start
+    new = length - tl.load(NUM_TARGETS + b, mask=in_range, other=0)
+    i = rows - start
+    is_new = in_range & (i < new)
+    page_start = tl.load(PAGE_INDPTR + b, mask=is_new, other=0)
+    num_pages = tl.load(PAGE_INDPTR + b + 1, mask=is_new, other=1) - page_start
+    history = (num_pages - 1) * PAGE_SIZE + tl.load(LAST_LEN + b, mask=is_new, other=0)
+    pos = history - new + i
+    page = tl.load(PAGE_IDS + page_start + pos // PAGE_SIZE, mask=is_new, other=0)
+    return page.to(tl.int64) * stride_page + (pos % PAGE_SIZE) * stride_slot, is_new
+
+
+@triton.jit
 def _append_kv_kernel(
     K,
     V,
@@ -37,28 +70,10 @@ def _append_kv_kernel(
     BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    in_range = rows < total_rows
-    # Largest b with cu[b] <= row (empty sequences share an offset with the next one).
-    lo = tl.zeros([BLOCK_R], dtype=tl.int32)
-    hi = tl.zeros([BLOCK_R], dtype=tl.int32) + (batch - 1)
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        active = lo < hi
-        go_right = tl.load(CU + mid, mask=in_range, other=0) <= rows
-        hi = tl.where(active & ~go_right, mid - 1, hi)
-        lo = tl.where(active & go_right, mid, lo)
-    b = lo
-    start = tl.load(CU + b, mask=in_range, other=0)
-    length = tl.load(CU + b + 1, mask=in_range, other=0) - start
-    new = length - tl.load(NUM_TARGETS + b, mask=in_range, other=0)
-    i = rows - start
-    is_new = in_range & (i < new)
-    page_start = tl.load(PAGE_INDPTR + b, mask=is_new, other=0)
-    num_pages = tl.load(PAGE_INDPTR + b + 1, mask=is_new, other=1) - page_start
-    history = (num_pages - 1) * PAGE_SIZE + tl.load(LAST_LEN + b, mask=is_new, other=0)
-    pos = history - new + i
-    page = tl.load(PAGE_IDS + page_start + pos // PAGE_SIZE, mask=is_new, other=0)
-    dst = page.to(tl.int64) * stride_page + (pos % PAGE_SIZE) * stride_slot
+    dst, is_new = cache_slots(
+        rows, total_rows, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page,
+        stride_slot, PAGE_SIZE, SEARCH_STEPS,
+    )  # fmt: skip
     src = rows.to(tl.int64) * stride_tok
     for c0 in range(0, row_width, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
