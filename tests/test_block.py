@@ -331,14 +331,17 @@ def test_padded_bucket_rows_change_nothing_cpu():
         assert torch.equal(pool1[:, 0], torch.zeros_like(pool1[:, 0]))  # the dummy page
 
 
+@pytest.mark.parametrize("per_program", [1, 2])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_layer_row_kernels(device, monkeypatch):
+def test_layer_row_kernels(device, per_program, monkeypatch):
     """The Triton row kernels of the layer (the interpreter on the CPU) against torch ops:
     odd row counts (not a multiple of the rows per program) and widths (not a power of 2)."""
     from hstu_kernels.model import layer as L
 
     if device == "cpu":
         _use_interpreter(monkeypatch)
+    monkeypatch.setattr(L, "SMALL_GRID_ROWS", 2048 if per_program == 1 else 4)
+    assert L.rows_per_program(7) == per_program
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     rows, n = 7, 200
