@@ -18,6 +18,9 @@ token of every layer, so on CUDA it is kept to one pass each:
   all four column groups in its epilogue, written as one ``[4, tokens, heads*D]`` buffer so
   that ``u``, ``q``, ``k``, ``v`` are the contiguous tensors the ops take (it falls back to
   cuBLAS + a SiLU/split pass where that is faster);
+- in the cached path, the new history ``k``/``v`` go into the pages from that GEMM's
+  epilogue where this times faster than the GEMM plus the ``append_kv`` op
+  (:mod:`~hstu_kernels.model.fusion`; only with ``backend="auto"`` and ``validate=False``);
 - ``layernorm_mul`` (a Triton row kernel): ``LayerNorm(a) * u``;
 - the residual: ``addmm`` accumulates into ``x`` itself (``inplace=True``) when the caller
   no longer needs ``x``, which saves the copy of ``x`` an out-of-place ``addmm`` makes.
@@ -203,21 +206,21 @@ class HSTULayer(nn.Module):
         self.norm_attn_bias = param(inner, std=0.1)
         self.out_weight = param(hidden, inner, std=1 / math.sqrt(inner))
 
-    def project(
-        self, x: torch.Tensor, *, append: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-    ) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``x [T, hidden]`` -> ``u [T, heads*D]`` and ``q, k, v [T, heads, D]``, all after
-        their SiLU and contiguous (slots of one ``[4, T, heads*D]`` buffer).
+        their SiLU and contiguous (slots of one ``[4, T, heads*D]`` buffer)."""
+        return self._project(x, None, None)
 
-        ``append(k, v)``, if given, is called with the new ``k``/``v`` (the cached path's
-        append).
-        """
-        return self._project(x, append, None)
-
-    def _project(self, x, append, cache: CacheAppend | None) -> tuple[torch.Tensor, ...]:
-        """:meth:`project`; ``cache``: where the projection's epilogue may write the new k/v
-        itself (:mod:`~hstu_kernels.model.fusion`; ``append`` then runs only if the separate
-        path is taken)."""
+    def _project(
+        self,
+        x: torch.Tensor,
+        append: Callable[[torch.Tensor, torch.Tensor], None] | None,
+        cache: CacheAppend | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """:meth:`project`, then ``append(k, v)`` (the cached path's append op) if given;
+        ``cache``: where the projection's epilogue may write the new k/v itself instead
+        (:mod:`~hstu_kernels.model.fusion`; ``append`` then runs only if the separate path
+        is taken)."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
         if x.dtype != self.uvqk_weight.dtype:
