@@ -321,9 +321,8 @@ def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = Non
         block = triton.next_power_of_2(inner)
         warps = min(16, max(4, SPLIT_ROWS * block // 512))
         _kernels()["silu_split"][(triton.cdiv(rows, SPLIT_ROWS), SLOTS)](
-            uvqk, out, rows, inner, uvqk.stride(0), ROWS=SPLIT_ROWS, BLOCK=block,
-            num_warps=warps,
-        )  # fmt: skip
+            uvqk, out, rows, inner, uvqk.stride(0), ROWS=SPLIT_ROWS, BLOCK=block, num_warps=warps
+        )
     return out
 
 

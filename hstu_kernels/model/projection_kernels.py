@@ -97,9 +97,7 @@ def silu_gemm_kernel(
 
 
 @triton.jit
-def silu_split_kernel(
-    SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+def silu_split_kernel(SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     part = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
