@@ -33,7 +33,6 @@ FUSED_APPEND_ENV = "HSTU_FUSED_APPEND"
 SEPARATE = "separate"  # project_silu, then the caller's append
 
 _CHOICES: dict[tuple, object] = {}  # shape key -> the winner of its timing
-TIMINGS: dict[tuple, dict] = {}  # shape key -> every candidate's time (ms), for reports
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,6 @@ def _time(
             continue
         if ok:
             times[config] = _graph_time(run)
-    TIMINGS[_shape_key(h, weight)] = times
     return min(times, key=times.get)
 
 

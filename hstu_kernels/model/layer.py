@@ -60,19 +60,35 @@ def rows_per_program(rows: int) -> int:
 
 
 def _kernels() -> dict:
-    """The Triton kernels (imported, and compiled, on first use; re-imported after a reset so
-    that a change of ``TRITON_INTERPRET`` takes effect)."""
+    """The Triton kernels (defined, and compiled, on first use)."""
     global _KERNELS
     if _KERNELS is None:
-        import importlib
-        import sys
+        import triton
+        import triton.language as tl
 
-        name = "hstu_kernels.model.row_kernels"
-        reset = name in sys.modules  # imported before: decorate again (interpreter switch)
-        kernels = importlib.import_module(name)
-        if reset:
-            kernels = importlib.reload(kernels)
-        _KERNELS = {"layernorm": kernels.layernorm_kernel}
+        @triton.jit
+        def layernorm_kernel(
+            X, U, W, B, Y, rows, n_cols, stride_u, eps,
+            HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        ):  # fmt: skip
+            r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            cols = tl.arange(0, BLOCK)
+            mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
+            offs = r[:, None] * n_cols + cols[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=1) / n_cols
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            b = tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            y = d * rstd[:, None] * w[None, :] + b[None, :]
+            if HAS_U:
+                u_offs = r[:, None] * stride_u + cols[None, :]
+                u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
+                y = y * u
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+        _KERNELS = {"layernorm": layernorm_kernel}
     return _KERNELS
 
 
@@ -122,10 +138,10 @@ def _row_layernorm(
     if rows:
         import triton
 
-        _kernels()["layernorm"][(triton.cdiv(rows, rows_per_program(rows)),)](
+        args = _launch_args(rows, n)
+        _kernels()["layernorm"][(triton.cdiv(rows, args["ROWS"]),)](
             x, x if u is None else u, weight, bias, y, rows, n,
-            0 if u is None else u.stride(0), eps, HAS_U=u is not None,
-            **_launch_args(rows, n),
+            0 if u is None else u.stride(0), eps, HAS_U=u is not None, **args,
         )  # fmt: skip
     return y
 
