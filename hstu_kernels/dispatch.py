@@ -77,6 +77,10 @@ class Backend:
     - ``paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q,
       spec, out) -> None``
     - ``append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets) -> None``
+    - optional, ``paged_partials(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q,
+      num_targets, max_seqlen_q, spec) -> Tensor``: the ``paged`` op that may return its
+      split KV range's fp32 partials ``[S, *q.shape]`` unsummed, else its output (see
+      ``ops.paged_hstu_attention_partials``)
 
     Implementations receive validated arguments: ``num_targets`` is always an int32 tensor,
     ``max_seqlen`` an int, ``spec`` a resolved :class:`~hstu_kernels.types.AttentionSpec`, and

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import torch
 
 from hstu_kernels import validation as val
-from hstu_kernels.dispatch import Request, device_arch, grid_tiles, select
+from hstu_kernels.dispatch import Backend, Request, device_arch, grid_tiles, select
 from hstu_kernels.types import AttentionSpec, PageTable
 
 __all__ = ["append_kv", "hstu_attention", "paged_hstu_attention"]
@@ -51,15 +50,15 @@ def _needs_host(
 
 
 def _select_sized(
-    request: Request, backend: str, batch: int, heads: int, max_seqlen: int, impl: Callable
-) -> Callable:
-    """``impl``, or the op of the backend chosen again now that the call's size is known, if
-    it was not when ``request`` was made (``max_seqlen`` read from the device): a backend
-    may decline a call by its size (``Backend.declines``)."""
+    request: Request, backend: str, batch: int, heads: int, max_seqlen: int, chosen: Backend
+) -> Backend:
+    """``chosen``, or the backend chosen again now that the call's size is known, if it was
+    not when ``request`` was made (``max_seqlen`` read from the device): a backend may
+    decline a call by its size (``Backend.declines``)."""
     if request.tiles is not None:
-        return impl
+        return chosen
     sized = dataclasses.replace(request, tiles=grid_tiles(batch, heads, max_seqlen))
-    return select(sized, backend).ops[request.op]
+    return select(sized, backend)
 
 
 def hstu_attention(
@@ -116,7 +115,7 @@ def hstu_attention(
         _features(num_contexts, max_attn_len),
         grid_tiles(batch, q.shape[1], max_seqlen),
     )
-    impl = select(request, backend).ops["jagged"]
+    chosen = select(request, backend)
 
     missing = [
         n for n, x in (("max_seqlen", max_seqlen), ("scaling_seqlen", scaling_seqlen)) if x is None
@@ -131,10 +130,10 @@ def hstu_attention(
             _check_contexts(num_contexts, [n - t for n, t in zip(host.lengths, host.targets)])
         max_seqlen = max_seqlen or max(longest, 1)
         scaling_seqlen = scaling_seqlen or max(longest, 1)
-    impl = _select_sized(request, backend, batch, q.shape[1], max_seqlen, impl)
+    chosen = _select_sized(request, backend, batch, q.shape[1], max_seqlen, chosen)
     spec = AttentionSpec(alpha, scaling_seqlen, num_contexts, max_attn_len)
     out = _check_out(out, q)
-    impl(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out)
+    chosen.ops["jagged"](q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out)
     return out
 
 
@@ -205,6 +204,65 @@ def paged_hstu_attention(
     Returns:
         ``[sum_b (N_b+T_b), heads, head_dim]`` in the dtype of ``q`` (``out`` if given).
     """
+    return _paged(
+        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
+        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, out,
+        partials=False,
+    )  # fmt: skip
+
+
+def paged_hstu_attention_partials(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: PageTable,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    num_targets: torch.Tensor | None = None,
+    num_contexts: int = 0,
+    max_attn_len: int = 0,
+    alpha: float | None = None,
+    scaling_seqlen: int | None = None,
+    max_seqlen_q: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """:func:`paged_hstu_attention`, for a caller that can sum a split KV range itself
+    (internal: the cached HSTU layer sums it in its LayerNorm kernel, saving a kernel).
+
+    Returns either the output ``[rows, heads, D]`` in ``q``'s dtype, or, where the chosen
+    backend split every query tile's KV range in ``S`` chunks, their fp32 partial outputs
+    ``[S, rows, heads, D]``: their sum in chunk order ``0 .. S-1`` (fp32), rounded to
+    ``q``'s dtype, is bit for bit what :func:`paged_hstu_attention` returns. Arguments,
+    checks and backend choice are those of :func:`paged_hstu_attention`.
+    """
+    return _paged(
+        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
+        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, None,
+        partials=True,
+    )  # fmt: skip
+
+
+def _paged(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: PageTable,
+    cu_seqlens_q: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    num_contexts: int,
+    max_attn_len: int,
+    alpha: float | None,
+    scaling_seqlen: int | None,
+    max_seqlen_q: int | None,
+    backend: str,
+    validate: bool,
+    out: torch.Tensor | None,
+    *,
+    partials: bool,
+) -> torch.Tensor:
     val.check_packed(("q", "k_new", "v_new"), q, k_new, v_new)
     page_size = val.check_kv_cache(kv_cache, q)
     cu_seqlens_q = val.check_offsets("cu_seqlens_q", cu_seqlens_q, q.device)
@@ -224,7 +282,7 @@ def paged_hstu_attention(
         _features(num_contexts, max_attn_len),
         grid_tiles(batch, q.shape[1], max_seqlen_q),
     )
-    impl = select(request, backend).ops["paged"]
+    chosen = select(request, backend)
 
     missing = [
         n
@@ -247,10 +305,13 @@ def paged_hstu_attention(
             _check_contexts(num_contexts, host.histories)
         max_seqlen_q = max_seqlen_q or max(max(host.lengths), 1)
         scaling_seqlen = scaling_seqlen or max(h + t for h, t in zip(host.histories, host.targets))
-    impl = _select_sized(request, backend, batch, q.shape[1], max_seqlen_q, impl)
+    chosen = _select_sized(request, backend, batch, q.shape[1], max_seqlen_q, chosen)
     spec = AttentionSpec(alpha, scaling_seqlen, num_contexts, max_attn_len)
+    args = (q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec)
+    if partials and "paged_partials" in chosen.ops:
+        return chosen.ops["paged_partials"](*args)
     out = _check_out(out, q)
-    impl(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out)
+    chosen.ops["paged"](*args, out)
     return out
 
 

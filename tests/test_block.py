@@ -351,11 +351,17 @@ def test_layer_row_kernels(device, per_program, monkeypatch):
 
     a, w, b, uvqk = rand(rows, n), rand(n), rand(n), rand(rows, 4 * n)
     u = uvqk[:, :n]  # strided (the layer passes a contiguous slot; any row stride works)
+    # A split attention's fp32 partials, summed by the kernel: as if summed first, bit for bit.
+    parts = torch.randn(3, rows, n, generator=gen).to(device)
+    summed = L.sum_partials(parts, dtype)
+    fused = L.layernorm_mul(parts, u, w, b, 1e-6)
+    assert torch.equal(fused, L.layernorm_mul(summed, u, w, b, 1e-6))
     cases = [
         (
             L.layernorm_mul(a, u, w, b, 1e-6),
             lambda t: F.layer_norm(t(a), (n,), t(w), t(b), 1e-6) * t(u),
         ),
+        (fused, lambda t: F.layer_norm(t(summed), (n,), t(w), t(b), 1e-6) * t(u)),
         (L.layernorm(a, w, b, 1e-6), lambda t: F.layer_norm(t(a), (n,), t(w), t(b), 1e-6)),
     ]
     assert not L._BROKEN, L._BROKEN  # the kernels ran (no fallback to torch ops)

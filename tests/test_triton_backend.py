@@ -182,6 +182,63 @@ def test_stream_k_interpreter(monkeypatch, sms, config, paged):
     test_tile_configs_interpreter(config, paged)
 
 
+def _check_partials(monkeypatch, config: Config, device: str, dtype: torch.dtype) -> None:
+    """``paged_hstu_attention_partials`` with ``config`` forced: an even split hands back its
+    fp32 partials, every element written, whose in-order sum rounded to ``dtype`` is the
+    public op's output bit for bit (and within the DESIGN.md §5 rule of the reference)."""
+    from hstu_kernels.backends.triton import ops as tri_ops
+    from hstu_kernels.ops import paged_hstu_attention_partials
+
+    monkeypatch.setattr(tri_ops, "default_config", lambda *args, **kwargs: config)
+    case = make_paged_case(
+        [37, 5, 64, 1], [10, 5, 17, 1], [3, 0, 7, 2], page_size=16, heads=2, head_dim=64,
+        device=device, seed=4,
+    )  # fmt: skip
+    q, k, v, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
+    args = (q, k, v, kv, case.page_table, case.cu_q)
+    kwargs = dict(num_targets=case.num_targets, scaling_seqlen=case.max_total, backend="triton")
+    empty = torch.empty
+
+    def poisoned_empty(*shape, **kw):  # the partials' workspace: NaN until written
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if kw.get("dtype") == torch.float32 else t
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", poisoned_empty)
+        got = paged_hstu_attention_partials(*args, **kwargs)
+    want = hk.paged_hstu_attention(*args, **kwargs, out=poisoned_like(q))
+    splits = config.splits or 1
+    if splits == 1:
+        assert got.dtype == dtype and got.shape == q.shape
+        summed = got
+    else:
+        assert got.dtype == torch.float32 and got.shape == (splits, *q.shape)
+        total = got[0].clone()
+        for s in range(1, splits):
+            total += got[s]
+        summed = total.to(dtype)
+    assert torch.equal(summed, want)
+    ref32, ref_lowp = (case.reference_full(d)[case.rows] for d in (torch.float32, dtype))
+    assert_hstu_close(summed, ref32, ref_lowp)
+
+
+@cpu_only
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_partials_interpreter(monkeypatch, splits):
+    _check_partials(monkeypatch, Config(16, 16, 4, 1, splits=splits), "cpu", torch.float16)
+
+
+def test_paged_partials_of_a_backend_without_them():
+    # The reference backend has no "paged_partials" op: the output itself comes back.
+    from hstu_kernels.ops import paged_hstu_attention_partials
+
+    case = make_paged_case([20, 3], [5, 3], [2, 0], page_size=16, heads=2, head_dim=64, seed=1)
+    args = (case.q, case.k_new, case.v_new, case.kv_cache, case.page_table, case.cu_q)
+    kwargs = dict(num_targets=case.num_targets, backend="reference")
+    got = paged_hstu_attention_partials(*args, **kwargs)
+    assert torch.equal(got, hk.paged_hstu_attention(*args, **kwargs))
+
+
 def test_choose_splits_on_an_h100_sized_grid(monkeypatch):
     # 132 SMs, as an H100. The figures are H100 measurements (bench/NOTES-triton.md, v4).
     monkeypatch.setattr(tri_attn, "sm_count", lambda device: 132)
@@ -307,6 +364,13 @@ def test_tile_configs_gpu(config):
     )  # fmt: skip
     ref = case.reference_full(torch.float32)[case.rows]
     assert_hstu_close(out, ref, case.reference_full(dtype)[case.rows])
+
+
+@gpu
+@pytest.mark.parametrize("config", [Config(64, 32, 4, 2, splits=1), Config(64, 32, 4, 2, 4),
+                                    Config(128, 32, 8, 3, 11)], ids=str)  # fmt: skip
+def test_paged_partials_gpu(monkeypatch, config):
+    _check_partials(monkeypatch, config, "cuda", torch.bfloat16)
 
 
 @gpu

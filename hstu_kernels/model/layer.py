@@ -7,8 +7,10 @@
     out        = x + y @ W_o                 output projection and residual (one addmm)
 
 As in the published HSTU inference path, the projections carry no bias (the LayerNorms have
-affine weights). Attention goes through the public ops only, so the layer runs on every
-backend.
+affine weights). Attention goes through the ops' dispatcher, so the layer runs on every
+backend: the public ops, and in the cached path their internal variant
+``paged_hstu_attention_partials``, which lets a backend that splits the KV range hand back
+the unsummed fp32 partials.
 
 Memory traffic outside the matmuls and the attention is what the uncached path pays for every
 token of every layer, so on CUDA it is kept to one pass each:
@@ -21,7 +23,8 @@ token of every layer, so on CUDA it is kept to one pass each:
 - in the cached path, the new history ``k``/``v`` go into the pages from that GEMM's
   epilogue where this times faster than the GEMM plus the ``append_kv`` op
   (:mod:`~hstu_kernels.model.fusion`; only with ``backend="auto"`` and ``validate=False``);
-- ``layernorm_mul`` (a Triton row kernel): ``LayerNorm(a) * u``;
+- ``layernorm_mul`` (a Triton row kernel): ``LayerNorm(a) * u``, summing a split
+  attention's partials in the same pass (one kernel and one round trip of ``a`` fewer);
 - the residual: ``addmm`` accumulates into ``x`` itself (``inplace=True``) when the caller
   no longer needs ``x``, which saves the copy of ``x`` an out-of-place ``addmm`` makes.
 
@@ -42,9 +45,9 @@ from torch import nn
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.model.fusion import CacheAppend, project_appending
 from hstu_kernels.model.projection import project_silu
-from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention
+from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention_partials
 
-__all__ = ["HSTULayer", "layernorm", "layernorm_mul"]
+__all__ = ["HSTULayer", "layernorm", "layernorm_mul", "sum_partials"]
 
 FUSED_ENV = "HSTU_FUSED_LAYERNORM"
 _KERNELS: dict | None = None
@@ -68,14 +71,24 @@ def _kernels() -> dict:
 
         @triton.jit
         def layernorm_kernel(
-            X, U, W, B, Y, rows, n_cols, stride_u, eps,
-            HAS_U: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+            X, U, W, B, Y, rows, n_cols, stride_u, eps, splits,
+            HAS_U: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         ):  # fmt: skip
             r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
             cols = tl.arange(0, BLOCK)
             mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
             offs = r[:, None] * n_cols + cols[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            if SPLIT:
+                # X: fp32 partials [splits, rows, n_cols]; summed in split order and rounded
+                # to Y's dtype, as the attention's own sum kernel would have stored them.
+                x = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+                part = X + offs  # 64-bit pointers: splits * rows * n_cols may pass 2^31
+                for _ in range(splits):
+                    x += tl.load(part, mask=mask, other=0.0)
+                    part += rows * n_cols
+                x = x.to(Y.dtype.element_ty).to(tl.float32)
+            else:
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.sum(x, axis=1) / n_cols
             d = tl.where(mask, x - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
@@ -132,18 +145,31 @@ def _launch_args(rows: int, n: int) -> dict:
 def _row_layernorm(
     x: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
+    """``x [rows, n]``, or fp32 split partials ``[S, rows, n]`` (then ``u`` gives the
+    output dtype)."""
     x = x.contiguous()  # the kernel indexes rows by the width
-    rows, n = x.shape
-    y = torch.empty_like(x)
+    split = x.dim() == 3
+    rows, n = x.shape[-2:]
+    y = torch.empty((rows, n), dtype=u.dtype if split else x.dtype, device=x.device)
     if rows:
         import triton
 
         args = _launch_args(rows, n)
         _kernels()["layernorm"][(triton.cdiv(rows, args["ROWS"]),)](
             x, x if u is None else u, weight, bias, y, rows, n,
-            0 if u is None else u.stride(0), eps, HAS_U=u is not None, **args,
+            0 if u is None else u.stride(0), eps, x.shape[0] if split else 1,
+            HAS_U=u is not None, SPLIT=split, **args,
         )  # fmt: skip
     return y
+
+
+def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_s partials[s]`` in split order (fp32), rounded to ``dtype``: what the attention
+    ops' own split sum stores (``torch.sum`` may add in another order)."""
+    total = partials[0].clone()
+    for s in range(1, partials.shape[0]):
+        total += partials[s]
+    return total.to(dtype)
 
 
 def layernorm(
@@ -163,10 +189,17 @@ def layernorm_mul(
     a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """``LayerNorm(a) * u`` over the last dim of ``a [rows, n]`` and ``u [rows, n]`` (unit
-    column stride, any row stride; already through its SiLU); one pass on CUDA."""
+    column stride, any row stride; already through its SiLU); one pass on CUDA.
+
+    ``a`` may also be a split attention's fp32 partials ``[S, rows, n]``: ``a`` is then their
+    :func:`sum_partials` in ``u``'s dtype, summed in the same pass.
+    """
+    if a.dim() == 3 and a.dtype != torch.float32:
+        raise TypeError(f"a: split partials [S, rows, n] must be fp32, got {a.dtype}")
 
     def torch_ops() -> torch.Tensor:
-        y = F.layer_norm(a, (a.shape[-1],), weight, bias, eps)
+        x = sum_partials(a, u.dtype) if a.dim() == 3 else a
+        y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
         return y.mul_(u)
 
     if not _use_triton(a):
@@ -263,13 +296,14 @@ class HSTULayer(nn.Module):
     ) -> torch.Tensor:
         """``x + (LayerNorm(attn) * u) @ W_o^T`` (``u`` as :meth:`project` returns it).
 
+        ``attn``: ``[tokens, heads, D]``, or a split attention's fp32 partials
+        ``[S, tokens, heads, D]`` (summed here, see :func:`layernorm_mul`).
         ``inplace=True`` accumulates into ``x`` and returns it: no copy of ``x``, but the
         caller's ``x`` is overwritten (use it only for a tensor nobody reads afterwards).
         """
         inner = self.heads * self.head_dim
-        y = layernorm_mul(
-            attn.view(-1, inner), u, self.norm_attn_weight, self.norm_attn_bias, self.eps
-        )
+        a = attn.view(-1, x.shape[0], inner) if attn.dim() == 4 else attn.view(-1, inner)
+        y = layernorm_mul(a, u, self.norm_attn_weight, self.norm_attn_bias, self.eps)
         if inplace:
             return torch.addmm(x, y, self.out_weight.t(), out=x)
         return torch.addmm(x, y, self.out_weight.t())
@@ -339,7 +373,9 @@ class HSTULayer(nn.Module):
             else None
         )
         u, q, k, v = self._project(x, append, cache)
-        attn = paged_hstu_attention(
+        # Where the attention splits its KV range, its partials are summed in finish()'s
+        # LayerNorm kernel rather than by a kernel of their own.
+        attn = paged_hstu_attention_partials(
             q,
             k,
             v,

@@ -51,6 +51,12 @@ def _paged(*args):
     ops.paged(*args)
 
 
+def _paged_partials(*args):
+    from hstu_kernels.backends.triton import ops
+
+    return ops.paged_partials(*args)
+
+
 def _append_kv(*args):
     from hstu_kernels.backends.triton import ops
 
@@ -60,7 +66,12 @@ def _append_kv(*args):
 register(
     Backend(
         name="triton",
-        ops={"jagged": _jagged, "paged": _paged, "append_kv": _append_kv},
+        ops={
+            "jagged": _jagged,
+            "paged": _paged,
+            "paged_partials": _paged_partials,
+            "append_kv": _append_kv,
+        },
         dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
         head_dims=frozenset({64, 128, 256}),
         page_sizes=frozenset(2**i for i in range(4, 9)),

@@ -530,20 +530,26 @@ def launch(
     kv_cache: torch.Tensor | None = None,
     page_table=None,
     fast_silu: bool | None = None,
-) -> None:
+    sum_splits: bool = True,
+) -> torch.Tensor | None:
     """Run the attention kernel with ``config``; paged when ``kv_cache`` is given.
 
     ``fast_silu`` (default: on a GPU with 16-bit inputs) uses ``tanh.approx`` for the sigmoid.
 
     ``k``/``v`` are the whole sequences (jagged) or ``k_new``/``v_new`` (paged; only their
     target rows are read). Raises ``ValueError`` for a shape the kernel cannot tile.
+
+    Returns ``None`` once ``out`` holds the result. With ``sum_splits=False`` a launch whose
+    even KV split would end in the sum kernel returns the fp32 partials ``[S, *q.shape]``
+    instead, ``out`` unwritten: the caller sums them in order ``0 .. S-1`` (as the sum
+    kernel does) and rounds to ``out``'s dtype.
     """
     total, heads, head_dim = q.shape
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"q: head_dim must be a power of two >= 16 for Triton, got {head_dim}")
     batch = cu_seqlens.shape[0] - 1
     if total == 0 or batch == 0:
-        return
+        return None
     paged = kv_cache is not None
     if paged:
         page_size = kv_cache.shape[2]
@@ -604,7 +610,10 @@ def launch(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1 and not fixup and not config.stream_k:
+        if not sum_splits:
+            return ws
         block = 1024
         _sum_splits_kernel[(triton.cdiv(q.numel(), block),)](
             ws, out, q.numel(), splits, BLOCK=block, num_warps=4
         )
+    return None

@@ -22,7 +22,7 @@ from hstu_kernels.backends.triton.config import (
 )
 from hstu_kernels.types import AttentionSpec, PageTable
 
-__all__ = ["append_kv", "jagged", "paged", "tuned_configs"]
+__all__ = ["append_kv", "jagged", "paged", "paged_partials", "tuned_configs"]
 
 _TUNED: dict[tuple, Config] = {}
 _LOCK = threading.Lock()
@@ -132,6 +132,33 @@ def paged(
         )  # fmt: skip
 
     run(_pick(run, q, cu_seqlens_q.shape[0] - 1, kv_cache.shape[2], max_seqlen_q))
+
+
+def paged_partials(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: PageTable,
+    cu_seqlens_q: torch.Tensor,
+    num_targets: torch.Tensor,
+    max_seqlen_q: int,
+    spec: AttentionSpec,
+) -> torch.Tensor:
+    """:func:`paged`, leaving an even KV split's fp32 partials ``[S, *q.shape]`` unsummed
+    (the dispatcher's optional ``paged_partials`` op); else the output, in ``q``'s dtype.
+    The config is the one :func:`paged` would use (tuned with the sum kernel timed in)."""
+    out = torch.empty_like(q)
+
+    def run(cfg: Config, sum_splits: bool = True) -> torch.Tensor | None:
+        return _attn.launch(
+            q, k_new, v_new, cu_seqlens_q, num_targets, max_seqlen_q, spec.alpha,
+            spec.scaling_seqlen, out, cfg, kv_cache=kv_cache, page_table=page_table,
+            sum_splits=sum_splits,
+        )  # fmt: skip
+
+    partials = run(_pick(run, q, cu_seqlens_q.shape[0] - 1, kv_cache.shape[2], max_seqlen_q), False)
+    return out if partials is None else partials
 
 
 def append_kv(
