@@ -41,22 +41,27 @@ LOG2E = math.log2(math.e)
 
 @triton.jit
 def _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU: tl.constexpr):
-    """``silu(alpha * s) / alpha = s * sigmoid(alpha * s)`` (alpha/scaling_seqlen come later).
+    """``silu(alpha * s)`` (``1 / scaling_seqlen`` comes at the end).
+
+    It is this weight that is rounded to the input dtype before the second matmul, as the
+    reference rounds it (DESIGN.md §5): rounding ``silu(alpha * s) / alpha`` instead, with an
+    alpha that is not a power of two (head dim 128), gave errors up to 1.07x the tolerance in
+    ~1 % of small random cases (H100, and the CPU interpreter in fp16).
 
     ``FAST_SILU`` (GPU, 16-bit inputs) writes the sigmoid as ``(1 + tanh(x/2)) / 2`` with one
     ``tanh.approx`` instruction: one special-function op per score instead of two (exp2 and a
     reciprocal), which bounds the kernel at small head dims. Its error (~2^-11) is below the
     bf16 rounding of the weights before the second matmul.
     """
+    x = s * alpha
     if FAST_SILU:
-        half = 0.5 * s
+        half = 0.5 * x
         t = tl.inline_asm_elementwise(
-            "tanh.approx.f32 $0, $1;", "=r,r", [half * alpha], dtype=tl.float32, is_pure=True,
-            pack=1,
+            "tanh.approx.f32 $0, $1;", "=r,r", [half], dtype=tl.float32, is_pure=True, pack=1,
         )  # fmt: skip
         return half + half * t
     else:
-        return tl.fdiv(s, 1.0 + tl.exp2(s * neg_alpha_log2e))
+        return tl.fdiv(x, 1.0 + tl.exp2(s * neg_alpha_log2e))
 
 
 @triton.jit
@@ -73,14 +78,20 @@ def _key_rows(
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Element offsets (int64 ``[BLOCK_N]``) of history keys ``n .. n+BLOCK_N-1``' rows.
 
     Paged: relative to ``KV + h*D`` through the page table (keys past ``H`` get offset 0, so
     a prefetch past the end reads nothing out of the table); jagged: relative to ``K``/``V``.
+    ``TMA`` (paged, ``BLOCK_N <= PAGE_SIZE``): the first K row of the tile in the cache seen
+    as ``[pages * 2 * PAGE_SIZE, heads * D]`` rows (a scalar; its V rows are PAGE_SIZE on).
     """
     j = n + offs_n
-    if PAGED:
+    if PAGED and TMA:
+        page = tl.load(PAGE_IDS + page_start + n // PAGE_SIZE, mask=n < H, other=0)
+        rows = page * (2 * PAGE_SIZE) + n % PAGE_SIZE
+    elif PAGED:
         if BLOCK_N <= PAGE_SIZE:
             # The whole tile lies in one page (n is a multiple of BLOCK_N): one lookup.
             page = tl.load(PAGE_IDS + page_start + n // PAGE_SIZE, mask=n < H, other=0)
@@ -115,6 +126,8 @@ def _history_tile(
     H,
     K_BASE,
     V_BASE,
+    KV_DESC,
+    desc_col,
     alpha,
     neg_alpha_log2e,
     offs_n,
@@ -122,18 +135,28 @@ def _history_tile(
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_SILU: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` (at ``rows``) into ``acc``."""
     j = n + offs_n
-    k_ptrs = K_BASE + rows[:, None] + offs_d[None, :]
-    v_ptrs = V_BASE + rows[:, None] + offs_d[None, :]
-    if MASKED:
-        # Slots past the history (the tail of the last page) may hold anything, NaN included.
-        k = tl.load(k_ptrs, mask=(j < H)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(j < H)[:, None], other=0.0)
+    if TMA:
+        # One tensor-memory copy per operand. Past the history, the key's weight is masked
+        # below, and its V row (it may hold NaN) is zeroed so that 0 * NaN does not occur.
+        k = KV_DESC.load([rows, desc_col])
+        v = KV_DESC.load([rows + PAGE_SIZE, desc_col])
+        if MASKED:
+            v = tl.where((j < H)[:, None], v, 0.0)
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        k_ptrs = K_BASE + rows[:, None] + offs_d[None, :]
+        v_ptrs = V_BASE + rows[:, None] + offs_d[None, :]
+        if MASKED:
+            # Slots past the history (the tail of the last page) may hold anything, NaN too.
+            k = tl.load(k_ptrs, mask=(j < H)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(j < H)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     w = _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU)
     if MASKED:
@@ -152,6 +175,8 @@ def _history_range(
     H,
     K_BASE,
     V_BASE,
+    KV_DESC,
+    desc_col,
     PAGE_IDS,
     page_start,
     row_base,
@@ -169,6 +194,7 @@ def _history_range(
     DOT_PRECISION: tl.constexpr,
     FAST_SILU: tl.constexpr,
     PREFETCH: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Accumulate history key tiles ``lo, lo+BLOCK_N, .. < hi``.
 
@@ -178,27 +204,29 @@ def _history_range(
     if PREFETCH:
         rows = _key_rows(
             PAGE_IDS, page_start, lo, H, row_base, offs_n, stride_tok, stride_page, stride_slot,
-            PAGED, PAGE_SIZE, BLOCK_N,
+            PAGED, PAGE_SIZE, BLOCK_N, TMA,
         )  # fmt: skip
         for n in range(lo, hi, BLOCK_N):
             rows_next = _key_rows(
                 PAGE_IDS, page_start, n + BLOCK_N, H, row_base, offs_n, stride_tok,
-                stride_page, stride_slot, PAGED, PAGE_SIZE, BLOCK_N,
+                stride_page, stride_slot, PAGED, PAGE_SIZE, BLOCK_N, TMA,
             )  # fmt: skip
             acc = _history_tile(
-                acc, q, n, rows, pos, H, K_BASE, V_BASE, alpha, neg_alpha_log2e, offs_n,
-                offs_d, MASKED, DOT_PRECISION, FAST_SILU,
+                acc, q, n, rows, pos, H, K_BASE, V_BASE, KV_DESC, desc_col, alpha,
+                neg_alpha_log2e, offs_n, offs_d, MASKED, DOT_PRECISION, FAST_SILU, PAGE_SIZE,
+                TMA,
             )  # fmt: skip
             rows = rows_next
     else:
         for n in range(lo, hi, BLOCK_N):
             rows = _key_rows(
                 PAGE_IDS, page_start, n, H, row_base, offs_n, stride_tok, stride_page,
-                stride_slot, PAGED, PAGE_SIZE, BLOCK_N,
+                stride_slot, PAGED, PAGE_SIZE, BLOCK_N, TMA,
             )  # fmt: skip
             acc = _history_tile(
-                acc, q, n, rows, pos, H, K_BASE, V_BASE, alpha, neg_alpha_log2e, offs_n,
-                offs_d, MASKED, DOT_PRECISION, FAST_SILU,
+                acc, q, n, rows, pos, H, K_BASE, V_BASE, KV_DESC, desc_col, alpha,
+                neg_alpha_log2e, offs_n, offs_d, MASKED, DOT_PRECISION, FAST_SILU, PAGE_SIZE,
+                TMA,
             )  # fmt: skip
     return acc
 
@@ -216,6 +244,7 @@ def _attend_tile(
     K,
     V,
     KV,
+    KV_DESC,
     PAGE_IDS,
     PAGE_INDPTR,
     LAST_LEN,
@@ -246,6 +275,7 @@ def _attend_tile(
     FIXUP: tl.constexpr,
     FIXUP_ROWS: tl.constexpr,
     STREAM_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Query tile ``m_tile`` of (sequence, head) ``pid_hb``: piece ``split`` of ``splits``.
 
@@ -319,15 +349,18 @@ def _attend_tile(
     else:
         k_base = K
         v_base = V
+    desc_col = h * HEAD_DIM
     acc = _history_range(
-        acc, q, lo, tl.minimum(end, full_end), pos, H, k_base, v_base, PAGE_IDS, page_start,
-        row_base, stride_tok, stride_page, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
-        False, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_SILU, PREFETCH,
+        acc, q, lo, tl.minimum(end, full_end), pos, H, k_base, v_base, KV_DESC, desc_col,
+        PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
+        neg_alpha_log2e, offs_n, offs_d, False, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
+        FAST_SILU, PREFETCH, TMA,
     )  # fmt: skip
     acc = _history_range(
-        acc, q, tl.maximum(lo, full_end), end, pos, H, k_base, v_base, PAGE_IDS, page_start,
-        row_base, stride_tok, stride_page, stride_slot, alpha, neg_alpha_log2e, offs_n, offs_d,
-        True, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_SILU, PREFETCH,
+        acc, q, tl.maximum(lo, full_end), end, pos, H, k_base, v_base, KV_DESC, desc_col,
+        PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
+        neg_alpha_log2e, offs_n, offs_d, True, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
+        FAST_SILU, PREFETCH, TMA,
     )  # fmt: skip
 
     # Target keys: each target row sees only itself, so visit only this tile's own targets.
@@ -381,6 +414,7 @@ def _hstu_fwd_kernel(
     K,
     V,
     KV,
+    KV_DESC,
     PAGE_IDS,
     PAGE_INDPTR,
     LAST_LEN,
@@ -413,6 +447,7 @@ def _hstu_fwd_kernel(
     FIXUP: tl.constexpr,
     FIXUP_ROWS: tl.constexpr,
     STREAM_K: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     if STREAM_K:
         # A 1-d grid of P programs shares the num_tiles * units work units evenly: program p
@@ -451,11 +486,12 @@ def _hstu_fwd_kernel(
             unit_hi = 0
         _attend_tile(
             pid_hb, m_tile, split, splits, unit_lo, unit_hi, units,
-            Q, K, V, KV, PAGE_IDS, PAGE_INDPTR, LAST_LEN, CU, NUM_TARGETS, OUT, WS, TICKETS,
+            Q, K, V, KV, KV_DESC, PAGE_IDS, PAGE_INDPTR, LAST_LEN, CU, NUM_TARGETS, OUT, WS,
+            TICKETS,
             stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
             neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, HEAD_DIM,
             BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU, PREFETCH, FIXUP,
-            FIXUP_ROWS, STREAM_K,
+            FIXUP_ROWS, STREAM_K, TMA,
         )  # fmt: skip
 
 
@@ -514,6 +550,27 @@ def choose_splits(programs: int, kv_tiles: int, device: torch.device, causal: bo
         if cost < best_cost * 0.98:  # a bigger split must win by more than noise
             best, best_cost = s, cost
     return best
+
+
+def _kv_descriptor(kv_cache: torch.Tensor, config: Config):
+    """A TMA descriptor of the paged cache seen as ``[pages * 2 * page_size, heads * D]`` rows
+    with ``[block_n, D]`` boxes, or ``None`` where the kernel must use pointer loads (a tile
+    wider than a page, a cache that is not one contiguous block, a misaligned base)."""
+    pages, _, page_size, heads, head_dim = kv_cache.shape
+    if config.block_n > page_size or not kv_cache.is_contiguous():
+        return None
+    if (
+        kv_cache.data_ptr() % 16
+        or head_dim > 256
+        or (heads * head_dim * kv_cache.element_size()) % 16
+    ):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    rows = kv_cache.view(pages * 2 * page_size, heads * head_dim)
+    return TensorDescriptor.from_tensor(rows, [config.block_n, head_dim])
 
 
 def launch(
@@ -598,15 +655,16 @@ def launch(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if fast_silu is None:
         fast_silu = q.device.type == "cuda" and q.dtype != torch.float32
+    kv_desc = _kv_descriptor(kv, config) if paged and config.tma else None
     _hstu_fwd_kernel[grid](
-        q, k, v, kv, page_ids, page_indptr, last_len, cu_seqlens, num_targets, out, ws, tickets,
+        q, k, v, kv, kv if kv_desc is None else kv_desc, page_ids, page_indptr, last_len, cu_seqlens, num_targets, out, ws, tickets,
         q.stride(0), stride_page, stride_kv, stride_slot, q.numel(),
-        alpha, -alpha * LOG2E, alpha / scaling_seqlen, heads, num_m_tiles, chunk_tiles,
+        alpha, -alpha * LOG2E, 1.0 / scaling_seqlen, heads, num_m_tiles, chunk_tiles,
         programs, kv_tiles,
         HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision,
         FAST_SILU=fast_silu, PREFETCH=config.prefetch, FIXUP=fixup,
-        FIXUP_ROWS=min(config.block_m, 32), STREAM_K=config.stream_k,
+        FIXUP_ROWS=min(config.block_m, 32), STREAM_K=config.stream_k, TMA=kv_desc is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1 and not fixup and not config.stream_k:

@@ -38,6 +38,9 @@ class Config:
     # share ends, pieces combined by the last one's program); ``splits`` is then unused.
     # Balances alike tiles (paged); a paged tuning candidate (bench/NOTES-triton.md, v5).
     stream_k: bool = False
+    # Paged K/V tiles by TMA (a tensor descriptor of the cache) instead of pointer loads;
+    # only where a tile lies in one page (else, and for jagged calls, pointer loads).
+    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -93,6 +96,10 @@ def candidates(head_dim: int, page_size: int | None) -> list[Config]:
             # Stream-K: one program per SM, so 96 tiles (B=8 with targets) no longer leave
             # 36 SMs idle (150 -> 145 us on an H100; slower for the other shapes).
             out += [Config(128, 32, 8, 3, stream_k=True), Config(128, 64, 8, 2, stream_k=True)]
+            # K/V pages by TMA: H100, one run, kernel alone, B=1 + 256 targets in 11 splits
+            # 28.5 -> 26.7 us (and 27.6 with 64-row tiles in 5), B=8 + targets unsplit
+            # 152 -> 132; B=8 without targets unchanged (70).
+            out += [Config(128, 32, 8, 4, tma=True), Config(64, 32, 4, 4, tma=True)]
     elif head_dim >= 128:
         out += [Config(64, 64, 4, 3), Config(128, 32, 4, 4), Config(128, 128, 8, 2)]
     else:
