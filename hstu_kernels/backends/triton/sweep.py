@@ -1,10 +1,10 @@
 """Time the attention kernel's configs on the benchmark shapes: a tuning aid for the GPU.
 
 ``python -m hstu_kernels.backends.triton.sweep [--cases jagged256,delta256,...]`` prints, for
-each case, every candidate config (for the paged cases also without the page prefetch, at
-other page sizes and as stream-K) with the median time of its CUDA-graph replay (as the
-autotuner times it) and the largest difference from the first config's output. Not used by
-the library itself.
+each case, every candidate config (the TMA ones included; for the paged cases also without the
+page prefetch, at other page sizes and as stream-K) with the median time of its CUDA-graph
+replay (as the autotuner times it) and the largest difference from the first config's output.
+Not used by the library itself.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _sweep_case(name: str) -> None:
         print(
             f"{name:11} ps={page_size:3} bm={cfg.block_m:3} bn={cfg.block_n:3} "
             f"w={cfg.num_warps} st={cfg.num_stages} split={cfg.splits} sk={int(cfg.stream_k)} "
-            f"pf={int(cfg.prefetch)} fast={int(fast)}  {ms * 1e3:8.1f} us  "
+            f"pf={int(cfg.prefetch)} tma={int(cfg.tma)} fast={int(fast)}  {ms * 1e3:8.1f} us  "
             f"diff={diff:.2e} nan={int(out.isnan().sum())} compile={compile_s:.1f}s",
             flush=True,
         )
