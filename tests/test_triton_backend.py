@@ -367,13 +367,18 @@ def test_tile_configs_gpu(config):
         [1300, 5, 640, 1], [130, 5, 17, 1], [30, 0, 7, 2], page_size=16, heads=2, head_dim=128,
         device="cuda", seed=3,
     )  # fmt: skip
+    _check_config_gpu(case, config, 160)
+
+
+def _check_config_gpu(case: PagedCase, config: Config, max_seqlen_q: int) -> None:
+    """The paged launch with ``config`` in bf16 (output poisoned) against the reference."""
     spec = case.spec()
     dtype = torch.bfloat16
     q, k, v, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
     out = poisoned_like(q)
     tri_attn.launch(
-        q, k, v, case.cu_q, case.num_targets, 160, spec.alpha, spec.scaling_seqlen, out, config,
-        kv_cache=kv, page_table=case.page_table,
+        q, k, v, case.cu_q, case.num_targets, max_seqlen_q, spec.alpha, spec.scaling_seqlen,
+        out, config, kv_cache=kv, page_table=case.page_table,
     )  # fmt: skip
     ref = case.reference_full(torch.float32)[case.rows]
     assert_hstu_close(out, ref, case.reference_full(dtype)[case.rows])
@@ -396,16 +401,7 @@ def test_tma_configs_at_head_dim_256_gpu(config):
         [1000, 33, 64, 1], [128, 33, 17, 1], [256, 0, 7, 2], page_size=32, heads=2,
         head_dim=256, device="cuda", seed=6,
     )  # fmt: skip
-    spec = case.spec()
-    dtype = torch.bfloat16
-    q, k, v, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
-    out = poisoned_like(q)
-    tri_attn.launch(
-        q, k, v, case.cu_q, case.num_targets, 384, spec.alpha, spec.scaling_seqlen, out, config,
-        kv_cache=kv, page_table=case.page_table,
-    )  # fmt: skip
-    ref = case.reference_full(torch.float32)[case.rows]
-    assert_hstu_close(out, ref, case.reference_full(dtype)[case.rows])
+    _check_config_gpu(case, config, 384)
 
 
 @gpu

@@ -122,33 +122,11 @@ def paged(
     max_seqlen_q: int,
     spec: AttentionSpec,
     out: torch.Tensor,
-) -> None:
-    """Paged (delta) HSTU attention (the dispatcher's ``paged`` op)."""
-
-    def run(cfg: Config) -> None:
-        _attn.launch(
-            q, k_new, v_new, cu_seqlens_q, num_targets, max_seqlen_q, spec.alpha,
-            spec.scaling_seqlen, out, cfg, kv_cache=kv_cache, page_table=page_table,
-        )  # fmt: skip
-
-    run(_pick(run, q, cu_seqlens_q.shape[0] - 1, kv_cache.shape[2], max_seqlen_q))
-
-
-def paged_partials(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    kv_cache: torch.Tensor,
-    page_table: PageTable,
-    cu_seqlens_q: torch.Tensor,
-    num_targets: torch.Tensor,
-    max_seqlen_q: int,
-    spec: AttentionSpec,
-) -> torch.Tensor:
-    """:func:`paged`, leaving an even KV split's fp32 partials ``[S, *q.shape]`` unsummed
-    (the dispatcher's optional ``paged_partials`` op); else the output, in ``q``'s dtype.
-    The config is the one :func:`paged` would use (tuned with the sum kernel timed in)."""
-    out = torch.empty_like(q)
+    sum_splits: bool = True,
+) -> torch.Tensor | None:
+    """Paged (delta) HSTU attention (the dispatcher's ``paged`` op). ``sum_splits=False``:
+    an even KV split returns its fp32 partials ``[S, *q.shape]`` unsummed instead of writing
+    ``out`` (see :func:`paged_partials`); else ``None``."""
 
     def run(cfg: Config, sum_splits: bool = True) -> torch.Tensor | None:
         return _attn.launch(
@@ -157,7 +135,16 @@ def paged_partials(
             sum_splits=sum_splits,
         )  # fmt: skip
 
-    partials = run(_pick(run, q, cu_seqlens_q.shape[0] - 1, kv_cache.shape[2], max_seqlen_q), False)
+    # The config is tuned (once per key) with the sum kernel timed in, either way.
+    config = _pick(run, q, cu_seqlens_q.shape[0] - 1, kv_cache.shape[2], max_seqlen_q)
+    return run(config, sum_splits)
+
+
+def paged_partials(*args) -> torch.Tensor:
+    """:func:`paged` without ``out`` (the dispatcher's optional ``paged_partials`` op): an even
+    KV split's fp32 partials ``[S, *q.shape]``, unsummed, else the output in ``q``'s dtype."""
+    out = torch.empty_like(args[0])
+    partials = paged(*args, out, sum_splits=False)
     return out if partials is None else partials
 
 
