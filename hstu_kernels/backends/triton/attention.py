@@ -657,7 +657,8 @@ def launch(
         fast_silu = q.device.type == "cuda" and q.dtype != torch.float32
     kv_desc = _kv_descriptor(kv, config) if paged and config.tma else None
     _hstu_fwd_kernel[grid](
-        q, k, v, kv, kv if kv_desc is None else kv_desc, page_ids, page_indptr, last_len, cu_seqlens, num_targets, out, ws, tickets,
+        q, k, v, kv, kv if kv_desc is None else kv_desc, page_ids, page_indptr, last_len,
+        cu_seqlens, num_targets, out, ws, tickets,
         q.stride(0), stride_page, stride_kv, stride_slot, q.numel(),
         alpha, -alpha * LOG2E, 1.0 / scaling_seqlen, heads, num_m_tiles, chunk_tiles,
         programs, kv_tiles,
