@@ -157,6 +157,24 @@ def test_parity_survives_offload_and_onload_cpu():
         assert_hstu_close(out[layer], full[layer], full[layer], eps=1e-5)
 
 
+def test_overwrite_x_cpu():
+    """``overwrite_x=True``: the first layer's residual goes into ``x`` too, so the output is
+    ``x`` itself, with the values of the call that leaves ``x`` alone."""
+    block = make_block(scaling_seqlen=64)
+    outs = []
+    for overwrite in (False, True):
+        cache = block.make_cache(num_pages=8, page_size=16)
+        assert not cache.transfers_pending()  # the CPU copies synchronously
+        meta = cache.prepare([1, 2], [0, 0], [9, 17], [2, 0])
+        x = torch.randn(28, block.hidden, generator=torch.Generator().manual_seed(4))
+        x0 = x.clone()
+        out = block.forward_cached(x, meta, cache, overwrite_x=overwrite)
+        assert (out is x) == overwrite
+        assert overwrite or torch.equal(x, x0)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_block_errors():
     block = make_block()
     cache = block.make_cache(num_pages=4, page_size=16)
@@ -238,7 +256,10 @@ def test_graph_buckets_and_cpu_fallback():
     assert torch.equal(got, want)
 
 
-def _graph_run(use_graphs, histories, targets, splits, host_pages=0, num_pages=64, alone=False):
+def _graph_run(
+    use_graphs, histories, targets, splits, host_pages=0, num_pages=64, alone=False,
+    skip_idle_waits=True,
+):  # fmt: skip
     from hstu_kernels.model.graphs import CachedBlockGraphs
 
     block, x, ref32, ref_lowp = _bf16_case(histories, targets, splits)
@@ -247,7 +268,10 @@ def _graph_run(use_graphs, histories, targets, splits, host_pages=0, num_pages=6
     cache.prepare([7], [0], [70], [0])
     cache.pool[:, cache.user_pages(7)] = torch.randn_like(cache.pool[:, cache.user_pages(7)])
     bystander = cache.pool[:, cache.user_pages(7)].clone()
-    runner = CachedBlockGraphs(block, cache, batch_buckets=(1, 2, 4, 8), use_graphs=use_graphs)
+    runner = CachedBlockGraphs(
+        block, cache, batch_buckets=(1, 2, 4, 8), use_graphs=use_graphs,
+        skip_idle_waits=skip_idle_waits,
+    )  # fmt: skip
     out = run_chunked(block, cache, x, histories, targets, splits, runner=runner, alone=alone)[-1]
     torch.cuda.synchronize()
     return block, cache, runner, out, ref32[-1], ref_lowp[-1], bystander
@@ -270,6 +294,9 @@ def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch
     _, c_g, runner, graph, _, _, by_g = _graph_run(True, histories, targets, splits)
     assert runner.captured, "no graph was captured"
     assert sum(b.replays for b in runner._buckets.values()) >= 3
+    # no copy was ever issued: the graphs without the page waits ran
+    assert not c_g.transfers_pending()
+    assert sum(b.waiting_replays for b in runner._buckets.values()) == 0
     assert_hstu_close(graph, ref32, ref_lowp, eps=1e-3)
     assert_hstu_close(eager, ref32, ref_lowp, eps=1e-3)
     # the padding rows appended nothing: same pages, same contents as eager (same kernels)
@@ -285,17 +312,25 @@ def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch
 
 
 @pytest.mark.gpu
-def test_graph_replay_waits_for_onloaded_pages():
+@pytest.mark.parametrize("skip_idle_waits", [False, True])
+def test_graph_replay_waits_for_onloaded_pages(skip_idle_waits):
     """A pool that holds about one user: every request offloads others and onloads its user
-    asynchronously; the graph's per-layer waits must see the pages in place."""
+    asynchronously; the graph's per-layer waits must see the pages in place. ``False``: every
+    replay is of the graph with the waits; ``True``: the runner picks by
+    ``cache.transfers_pending()``."""
     histories, targets = [200, 190], [9, 4]
     splits = [[0, 40, 80, 120, 160, 200], [0, 38, 76, 114, 152, 190]]
     _, cache, runner, out, ref32, ref_lowp, _ = _graph_run(
-        True, histories, targets, splits, host_pages=64, num_pages=9, alone=True
-    )
+        True, histories, targets, splits, host_pages=64, num_pages=9, alone=True,
+        skip_idle_waits=skip_idle_waits,
+    )  # fmt: skip
     assert cache.stats["onloaded"] >= 2, cache.stats
     assert runner.captured
-    print("graph_waits", runner.graph_waits, cache.stats)
+    replays = sum(b.replays for b in runner._buckets.values())
+    waiting = sum(b.waiting_replays for b in runner._buckets.values())
+    print("graph_waits", runner.graph_waits, cache.stats, "replays", replays, "waiting", waiting)
+    if not skip_idle_waits and runner.graph_waits:
+        assert waiting == replays
     assert_hstu_close(out, ref32, ref_lowp, eps=1e-3)
 
 

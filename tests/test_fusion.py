@@ -23,6 +23,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/test_block.py
 
 SMALL = (P.GemmConfig(16, 32, 32, 2, 1, 4), P.GemmConfig(32, 16, 16, 3, 1, 4))
+# the persistent TMA kernel's (tests/test_projection.py): store halves of 16 and 8 columns
+SMALL_TMA = (P.TmaConfig(16, 32, 16, 2, 1, 4), P.TmaConfig(32, 16, 16, 3, 1, 4, False))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -34,6 +36,11 @@ def _interpreter_or_gpu() -> None:
 
     if type(tl.sum).__name__ != "InterpretedFunction":
         pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+
+
+def _gpu_tma() -> tuple:
+    """The TMA configs, where this GPU has TMA (compute capability 9.0 or later)."""
+    return P.TMA_CONFIGS if torch.cuda.get_device_capability()[0] >= 9 else ()
 
 
 def _inputs(tokens, k, inner, dtype, seed):
@@ -66,7 +73,8 @@ def _check(tokens_new, targets, cached, k, heads, head_dim, page_size, dtype, co
     expected_cache = cache.clone()
     append = FU.CacheAppend(cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
     out = poisoned_like(torch.empty(4, tokens, inner, dtype=dtype, device=DEVICE))
-    got = P.silu_gemm(h, w, config, out=out, append=append)
+    kernel = P.silu_gemm_tma if isinstance(config, P.TmaConfig) else P.silu_gemm
+    got = kernel(h, w, config, out=out, append=append)
     assert got is out
     ref32, ref_lowp = P.torch_project_silu(h.float(), w.float()), P.torch_project_silu(h, w)
     assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
@@ -82,12 +90,14 @@ def _check(tokens_new, targets, cached, k, heads, head_dim, page_size, dtype, co
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_append_edges(dtype):
     """A one-token history, a sequence of targets only, a page edge crossed by the new rows,
-    an empty sequence; K not a multiple of BLOCK_K."""
+    an empty sequence; K not a multiple of BLOCK_K. Pointer and TMA kernels."""
     _interpreter_or_gpu()
     if DEVICE == "cuda":
         dtype = torch.bfloat16 if dtype == torch.float32 else dtype
     # the GPU's configs need inner = heads * D to be a multiple of their BLOCK_N (<= 256)
-    configs, head_dim, k = (SMALL, 16, 40) if DEVICE == "cpu" else (P.CONFIGS, 128, 200)
+    configs, head_dim, k = (
+        (SMALL + SMALL_TMA, 16, 40) if DEVICE == "cpu" else (P.CONFIGS + _gpu_tma(), 128, 200)
+    )
     for i, config in enumerate(configs):
         _check([1, 0, 19, 0], [2, 3, 0, 0], [0, 4, 14, 1], k, 2, head_dim, 16, dtype, config, i)
 
@@ -95,7 +105,7 @@ def test_append_edges(dtype):
 @given(
     batch=st.integers(1, 4),
     data=st.data(),
-    config=st.sampled_from(SMALL),
+    config=st.sampled_from(SMALL + SMALL_TMA),
     k=st.sampled_from([16, 48]),
 )
 def test_append_random(batch, data, config, k):

@@ -348,6 +348,12 @@ class KVCacheManager:
         :meth:`prepare` (a no-op on the CPU, capturable into a CUDA graph)."""
         self.transfers.wait_layer(layer)
 
+    def transfers_pending(self) -> bool:
+        """Whether a page copy issued by :meth:`prepare` (or :meth:`evict`) may still be
+        running; ``False`` means every :meth:`wait_layer` would be satisfied already. A
+        query of an event: it never blocks the host (always ``False`` on the CPU)."""
+        return self.transfers.pending()
+
     def wait_all(self) -> None:
         """Make the current stream wait for every layer's transfers of the last
         :meth:`prepare`."""

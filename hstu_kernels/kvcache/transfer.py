@@ -117,6 +117,13 @@ class TransferEngine:
         if on_dev:
             self.device_pool[:, on_dev] = self.host_pool[:, on_host].to(self.device_pool.device)
 
+    def pending(self) -> bool:
+        """Whether an issued copy may still be running. ``onload_done`` is recorded after
+        every layer's ``layer_ready`` of the latest transfer, and each transfer's onload
+        stream first waits for its offloads and for everything issued before it, so once
+        ``onload_done`` has completed, every ``layer_ready`` has too."""
+        return self.cuda and not self.onload_done.query()
+
     def wait_layer(self, layer: int) -> None:
         """Make the current stream wait until layer ``layer``'s pages are in place."""
         if self.cuda:

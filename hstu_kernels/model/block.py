@@ -12,10 +12,11 @@ from hstu_kernels.model.layer import HSTULayer
 __all__ = ["HSTUBlock"]
 
 
-def _residual_in_place(layer: int, return_all: bool) -> bool:
+def _residual_in_place(layer: int, return_all: bool, overwrite_x: bool = False) -> bool:
     """Whether layer ``layer`` may accumulate its residual into its input: not the first
-    layer's (the caller's ``x``), and none when every layer's output is returned."""
-    return layer > 0 and not return_all
+    layer's (the caller's ``x``) unless the caller gave it up (``overwrite_x``), and none
+    when every layer's output is returned."""
+    return (layer > 0 or overwrite_x) and not return_all
 
 
 class HSTUBlock(nn.Module):
@@ -145,6 +146,7 @@ class HSTUBlock(nn.Module):
         return_all: bool = False,
         max_seqlen_q: int | None = None,
         wait_for_pages: bool = True,
+        overwrite_x: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """``x [meta.num_tokens, hidden]``: each sequence's new history rows then its target
         rows, packed as ``meta`` (from ``cache.prepare(...)``) says.
@@ -154,6 +156,8 @@ class HSTUBlock(nn.Module):
         :class:`~hstu_kernels.model.graphs.CachedBlockGraphs`), where ``max_seqlen_q`` is the
         bucket's bound. ``wait_for_pages=False`` skips the per-layer waits (the caller must
         then wait for every layer's transfers before the call, see ``cache.wait_all``).
+        ``overwrite_x=True`` lets the first layer accumulate its residual into ``x`` too (one
+        copy of ``x`` fewer; the output is then ``x`` itself, unless ``return_all``).
         Returns the last layer's output, or every layer's if ``return_all``.
         """
         self._check_x(x, meta.num_tokens)
@@ -172,7 +176,7 @@ class HSTUBlock(nn.Module):
                 scaling_seqlen=self.scaling_seqlen,
                 max_seqlen_q=max_seqlen_q,
                 backend=self.backend,
-                inplace=_residual_in_place(i, return_all),
+                inplace=_residual_in_place(i, return_all, overwrite_x),
             )
             outs.append(x)
         return outs if return_all else x

@@ -110,18 +110,17 @@ def project_appending(
 
     if not (_enabled() and P._triton_ok(h) and P._fused_ok(h)):
         return separate()
-    inner = weight.shape[1] // P.SLOTS
     key = _shape_key(h, weight)
     choice = _CHOICES.get(key)
     if choice is None:
         if not _can_time(h):
             return separate()  # untimed: the path that was there before
-        choice = _time(h, weight, append, separate, inner)
+        choice = _time(h, weight, append, separate)
         _CHOICES[key] = choice
     if choice == SEPARATE:
         return separate()
     try:
-        return P.silu_gemm(h, weight, choice, append=append)
+        return P.fused_project(h, weight, choice, append=append)
     except Exception:
         if P._capturing(h):
             raise
@@ -134,21 +133,23 @@ def _time(
     weight: torch.Tensor,
     append: CacheAppend,
     separate: Callable[[], torch.Tensor],
-    inner: int,
 ) -> object:
-    """The fastest of the separate path and the fused pointer configs that agree with it.
-    Every candidate writes the same rows of the cache, and the caller's real call comes
-    after, so the cache ends up holding what that call returns."""
+    """The fastest of the separate path and the fused configs (pointer and, where TMA can
+    run, TMA ones) that agree with it. Every candidate writes the same rows of the cache,
+    and the caller's real call comes after, so the cache ends up holding what that call
+    returns."""
     from hstu_kernels.model import projection as P
 
     ref = separate()
     times = {SEPARATE: _graph_time(separate)}
-    for config in P.CONFIGS:
-        if not config.fits(inner):
+    for config in P._candidates(h, weight):
+        if isinstance(config, P.TmaConfig) and config.flatten:
+            # triton 3.6 fails to flatten the tile and K loops around the append's stores
+            # (TritonGPUFuseNestedLoops; an error and a reproducer on stderr, then a skip)
             continue
 
         def run(c=config) -> torch.Tensor:
-            return P.silu_gemm(h, weight, c, append=append)
+            return P.fused_project(h, weight, c, append=append)
 
         try:
             ok = P._close_enough(run(), ref)

@@ -17,6 +17,13 @@ The per-layer waits for onloaded pages (``cache.wait_layer``) are captured as ev
 every replay. If this CUDA/PyTorch cannot capture such waits, the runner captures without them
 and waits for all layers before each replay instead (``graph_waits`` says which).
 
+Those wait nodes are not free: on an H100 each costs ~2.5 µs of idle GPU (8 layers: ~20 µs of
+a ~0.4 ms call), and most calls have nothing to wait for (no user of the batch came back from
+the host pool, nothing was offloaded). So a bucket has a second graph, captured without the
+waits on first need, which a call replays when ``cache.transfers_pending()`` says every copy
+issued so far has finished (a host query of an event; it never blocks): the waits would then
+all be satisfied already. ``skip_idle_waits=False`` always replays the graph with the waits.
+
 ``use_graphs=False`` (and any call on the CPU, or larger than the largest bucket) runs the block
 eagerly, unpadded.
 """
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,9 +63,10 @@ class _Bucket:
     pad_slot: bool
     x: torch.Tensor
     meta_buffer: torch.Tensor
-    graph: torch.cuda.CUDAGraph | None = None
-    out: torch.Tensor | None = None
+    # waits (True: the per-layer page waits captured) -> (graph, its output)
+    graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
     replays: int = 0
+    waiting_replays: int = 0  # of which replayed the graph with the waits
 
 
 class CachedBlockGraphs:
@@ -74,7 +82,9 @@ class CachedBlockGraphs:
             not given).
         use_graphs: ``False`` runs every call eagerly (the switch for comparing and
             debugging).
-        warmup: eager runs on the real batch before a capture.
+        warmup: eager runs on the real batch before a bucket's first capture.
+        skip_idle_waits: replay a graph without the per-layer page waits when no copy is
+            pending (see the module docstring); ``False``: always the graph with them.
 
     Call it as ``runner(x, meta)`` with ``meta = cache.prepare(...)`` (unpadded); it returns
     the block's output for the real rows ``[meta.num_real_tokens, hidden]`` (a fresh tensor).
@@ -90,6 +100,7 @@ class CachedBlockGraphs:
         max_tokens: int = 16384,
         use_graphs: bool = True,
         warmup: int = 2,
+        skip_idle_waits: bool = True,
     ) -> None:
         self.block = block
         self.cache = cache
@@ -99,6 +110,7 @@ class CachedBlockGraphs:
             raise ValueError("batch_buckets, token_buckets: expected positive sizes")
         self.use_graphs = bool(use_graphs) and cache.device.type == "cuda"
         self.warmup = warmup
+        self.skip_idle_waits = skip_idle_waits
         # per-layer waits inside the graphs (see the module docstring)
         self.graph_waits = cache.transfers.external_events
         self._buckets: dict[tuple[int, int], _Bucket] = {}
@@ -108,7 +120,7 @@ class CachedBlockGraphs:
     @property
     def captured(self) -> list[tuple[int, int, int, bool]]:
         """The (batch, tokens, max rows per sequence, padding slot) buckets captured so far."""
-        return [k for k, b in self._buckets.items() if b.graph is not None]
+        return [k for k, b in self._buckets.items() if b.graphs]
 
     def bucket_for(self, batch: int, tokens: int) -> tuple[int, int] | None:
         """The smallest (batch, tokens) bucket that holds a batch, or ``None`` if none does."""
@@ -140,13 +152,19 @@ class CachedBlockGraphs:
         if b is None:
             b = self._buckets[key] = self._new_bucket(*key)
         padded = self._fill(b, x, meta)
-        if b.graph is None:
-            self._capture(b, padded)
+        waits = self.graph_waits and not (
+            self.skip_idle_waits and not self.cache.transfers_pending()
+        )
+        if waits not in b.graphs:
+            waits = self._capture(b, padded, waits)
+            b.x[: x.shape[0]].copy_(x)  # the warm-up runs accumulated into it
         if not self.graph_waits:
-            self.cache.wait_all()
-        b.graph.replay()
+            self.cache.wait_all()  # stream waits, outside the graph
+        graph, out = b.graphs[waits]
+        graph.replay()
         b.replays += 1
-        return b.out[: meta.num_real_tokens].clone()
+        b.waiting_replays += waits
+        return out[: meta.num_real_tokens].clone()
 
     def _new_bucket(self, batch: int, tokens: int, max_rows: int, pad_slot: bool) -> _Bucket:
         dev = self.cache.device
@@ -162,7 +180,8 @@ class CachedBlockGraphs:
 
     def _fill(self, b: _Bucket, x: torch.Tensor, meta: BatchMetadata) -> BatchMetadata:
         """Copy the batch into the bucket's static inputs (padding rows keep old, finite
-        values: they are targets of the padding sequence, whose outputs are dropped)."""
+        values: they are targets of the padding sequence, whose outputs are dropped; each
+        replay adds that sequence's bounded layer outputs to them, in place)."""
         b.x[: x.shape[0]].copy_(x)
         return build_paged_metadata(
             meta.page_lists,
@@ -181,26 +200,36 @@ class CachedBlockGraphs:
         )
 
     def _run(self, b: _Bucket, meta: BatchMetadata, waits: bool) -> torch.Tensor:
+        # b.x is the graph's own input, refilled by every call: the first layer's residual
+        # may go into it (no copy of x inside the graph)
         return self.block.forward_cached(
-            b.x, meta, self.cache, max_seqlen_q=b.max_rows, wait_for_pages=waits
-        )
+            b.x, meta, self.cache, max_seqlen_q=b.max_rows, wait_for_pages=waits,
+            overwrite_x=True,
+        )  # fmt: skip
 
-    def _capture(self, b: _Bucket, meta: BatchMetadata) -> None:
-        side = torch.cuda.Stream(self.cache.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._run(b, meta, True)
-        torch.cuda.current_stream().wait_stream(side)
+    def _capture(self, b: _Bucket, meta: BatchMetadata, waits: bool) -> bool:
+        """Capture the bucket's graph with (``waits``) or without the per-layer page waits;
+        the first capture of a bucket runs the warm-up first. Returns which one it captured
+        (without, where this CUDA/PyTorch refuses waits inside a capture)."""
+        if not b.graphs:
+            side = torch.cuda.Stream(self.cache.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._run(b, meta, True)
+            torch.cuda.current_stream().wait_stream(side)
         try:
-            b.graph, b.out = self._capture_once(b, meta, self.graph_waits)
+            b.graphs[waits] = self._capture_once(b, meta, waits)
         except RuntimeError:
-            if not self.graph_waits:
+            if not waits:
                 raise
             # This CUDA/PyTorch refused the event waits inside a capture: wait outside.
             torch.cuda.synchronize()
             self.graph_waits = False
-            b.graph, b.out = self._capture_once(b, meta, False)
+            waits = False
+            if waits not in b.graphs:
+                b.graphs[waits] = self._capture_once(b, meta, waits)
+        return waits
 
     def _capture_once(
         self, b: _Bucket, meta: BatchMetadata, waits: bool

@@ -44,6 +44,7 @@ __all__ = [
     "GemmConfig",
     "TmaConfig",
     "default_choice",
+    "fused_project",
     "project_silu",
     "silu_gemm",
     "silu_gemm_tma",
@@ -200,16 +201,7 @@ def silu_gemm(
     if tokens == 0:
         return out
     h, weight = h.contiguous(), weight.contiguous()  # the kernel assumes unit column strides
-    if append is not None:
-        append.check(inner, h)
-        kv, t = append.kv_cache, append.page_table
-        cache_args = (
-            kv, append.cu_seqlens, append.num_targets, t.page_ids, t.page_indptr,
-            t.last_page_len, append.batch, kv.stride(0), kv.stride(1), kv.stride(2),
-        )  # fmt: skip
-        page_size, steps = kv.shape[2], max(1, append.batch.bit_length())
-    else:
-        cache_args, page_size, steps = (h, h, h, h, h, h, 0, 0, 0, 0), 16, 1
+    cache_args, page_size, steps = _append_args(append, inner, h)
     grid = (triton.cdiv(tokens, config.block_m) * (SLOTS * inner // config.block_n),)
     _kernels()["silu_gemm"][grid](
         h, weight, out, tokens, k, inner, *cache_args,
@@ -219,6 +211,20 @@ def silu_gemm(
         SEARCH_STEPS=steps, num_stages=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
     return out
+
+
+def _append_args(append: CacheAppend | None, inner: int, h: torch.Tensor) -> tuple:
+    """The kernels' cache arguments, ``PAGE_SIZE`` and ``SEARCH_STEPS`` for ``append`` (checked
+    against ``h``), or placeholders where there is nothing to append."""
+    if append is None:
+        return (h, h, h, h, h, h, 0, 0, 0, 0), 16, 1
+    append.check(inner, h)
+    kv, t = append.kv_cache, append.page_table
+    cache_args = (
+        kv, append.cu_seqlens, append.num_targets, t.page_ids, t.page_indptr,
+        t.last_page_len, append.batch, kv.stride(0), kv.stride(1), kv.stride(2),
+    )  # fmt: skip
+    return cache_args, kv.shape[2], max(1, append.batch.bit_length())
 
 
 def _tensor_descriptor_class():
@@ -276,11 +282,16 @@ def tma_unsupported(h: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 
 def silu_gemm_tma(
-    h: torch.Tensor, weight: torch.Tensor, config: TmaConfig, *, out: torch.Tensor | None = None
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    config: TmaConfig,
+    *,
+    out: torch.Tensor | None = None,
+    append: CacheAppend | None = None,
 ) -> torch.Tensor:
     """The persistent TMA kernel: ``SiLU(h @ weight)`` as ``[4, T, inner]``, like
-    :func:`silu_gemm` (same contract), with one program per SM. Raises ValueError where
-    :func:`tma_unsupported` says it cannot run."""
+    :func:`silu_gemm` (same contract, ``append`` included), with one program per SM. Raises
+    ValueError where :func:`tma_unsupported` says it cannot run."""
     import triton
 
     inner, out = _checked_out(h, weight, config, out)
@@ -293,6 +304,7 @@ def silu_gemm_tma(
     )
     if why:
         raise ValueError(f"silu_gemm_tma: {why}")
+    cache_args, page_size, steps = _append_args(append, inner, h)
     descriptor = _tensor_descriptor_class()
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     h_desc = descriptor.from_tensor(h, [bm, bk])
@@ -301,9 +313,11 @@ def silu_gemm_tma(
     tiles = triton.cdiv(tokens, bm) * (SLOTS * inner // bn)
     sms = _num_sms(h.device)
     _kernels()["silu_gemm_tma"][(min(sms, tiles),)](
-        h_desc, w_desc, out_desc, tokens, k, inner,
+        h_desc, w_desc, out_desc, tokens, k, inner, *cache_args,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
-        FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), num_stages=config.num_stages, num_warps=config.num_warps,
+        FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), APPEND=append is not None,
+        PAGE_SIZE=page_size, SEARCH_STEPS=steps, num_stages=config.num_stages,
+        num_warps=config.num_warps,
     )  # fmt: skip
     return out
 
@@ -396,11 +410,18 @@ def _candidates(h: torch.Tensor, weight: torch.Tensor) -> list[GemmConfig]:
     return [c for c in (*CONFIGS, *tma) if c.fits(inner)]
 
 
-def _fused(h: torch.Tensor, weight: torch.Tensor, config: GemmConfig) -> torch.Tensor:
-    """Run the kernel that ``config`` is for."""
+def fused_project(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    config: GemmConfig,
+    *,
+    append: CacheAppend | None = None,
+) -> torch.Tensor:
+    """Run the kernel that ``config`` is for (:func:`silu_gemm_tma` for a
+    :class:`TmaConfig`, else :func:`silu_gemm`), with ``append`` if given."""
     if isinstance(config, TmaConfig):
-        return silu_gemm_tma(h, weight, config)
-    return silu_gemm(h, weight, config)
+        return silu_gemm_tma(h, weight, config, append=append)
+    return silu_gemm(h, weight, config, append=append)
 
 
 def _bench(fn) -> float:
@@ -420,11 +441,11 @@ def _time_candidates(h: torch.Tensor, weight: torch.Tensor) -> dict[Choice, floa
     times = {UNFUSED: _bench(lambda: unfused_project_silu(h, weight))}
     for config in _candidates(h, weight):
         try:
-            ok = _close_enough(_fused(h, weight, config), ref)
+            ok = _close_enough(fused_project(h, weight, config), ref)
         except Exception:  # does not compile here (e.g. too much shared memory): skip it
             continue
         if ok:
-            times[config] = _bench(lambda c=config: _fused(h, weight, c))
+            times[config] = _bench(lambda c=config: fused_project(h, weight, c))
     return times
 
 
@@ -529,7 +550,7 @@ def _main() -> None:
         for config in tried:  # why a candidate was skipped, from a direct call
             if config not in times:
                 try:
-                    _fused(h, weight, config)
+                    fused_project(h, weight, config)
                 except Exception as exc:
                     print(f"    {config}: {type(exc).__name__}: {str(exc)[:300]}")
         print(f"  project_silu would pick: {min(times, key=times.get)}")

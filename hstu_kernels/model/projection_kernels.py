@@ -112,15 +112,20 @@ def silu_split_kernel(SRC, DST, rows, n_cols, stride_src, ROWS: tl.constexpr, BL
 @triton.jit
 def silu_gemm_tma_kernel(
     h_desc, w_desc, out_desc, M, K, inner,
+    KV, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch,
+    stride_page, stride_kv, stride_slot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
-    FAST_SILU: tl.constexpr,
+    FAST_SILU: tl.constexpr, APPEND: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 16,
+    SEARCH_STEPS: tl.constexpr = 1,
 ):  # fmt: skip
     # h_desc [M, K] in [BLOCK_M, BLOCK_K] blocks, w_desc [K, 4 * inner] in
     # [BLOCK_K, BLOCK_N], out_desc [4, M, inner] in [1, BLOCK_M, BLOCK_N // 2]. A 3-d
     # output descriptor, not [4 * M, inner]: TMA clips a store at each dimension's end,
     # so the rows of a last row tile past M are dropped, not written into the next slot.
-    # K past its end loads as zeros (both operands), so no K mask is needed.
+    # K past its end loads as zeros (both operands), so no K mask is needed. APPEND: as in
+    # silu_gemm_kernel, the k and v tiles' new history rows also go into the paged cache KV
+    # (pointer stores: a row's page slot is not a box of any descriptor).
     HALF_N: tl.constexpr = BLOCK_N // 2
     start = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -154,9 +159,19 @@ def silu_gemm_tma_kernel(
         # second half's SiLU
         halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
         acc0, acc1 = tl.split(halves)
-        y0 = silu_f32(acc0, FAST_SILU)  # on the fp32 accumulator
-        y0 = tl.reshape(y0.to(out_desc.dtype), (1, BLOCK_M, HALF_N))
-        out_desc.store([slot, off_m, col], y0)
-        y1 = silu_f32(acc1, FAST_SILU)
-        y1 = tl.reshape(y1.to(out_desc.dtype), (1, BLOCK_M, HALF_N))
-        out_desc.store([slot, off_m, col + HALF_N], y1)
+        y0 = silu_f32(acc0, FAST_SILU).to(out_desc.dtype)  # on the fp32 accumulator
+        out_desc.store([slot, off_m, col], tl.reshape(y0, (1, BLOCK_M, HALF_N)))
+        y1 = silu_f32(acc1, FAST_SILU).to(out_desc.dtype)
+        out_desc.store([slot, off_m, col + HALF_N], tl.reshape(y1, (1, BLOCK_M, HALF_N)))
+        if APPEND:  # noqa: SIM102 (a constexpr test apart from the runtime one)
+            if slot % 2 == 1:  # slots u, v, q, k: v (1) goes to plane 1, k (3) to plane 0
+                cache_off, is_new = cache_slots(
+                    off_m + tl.arange(0, BLOCK_M), M, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR,
+                    LAST_LEN, batch, stride_page, stride_slot, PAGE_SIZE, SEARCH_STEPS,
+                )  # fmt: skip
+                kv_dst = (
+                    KV + ((3 - slot) // 2) * stride_kv + cache_off[:, None]
+                    + (col + tl.arange(0, HALF_N))[None, :]
+                )  # fmt: skip
+                tl.store(kv_dst, y0, mask=is_new[:, None])
+                tl.store(kv_dst + HALF_N, y1, mask=is_new[:, None])
