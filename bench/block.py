@@ -194,7 +194,10 @@ def _backends(plan: Plan, batch: int, history: int, new: int, targets: int) -> t
 
     common = {"device": plan.device, "dtype": plan.dtype, "head_dim": plan.head_dim,
               "batch": batch, "heads": plan.heads}  # fmt: skip
-    paged = explain("paged", page_size=plan.page_size, max_seqlen_q=new + targets, **common)
+    # the cached layer takes the paged call's split partials unsummed (partials=True)
+    paged = explain(
+        "paged", page_size=plan.page_size, max_seqlen_q=new + targets, partials=True, **common
+    )
     jagged = explain("jagged", max_seqlen_q=history + targets, **common)
     return paged.choice or "none", jagged.choice or "none"
 

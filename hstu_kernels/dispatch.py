@@ -55,6 +55,9 @@ class Request:
     # Size hint: query tiles of 128 rows over batch x heads, rounded up to a power of two
     # (None: unknown). Only Backend.declines reads it; see grid_tiles().
     tiles: int | None = None
+    # "paged" only: the caller takes a split call's fp32 partials unsummed (the optional
+    # paged_partials op), which changes what is fastest. Only Backend.declines reads it.
+    partials: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -301,6 +304,7 @@ def explain(
     batch: int | None = None,
     heads: int = 1,
     max_seqlen_q: int | None = None,
+    partials: bool = False,
 ) -> Explanation:
     """Which backend a call with these properties would get, and why (print the result).
 
@@ -308,6 +312,8 @@ def explain(
     ``"sm_90"``) overrides the device's arch, to ask about another GPU without probing it.
     ``batch``/``heads``/``max_seqlen_q`` give the call's size (:func:`grid_tiles`), which a
     backend may decline as too small for it; without ``batch`` the size is unknown.
+    ``partials``: a ``paged`` call whose caller sums split partials itself (the cached HSTU
+    layer's ``paged_hstu_attention_partials``).
     """
     probe = arch is None
     if arch is None:
@@ -322,5 +328,5 @@ def explain(
     if max_attn_len:
         features.add("window")
     tiles = None if batch is None else grid_tiles(batch, heads, max_seqlen_q)
-    request = Request(op, arch, dtype, head_dim, page_size, frozenset(features), tiles)
+    request = Request(op, arch, dtype, head_dim, page_size, frozenset(features), tiles, partials)
     return _REGISTRY.explain(request, backend, check_available=probe)

@@ -281,6 +281,7 @@ def _paged(
         page_size,
         _features(num_contexts, max_attn_len),
         grid_tiles(batch, q.shape[1], max_seqlen_q),
+        partials,
     )
     chosen = select(request, backend)
 

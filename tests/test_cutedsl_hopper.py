@@ -34,6 +34,7 @@ import hstu_kernels as hk
 from hstu_kernels.dispatch import explain
 from hstu_kernels.testing import (
     PagedCase,
+    assert_hstu_close,
     check_all_target_jagged,
     check_jagged_backend,
     check_paged_backend,
@@ -345,6 +346,42 @@ def test_split_kv_edges():
 
 @pytest.mark.gpu
 @hopper_only
+@pytest.mark.parametrize("splits", [2, 5, 16])
+def test_paged_partials_unsummed(monkeypatch, splits):
+    """``paged_hstu_attention_partials`` on this backend: every split writes its fp32 partial
+    (zeros where a short history leaves a split no key tile), nothing is summed, and the
+    in-order sum rounded to bf16 is the public op's output bit for bit (same splits, summed
+    by the kernel's tickets), within the DESIGN.md §5 rule of the reference."""
+    from hstu_kernels.ops import paged_hstu_attention_partials
+
+    shape = ([1, 33, 1000, 4000], [1, 33, 100, 129], [0, 31, 1, 300])
+    case = _case(shape, 2, 256, splits)
+    q, k, v, kv = (t.to(torch.bfloat16) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
+    args = (q, k, v, kv, case.page_table, case.cu_q)
+    kwargs = dict(num_targets=case.num_targets, scaling_seqlen=case.max_total, backend=BACKEND)
+    empty = torch.empty
+
+    def poisoned_empty(*shape, **kw):  # the partials: NaN until written
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if kw.get("dtype") == torch.float32 else t
+
+    with _forced_splits(splits):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", poisoned_empty)
+            got = paged_hstu_attention_partials(*args, **kwargs)
+        want = hk.paged_hstu_attention(*args, **kwargs, out=poisoned_like(q))
+    assert got.dtype == torch.float32 and got.shape == (splits, *q.shape)
+    total = got[0].clone()
+    for i in range(1, splits):
+        total += got[i]
+    summed = total.to(torch.bfloat16)
+    assert torch.equal(summed, want)
+    ref32, ref_lowp = (case.reference_full(d)[case.rows] for d in (torch.float32, torch.bfloat16))
+    assert_hstu_close(summed, ref32, ref_lowp)
+
+
+@pytest.mark.gpu
+@hopper_only
 def test_without_pingpong(monkeypatch):
     """The free-running variant (HSTU_CUTEDSL_PINGPONG=0) computes the same as the default."""
     monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "0")
@@ -439,16 +476,24 @@ def test_split_buffers_shapes(monkeypatch):
 
     monkeypatch.setattr(split_kv, "sm_count", lambda device: 132)
     q = torch.empty((4 * 384, 4, 256), dtype=torch.bfloat16)
-    partials, tickets, chunk = split_kv.split_buffers(q, 4, 384, 128, 128, causal=False)
+    partials, tickets, chunk, unsummed = split_kv.split_buffers(q, 4, 384, 128, 128, False)
     assert partials.shape == (split_kv.choose_splits(48, 128, 132, False), *q.shape)
-    assert partials.dtype == torch.float32 and chunk == 0
+    assert partials.dtype == torch.float32 and chunk == 0 and unsummed == 0
     assert tickets.shape == (48,) and not tickets.any()
     monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "3")
-    partials, tickets, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
-    assert partials.shape[0] == 3 and chunk == 34
+    partials, tickets, chunk, unsummed = split_kv.split_buffers(q, 4, 384, 100, 128, True)
+    assert partials.shape[0] == 3 and chunk == 34 and unsummed == 0
+    # left to the caller: no tickets (a stand-in), the kernel's flag set
+    partials, tickets, chunk, unsummed = split_kv.split_buffers(
+        q, 4, 384, 100, 128, False, unsummed=True
+    )
+    assert partials.shape == (3, *q.shape) and tickets.numel() == 1 and unsummed == 1
     monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "1")
-    partials, _, chunk = split_kv.split_buffers(q, 4, 384, 100, 128, causal=True)
-    assert partials.shape[0] == 1 and chunk == 0
+    for flag in (False, True):
+        partials, _, chunk, unsummed = split_kv.split_buffers(
+            q, 4, 384, 100, 128, True, unsummed=flag
+        )
+        assert partials.shape[0] == 1 and chunk == 0 and unsummed == 0
 
 
 def test_lpt_tile_order():

@@ -92,6 +92,26 @@ def test_sm90_small_grids_go_to_triton(op, batch, max_seqlen_q, expected, monkey
     assert forced.choice == "cutedsl-hopper"  # declining binds "auto" only
 
 
+@pytest.mark.parametrize(
+    "batch, max_seqlen_q, partials, expected",
+    [
+        (8, 128, False, "triton"),  # B=8 without targets: the kernel's ticket sum loses
+        (8, 128, True, "cutedsl-hopper"),  # the layer sums the partials: hopper wins
+        (1, 384, True, "triton"),  # B=1 + targets: triton faster either way
+        (8, 384, True, "cutedsl-hopper"),  # B=8 + targets: not split at all
+    ],
+)
+def test_sm90_paged_partials_choice(batch, max_seqlen_q, partials, expected, monkeypatch):
+    """A paged call whose caller sums the split partials (``Request.partials``) is declined
+    by the Hopper kernel only below ``MIN_TILES_PARTIALS`` (measured)."""
+    monkeypatch.delenv("HSTU_KERNELS_BACKEND", raising=False)
+    exp = hk.explain(
+        "paged", arch="sm_90", dtype=torch.bfloat16, head_dim=256, batch=batch, heads=4,
+        max_seqlen_q=max_seqlen_q, partials=partials,
+    )  # fmt: skip
+    assert exp.choice == expected, str(exp)
+
+
 def test_grid_tiles_rounds_up_to_a_power_of_two():
     from hstu_kernels.dispatch import grid_tiles
 

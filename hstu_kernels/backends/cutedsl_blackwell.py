@@ -36,15 +36,13 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-_jagged, _paged = make_ops(
-    "cutedsl-blackwell", "hstu_kernels.backends.cutedsl.blackwell", page_size=PAGE_SIZE
-)
+_OPS = make_ops("cutedsl-blackwell", "hstu_kernels.backends.cutedsl.blackwell", page_size=PAGE_SIZE)
 
 
 register(
     Backend(
         name="cutedsl-blackwell",
-        ops={"jagged": _jagged, "paged": _paged},
+        ops=_OPS,
         dtypes=frozenset({torch.bfloat16, torch.float16}),
         archs=ARCHS,
         head_dims=HEAD_DIMS,

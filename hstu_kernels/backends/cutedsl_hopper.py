@@ -35,6 +35,12 @@ PRIORITY = 30
 # 673.9). Unmeasured: paged grids of 33-64 tiles (e.g. B=4 + targets, 48) and jagged grids of
 # fewer than 128 tiles (short sequences).
 MIN_TILES = {"paged": 64, "jagged": 128}
+# A paged call whose caller sums the split partials itself (Request.partials: the cached
+# layer's LayerNorm does) skips the kernel's ticket sum, which is what lost on small grids.
+# H100, same run, attention + the LayerNorm summing its partials, graph-replayed: B=8 without
+# targets (32 tiles) hopper in 4 splits 72.5 us, triton 75.9; B=1 + 256 targets (12 tiles,
+# rounded to 16) triton 32.3, hopper 37.0 at best (11 splits). Unmeasured: 17-31 tiles.
+MIN_TILES_PARTIALS = 32
 
 
 def _probe(arch: str) -> str | None:
@@ -45,26 +51,30 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-def _split_kv(q, batch: int, max_seqlen_q: int, mean_pages: int | None) -> tuple:
-    """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles)`` (the kernel sums
-    the partials). The key range in the op's tiles: ``mean_pages`` (paged: one page per
-    tile), or the longest sequence in ``jagged_tile_n()``-key tiles (jagged: ``None``)."""
+def _split_kv(q, batch: int, max_seqlen_q: int, mean_pages: int | None, unsummed: bool) -> tuple:
+    """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles, unsummed)`` (the
+    kernel sums the partials unless ``unsummed``). The key range in the op's tiles:
+    ``mean_pages`` (paged: one page per tile), or the longest sequence in
+    ``jagged_tile_n()``-key tiles (jagged: ``None``)."""
     from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_buffers
 
     paged = mean_pages is not None
     kv_tiles = mean_pages if paged else -(-max(max_seqlen_q, 1) // jagged_tile_n())
-    return split_buffers(q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
+    return split_buffers(
+        q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged, unsummed=unsummed
+    )
 
 
 def _declines(request) -> str | None:
-    """Small grids go to triton (measured faster there; see MIN_TILES)."""
-    least = MIN_TILES.get(request.op)
+    """Small grids go to triton (measured faster there; see MIN_TILES and
+    MIN_TILES_PARTIALS)."""
+    least = MIN_TILES_PARTIALS if request.partials else MIN_TILES.get(request.op)
     if least is None or request.tiles is None or request.tiles >= least:
         return None
     return f"~{request.tiles} query tiles < {least}: triton measured faster on small grids"
 
 
-_jagged, _paged = make_ops(
+_OPS = make_ops(
     NAME, "hstu_kernels.backends.cutedsl.hopper", page_size=PAGE_SIZE, split_kv=_split_kv
 )
 
@@ -72,7 +82,7 @@ _jagged, _paged = make_ops(
 register(
     Backend(
         name=NAME,
-        ops={"jagged": _jagged, "paged": _paged},
+        ops=_OPS,
         dtypes=frozenset({torch.bfloat16, torch.float16}),
         archs=ARCHS,
         head_dims=HEAD_DIMS,

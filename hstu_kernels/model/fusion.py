@@ -143,10 +143,6 @@ def _time(
     ref = separate()
     times = {SEPARATE: _graph_time(separate)}
     for config in P._candidates(h, weight):
-        if isinstance(config, P.TmaConfig) and config.flatten:
-            # triton 3.6 fails to flatten the tile and K loops around the append's stores
-            # (TritonGPUFuseNestedLoops; an error and a reproducer on stderr, then a skip)
-            continue
 
         def run(c=config) -> torch.Tensor:
             return P.fused_project(h, weight, c, append=append)

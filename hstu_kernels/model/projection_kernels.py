@@ -64,6 +64,14 @@ def silu_gemm_kernel(
     rows_in = (rows % M).to(tl.int64)
     h_ptrs = H + rows_in[:, None] * K + ks[None, :]
     w_ptrs = W + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
+    slot = (pid_n * BLOCK_N) // inner  # the tile lies inside one column group
+    if APPEND:
+        # Looked up before the K loop, so that the chain of dependent loads runs under it.
+        # Slots u, v, q, k: only v (1) and k (3) are appended (rows M and past: none).
+        cache_off, is_new = cache_slots(
+            tl.where(slot % 2 == 1, rows, M), M, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR,
+            LAST_LEN, batch, stride_page, stride_slot, PAGE_SIZE, SEARCH_STEPS,
+        )  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -79,21 +87,14 @@ def silu_gemm_kernel(
 
     y = silu_f32(acc, FAST_SILU)  # on the fp32 accumulator: one rounding, at the store
     y = y.to(OUT.dtype.element_ty)
-    slot = (pid_n * BLOCK_N) // inner  # the tile lies inside one column group
     out_cols = cols - slot * inner
     dst = (
         OUT + slot.to(tl.int64) * M * inner + rows.to(tl.int64)[:, None] * inner + out_cols[None, :]
     )
     tl.store(dst, y, mask=(rows < M)[:, None])
-    if APPEND:  # noqa: SIM102 (a constexpr test apart from the runtime one)
-        if slot % 2 == 1:  # slots u, v, q, k: v (1) goes to plane 1, k (3) to plane 0
-            plane = (3 - slot) // 2
-            cache_off, is_new = cache_slots(
-                rows, M, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR, LAST_LEN, batch, stride_page,
-                stride_slot, PAGE_SIZE, SEARCH_STEPS,
-            )  # fmt: skip
-            kv_dst = KV + plane * stride_kv + cache_off[:, None] + out_cols[None, :]
-            tl.store(kv_dst, y, mask=is_new[:, None])
+    if APPEND:  # v (slot 1) goes to plane 1, k (slot 3) to plane 0
+        kv_dst = KV + ((3 - slot) // 2) * stride_kv + cache_off[:, None] + out_cols[None, :]
+        tl.store(kv_dst, y, mask=is_new[:, None])
 
 
 @triton.jit
@@ -142,6 +143,17 @@ def silu_gemm_tma_kernel(
         group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
         off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
         off_n = ((tile % per_group) // group_rows) * BLOCK_N
+        if APPEND:
+            # The rows' page slots, looked up here so that the chain of dependent loads
+            # (cu_seqlens' binary search, then the page table) runs under the K loop, not
+            # after it. Slots u, v, q, k: only v (1) and k (3) are appended (a mask, not an
+            # `if`: the flattened tile/K loop does not compile around a branch).
+            rows = off_m + tl.arange(0, BLOCK_M)
+            cache_off, is_new = cache_slots(
+                tl.where((off_n // inner) % 2 == 1, rows, M), M, CU, NUM_TARGETS, PAGE_IDS,
+                PAGE_INDPTR, LAST_LEN, batch, stride_page, stride_slot, PAGE_SIZE,
+                SEARCH_STEPS,
+            )  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             a = h_desc.load([off_m, ki * BLOCK_K])
@@ -163,15 +175,10 @@ def silu_gemm_tma_kernel(
         out_desc.store([slot, off_m, col], tl.reshape(y0, (1, BLOCK_M, HALF_N)))
         y1 = silu_f32(acc1, FAST_SILU).to(out_desc.dtype)
         out_desc.store([slot, off_m, col + HALF_N], tl.reshape(y1, (1, BLOCK_M, HALF_N)))
-        if APPEND:  # noqa: SIM102 (a constexpr test apart from the runtime one)
-            if slot % 2 == 1:  # slots u, v, q, k: v (1) goes to plane 1, k (3) to plane 0
-                cache_off, is_new = cache_slots(
-                    off_m + tl.arange(0, BLOCK_M), M, CU, NUM_TARGETS, PAGE_IDS, PAGE_INDPTR,
-                    LAST_LEN, batch, stride_page, stride_slot, PAGE_SIZE, SEARCH_STEPS,
-                )  # fmt: skip
-                kv_dst = (
-                    KV + ((3 - slot) // 2) * stride_kv + cache_off[:, None]
-                    + (col + tl.arange(0, HALF_N))[None, :]
-                )  # fmt: skip
-                tl.store(kv_dst, y0, mask=is_new[:, None])
-                tl.store(kv_dst + HALF_N, y1, mask=is_new[:, None])
+        if APPEND:  # v (slot 1) goes to plane 1, k (slot 3) to plane 0
+            kv_dst = (
+                KV + ((3 - slot) // 2) * stride_kv + cache_off[:, None]
+                + (col + tl.arange(0, HALF_N))[None, :]
+            )  # fmt: skip
+            tl.store(kv_dst, y0, mask=is_new[:, None])
+            tl.store(kv_dst + HALF_N, y1, mask=is_new[:, None])

@@ -22,7 +22,8 @@ key it sees) is added in the epilogue as ``silu(alpha q.k) / scaling_seqlen * v`
 ``k_new``/``v_new`` (jagged: ``k``/``v``). Jagged TMA windows read rows past the history as
 zeros; the last page of a paged sequence may hold anything past the history, so the consumers
 zero those K and V rows in shared memory before they enter an MMA. Split-KV (small or lopsided
-grids): each split writes an fp32 partial and the last one of a query tile sums them.
+grids): each split writes an fp32 partial and the last one of a query tile sums them, or
+(``unsummed``) leaves them for the caller to sum.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class SplitKV(NamedTuple):
     partials: cute.Tensor  # fp32 [splits, rows, heads, D]
     tickets: cute.Tensor  # int32, one per query tile: its splits done so far
     ticket: Int32  # this query tile's index into ``tickets``
+    unsummed: Int32  # nonzero: every split writes its partial, nobody sums (the caller does)
 
 
 class HopperHstuForward:
@@ -113,7 +115,7 @@ class HopperHstuForward:
         self, q: cute.Tensor, k: cute.Tensor, v: cute.Tensor, out: cute.Tensor,
         cu_seqlens: cute.Tensor, num_targets: cute.Tensor, max_seqlen: Int32, alpha: Float32,
         inv_scaling: Float32, partials: cute.Tensor, tickets: cute.Tensor, chunk_tiles: Int32,
-        stream,
+        unsummed: Int32, stream,
     ):  # fmt: skip
         """Whole sequences: ``q, k, v, out [sum L_b, heads, D]``. Split-KV arguments: see
         :meth:`_launch`."""
@@ -123,7 +125,7 @@ class HopperHstuForward:
             tma_views.jagged_tma_view(k, max_seqlen, mn_major=False),
             tma_views.jagged_tma_view(v, max_seqlen, mn_major=True),
             k, v, out, cu_seqlens, num_targets, None, None, None, max_seqlen, alpha,
-            inv_scaling, partials, tickets, chunk_tiles, stream,
+            inv_scaling, partials, tickets, chunk_tiles, unsummed, stream,
         )  # fmt: skip
 
     @cute.jit
@@ -132,7 +134,7 @@ class HopperHstuForward:
         out: cute.Tensor, cu_seqlens_q: cute.Tensor, num_targets: cute.Tensor,
         page_indptr: cute.Tensor, page_ids: cute.Tensor, last_page_len: cute.Tensor,
         max_seqlen_q: Int32, alpha: Float32, inv_scaling: Float32, partials: cute.Tensor,
-        tickets: cute.Tensor, chunk_tiles: Int32, stream,
+        tickets: cute.Tensor, chunk_tiles: Int32, unsummed: Int32, stream,
     ):  # fmt: skip
         """New history + target rows over a paged cache ``kv_cache [pages, 2, 32, heads, D]``
         (one page per key tile). Split-KV arguments: see :meth:`_launch`."""
@@ -142,7 +144,7 @@ class HopperHstuForward:
             tma_views.page_tma_view(kv_cache, 0, mn_major=False),
             tma_views.page_tma_view(kv_cache, 1, mn_major=True),
             k_new, v_new, out, cu_seqlens_q, num_targets, page_indptr, page_ids, last_page_len,
-            max_seqlen_q, alpha, inv_scaling, partials, tickets, chunk_tiles, stream,
+            max_seqlen_q, alpha, inv_scaling, partials, tickets, chunk_tiles, unsummed, stream,
         )  # fmt: skip
 
     def _mmas(self):
@@ -163,7 +165,7 @@ class HopperHstuForward:
     def _launch(
         self, q, q_view, k_view, v_view, k_self, v_self, out, cu_seqlens_q, num_targets,
         page_indptr, page_ids, last_page_len, pad: Int32, alpha: Float32, inv_scaling: Float32,
-        partials, tickets, chunk_tiles: Int32, stream,
+        partials, tickets, chunk_tiles: Int32, unsummed: Int32, stream,
     ):  # fmt: skip
         """Split-KV: the grid has ``S = partials.shape[0]`` CTAs per query tile; split ``s``
         walks the tile's history key tiles ``[s c, (s + 1) c)`` with ``c = max(chunk_tiles,
@@ -171,7 +173,9 @@ class HopperHstuForward:
         tile walked by more than one split writes fp32 ``partials [S, rows, heads, D]``, and
         the split that finishes last (``tickets``: int32, one per query tile, zero before the
         call and after it) sums them in split order into ``out``. ``S = 1``: ``partials`` and
-        ``tickets`` are not touched.
+        ``tickets`` are not touched. ``unsummed`` (nonzero, with ``S > 1``): split ``s`` of
+        every query tile writes its partial into ``partials[s]`` (zeros where it has no keys)
+        and nothing is summed nor written to ``out``; ``tickets`` are not touched.
 
         The grid is one-dimensional in longest-first order over all sequences and heads
         (:func:`hc.lpt_tile`), so that a grid of several waves starts its long tiles first."""
@@ -215,7 +219,7 @@ class HopperHstuForward:
             qk_mma, pv_mma, tma_q, q_tma, tma_k, k_tma, tma_v, v_tma,
             q, k_self, v_self, out, cu_seqlens_q, num_targets,
             page_indptr, page_ids, last_page_len, pad, alpha, inv_scaling,
-            partials, tickets, chunk_tiles, q_smem, k_smem, v_smem,
+            partials, tickets, chunk_tiles, unsummed, q_smem, k_smem, v_smem,
         ).launch(grid=grid, block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)  # fmt: skip
 
     # ------------------------------------------------------------------ device side
@@ -246,6 +250,7 @@ class HopperHstuForward:
         partials: cute.Tensor,
         tickets: cute.Tensor,
         chunk_tiles: Int32,
+        unsummed: Int32,
         q_smem: cute.ComposedLayout,
         k_smem: cute.ComposedLayout,
         v_smem: cute.ComposedLayout,
@@ -275,13 +280,20 @@ class HopperHstuForward:
             kv_begin = split * chunk
             kv_end = cutlass.min(n_kv, kv_begin + chunk)
             ticket = (b * heads + head) * m_blocks + m_block
-            split_kv = SplitKV(split, pieces, partials, tickets, ticket)
+            split_kv = SplitKV(split, pieces, partials, tickets, ticket, unsummed)
             if split < pieces:
                 self._tile(
                     warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self,
                     out, seq, page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha,
                     inv_scaling, split_kv, q_smem, k_smem, v_smem,
                 )  # fmt: skip
+            elif unsummed != 0:
+                # No keys for this split here, but the caller sums every split's partial.
+                tidx, _, _ = cute.arch.thread_idx()
+                rows = cutlass.min(seq.q_len - row0, TILE_M)
+                for e in cutlass.range(tidx, rows * self.head_dim, THREADS, unroll=1):
+                    row = seq.q_start + row0 + e // self.head_dim
+                    partials[split, row, head, e % self.head_dim] = Float32(0.0)
 
     @cute.jit
     def _tile(
@@ -456,7 +468,9 @@ class HopperHstuForward:
                 for c in cutlass.range_constexpr(cols):
                     d = cO_mn[0, c][1]
                     o_mn[r, c] = o_mn[r, c] + p_self * Float32(v_self[g, head, d])
-        if split_kv.pieces > 1:
+        if split_kv.unsummed != 0:
+            self._store_partial(o_mn, cO_mn, seq, row0, head, split_kv)
+        elif split_kv.pieces > 1:
             self._sum_splits(o_mn, cO_mn, out, seq, row0, head, split_kv, sTicket, tidx)
         else:
             self._store(o_mn, cO_mn, out, seq, row0, head)
@@ -471,6 +485,16 @@ class HopperHstuForward:
                     out[seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c].to(self.dtype)
 
     @cute.jit
+    def _store_partial(self, o_mn, cO_mn, seq, row0, head, split_kv):
+        """This thread's rows of O, in fp32, into ``partials[split]``."""
+        partials = split_kv.partials
+        for r in cutlass.range_constexpr(cute.size(o_mn, mode=[0])):
+            row = row0 + cO_mn[r, 0][0]
+            if row < seq.q_len:
+                for c in cutlass.range_constexpr(cute.size(o_mn, mode=[1])):
+                    partials[split_kv.split, seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c]
+
+    @cute.jit
     def _sum_splits(self, o_mn, cO_mn, out, seq, row0, head, split_kv, sTicket, tidx):
         """Split-KV epilogue: write this split's fp32 partial; the split of the query tile
         that finishes last (the tile's ticket counts arrivals) sums all partials in split
@@ -479,11 +503,7 @@ class HopperHstuForward:
         rows = cute.size(o_mn, mode=[0])
         cols = cute.size(o_mn, mode=[1])
         partials = split_kv.partials
-        for r in cutlass.range_constexpr(rows):
-            row = row0 + cO_mn[r, 0][0]
-            if row < seq.q_len:
-                for c in cutlass.range_constexpr(cols):
-                    partials[split_kv.split, seq.q_start + row, head, cO_mn[0, c][1]] = o_mn[r, c]
+        self._store_partial(o_mn, cO_mn, seq, row0, head, split_kv)
         # Release: every thread's partial stores before the ticket (threadfence reduction).
         cute.arch.fence_acq_rel_gpu()
         cute.arch.barrier(barrier_id=EPILOGUE_BARRIER, number_of_threads=CONSUMER_THREADS)
@@ -614,8 +634,8 @@ def _acc_to_a_operand(acc_layout: cute.Layout) -> cute.Layout:
 
 def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     """``(host_fn, variant, fake_args)`` of one variant: the arguments of
-    ``compile.fake_attention_args`` with the split-KV ``partials, tickets, chunk_tiles``
-    before the stream (:meth:`HopperHstuForward._launch`)."""
+    ``compile.fake_attention_args`` with the split-KV ``partials, tickets, chunk_tiles,
+    unsummed`` before the stream (:meth:`HopperHstuForward._launch`)."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
@@ -643,7 +663,7 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
         *args, stream = cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
         partials = cc.fake_tensor(cutlass.Float32, (None, None, None, head_dim))
         tickets = cc.fake_tensor(cutlass.Int32, (None,), align=4)
-        return (*args, partials, tickets, cutlass.Int32(0), stream)
+        return (*args, partials, tickets, cutlass.Int32(0), cutlass.Int32(0), stream)
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args

@@ -70,13 +70,20 @@ def choose_splits(tiles: int, kv_tiles: int, sms: int, causal: bool) -> int:
 
 
 def split_buffers(
-    q: torch.Tensor, batch: int, max_seqlen_q: int, kv_tiles: int, block_m: int, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(partials, tickets, chunk_tiles)`` for one call: fp32 ``partials [splits, *q.shape]``
-    (the kernel's split count is ``partials.shape[0]``; a one-element stand-in without a
-    split), int32 zero ``tickets`` (one per query tile) and the fixed chunk length in key
-    tiles (jagged: short tiles are not split; 0 for equal parts of each tile's own range,
-    paged).
+    q: torch.Tensor,
+    batch: int,
+    max_seqlen_q: int,
+    kv_tiles: int,
+    block_m: int,
+    causal: bool,
+    unsummed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(partials, tickets, chunk_tiles, unsummed)`` for one call: fp32 ``partials [splits,
+    *q.shape]`` (the kernel's split count is ``partials.shape[0]``; a one-element stand-in
+    without a split), int32 zero ``tickets`` (one per query tile) and the fixed chunk length
+    in key tiles (jagged: short tiles are not split; 0 for equal parts of each tile's own
+    range, paged). ``unsummed``: the kernel leaves the partials to the caller (no tickets;
+    the flag is returned as the kernel's int argument, 0 without a split).
 
     ``HSTU_CUTEDSL_SPLITS=N`` forces ``N`` splits (measurements, tests)."""
     heads = q.shape[1]
@@ -86,9 +93,12 @@ def split_buffers(
         splits = max(1, min(int(forced), kv_tiles, MAX_SPLITS))
     else:
         splits = choose_splits(tiles, kv_tiles, sm_count(q.device), causal)
+    chunk_tiles = math.ceil(kv_tiles / splits) if causal and splits > 1 else 0
     if splits == 1:
         stand_in = torch.empty((1, 1, 1, q.shape[2]), dtype=torch.float32, device=q.device)
-        return stand_in, torch.empty((1,), dtype=torch.int32, device=q.device), 0
+        return stand_in, torch.empty((1,), dtype=torch.int32, device=q.device), 0, 0
     partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+    if unsummed:
+        return partials, torch.empty((1,), dtype=torch.int32, device=q.device), chunk_tiles, 1
     tickets = torch.zeros((tiles,), dtype=torch.int32, device=q.device)
-    return partials, tickets, (math.ceil(kv_tiles / splits) if causal else 0)
+    return partials, tickets, chunk_tiles, 0
