@@ -152,9 +152,7 @@ class CachedBlockGraphs:
         if b is None:
             b = self._buckets[key] = self._new_bucket(*key)
         padded = self._fill(b, x, meta)
-        waits = self.graph_waits and not (
-            self.skip_idle_waits and not self.cache.transfers_pending()
-        )
+        waits = self.graph_waits and (not self.skip_idle_waits or self.cache.transfers_pending())
         if waits not in b.graphs:
             waits = self._capture(b, padded, waits)
             b.x[: x.shape[0]].copy_(x)  # the warm-up runs accumulated into it

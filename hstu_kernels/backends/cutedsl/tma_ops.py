@@ -75,6 +75,8 @@ def make_ops(
             page_table.page_indptr, page_table.page_ids, page_table.last_page_len,
             int(max_seqlen_q), float(spec.alpha), 1.0 / float(spec.scaling_seqlen), *extra,
         )  # fmt: skip
+        # split_kv's tuple: the partials first, the kernel's unsummed flag last (set only
+        # for a split call)
         return extra[0] if extra and extra[-1] else None
 
     def paged_partials(*args):
