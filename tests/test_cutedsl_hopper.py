@@ -458,6 +458,8 @@ def test_kernel_bench_times_it_on_sm90(monkeypatch):
     [
         (96, 128, False, 1),  # delta B=8, 4 heads, 384 rows: most SMs busy already
         (32, 128, False, 4),  # delta B=8 without targets: one tile per (sequence, head)
+        (48, 128, False, 2),  # delta B=4 + targets: one wave (8 splits, 3 waves, lost)
+        (24, 128, False, 5),  # delta B=2 + targets
         (12, 128, False, 11),  # delta B=1: 12 tiles fill 132 SMs in 11 parts
         (1088, 136, True, 1),  # jagged B=8: the mean load dominates
         (136, 68, True, 2),  # jagged B=1 (64-key tiles): the longest tile dominates

@@ -39,7 +39,9 @@ MIN_TILES = {"paged": 64, "jagged": 128}
 # layer's LayerNorm does) skips the kernel's ticket sum, which is what lost on small grids.
 # H100, same run, attention + the LayerNorm summing its partials, graph-replayed: B=8 without
 # targets (32 tiles) hopper in 4 splits 72.5 us, triton 75.9; B=1 + 256 targets (12 tiles,
-# rounded to 16) triton 32.3, hopper 37.0 at best (11 splits). Unmeasured: 17-31 tiles.
+# rounded to 16) triton 32.3, hopper 37.0 at best (11 splits); B=4 + 256 targets (48 tiles)
+# hopper in 2 splits 74.3, triton 78.2; B=2 + 256 targets (24 tiles, rounded to 32) hopper in
+# 5 splits 47.6, triton 45.7 (kept: it shares the bucket of B=8 without targets).
 MIN_TILES_PARTIALS = 32
 
 
