@@ -11,13 +11,14 @@ module in ``backends/``; nothing here or in ``ops.py`` changes.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from hstu_kernels import settings
 
 __all__ = [
     "Backend",
@@ -103,6 +104,15 @@ class Backend:
     # declines(request): why another backend is faster for this call (measured), or None.
     # Consulted by "auto" selection only; a forced backend runs whatever it serves.
     declines: Callable[[Request], str | None] | None = None
+    # planners[op](batch: PlannedBatch) -> run: what a plan (hstu_kernels.plan) calls once
+    # per batch to get a launch with everything that depends only on the batch's metadata
+    # decided (kernel handle, split-KV choice, grid, scalar arguments). The run callables take
+    # only the per-call tensors:
+    #   jagged(q, k, v, out) -> None; paged(q, k_new, v_new, kv_cache, out) -> None;
+    #   paged_partials(q, k_new, v_new, kv_cache) -> Tensor; append_kv(kv_cache, k, v) -> None.
+    # An op without a planner is planned generically: its run calls ``ops[op]`` with the
+    # batch's metadata.
+    planners: Mapping[str, Callable] = field(default_factory=dict)
 
     def rank(self, arch: str) -> int:
         return self.priority.get(arch, self.priority.get("*", 0))
@@ -162,7 +172,8 @@ class Registry:
         self._discover = discover
         self._lock = threading.Lock()
         # select() runs on every op call: keep its answer per (request, forced backend)
-        self._selected: dict[tuple[Request, str, str], Backend] = {}
+        self._selected: dict[tuple[Request, str], Backend] = {}
+        settings.on_change(self._selected.clear)  # the forced backend may have changed
 
     def register(self, backend: Backend) -> None:
         if backend.name in self._backends:
@@ -194,7 +205,7 @@ class Registry:
         self, request: Request, backend: str = "auto", *, check_available: bool = True
     ) -> Explanation:
         backends = self.backends
-        forced = backend if backend != "auto" else os.environ.get(ENV_OVERRIDE, "auto") or "auto"
+        forced = backend if backend != "auto" else settings.get().backend
         reasons: dict[str, str] = {}
         if forced != "auto":
             if forced not in backends:
@@ -225,7 +236,7 @@ class Registry:
         return Explanation(request, choice, reasons)
 
     def select(self, request: Request, backend: str = "auto") -> Backend:
-        key = (request, backend, os.environ.get(ENV_OVERRIDE, ""))
+        key = (request, backend)
         chosen = self._selected.get(key)
         if chosen is None:
             exp = self.explain(request, backend)

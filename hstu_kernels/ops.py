@@ -1,64 +1,117 @@
-"""The public ops: ``hstu_attention``, ``paged_hstu_attention`` and ``append_kv``.
+"""The public functional ops: ``hstu_attention``, ``paged_hstu_attention`` and ``append_kv``.
 
-Each op checks its arguments, asks the dispatcher for a backend and calls it. Nothing is
-silently ignored: an argument the chosen backend cannot honour is an error.
+Each op is a plan (:mod:`hstu_kernels.plan`) and its run. Plans are kept in a small cache keyed
+by the call's configuration and the identity of its metadata tensors, so a batch's second and
+later calls (every layer of a model, say) skip the planning:
+
+- with ``validate=True`` (the default) each call still reads the metadata's values (one
+  device-to-host sync) and checks them; a plan is reused when they are the values it was made
+  for;
+- with ``validate=False`` a plan is reused while the same metadata tensors are passed and no
+  torch operation has written them in place since (their version counters). A caller that
+  rewrites metadata by other means (a kernel of its own) must pass ``validate=True`` or use
+  plans directly.
+
+Nothing is silently ignored: an argument the chosen backend cannot honour is an error. Inside
+``torch.compile`` the ops call their ``torch.ops.hstu_kernels`` registrations (below), which the
+compiler treats as opaque.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from hstu_kernels import settings
 from hstu_kernels import validation as val
-from hstu_kernels.dispatch import Backend, Request, device_arch, grid_tiles, select
+from hstu_kernels.dispatch import Request, device_arch, select
+from hstu_kernels.plan import (
+    AppendPlan,
+    JaggedAttentionPlan,
+    PagedAttentionPlan,
+    plan_append_kv,
+    plan_jagged_attention,
+    plan_paged_attention,
+)
 from hstu_kernels.types import AttentionSpec, PageTable
 
-__all__ = ["append_kv", "hstu_attention", "paged_hstu_attention"]
+__all__ = ["append_kv", "clear_plan_cache", "hstu_attention", "paged_hstu_attention"]
+
+PLAN_CACHE_SIZE = 32
 
 
-def _features(num_contexts: int, max_attn_len: int) -> frozenset[str]:
-    return AttentionSpec(1.0, 1, num_contexts, max_attn_len).features
+class _PlanCache:
+    """The functional ops' plans, least recently used first out."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._plans: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple | None) -> Any:
+        if key is None:
+            return None
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+        return plan
+
+    def put(self, key: tuple | None, plan: Any) -> Any:
+        if key is not None:
+            self._plans[key] = plan
+            if len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
 
 
-def _resolve_alpha(alpha: float | None, head_dim: int) -> float:
-    if alpha is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise TypeError(f"alpha: expected a finite float, got {alpha!r}")
-    return float(alpha)
+_PLANS = _PlanCache(PLAN_CACHE_SIZE)
+settings.on_change(_PLANS.clear)  # a plan's backend may depend on a setting
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+def clear_plan_cache() -> None:
+    """Forget the functional ops' cached plans (they also go when settings change)."""
+    _PLANS.clear()
 
 
-def _needs_host(
-    device: torch.device, validate: bool, missing: list[str], op: str
-) -> tuple[bool, bool]:
-    """(read metadata to the host?, check its values?) for this call."""
-    capturing = val.is_capturing(device)
-    if capturing and missing:
-        raise ValueError(
-            f"{op}: {' and '.join(missing)} must be given while a CUDA graph is being captured "
-            "(computing them needs a device-to-host sync)"
-        )
-    check = validate and not capturing
-    return check or bool(missing), check
+def _tensor_key(t: Any) -> tuple | None:
+    """A metadata tensor's identity and in-place write count (``None`` for ``None``). The
+    cached plan holds the tensor, so its id cannot be reused while the entry lives."""
+    return None if t is None else (id(t), t._version)
 
 
-def _select_sized(
-    request: Request, backend: str, batch: int, heads: int, max_seqlen: int, chosen: Backend
-) -> Backend:
-    """``chosen``, or the backend chosen again now that the call's size is known, if it was
-    not when ``request`` was made (``max_seqlen`` read from the device): a backend may
-    decline a call by its size (``Backend.declines``)."""
-    if request.tiles is not None:
-        return chosen
-    sized = dataclasses.replace(request, tiles=grid_tiles(batch, heads, max_seqlen))
-    return select(sized, backend)
+def _cached(
+    key: tuple | None,
+    plan: Any,
+    validate: bool,
+    device: torch.device,
+    make: Callable[..., Any],
+    read: Callable[[], Any],
+) -> Any:
+    """The plan for ``key`` (``plan``: the cached one, or ``None``). With ``validate``
+    (outside a capture) the metadata is read and checked (``read()``: one sync) and a plan
+    made for other values is replaced by ``make(layout=<the values read>)``; otherwise a
+    cached plan is reused as it is, and a missing one made by ``make(layout=None)``."""
+    if validate and not val.is_capturing(device):
+        layout = read()
+        if plan is None or layout != plan.layout:
+            plan = _PLANS.put(key, make(layout=layout))
+        return plan
+    if plan is None:
+        plan = _PLANS.put(key, make(layout=None))
+    return plan
+
+
+def _key(*parts: Any) -> tuple | None:
+    try:
+        hash(parts)
+    except TypeError:  # an unhashable argument: the planning path names the error
+        return None
+    return parts
 
 
 def hstu_attention(
@@ -88,71 +141,62 @@ def hstu_attention(
         max_attn_len: local window W over history (0: unlimited).
         alpha: scale inside the SiLU; default ``1/sqrt(head_dim)``.
         scaling_seqlen: the divisor of the SiLU scores; default ``max_b L_b``.
-        max_seqlen: ``max_b L_b`` if the caller knows it (saves a sync).
+        max_seqlen: ``max_b L_b`` if the caller knows it (saves a sync); must not be smaller.
         backend: ``"auto"`` or a backend name (``$HSTU_KERNELS_BACKEND`` overrides "auto").
         validate: check the values of the offsets (one device-to-host sync). Skipped while a
             CUDA graph is being captured; then ``max_seqlen`` and ``scaling_seqlen`` must be
-            given.
+            given. See the module docstring for what ``validate=False`` trusts.
         out: where to write the result (shape and dtype of ``q``); allocated if ``None``.
 
     Returns:
         ``[sum_b L_b, heads, head_dim]`` in the dtype of ``q`` (``out`` if given).
     """
-    val.check_packed(("q", "k", "v"), q, k, v)
-    cu_seqlens = val.check_offsets("cu_seqlens", cu_seqlens, q.device)
-    batch = cu_seqlens.shape[0] - 1
-    num_targets = val.check_num_targets(num_targets, batch, q.device)
+    if torch.compiler.is_compiling():
+        result = torch.ops.hstu_kernels.hstu_attention(
+            q, k, v, cu_seqlens, num_targets, num_contexts, max_attn_len, alpha,
+            scaling_seqlen, max_seqlen, backend, validate,
+        )  # fmt: skip
+        return result if out is None else out.copy_(result)
+    try:
+        key = _key("jagged", q.shape[1], q.shape[2], q.dtype, _tensor_key(cu_seqlens),
+                   _tensor_key(num_targets), num_contexts, max_attn_len, alpha, scaling_seqlen,
+                   max_seqlen, backend, validate)  # fmt: skip
+    except (AttributeError, IndexError):
+        key = None
+    plan = _PLANS.get(key)
+    if plan is None:
+        val.check_packed(("q", "k", "v"), q, k, v)
+        val.check_offsets("cu_seqlens", cu_seqlens, q.device)
+        _check_targets(num_targets, cu_seqlens, q.device)
+        _refuse_unserved("jagged", q, None, num_contexts, max_attn_len, backend)
+
+    def make(layout: Any) -> JaggedAttentionPlan:
+        return plan_jagged_attention(
+            cu_seqlens, num_targets, heads=q.shape[1], head_dim=q.shape[2], dtype=q.dtype,
+            alpha=alpha, scaling_seqlen=scaling_seqlen, num_contexts=num_contexts,
+            max_attn_len=max_attn_len, max_seqlen=max_seqlen, backend=backend,
+            validate=validate, layout=layout,
+        )  # fmt: skip
+
+    def read() -> Any:
+        return val.read_layout(cu_seqlens, "cu_seqlens", num_targets, rows=q.shape[0])
+
+    return _cached(key, plan, validate, q.device, make, read).run(q, k, v, out)
+
+
+def _check_targets(num_targets: Any, cu: torch.Tensor, device: torch.device) -> None:
+    if num_targets is not None:
+        val.check_num_targets(num_targets, cu.shape[0] - 1, device)
+
+
+def _refuse_unserved(op: str, t: torch.Tensor, page_size: int | None, num_contexts: Any,
+                     max_attn_len: Any, backend: str, partials: bool = False) -> None:  # fmt: skip
+    """A call no backend serves is refused before its metadata is read (and synced)."""
     val.check_mask_params(num_contexts, max_attn_len)
-    _check_positive_int("scaling_seqlen", scaling_seqlen)
-    _check_positive_int("max_seqlen", max_seqlen)
-    alpha = _resolve_alpha(alpha, q.shape[2])
-    request = Request(
-        "jagged",
-        device_arch(q.device),
-        q.dtype,
-        q.shape[2],
-        None,
-        _features(num_contexts, max_attn_len),
-        grid_tiles(batch, q.shape[1], max_seqlen),
-    )
-    chosen = select(request, backend)
-
-    missing = [
-        n for n, x in (("max_seqlen", max_seqlen), ("scaling_seqlen", scaling_seqlen)) if x is None
-    ]
-    read, check = _needs_host(q.device, validate, missing, "hstu_attention")
-    if read:
-        host = val.read_and_check_values(
-            cu_seqlens, "cu_seqlens", q.shape[0], num_targets, check=check
-        )
-        longest = max(host.lengths)
-        if check and num_contexts:
-            _check_contexts(num_contexts, [n - t for n, t in zip(host.lengths, host.targets)])
-        max_seqlen = max_seqlen or max(longest, 1)
-        scaling_seqlen = scaling_seqlen or max(longest, 1)
-    chosen = _select_sized(request, backend, batch, q.shape[1], max_seqlen, chosen)
-    spec = AttentionSpec(alpha, scaling_seqlen, num_contexts, max_attn_len)
-    out = _check_out(out, q)
-    chosen.ops["jagged"](q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out)
-    return out
-
-
-def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return torch.empty_like(q)
-    out = val.check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
-    if out.shape != q.shape:
-        raise ValueError(f"out: expected shape {tuple(q.shape)} (as q), got {tuple(out.shape)}")
-    return out
-
-
-def _check_contexts(num_contexts: int, histories: list[int]) -> None:
-    short = [b for b, h in enumerate(histories) if h < num_contexts]
-    if short:
-        raise ValueError(
-            f"num_contexts: expected every history to hold the {num_contexts} context tokens, "
-            f"sequence {short[0]} has {histories[short[0]]}"
-        )
+    features = AttentionSpec(1.0, 1, num_contexts, max_attn_len).features
+    request = Request(op, device_arch(t.device), t.dtype, t.shape[2], page_size, features,
+                      partials=partials)  # fmt: skip
+    select(request, backend)
 
 
 def paged_hstu_attention(
@@ -180,7 +224,8 @@ def paged_hstu_attention(
     ones included: call :func:`append_kv` first) are read from ``kv_cache`` through
     ``page_table``; the targets' K/V come from the target rows of ``k_new``/``v_new`` and are
     never cached. The result equals rows ``H_b-N_b .. H_b+T_b-1`` of :func:`hstu_attention`
-    over the whole sequence, given the same ``scaling_seqlen``.
+    over the whole sequence, given the same ``scaling_seqlen``. Two sequences may share pages
+    (a common prefix): attention only reads them.
 
     Args:
         q, k_new, v_new: ``[sum_b (N_b+T_b), heads, head_dim]``, one dtype, contiguous.
@@ -192,23 +237,32 @@ def paged_hstu_attention(
         num_contexts, max_attn_len, alpha: as in :func:`hstu_attention`.
         scaling_seqlen: the divisor of the SiLU scores, a model constant; default
             ``max_b (H_b + T_b)``.
-        max_seqlen_q: ``max_b (N_b + T_b)`` if the caller knows it (saves a sync).
+        max_seqlen_q: ``max_b (N_b + T_b)`` if the caller knows it (saves a sync); must not be
+            smaller.
         backend: ``"auto"`` or a backend name.
         validate: check offsets, page ids (inside the pool), ``last_page_len`` (1..page_size)
             and that ``N_b <= H_b``: one device-to-host sync. Skipped while a CUDA graph is
             being captured (then ``max_seqlen_q`` and ``scaling_seqlen`` must be given) and
             when ``validate=False`` (for callers that built the table, such as the KV cache
-            manager). Shapes, dtypes and devices are checked on every call.
+            manager; see the module docstring). Shapes, dtypes and devices are checked on
+            every call.
         out: where to write the result (shape and dtype of ``q``); allocated if ``None``.
 
     Returns:
         ``[sum_b (N_b+T_b), heads, head_dim]`` in the dtype of ``q`` (``out`` if given).
     """
-    return _paged(
+    if torch.compiler.is_compiling():
+        result = torch.ops.hstu_kernels.paged_hstu_attention(
+            q, k_new, v_new, kv_cache, page_table.page_indptr, page_table.page_ids,
+            page_table.last_page_len, cu_seqlens_q, num_targets, num_contexts, max_attn_len,
+            alpha, scaling_seqlen, max_seqlen_q, backend, validate,
+        )  # fmt: skip
+        return result if out is None else out.copy_(result)
+    plan = _paged_plan(
         q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
-        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, out,
-        partials=False,
+        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, partials=False,
     )  # fmt: skip
+    return plan.run(q, k_new, v_new, kv_cache, out)
 
 
 def paged_hstu_attention_partials(
@@ -237,83 +291,64 @@ def paged_hstu_attention_partials(
     ``q``'s dtype, is bit for bit what :func:`paged_hstu_attention` returns. Arguments,
     checks and backend choice are those of :func:`paged_hstu_attention`.
     """
-    return _paged(
+    plan = _paged_plan(
         q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
-        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, None,
-        partials=True,
+        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, partials=True,
     )  # fmt: skip
+    return plan.run_partials(q, k_new, v_new, kv_cache)
 
 
-def _paged(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    kv_cache: torch.Tensor,
-    page_table: PageTable,
-    cu_seqlens_q: torch.Tensor,
-    num_targets: torch.Tensor | None,
-    num_contexts: int,
-    max_attn_len: int,
-    alpha: float | None,
-    scaling_seqlen: int | None,
-    max_seqlen_q: int | None,
-    backend: str,
-    validate: bool,
-    out: torch.Tensor | None,
+def _paged_plan(
+    q: Any,
+    k_new: Any,
+    v_new: Any,
+    kv_cache: Any,
+    page_table: Any,
+    cu_seqlens_q: Any,
+    num_targets: Any,
+    num_contexts: Any,
+    max_attn_len: Any,
+    alpha: Any,
+    scaling_seqlen: Any,
+    max_seqlen_q: Any,
+    backend: Any,
+    validate: Any,
     *,
     partials: bool,
-) -> torch.Tensor:
-    val.check_packed(("q", "k_new", "v_new"), q, k_new, v_new)
-    page_size = val.check_kv_cache(kv_cache, q)
-    cu_seqlens_q = val.check_offsets("cu_seqlens_q", cu_seqlens_q, q.device)
-    batch = cu_seqlens_q.shape[0] - 1
-    page_table = val.check_page_table(page_table, batch, q.device)
-    num_targets = val.check_num_targets(num_targets, batch, q.device)
-    val.check_mask_params(num_contexts, max_attn_len)
-    _check_positive_int("scaling_seqlen", scaling_seqlen)
-    _check_positive_int("max_seqlen_q", max_seqlen_q)
-    alpha = _resolve_alpha(alpha, q.shape[2])
-    request = Request(
-        "paged",
-        device_arch(q.device),
-        q.dtype,
-        q.shape[2],
-        page_size,
-        _features(num_contexts, max_attn_len),
-        grid_tiles(batch, q.shape[1], max_seqlen_q),
-        partials,
-    )
-    chosen = select(request, backend)
+) -> PagedAttentionPlan:
+    try:
+        pt = page_table
+        key = _key("paged", q.shape[1], q.shape[2], q.dtype, kv_cache.shape[2],
+                   _tensor_key(pt.page_indptr), _tensor_key(pt.page_ids),
+                   _tensor_key(pt.last_page_len), _tensor_key(cu_seqlens_q),
+                   _tensor_key(num_targets), num_contexts, max_attn_len, alpha, scaling_seqlen,
+                   max_seqlen_q, backend, validate, partials)  # fmt: skip
+    except (AttributeError, IndexError):
+        key = None
+    plan = _PLANS.get(key)
+    if plan is None:
+        # the structural errors of every argument, in the order the op lists them
+        val.check_packed(("q", "k_new", "v_new"), q, k_new, v_new)
+        page_size = val.check_kv_cache(kv_cache, q)
+        val.check_offsets("cu_seqlens_q", cu_seqlens_q, q.device)
+        _check_targets(num_targets, cu_seqlens_q, q.device)
+        val.check_page_table(page_table, cu_seqlens_q.shape[0] - 1, q.device)
+        _refuse_unserved("paged", q, page_size, num_contexts, max_attn_len, backend, partials)
 
-    missing = [
-        n
-        for n, x in (("max_seqlen_q", max_seqlen_q), ("scaling_seqlen", scaling_seqlen))
-        if x is None
-    ]
-    read, check = _needs_host(q.device, validate, missing, "paged_hstu_attention")
-    if read:
-        host = val.read_and_check_values(
-            cu_seqlens_q,
-            "cu_seqlens_q",
-            q.shape[0],
-            num_targets,
-            page_table,
-            page_size,
-            kv_cache.shape[0],
-            check=check,
-        )
-        if check and num_contexts:
-            _check_contexts(num_contexts, host.histories)
-        max_seqlen_q = max_seqlen_q or max(max(host.lengths), 1)
-        scaling_seqlen = scaling_seqlen or max(h + t for h, t in zip(host.histories, host.targets))
-    chosen = _select_sized(request, backend, batch, q.shape[1], max_seqlen_q, chosen)
-    spec = AttentionSpec(alpha, scaling_seqlen, num_contexts, max_attn_len)
-    args = (q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec)
-    if partials and "paged_partials" in chosen.ops:
-        return chosen.ops["paged_partials"](*args)
-    out = _check_out(out, q)
-    chosen.ops["paged"](*args, out)
-    return out
+    def make(layout: Any) -> PagedAttentionPlan:
+        return plan_paged_attention(
+            page_table, cu_seqlens_q, num_targets, heads=q.shape[1], head_dim=q.shape[2],
+            dtype=q.dtype, page_size=kv_cache.shape[2], alpha=alpha,
+            scaling_seqlen=scaling_seqlen, num_contexts=num_contexts, max_attn_len=max_attn_len,
+            max_seqlen_q=max_seqlen_q, backend=backend, validate=validate, layout=layout,
+            partials=partials,
+        )  # fmt: skip
+
+    def read() -> Any:
+        return val.read_layout(cu_seqlens_q, "cu_seqlens_q", num_targets, page_table,
+                               kv_cache.shape[2], rows=q.shape[0])  # fmt: skip
+
+    return _cached(key, plan, validate, q.device, make, read)
 
 
 def append_kv(
@@ -335,30 +370,46 @@ def append_kv(
     already describes (pages allocated, ``last_page_len`` updated). Target rows are not cached.
     ``validate`` as in :func:`paged_hstu_attention`.
     """
-    val.check_packed(("k", "v"), k, v)
-    page_size = val.check_kv_cache(kv_cache, k, "k")
-    cu_seqlens = val.check_offsets("cu_seqlens", cu_seqlens, k.device)
-    batch = cu_seqlens.shape[0] - 1
-    page_table = val.check_page_table(page_table, batch, k.device)
-    num_targets = val.check_num_targets(num_targets, batch, k.device)
-    request = Request("append_kv", device_arch(k.device), k.dtype, k.shape[2], page_size)
-    impl = select(request, backend).ops["append_kv"]
-    if validate and not val.is_capturing(k.device):
-        val.read_and_check_values(
-            cu_seqlens,
-            "cu_seqlens",
-            k.shape[0],
-            num_targets,
-            page_table,
-            page_size,
-            kv_cache.shape[0],
-        )
-    impl(kv_cache, page_table, k, v, cu_seqlens, num_targets)
+    if torch.compiler.is_compiling():
+        torch.ops.hstu_kernels.append_kv(
+            kv_cache, page_table.page_indptr, page_table.page_ids, page_table.last_page_len,
+            k, v, cu_seqlens, num_targets, backend, validate,
+        )  # fmt: skip
+        return
+    try:
+        pt = page_table
+        key = _key("append_kv", k.shape[1], k.shape[2], k.dtype, kv_cache.shape[2],
+                   _tensor_key(pt.page_indptr), _tensor_key(pt.page_ids),
+                   _tensor_key(pt.last_page_len), _tensor_key(cu_seqlens),
+                   _tensor_key(num_targets), backend, validate)  # fmt: skip
+    except (AttributeError, IndexError):
+        key = None
+    plan = _PLANS.get(key)
+    if plan is None:
+        val.check_packed(("k", "v"), k, v)
+        page_size = val.check_kv_cache(kv_cache, k, "k")
+        val.check_offsets("cu_seqlens", cu_seqlens, k.device)
+        _check_targets(num_targets, cu_seqlens, k.device)
+        val.check_page_table(page_table, cu_seqlens.shape[0] - 1, k.device)
+        _refuse_unserved("append_kv", k, page_size, 0, 0, backend)
+
+    def make(layout: Any) -> AppendPlan:
+        return plan_append_kv(
+            page_table, cu_seqlens, num_targets, heads=k.shape[1], head_dim=k.shape[2],
+            dtype=k.dtype, page_size=kv_cache.shape[2], backend=backend, validate=validate,
+            layout=layout,
+        )  # fmt: skip
+
+    def read() -> Any:
+        return val.read_layout(cu_seqlens, "cu_seqlens", num_targets, page_table,
+                               kv_cache.shape[2], rows=k.shape[0])  # fmt: skip
+
+    _cached(key, plan, validate, k.device, make, read).run(kv_cache, k, v)
 
 
-# torch.library registration, so that the ops can sit inside torch.compile'd models
-# (``torch.ops.hstu_kernels.*``). The Python functions above stay the fast eager entry points:
-# going through the dispatcher costs several µs per call.
+# torch.library registration, so that the ops can sit inside torch.compile'd models: the
+# Python ops above call these while compiling (they are opaque to the compiler, so the checks
+# and the plan cache run inside them, at run time).
 
 
 @torch.library.custom_op("hstu_kernels::hstu_attention", mutates_args=())
@@ -370,25 +421,17 @@ def _hstu_attention_op(
     num_targets: torch.Tensor | None,
     num_contexts: int,
     max_attn_len: int,
-    alpha: float,
-    scaling_seqlen: int,
-    max_seqlen: int,
+    alpha: float | None,
+    scaling_seqlen: int | None,
+    max_seqlen: int | None,
     backend: str,
+    validate: bool = False,
 ) -> torch.Tensor:
     return hstu_attention(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        num_targets=num_targets,
-        num_contexts=num_contexts,
-        max_attn_len=max_attn_len,
-        alpha=alpha,
-        scaling_seqlen=scaling_seqlen,
-        max_seqlen=max_seqlen,
-        backend=backend,
-        validate=False,
-    )
+        q, k, v, cu_seqlens, num_targets=num_targets, num_contexts=num_contexts,
+        max_attn_len=max_attn_len, alpha=alpha, scaling_seqlen=scaling_seqlen,
+        max_seqlen=max_seqlen, backend=backend, validate=validate,
+    )  # fmt: skip
 
 
 @_hstu_attention_op.register_fake
@@ -409,27 +452,18 @@ def _paged_hstu_attention_op(
     num_targets: torch.Tensor | None,
     num_contexts: int,
     max_attn_len: int,
-    alpha: float,
-    scaling_seqlen: int,
-    max_seqlen_q: int,
+    alpha: float | None,
+    scaling_seqlen: int | None,
+    max_seqlen_q: int | None,
     backend: str,
+    validate: bool = False,
 ) -> torch.Tensor:
     return paged_hstu_attention(
-        q,
-        k_new,
-        v_new,
-        kv_cache,
-        PageTable(page_indptr, page_ids, last_page_len),
-        cu_seqlens_q,
-        num_targets=num_targets,
-        num_contexts=num_contexts,
-        max_attn_len=max_attn_len,
-        alpha=alpha,
-        scaling_seqlen=scaling_seqlen,
-        max_seqlen_q=max_seqlen_q,
-        backend=backend,
-        validate=False,
-    )
+        q, k_new, v_new, kv_cache, PageTable(page_indptr, page_ids, last_page_len),
+        cu_seqlens_q, num_targets=num_targets, num_contexts=num_contexts,
+        max_attn_len=max_attn_len, alpha=alpha, scaling_seqlen=scaling_seqlen,
+        max_seqlen_q=max_seqlen_q, backend=backend, validate=validate,
+    )  # fmt: skip
 
 
 @_paged_hstu_attention_op.register_fake
@@ -448,17 +482,12 @@ def _append_kv_op(
     cu_seqlens: torch.Tensor,
     num_targets: torch.Tensor | None,
     backend: str,
+    validate: bool = False,
 ) -> None:
     append_kv(
-        kv_cache,
-        PageTable(page_indptr, page_ids, last_page_len),
-        k,
-        v,
-        cu_seqlens,
-        num_targets=num_targets,
-        backend=backend,
-        validate=False,
-    )
+        kv_cache, PageTable(page_indptr, page_ids, last_page_len), k, v, cu_seqlens,
+        num_targets=num_targets, backend=backend, validate=validate,
+    )  # fmt: skip
 
 
 @_append_kv_op.register_fake

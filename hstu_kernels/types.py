@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionSpec", "PageTable"]
+__all__ = ["AttentionSpec", "BatchLayout", "PageTable", "PlannedBatch"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +107,71 @@ class AttentionSpec:
         if self.max_attn_len > 0:
             used.add("window")
         return frozenset(used)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The host values of a batch's metadata: what a plan needs to know about the batch
+    without reading its device tensors (which costs a device-to-host sync).
+
+    ``query_lengths[b]``: packed rows of sequence ``b`` (``N_b + T_b``; jagged: ``L_b``);
+    ``num_targets[b]``: ``T_b``; ``history_lengths[b]``: ``H_b`` from the page table (paged
+    and append calls; ``None`` for jagged); ``page_id_range``: the smallest and largest page
+    id of the table (``None``: not known, then the pool size is not checked against it).
+
+    The KV cache manager builds one with every batch (``BatchMetadata.layout``), from the
+    lists it built the device tensors from.
+    """
+
+    query_lengths: tuple[int, ...]
+    num_targets: tuple[int, ...]
+    history_lengths: tuple[int, ...] | None = None
+    page_id_range: tuple[int, int] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.query_lengths)
+
+    @property
+    def rows(self) -> int:
+        """Packed rows of the batch."""
+        return sum(self.query_lengths)
+
+    @property
+    def max_query_length(self) -> int:
+        return max(self.query_lengths, default=0)
+
+    @property
+    def max_total_length(self) -> int:
+        """``max_b (H_b + T_b)`` (paged), or ``max_b L_b`` (jagged): the default
+        ``scaling_seqlen``."""
+        if self.history_lengths is None:
+            return max(self.query_lengths, default=0)
+        pairs = zip(self.history_lengths, self.num_targets, strict=True)
+        return max((h + t for h, t in pairs), default=0)
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """What a backend's planner gets (``Backend.planners``): one batch's metadata on the
+    device, validated, and the sizes the plan derived from it on the host.
+
+    ``op`` is ``"jagged"``, ``"paged"`` or ``"append_kv"``. ``rows`` is the packed row count
+    of q/k/v (``None`` when the values were not read: then any count is accepted);
+    ``max_seqlen`` bounds the rows of one sequence (query rows for paged calls); ``spec`` is
+    ``None`` for ``append_kv``; ``page_table`` and ``page_size`` are ``None`` for jagged calls.
+    """
+
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    heads: int
+    head_dim: int
+    batch: int
+    rows: int | None
+    cu_seqlens: torch.Tensor
+    num_targets: torch.Tensor
+    max_seqlen: int
+    spec: AttentionSpec | None = None
+    page_table: PageTable | None = None
+    page_size: int | None = None

@@ -8,11 +8,10 @@ so they cost a single device-to-host sync.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
-from hstu_kernels.types import PageTable
+from hstu_kernels.types import BatchLayout, PageTable
 
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -138,90 +137,124 @@ def is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-@dataclass(frozen=True)
-class HostView:
-    """The values of a batch's small metadata tensors, copied to the host in one sync."""
-
-    lengths: list[int]  # rows per sequence in the packed tensors
-    targets: list[int]
-    histories: list[int] | None = None  # paged only: H_b from the page table
-
-
-def read_and_check_values(
+def read_layout(
     cu_seqlens: torch.Tensor,
     cu_name: str,
-    total: int,
-    num_targets: torch.Tensor,
+    num_targets: torch.Tensor | None,
     page_table: PageTable | None = None,
     page_size: int | None = None,
-    num_pages: int | None = None,
     *,
     check: bool = True,
-) -> HostView:
-    """Copy the metadata to the host (one sync) and, if ``check``, validate its values."""
-    parts = [cu_seqlens, num_targets]
-    if page_table is not None:
-        ids = page_table.page_ids
-        bounds = torch.stack([ids.min(), ids.max()]) if ids.numel() else ids.new_zeros(0)
-        parts += [page_table.page_indptr, page_table.last_page_len, bounds]
-    host = torch.cat([p.to(torch.int64) for p in parts]).tolist()
+    rows: int | None = None,
+) -> BatchLayout:
+    """Copy a batch's metadata to the host (one concatenation, one copy: a single sync on
+    CUDA) and, if ``check``, validate its values; returns its :class:`BatchLayout`.
+    ``num_targets=None``: no targets. ``rows``: the packed tensors' row count, which
+    ``cu_seqlens[-1]`` must equal (else the plan checks it against the tensors it runs on,
+    as it checks the pool size against ``page_id_range``).
+    """
     batch = cu_seqlens.shape[0] - 1
+    parts = [cu_seqlens] if num_targets is None else [cu_seqlens, num_targets]
+    if page_table is not None:
+        parts += [page_table.page_indptr, page_table.last_page_len, page_table.page_ids]
+    host = torch.cat(parts).cpu().numpy().astype(np.int64)
+    if num_targets is None:
+        host = np.concatenate([host[: batch + 1], np.zeros(batch, np.int64), host[batch + 1 :]])
     cu, host = host[: batch + 1], host[batch + 1 :]
     targets, host = host[:batch], host[batch:]
-    lengths = [cu[b + 1] - cu[b] for b in range(batch)]
+    lengths = np.diff(cu)
     if check:
         if cu[0] != 0:
             raise ValueError(f"{cu_name}: expected {cu_name}[0] == 0, got {cu[0]}")
-        bad = [b for b in range(batch) if lengths[b] < 0]
-        if bad:
-            raise ValueError(f"{cu_name}: expected non-decreasing offsets, decreasing at {bad[0]}")
-        if cu[-1] != total:
+        if rows is not None and cu[-1] != rows:
             raise ValueError(
-                f"{cu_name}: expected {cu_name}[-1] == {total} (rows of the packed tensors), "
+                f"{cu_name}: expected {cu_name}[-1] == {rows} (rows of the packed tensors), "
                 f"got {cu[-1]}"
             )
-        for b in range(batch):
-            if not 0 <= targets[b] <= lengths[b]:
-                raise ValueError(
-                    f"num_targets: expected 0 <= num_targets[{b}] <= {lengths[b]} "
-                    f"(rows of sequence {b}), got {targets[b]}"
-                )
+        bad = np.flatnonzero(lengths < 0)
+        if bad.size:
+            raise ValueError(f"{cu_name}: expected non-decreasing offsets, decreasing at {bad[0]}")
+        bad = np.flatnonzero((targets < 0) | (targets > lengths))
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(
+                f"num_targets: expected 0 <= num_targets[{b}] <= {lengths[b]} "
+                f"(rows of sequence {b}), got {targets[b]}"
+            )
     if page_table is None:
-        return HostView(lengths, targets)
+        return BatchLayout(tuple(lengths.tolist()), tuple(targets.tolist()))
 
     indptr, host = host[: batch + 1], host[batch + 1 :]
-    last, bounds = host[:batch], host[batch:]
-    npages = [indptr[b + 1] - indptr[b] for b in range(batch)]
-    histories = [(npages[b] - 1) * page_size + last[b] for b in range(batch)]
+    last, ids = host[:batch], host[batch:]
+    npages = np.diff(indptr)
+    histories = (npages - 1) * page_size + last
     if check:
         if indptr[0] != 0:
             raise ValueError(f"page_table.page_indptr: expected [0] == 0, got {indptr[0]}")
-        for b in range(batch):
-            if npages[b] < 1:
-                raise ValueError(
-                    "page_table.page_indptr: expected every sequence to own >= 1 page, "
-                    f"sequence {b} owns {npages[b]}"
-                )
-        if indptr[-1] != page_table.page_ids.shape[0]:
+        bad = np.flatnonzero(npages < 1)
+        if bad.size:
             raise ValueError(
-                f"page_table.page_indptr: expected [-1] == len(page_ids) = "
-                f"{page_table.page_ids.shape[0]}, got {indptr[-1]}"
+                "page_table.page_indptr: expected every sequence to own >= 1 page, "
+                f"sequence {bad[0]} owns {npages[bad[0]]}"
             )
-        if bounds and not (bounds[0] >= 0 and bounds[1] < num_pages):
+        if indptr[-1] != ids.shape[0]:
             raise ValueError(
-                f"page_table.page_ids: expected ids in 0..{num_pages - 1} (pages in kv_cache), "
-                f"got ids in {bounds[0]}..{bounds[1]}"
+                f"page_table.page_indptr: expected [-1] == len(page_ids) = {ids.shape[0]}, "
+                f"got {indptr[-1]}"
             )
-        for b in range(batch):
-            if not 1 <= last[b] <= page_size:
-                raise ValueError(
-                    f"page_table.last_page_len: expected 1..{page_size} (page size), "
-                    f"got {last[b]} for sequence {b}"
-                )
-            new = lengths[b] - targets[b]
-            if new > histories[b]:
-                raise ValueError(
-                    f"{cu_name}: sequence {b} has {new} new history rows but its page table "
-                    f"holds a history of only {histories[b]} tokens"
-                )
-    return HostView(lengths, targets, histories)
+        bad = np.flatnonzero((last < 1) | (last > page_size))
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(
+                f"page_table.last_page_len: expected 1..{page_size} (page size), "
+                f"got {last[b]} for sequence {b}"
+            )
+    id_range = (int(ids.min()), int(ids.max())) if ids.size else None
+    layout = BatchLayout(
+        tuple(lengths.tolist()), tuple(targets.tolist()), tuple(histories.tolist()), id_range
+    )
+    if check:
+        check_layout(layout, cu_name)
+    return layout
+
+
+def check_layout(layout: BatchLayout, cu_name: str, num_contexts: int = 0) -> None:
+    """The checks of a batch's host values that need no device tensor: targets within their
+    sequences, new history within the history and (``num_contexts``) every history long
+    enough for the contextual prefix. (Page ids are checked against the pool by the plan's
+    run, which sees it.)"""
+    lengths, targets, histories = layout.query_lengths, layout.num_targets, layout.history_lengths
+    if len(targets) != len(lengths) or (histories is not None and len(histories) != len(lengths)):
+        raise ValueError(
+            "layout: expected one entry per sequence in query_lengths, num_targets and "
+            "history_lengths"
+        )
+    for b, (n, t) in enumerate(zip(lengths, targets, strict=True)):
+        if n < 0 or not 0 <= t <= n:
+            raise ValueError(
+                f"num_targets: expected 0 <= num_targets[{b}] <= {n} (rows of sequence {b}), "
+                f"got {t}"
+            )
+    if histories is None:
+        if num_contexts:
+            _check_contexts(num_contexts, [n - t for n, t in zip(lengths, targets, strict=True)])
+        return
+    for b, (n, t, h) in enumerate(zip(lengths, targets, histories, strict=True)):
+        if h < 1:
+            raise ValueError(f"page_table: sequence {b} has a history of {h} tokens (>= 1 needed)")
+        if n - t > h:
+            raise ValueError(
+                f"{cu_name}: sequence {b} has {n - t} new history rows but its page table "
+                f"holds a history of only {h} tokens"
+            )
+    if num_contexts:
+        _check_contexts(num_contexts, list(histories))
+
+
+def _check_contexts(num_contexts: int, histories: list[int]) -> None:
+    short = [b for b, h in enumerate(histories) if h < num_contexts]
+    if short:
+        raise ValueError(
+            f"num_contexts: expected every history to hold the {num_contexts} context tokens, "
+            f"sequence {short[0]} has {histories[short[0]]}"
+        )

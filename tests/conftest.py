@@ -1,4 +1,8 @@
-"""Shared pytest setup: hypothesis profiles and the ``gpu`` marker.
+"""Shared pytest setup: the Triton interpreter switch, hypothesis profiles, the ``gpu``
+marker and the ``knobs`` fixture.
+
+Without a GPU the Triton kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` is set
+here, once, before anything imports Triton (its ``@triton.jit`` decorators read it).
 
 Profiles: ``ci`` (few examples, no deadline: the 2-core CI machine), ``dev`` (default, more
 examples), ``gpu`` (many examples, for runs on the GPU machine). Pick one with
@@ -7,11 +11,18 @@ examples), ``gpu`` (many examples, for runs on the GPU machine). Pick one with
 
 from __future__ import annotations
 
+import contextlib
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from hypothesis import HealthCheck, settings
+
+from hstu_kernels import settings as hk_settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.register_profile("ci", max_examples=12, derandomize=False, **_common)
@@ -28,3 +39,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def knobs():
+    """``knobs(**changes)`` changes library settings (``hstu_kernels.settings``) for the rest
+    of the test; they are restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(hk_settings.override(**changes))

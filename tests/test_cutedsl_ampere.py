@@ -9,15 +9,13 @@ larger than the 64-key tile, and both ops. Skipped without a GPU or without the 
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import hstu_kernels as hk
+from hstu_kernels import settings as hk_settings
 from hstu_kernels.testing import (
     PagedCase,
     assert_hstu_close,
@@ -36,19 +34,9 @@ BACKEND = "cutedsl-ampere"
 SPLITS = ["", "1", "3"]
 
 
-@contextlib.contextmanager
 def forced_splits(value: str):
-    from hstu_kernels.backends.cutedsl_ampere import SPLITS_ENV
-
-    old = os.environ.pop(SPLITS_ENV, None)
-    if value:
-        os.environ[SPLITS_ENV] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(SPLITS_ENV, None)
-        if old is not None:
-            os.environ[SPLITS_ENV] = old
+    """The DSL kernels' split-KV factor forced to ``value`` ("": chosen per grid)."""
+    return hk_settings.override(cutedsl_splits=int(value) if value else None)
 
 
 PAGED_VARIANTS = [

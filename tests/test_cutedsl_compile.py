@@ -86,12 +86,12 @@ def test_ptx_uses_warp_mma(ptx):
     assert "wgmma" not in text and "tcgen05" not in text
 
 
-def test_disk_cache_round_trip(tmp_path, monkeypatch):
+def test_disk_cache_round_trip(tmp_path, knobs):
     pytest.importorskip("cutlass.cute")
     from hstu_kernels.backends.cutedsl import ampere
     from hstu_kernels.backends.cutedsl import compile as cc
 
-    monkeypatch.setenv(cc.CACHE_ENV, str(tmp_path))
+    knobs(cutedsl_cache=tmp_path)
     cc.clear_memory_cache()
     try:
         ampere.get_kernel("sm_90", torch.float16, 64, 0, paged=False)

@@ -16,8 +16,6 @@ What runs where:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
 import subprocess
@@ -31,6 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hstu_kernels as hk
+from hstu_kernels import settings as hk_settings
 from hstu_kernels.dispatch import explain
 from hstu_kernels.testing import (
     PagedCase,
@@ -198,13 +197,13 @@ def test_ptx_split_kv_ticket(compiled):
     assert "ld.global.nc" not in ptx  # the partials are read coherently
 
 
-def test_ptx_without_pingpong(monkeypatch):
+def test_ptx_without_pingpong(knobs):
     """HSTU_CUTEDSL_PINGPONG=0 (for A/B runs): the warpgroups run freely, no turn barriers."""
     pytest.importorskip("cutlass.cute")
     from hstu_kernels.backends.cutedsl import compile as cc
     from hstu_kernels.backends.cutedsl import hopper
 
-    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "0")
+    knobs(cutedsl_pingpong=False)
     host_fn, variant, fake_args = hopper.build_variant("sm_90a", torch.bfloat16, 256, True)
     assert not variant["pingpong"]
     ptx = cc.ptx_of(host_fn, fake_args(), arch="sm_90a")
@@ -304,18 +303,9 @@ def test_edges(head_dim):
         check_jagged_backend(_case(shape, 2, head_dim, 7), dtype, BACKEND)
 
 
-@contextlib.contextmanager
 def _forced_splits(n: int):
-    """Force ``n`` key-range splits per query tile (``split_kv.split_buffers``)."""
-    old = os.environ.get("HSTU_CUTEDSL_SPLITS")
-    os.environ["HSTU_CUTEDSL_SPLITS"] = str(n)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["HSTU_CUTEDSL_SPLITS"]
-        else:
-            os.environ["HSTU_CUTEDSL_SPLITS"] = old
+    """Force ``n`` key-range splits per query tile (``split_kv.split_layout``)."""
+    return hk_settings.override(cutedsl_splits=n)
 
 
 @pytest.mark.gpu
@@ -382,9 +372,9 @@ def test_paged_partials_unsummed(monkeypatch, splits):
 
 @pytest.mark.gpu
 @hopper_only
-def test_without_pingpong(monkeypatch):
+def test_without_pingpong(knobs):
     """The free-running variant (HSTU_CUTEDSL_PINGPONG=0) computes the same as the default."""
-    monkeypatch.setenv("HSTU_CUTEDSL_PINGPONG", "0")
+    knobs(cutedsl_pingpong=False)
     shape = ([1, 33, 129, 1000], [1, 33, 100, 129], [0, 31, 1, 300])
     for dtype in (torch.bfloat16, torch.float16):
         check_paged_backend(_case(shape, 2, 256, 5), dtype, BACKEND)
@@ -471,7 +461,7 @@ def test_choose_splits(tiles, kv_tiles, causal, expected):
     assert choose_splits(tiles, kv_tiles, 132, causal) == expected
 
 
-def test_split_buffers_shapes(monkeypatch):
+def test_split_buffers_shapes(monkeypatch, knobs):
     """The op's split-KV arguments: a stand-in without a split; with one, fp32 partials per
     split and zeroed tickets per query tile; fixed chunks only for jagged."""
     from hstu_kernels.backends.cutedsl import split_kv
@@ -482,7 +472,7 @@ def test_split_buffers_shapes(monkeypatch):
     assert partials.shape == (split_kv.choose_splits(48, 128, 132, False), *q.shape)
     assert partials.dtype == torch.float32 and chunk == 0 and unsummed == 0
     assert tickets.shape == (48,) and not tickets.any()
-    monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "3")
+    knobs(cutedsl_splits=3)
     partials, tickets, chunk, unsummed = split_kv.split_buffers(q, 4, 384, 100, 128, True)
     assert partials.shape[0] == 3 and chunk == 34 and unsummed == 0
     # left to the caller: no tickets (a stand-in), the kernel's flag set
@@ -490,7 +480,7 @@ def test_split_buffers_shapes(monkeypatch):
         q, 4, 384, 100, 128, False, unsummed=True
     )
     assert partials.shape == (3, *q.shape) and tickets.numel() == 1 and unsummed == 1
-    monkeypatch.setenv("HSTU_CUTEDSL_SPLITS", "1")
+    knobs(cutedsl_splits=1)
     for flag in (False, True):
         partials, _, chunk, unsummed = split_kv.split_buffers(
             q, 4, 384, 100, 128, True, unsummed=flag

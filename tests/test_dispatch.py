@@ -179,7 +179,7 @@ def test_refusal_when_nothing_serves():
     assert "page size 8 not in" in str(info.value)
 
 
-def test_forced_backend(monkeypatch):
+def test_forced_backend(knobs):
     reg = fake_registry()
     req = Request("paged", "sm_90", torch.bfloat16, 128, 32)
     assert reg.select(req, "reference").name == "reference"
@@ -187,7 +187,7 @@ def test_forced_backend(monkeypatch):
         reg.select(req, "cutedsl-blackwell")
     with pytest.raises(BackendError, match="unknown backend"):
         reg.select(req, "cuda-magic")
-    monkeypatch.setenv("HSTU_KERNELS_BACKEND", "reference")
+    knobs(backend="reference")  # what HSTU_KERNELS_BACKEND=reference sets
     exp = reg.explain(req)
     assert exp.choice == "reference" and "HSTU_KERNELS_BACKEND" in exp.reasons["reference"]
     # an explicit backend= wins over the environment
@@ -243,24 +243,13 @@ def test_real_registry_follows_the_dispatch_table(arch, head_dim, page_size, exp
     assert exp.choice == expected, str(exp)
 
 
-def test_size_read_from_the_device_is_used_to_select(monkeypatch):
-    """Without max_seqlen the call's size is unknown when the backend is first chosen; once
-    the offsets are read it is chosen again with the size (a backend may decline by size)."""
-    import hstu_kernels.ops as ops_mod
+def test_size_read_from_the_device_is_used_to_select():
+    """Without max_seqlen the call's size is unknown until the offsets are read; the plan
+    then chooses its backend with the size (a backend may decline by size)."""
     from hstu_kernels.dispatch import grid_tiles
 
-    seen = []
-    real = ops_mod.select
-
-    def spy(request, backend="auto"):
-        seen.append(request.tiles)
-        return real(request, backend)
-
-    monkeypatch.setattr(ops_mod, "select", spy)
-    q = torch.randn(10, 2, 16)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    hk.hstu_attention(q, q, q, cu)
-    assert seen == [None, grid_tiles(2, 2, 6)]
-    seen.clear()
-    hk.hstu_attention(q, q, q, cu, max_seqlen=6)
-    assert seen == [grid_tiles(2, 2, 6)]
+    plan = hk.plan_jagged_attention(cu, heads=2, head_dim=16, dtype=torch.float32)
+    assert plan.request.tiles == grid_tiles(2, 2, 6) and plan.max_seqlen == 6
+    plan = hk.plan_jagged_attention(cu, heads=2, head_dim=16, dtype=torch.float32, max_seqlen=9)
+    assert plan.request.tiles == grid_tiles(2, 2, 9)

@@ -135,18 +135,18 @@ def test_append_rejects_a_cache_it_cannot_write():
         P.silu_gemm(h, w, SMALL[0], append=append2)
 
 
-def test_project_appending_falls_back_to_the_separate_path(monkeypatch):
+def test_project_appending_falls_back_to_the_separate_path(knobs):
     """Off CUDA (or with HSTU_FUSED_APPEND=0) the separate path runs."""
     h, w = _inputs(3, 8, 8, torch.float32, seed=1)
     cache, meta = _paged_batch([3], [0], [0], 2, 4, 16, torch.float32, 0)
     append = FU.CacheAppend(cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
     if DEVICE == "cuda":
-        monkeypatch.setenv(FU.FUSED_APPEND_ENV, "0")
+        knobs(fused_append=False)
     sentinel = torch.zeros(1)
     assert FU.project_appending(h, w, append, lambda: sentinel) is sentinel
 
 
-def test_layer_cached_path_with_the_fused_projection(monkeypatch):
+def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs):
     """The layer's cached path with the fused kernel forced (interpreter on the CPU): the
     same outputs and the same cache as the separate path (LayerNorm, projection, append_kv),
     chunk after chunk, so k and v land in the right planes and rows."""
@@ -163,7 +163,7 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch):
 
     def run(fused: bool):
         monkeypatch.setattr(FU, "_CHOICES", {})
-        monkeypatch.setenv(FU.FUSED_APPEND_ENV, "1" if fused else "0")
+        knobs(fused_append=fused)
         # fused: every shape's timing picks the first small config
         monkeypatch.setattr(P, "CONFIGS", (SMALL[0],))
         monkeypatch.setattr(FU, "_time", lambda *a: SMALL[0])

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 
+from hstu_kernels import settings as hk_settings
 from hstu_kernels.kvcache import build_jagged_metadata
 from hstu_kernels.model import HSTUBlock
 from hstu_kernels.model import projection as P
@@ -140,8 +141,8 @@ def test_tma_unsupported_reasons(monkeypatch):
         P.silu_gemm_tma(shifted, w, P.TmaConfig(16, 32, 16, 2, 1, 4))
     with pytest.raises(ValueError, match="BLOCK_N does not divide inner=48"):
         P.silu_gemm_tma(*_inputs(4, 32, 48, torch.float16), SMALL_TMA_CONFIGS[0])
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert P.tma_unsupported(h, w) == "not a CUDA tensor"
+    with hk_settings.override(triton_interpret=False):
+        assert P.tma_unsupported(h, w) == "not a CUDA tensor"
     monkeypatch.setattr(P, "_tensor_descriptor_class", lambda: None)
     assert "triton >= 3.4" in P.tma_unsupported(h, w)
 
@@ -416,12 +417,11 @@ def test_project_silu_chooser_gpu(monkeypatch):
     assert_hstu_close(P.unfused_project_silu(h, w), ref32, ref_lowp, eps=1e-4)
 
     # no timing with the switch off
-    monkeypatch.setenv(P.AUTOTUNE_ENV, "0")
-    P.project_silu(h[:100], w)
+    with hk_settings.override(projection_autotune=False):
+        P.project_silu(h[:100], w)
     assert P._CHOICES[(h.device, 128, 1024, 4096, torch.bfloat16)] == P.default_choice(1024)
 
     # no timing inside a graph capture: the default, not cached
-    monkeypatch.delenv(P.AUTOTUNE_ENV)
     hs = h[:700].clone()
     P.silu_gemm(hs, w, P.default_choice(1024))  # compile outside the capture
     torch.cuda.synchronize()

@@ -53,9 +53,9 @@ cpu_only = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _no_autotune(monkeypatch):
+def _no_autotune(knobs):
     # Tests check numbers, not speed: fixed configs avoid timing every candidate per key.
-    monkeypatch.setenv("HSTU_TRITON_AUTOTUNE", "0")
+    knobs(triton_autotune=False)
 
 
 @st.composite
@@ -282,10 +282,10 @@ def test_registered_and_declares_what_it_lacks():
     assert hk.explain("paged", head_dim=256, page_size=32, arch="sm_89").choice == "triton"
 
 
-def test_probe(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_probe(knobs):
+    knobs(triton_interpret=False)
     assert "TRITON_INTERPRET" in probe("cpu")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    knobs(triton_interpret=True)
     assert probe("cpu") is None
     assert probe("sm_75") is not None
     assert probe("sm_90") is None
@@ -422,9 +422,9 @@ def test_fp32_on_gpu(head_dim):
 
 
 @gpu
-def test_autotuned_call_and_small_grid_split(monkeypatch):
+def test_autotuned_call_and_small_grid_split(knobs):
     # B=1: the grid is far smaller than the GPU, so the KV range is split (and summed).
-    monkeypatch.setenv("HSTU_TRITON_AUTOTUNE", "1")
+    knobs(triton_autotune=True)
     case = _case(([2000], [64], [100]), 32, 2, 128, "cuda", 5)
     _check_paged(case, torch.bfloat16)
     assert tri_attn.choose_splits(2 * 2, 2000 // 64, torch.device("cuda"), causal=False) > 1

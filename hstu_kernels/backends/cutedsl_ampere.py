@@ -8,10 +8,9 @@ is imported by backend discovery on every machine, with or without the DSL.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from hstu_kernels import settings
 from hstu_kernels.dispatch import Backend, register, sm_count
 
 ARCHS = frozenset({"sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120"})
@@ -40,7 +39,6 @@ def _refuse_features(spec) -> None:
 
 _KERNELS: dict[tuple, tuple] = {}
 _DUMMY_WS: dict[tuple, torch.Tensor] = {}
-SPLITS_ENV = "HSTU_CUTEDSL_SPLITS"  # force the split-KV factor (tests, tuning)
 
 
 def _kernel(key: tuple) -> tuple:
@@ -83,9 +81,9 @@ def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, pa
     fn, cfg = _kernel(key)
     num_m_blocks = max(1, -(-int(max_q) // cfg.block_m))
     batch = num_targets.shape[0]
-    forced = os.environ.get(SPLITS_ENV)
+    forced = settings.get().cutedsl_splits
     if forced:
-        splits = int(forced)
+        splits = forced
     else:
         occupancy = 1 if cfg.num_threads > 128 else 2
         key_tiles = -(-int(spec.scaling_seqlen) // cfg.block_n)

@@ -36,13 +36,16 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-_OPS = make_ops("cutedsl-blackwell", "hstu_kernels.backends.cutedsl.blackwell", page_size=PAGE_SIZE)
+_OPS, _PLANNERS = make_ops(
+    "cutedsl-blackwell", "hstu_kernels.backends.cutedsl.blackwell", page_size=PAGE_SIZE
+)
 
 
 register(
     Backend(
         name="cutedsl-blackwell",
         ops=_OPS,
+        planners=_PLANNERS,
         dtypes=frozenset({torch.bfloat16, torch.float16}),
         archs=ARCHS,
         head_dims=HEAD_DIMS,

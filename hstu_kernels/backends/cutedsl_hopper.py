@@ -53,18 +53,17 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-def _split_kv(q, batch: int, max_seqlen_q: int, mean_pages: int | None, unsummed: bool) -> tuple:
-    """The kernel's split-KV arguments ``(partials, tickets, chunk_tiles, unsummed)`` (the
-    kernel sums the partials unless ``unsummed``). The key range in the op's tiles:
-    ``mean_pages`` (paged: one page per tile), or the longest sequence in
+def _split_kv(
+    device: torch.device, batch: int, heads: int, max_seqlen_q: int, mean_pages: int | None
+) -> tuple[int, int, int]:
+    """The kernel's split-KV choice ``(splits, chunk_tiles, tiles)``. The key range in the
+    op's tiles: ``mean_pages`` (paged: one page per tile), or the longest sequence in
     ``jagged_tile_n()``-key tiles (jagged: ``None``)."""
-    from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_buffers
+    from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_layout
 
     paged = mean_pages is not None
     kv_tiles = mean_pages if paged else -(-max(max_seqlen_q, 1) // jagged_tile_n())
-    return split_buffers(
-        q, batch, max_seqlen_q, kv_tiles, block_m=128, causal=not paged, unsummed=unsummed
-    )
+    return split_layout(device, batch, heads, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
 
 
 def _declines(request) -> str | None:
@@ -76,7 +75,7 @@ def _declines(request) -> str | None:
     return f"~{request.tiles} query tiles < {least}: triton measured faster on small grids"
 
 
-_OPS = make_ops(
+_OPS, _PLANNERS = make_ops(
     NAME, "hstu_kernels.backends.cutedsl.hopper", page_size=PAGE_SIZE, split_kv=_split_kv
 )
 
@@ -85,6 +84,7 @@ register(
     Backend(
         name=NAME,
         ops=_OPS,
+        planners=_PLANNERS,
         dtypes=frozenset({torch.bfloat16, torch.float16}),
         archs=ARCHS,
         head_dims=HEAD_DIMS,

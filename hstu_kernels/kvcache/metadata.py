@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hstu_kernels.types import PageTable
+from hstu_kernels.types import BatchLayout, PageTable
 
 __all__ = [
     "BatchMetadata",
@@ -63,6 +63,11 @@ class JaggedMetadata:
     @property
     def batch_size(self) -> int:
         return len(self.lengths)
+
+    @property
+    def layout(self) -> BatchLayout:
+        """The host values of the tensors, for a plan (no sync needed)."""
+        return BatchLayout(self.lengths, self.targets)
 
 
 def build_jagged_metadata(
@@ -140,6 +145,8 @@ class BatchMetadata:
     batch_size: int
     page_size: int
     page_lists: tuple[tuple[int, ...], ...] = ()
+    # the host values of the tensors (padding included), for a plan: no sync needed
+    layout: BatchLayout | None = None
 
     @property
     def num_real(self) -> int:
@@ -291,4 +298,12 @@ def build_paged_metadata(
         batch_size=full_batch,
         page_size=page_size,
         page_lists=tuple(tuple(p) for p in page_lists),
+        layout=BatchLayout(
+            query_lengths=tuple(rows),
+            num_targets=tuple(targets),
+            history_lengths=tuple(
+                (indptr[b + 1] - indptr[b] - 1) * page_size + last[b] for b in range(full_batch)
+            ),
+            page_id_range=(min(flat[:num_ids]), max(flat[:num_ids])),
+        ),
     )

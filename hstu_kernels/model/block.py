@@ -7,7 +7,7 @@ from torch import nn
 
 from hstu_kernels.kvcache.manager import KVCacheConfig, KVCacheManager
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
-from hstu_kernels.model.layer import HSTULayer
+from hstu_kernels.model.layer import CachedPlans, HSTULayer, plan_cached, plan_uncached
 
 __all__ = ["HSTUBlock"]
 
@@ -124,6 +124,13 @@ class HSTUBlock(nn.Module):
         Returns the last layer's output, or every layer's output if ``return_all``.
         """
         self._check_x(x, meta.num_tokens)
+        plan = None
+        if not torch.compiler.is_compiling():  # one plan for every layer (no sync)
+            plan = plan_uncached(
+                meta, heads=self.heads, head_dim=self.head_dim, dtype=self.dtype,
+                scaling_seqlen=self.scaling_seqlen, alpha=self.layers[0].alpha,
+                backend=self.backend,
+            )  # fmt: skip
         outs = []
         for i, layer in enumerate(self.layers):
             x = layer.forward_uncached(
@@ -132,6 +139,7 @@ class HSTUBlock(nn.Module):
                 scaling_seqlen=self.scaling_seqlen,
                 backend=self.backend,
                 inplace=_residual_in_place(i, return_all),
+                plan=plan,
             )
             outs.append(x)
         return outs if return_all else x
@@ -147,6 +155,7 @@ class HSTUBlock(nn.Module):
         max_seqlen_q: int | None = None,
         wait_for_pages: bool = True,
         overwrite_x: bool = False,
+        plans: CachedPlans | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """``x [meta.num_tokens, hidden]``: each sequence's new history rows then its target
         rows, packed as ``meta`` (from ``cache.prepare(...)``) says.
@@ -158,6 +167,8 @@ class HSTUBlock(nn.Module):
         then wait for every layer's transfers before the call, see ``cache.wait_all``).
         ``overwrite_x=True`` lets the first layer accumulate its residual into ``x`` too (one
         copy of ``x`` fewer; the output is then ``x`` itself, unless ``return_all``).
+        ``plans``: the batch's plans (:meth:`plan_cached`); made here if not given (one set for
+        every layer, from ``meta.layout``: no sync), except inside ``torch.compile``.
         Returns the last layer's output, or every layer's if ``return_all``.
         """
         self._check_x(x, meta.num_tokens)
@@ -165,6 +176,8 @@ class HSTUBlock(nn.Module):
             raise ValueError(
                 f"cache: has {cache.config.num_layers} layers, the block {self.num_layers}"
             )
+        if plans is None and not torch.compiler.is_compiling():
+            plans = self.plan_cached(meta, max_seqlen_q=max_seqlen_q)
         outs = []
         for i, layer in enumerate(self.layers):
             if wait_for_pages:
@@ -177,6 +190,16 @@ class HSTUBlock(nn.Module):
                 max_seqlen_q=max_seqlen_q,
                 backend=self.backend,
                 inplace=_residual_in_place(i, return_all, overwrite_x),
+                plans=plans,
             )
             outs.append(x)
         return outs if return_all else x
+
+    def plan_cached(self, meta: BatchMetadata, *, max_seqlen_q: int | None = None) -> CachedPlans:
+        """The plans of one cached batch for every layer (:func:`~.layer.plan_cached`), from
+        the host values the metadata was built from: no device-to-host sync."""
+        return plan_cached(
+            meta, heads=self.heads, head_dim=self.head_dim, dtype=self.dtype,
+            scaling_seqlen=self.scaling_seqlen, alpha=self.layers[0].alpha,
+            max_seqlen_q=max_seqlen_q, backend=self.backend,
+        )  # fmt: skip

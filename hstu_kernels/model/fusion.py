@@ -19,17 +19,16 @@ bench/NOTES-block.md, v6.)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from hstu_kernels import settings
 from hstu_kernels.types import PageTable
 
 __all__ = ["SEPARATE", "CacheAppend", "project_appending"]
 
-FUSED_APPEND_ENV = "HSTU_FUSED_APPEND"
 SEPARATE = "separate"  # project_silu, then the caller's append
 
 _CHOICES: dict[tuple, object] = {}  # shape key -> the winner of its timing
@@ -74,7 +73,7 @@ class CacheAppend:
 
 
 def _enabled() -> bool:
-    return os.environ.get(FUSED_APPEND_ENV, "1") != "0"
+    return settings.get().fused_append
 
 
 def _shape_key(h: torch.Tensor, weight: torch.Tensor) -> tuple:
@@ -89,7 +88,7 @@ def _can_time(h: torch.Tensor) -> bool:
 
     if h.device.type != "cuda" or P._capturing(h):
         return False
-    return os.environ.get(P.AUTOTUNE_ENV) != "0"
+    return settings.get().projection_autotune
 
 
 def project_appending(

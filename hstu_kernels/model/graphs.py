@@ -39,6 +39,7 @@ import torch
 from hstu_kernels.kvcache.manager import KVCacheManager
 from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata, paged_layout_size
 from hstu_kernels.model.block import HSTUBlock
+from hstu_kernels.model.layer import CachedPlans
 
 __all__ = ["CachedBlockGraphs", "default_token_buckets"]
 
@@ -63,8 +64,11 @@ class _Bucket:
     pad_slot: bool
     x: torch.Tensor
     meta_buffer: torch.Tensor
-    # waits (True: the per-layer page waits captured) -> (graph, its output)
-    graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
+    # waits (True: the per-layer page waits captured) -> (graph, its output, the plans it
+    # launches: they hold buffers the graph points to)
+    graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor, CachedPlans]] = field(
+        default_factory=dict
+    )
     replays: int = 0
     waiting_replays: int = 0  # of which replayed the graph with the waits
 
@@ -158,7 +162,7 @@ class CachedBlockGraphs:
             b.x[: x.shape[0]].copy_(x)  # the warm-up runs accumulated into it
         if not self.graph_waits:
             self.cache.wait_all()  # stream waits, outside the graph
-        graph, out = b.graphs[waits]
+        graph, out, _ = b.graphs[waits]
         graph.replay()
         b.replays += 1
         b.waiting_replays += waits
@@ -197,27 +201,31 @@ class CachedBlockGraphs:
             pad_slot=False,
         )
 
-    def _run(self, b: _Bucket, meta: BatchMetadata, waits: bool) -> torch.Tensor:
+    def _run(
+        self, b: _Bucket, meta: BatchMetadata, waits: bool, plans: CachedPlans
+    ) -> torch.Tensor:
         # b.x is the graph's own input, refilled by every call: the first layer's residual
         # may go into it (no copy of x inside the graph)
         return self.block.forward_cached(
             b.x, meta, self.cache, max_seqlen_q=b.max_rows, wait_for_pages=waits,
-            overwrite_x=True,
+            overwrite_x=True, plans=plans,
         )  # fmt: skip
 
     def _capture(self, b: _Bucket, meta: BatchMetadata, waits: bool) -> bool:
         """Capture the bucket's graph with (``waits``) or without the per-layer page waits;
         the first capture of a bucket runs the warm-up first. Returns which one it captured
         (without, where this CUDA/PyTorch refuses waits inside a capture)."""
+        # Planned outside the capture (the plans' buffers must outlive it: the graph keeps them)
+        plans = self.block.plan_cached(meta, max_seqlen_q=b.max_rows)
         if not b.graphs:
             side = torch.cuda.Stream(self.cache.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self._run(b, meta, True)
+                    self._run(b, meta, True, plans)
             torch.cuda.current_stream().wait_stream(side)
         try:
-            b.graphs[waits] = self._capture_once(b, meta, waits)
+            b.graphs[waits] = self._capture_once(b, meta, waits, plans)
         except RuntimeError:
             if not waits:
                 raise
@@ -226,13 +234,13 @@ class CachedBlockGraphs:
             self.graph_waits = False
             waits = False
             if waits not in b.graphs:
-                b.graphs[waits] = self._capture_once(b, meta, waits)
+                b.graphs[waits] = self._capture_once(b, meta, waits, plans)
         return waits
 
     def _capture_once(
-        self, b: _Bucket, meta: BatchMetadata, waits: bool
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self, b: _Bucket, meta: BatchMetadata, waits: bool, plans: CachedPlans
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, CachedPlans]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._run(b, meta, waits)
-        return graph, out
+            out = self._run(b, meta, waits, plans)
+        return graph, out, plans

@@ -35,21 +35,37 @@ torch ops.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hstu_kernels import settings
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.model.fusion import CacheAppend, project_appending
 from hstu_kernels.model.projection import project_silu
 from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention_partials
+from hstu_kernels.plan import (
+    AppendPlan,
+    JaggedAttentionPlan,
+    PagedAttentionPlan,
+    plan_append_kv,
+    plan_jagged_attention,
+    plan_paged_attention,
+)
 
-__all__ = ["HSTULayer", "layernorm", "layernorm_mul", "sum_partials"]
+__all__ = [
+    "CachedPlans",
+    "HSTULayer",
+    "layernorm",
+    "layernorm_mul",
+    "plan_cached",
+    "plan_uncached",
+    "sum_partials",
+]
 
-FUSED_ENV = "HSTU_FUSED_LAYERNORM"
 _KERNELS: dict | None = None
 # Rows per program of the row kernels: one while the grid is small (a few thousand rows), for
 # more programs in flight, two beyond (H100, width 1024: 384 rows 3.1 -> 2.7 us with one row
@@ -109,7 +125,10 @@ _BROKEN: list[str] = []  # why the Triton row kernels were switched off in this 
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    if t.device.type != "cuda" or os.environ.get(FUSED_ENV, "1") == "0" or _BROKEN:
+    # Inside torch.compile the torch ops run (the compiler generates their kernels).
+    if t.device.type != "cuda" or not settings.get().fused_layernorm or _BROKEN:
+        return False
+    if torch.compiler.is_compiling():
         return False
     return t.shape[-1] <= 8192
 
@@ -207,6 +226,61 @@ def layernorm_mul(
     if u.stride(1) != 1:
         raise ValueError(f"u: expected unit column stride, got strides {u.stride()}")
     return _run_or_fall_back(lambda: _row_layernorm(a, u, weight, bias, eps), torch_ops)
+
+
+@dataclass(frozen=True)
+class CachedPlans:
+    """The plans of one cached batch, shared by every layer of a block: the paged attention
+    (its split partials left to the layer's LayerNorm) and the K/V append."""
+
+    attention: PagedAttentionPlan
+    append: AppendPlan
+
+
+def plan_cached(
+    meta: BatchMetadata,
+    *,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    scaling_seqlen: int,
+    alpha: float | None = None,
+    max_seqlen_q: int | None = None,
+    backend: str = "auto",
+    validate: bool = False,
+) -> CachedPlans:
+    """Plan one cached batch for every layer. Without ``validate`` the plans take the host
+    values the metadata was built from (``meta.layout``): no device-to-host sync."""
+    layout = None if validate else meta.layout
+    common = dict(heads=heads, head_dim=head_dim, dtype=dtype, page_size=meta.page_size,
+                  backend=backend, validate=validate, layout=layout)  # fmt: skip
+    attention = plan_paged_attention(
+        meta.page_table, meta.cu_seqlens_q, meta.num_targets, alpha=alpha,
+        scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q or meta.max_seqlen_q,
+        partials=True, **common,
+    )  # fmt: skip
+    append = plan_append_kv(meta.page_table, meta.cu_seqlens_q, meta.num_targets, **common)
+    return CachedPlans(attention, append)
+
+
+def plan_uncached(
+    meta: JaggedMetadata,
+    *,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    scaling_seqlen: int,
+    alpha: float | None = None,
+    backend: str = "auto",
+    validate: bool = False,
+) -> JaggedAttentionPlan:
+    """Plan one uncached batch's jagged attention for every layer (no sync unless
+    ``validate``)."""
+    return plan_jagged_attention(
+        meta.cu_seqlens, meta.num_targets, heads=heads, head_dim=head_dim, dtype=dtype,
+        alpha=alpha, scaling_seqlen=scaling_seqlen, max_seqlen=meta.max_seqlen,
+        backend=backend, validate=validate, layout=None if validate else meta.layout,
+    )  # fmt: skip
 
 
 class HSTULayer(nn.Module):
@@ -317,10 +391,22 @@ class HSTULayer(nn.Module):
         backend: str = "auto",
         validate: bool = False,
         inplace: bool = False,
+        plan: JaggedAttentionPlan | None = None,
     ) -> torch.Tensor:
         """Whole sequences (history + targets), ``x [meta.num_tokens, hidden]``;
-        ``inplace``: the residual overwrites ``x`` (see :meth:`finish`)."""
+        ``inplace``: the residual overwrites ``x`` (see :meth:`finish`). ``plan``: the
+        batch's attention plan (:func:`plan_uncached`; made here if not given, except inside
+        ``torch.compile``, which calls the functional op)."""
         u, q, k, v = self.project(x)
+        if plan is None and not torch.compiler.is_compiling():
+            plan = plan_uncached(
+                meta, heads=self.heads, head_dim=self.head_dim, dtype=x.dtype,
+                scaling_seqlen=scaling_seqlen, alpha=self.alpha, backend=backend,
+                validate=validate,
+            )  # fmt: skip
+        if plan is not None:
+            self._check_plan_alpha(plan.spec.alpha)
+            return self.finish(x, plan.run(q, k, v), u, inplace=inplace)
         attn = hstu_attention(
             q,
             k,
@@ -346,11 +432,23 @@ class HSTULayer(nn.Module):
         backend: str = "auto",
         validate: bool = False,
         inplace: bool = False,
+        plans: CachedPlans | None = None,
     ) -> torch.Tensor:
         """New history + target rows, ``x [meta.num_tokens, hidden]``, over this layer's
         cache ``kv_cache [num_pages, 2, page_size, heads, D]``: appends the new history K/V,
         then attends over the whole cached history; ``inplace``: the residual overwrites
-        ``x`` (see :meth:`finish`)."""
+        ``x`` (see :meth:`finish`). ``plans``: the batch's plans (:func:`plan_cached`; made
+        here if not given, except inside ``torch.compile``, which calls the functional ops).
+        """
+        if plans is None and not torch.compiler.is_compiling():
+            plans = plan_cached(
+                meta, heads=self.heads, head_dim=self.head_dim, dtype=x.dtype,
+                scaling_seqlen=scaling_seqlen, alpha=self.alpha, max_seqlen_q=max_seqlen_q,
+                backend=backend, validate=validate,
+            )  # fmt: skip
+        if plans is not None:
+            self._check_plan_alpha(plans.attention.spec.alpha)
+            return self._forward_planned(x, meta, kv_cache, plans, backend, validate, inplace)
 
         def append(k: torch.Tensor, v: torch.Tensor) -> None:
             append_kv(
@@ -389,4 +487,36 @@ class HSTULayer(nn.Module):
             backend=backend,
             validate=validate,
         )
+        return self.finish(x, attn, u, inplace=inplace)
+
+    def _check_plan_alpha(self, planned: float) -> None:
+        own = 1.0 / math.sqrt(self.head_dim) if self.alpha is None else float(self.alpha)
+        if planned != own:
+            raise ValueError(f"plans: made for alpha {planned}, this layer's is {own}")
+
+    def _forward_planned(
+        self,
+        x: torch.Tensor,
+        meta: BatchMetadata,
+        kv_cache: torch.Tensor,
+        plans: CachedPlans,
+        backend: str,
+        validate: bool,
+        inplace: bool,
+    ) -> torch.Tensor:
+        def append(k: torch.Tensor, v: torch.Tensor) -> None:
+            plans.append.run(kv_cache, k, v)
+
+        # The projection may write k/v into the pages itself: only where no backend was
+        # forced and nothing is to be validated (the append plan does both).
+        fuse = backend == "auto" and not validate
+        cache = (
+            CacheAppend(kv_cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
+            if fuse
+            else None
+        )
+        u, q, k, v = self._project(x, append, cache)
+        # Where the attention splits its KV range, its partials are summed in finish()'s
+        # LayerNorm kernel rather than by a kernel of their own.
+        attn = plans.attention.run_partials(q, k, v, kv_cache)
         return self.finish(x, attn, u, inplace=inplace)

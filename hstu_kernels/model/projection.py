@@ -26,13 +26,14 @@ path. Without CUDA the same math runs as torch ops.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from hstu_kernels import settings
 
 if TYPE_CHECKING:
     from hstu_kernels.model.fusion import CacheAppend
@@ -53,9 +54,6 @@ __all__ = [
     "unfused_project_silu",
 ]
 
-AUTOTUNE_ENV = "HSTU_PROJECTION_AUTOTUNE"
-FUSED_ENV = "HSTU_FUSED_PROJECTION"
-FAST_SILU_ENV = "HSTU_PROJECTION_FAST_SILU"
 SLOTS = 4  # u, v, q, k
 SPLIT_ROWS = 4  # rows per program of the SiLU/split pass
 
@@ -239,11 +237,11 @@ def _tensor_descriptor_class():
 def _fast_silu(h: torch.Tensor) -> bool:
     """The tanh.approx SiLU (inline PTX; absolute error <= |x| * 2^-12) on a GPU; the exact
     one in the interpreter, and with ``HSTU_PROJECTION_FAST_SILU=0``."""
-    return h.device.type == "cuda" and os.environ.get(FAST_SILU_ENV, "1") != "0"
+    return h.device.type == "cuda" and settings.get().projection_fast_silu
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.get().triton_interpret
 
 
 def _num_sms(device: torch.device) -> int:
@@ -380,7 +378,7 @@ def _triton_ok(h: torch.Tensor) -> bool:
 
 def _fused_ok(h: torch.Tensor) -> bool:
     # fp32 stays on cuBLAS: tl.dot would round its inputs to TF32
-    return h.dtype in (torch.bfloat16, torch.float16) and os.environ.get(FUSED_ENV, "1") != "0"
+    return h.dtype in (torch.bfloat16, torch.float16) and settings.get().fused_projection
 
 
 def default_choice(inner: int) -> Choice:
@@ -458,7 +456,7 @@ def _choose(h: torch.Tensor, weight: torch.Tensor) -> Choice:
     inner = weight.shape[1] // SLOTS
     if h.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return default_choice(inner)  # not cached: an eager call later may still time it
-    if os.environ.get(AUTOTUNE_ENV, "1") == "0" or h.shape[0] == 0:
+    if not settings.get().projection_autotune or h.shape[0] == 0:
         choice = default_choice(inner)
     else:
         times = _time_candidates(h, weight)

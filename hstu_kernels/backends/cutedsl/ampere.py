@@ -20,7 +20,6 @@ contribute ``silu(0) * 0 = 0`` without a mask.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import cutlass
@@ -29,6 +28,7 @@ import cutlass.pipeline as pipeline
 import torch
 from cutlass.cute.nvgpu import cpasync, warp
 
+from hstu_kernels import settings
 from hstu_kernels.backends.cutedsl import hstu_common as hc
 
 __all__ = ["HstuFwdConfig", "HstuFwdSm80", "pick_config"]
@@ -66,9 +66,9 @@ def pick_config(arch: str, head_dim: int, paged: bool = False) -> HstuFwdConfig:
     arch's shared memory and by registers (the fp32 O accumulator is BM*D/threads per thread,
     kept at <= 128)."""
     cc = int(arch[3:].rstrip("a"))
-    override = os.environ.get("HSTU_CUTEDSL_TILE")  # "BM,BN,threads": for tuning runs
+    override = settings.get().cutedsl_tile  # (BM, BN, threads): for tuning runs
     if override:
-        return HstuFwdConfig(*(int(x) for x in override.split(",")))
+        return HstuFwdConfig(*override)
     # Measured on H100 (bench/NOTES-cutedsl.md): the same tiles serve jagged and delta best.
     cfg = HstuFwdConfig(128, 64, 128 if head_dim <= 128 else 256)
     if smem_bytes(cfg, head_dim) > _SMEM.get(cc, 99 * 1024):
@@ -583,12 +583,10 @@ def build_variant(
     dtype = cc.cutlass_dtype(torch_dtype)
     cfg = pick_config(arch, head_dim, paged)
     ps = page_size if paged else 0
-    fault = os.environ.get("HSTU_CUTEDSL_FAULT", "")  # test-only, see HstuFwdSm80
+    fault = settings.get().cutedsl_fault  # test-only, see HstuFwdSm80
     # SiLU: tanh.approx for bf16 (its error is far below bf16 rounding), exp2+rcp for fp16;
-    # $HSTU_CUTEDSL_SILU=tanh|exp overrides (tuning runs).
-    silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
-        "tanh" if torch_dtype == torch.bfloat16 else "exp"
-    )
+    # settings.cutedsl_silu (HSTU_CUTEDSL_SILU=tanh|exp) overrides (tuning runs).
+    silu = settings.get().cutedsl_silu or ("tanh" if torch_dtype == torch.bfloat16 else "exp")
     kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, fault, silu == "tanh", split)
     variant = {
         "split": split,

@@ -33,8 +33,6 @@ the dispatcher selects; never run (no B200 was available): see bench/NOTES-black
 
 from __future__ import annotations
 
-import os
-
 import cutlass
 import cutlass.cute as cute
 import cutlass.memory
@@ -44,6 +42,7 @@ import torch
 from cutlass.cute.nvgpu import cpasync, tcgen05
 from cutlass.cute.typing import Float32, Int32, Int64
 
+from hstu_kernels import settings
 from hstu_kernels.backends.cutedsl import hstu_common as hc
 from hstu_kernels.backends.cutedsl import tma_views
 from hstu_kernels.backends.cutedsl.tma_views import jagged_window
@@ -597,9 +596,7 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     dtype = cc.cutlass_dtype(torch_dtype)
     # SiLU as the warp-MMA kernel does it: tanh.approx for bf16 (error far below bf16
     # rounding), ex2 + rcp for fp16; $HSTU_CUTEDSL_SILU=tanh|exp overrides.
-    silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
-        "tanh" if torch_dtype == torch.bfloat16 else "exp"
-    )
+    silu = settings.get().cutedsl_silu or ("tanh" if torch_dtype == torch.bfloat16 else "exp")
     kernel = BlackwellHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh")
     variant = {
         "silu": silu,

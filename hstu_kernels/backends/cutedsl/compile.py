@@ -40,6 +40,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from hstu_kernels import settings
+
 __all__ = [
     "CACHE_ENV",
     "cache_dir",
@@ -106,13 +108,9 @@ def dsl_arch(arch: str) -> str:
 
 
 def cache_dir() -> Path | None:
-    """The on-disk cache folder, or ``None`` when disabled (``$HSTU_KERNELS_CUTEDSL_CACHE=0``)."""
-    value = os.environ.get(CACHE_ENV)
-    if value is not None and value.strip().lower() in ("", "0", "off", "false", "none"):
-        return None
-    if value:
-        return Path(value)
-    return Path.home() / ".cache" / "hstu_kernels" / "cutedsl"
+    """The on-disk cache folder (``settings.cutedsl_cache``), or ``None`` when disabled
+    (``$HSTU_KERNELS_CUTEDSL_CACHE=0``)."""
+    return settings.get().cutedsl_cache
 
 
 def cutlass_dtype(dtype: Any) -> Any:

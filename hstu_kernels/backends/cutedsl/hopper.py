@@ -28,7 +28,6 @@ grids): each split writes an fp32 partial and the last one of a query tile sums 
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import cutlass
@@ -41,6 +40,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.typing import Float32, Int32, Int64
 from cutlass.tensor_utils import LayoutEnum
 
+from hstu_kernels import settings
 from hstu_kernels.backends.cutedsl import hstu_common as hc
 from hstu_kernels.backends.cutedsl import tma_views
 from hstu_kernels.backends.cutedsl.split_kv import JAGGED_TILE_N, jagged_tile_n
@@ -639,10 +639,8 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
-    silu = os.environ.get("HSTU_CUTEDSL_SILU") or (
-        "tanh" if torch_dtype == torch.bfloat16 else "exp"
-    )
-    pingpong = os.environ.get("HSTU_CUTEDSL_PINGPONG", "1") == "1"  # 0: for A/B runs
+    silu = settings.get().cutedsl_silu or ("tanh" if torch_dtype == torch.bfloat16 else "exp")
+    pingpong = settings.get().cutedsl_pingpong  # off: for A/B runs
     # 32 or 64 keys per jagged tile (A/B runs; the paged op's tile is one page)
     tile_n = None if paged else jagged_tile_n()
     kernel = HopperHstuForward(

@@ -22,10 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import hstu_kernels as hk
+from hstu_kernels import settings
 from hstu_kernels.testing import make_paged_case
 
 VARIANT = (torch.bfloat16, 128, 32, True)
@@ -40,8 +42,7 @@ def compile_and_load_times() -> None:
     from hstu_kernels.backends.cutedsl import ampere
     from hstu_kernels.backends.cutedsl import compile as cc
 
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ[cc.CACHE_ENV] = tmp
+    with tempfile.TemporaryDirectory() as tmp, settings.override(cutedsl_cache=Path(tmp)):
         cc.clear_memory_cache()
         start = time.perf_counter()
         ampere.get_kernel(_arch(), *VARIANT)
@@ -55,9 +56,9 @@ def compile_and_load_times() -> None:
             "print(f\"fresh process: imports {t1 - t:.2f} s, kernel from {s['source']} "
             '{(t2 - t1) * 1e3:.1f} ms")'
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        env = {**os.environ, cc.CACHE_ENV: tmp}  # the child reads its settings from it
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         print("warm-cache load:", (out.stdout + out.stderr).strip().splitlines()[-1])
-        os.environ.pop(cc.CACHE_ENV)
 
 
 def host_overhead(reps: int = 2000) -> None:
@@ -149,8 +150,8 @@ def sweep() -> None:
         paged = case.kind == "delta"
         scaling = case.history + case.targets
         for tile in SWEEP[(case.kind, case.head_dim)]:
-            os.environ["HSTU_CUTEDSL_TILE"] = tile
-            fn, cfg = ampere.get_kernel(_arch(), dtype, case.head_dim, 32, paged)
+            with settings.override(cutedsl_tile=tuple(int(x) for x in tile.split(","))):
+                fn, cfg = ampere.get_kernel(_arch(), dtype, case.head_dim, 32, paged)
             if paged:
                 pt = pc.page_table
                 out = torch.empty_like(pc.q)
@@ -172,7 +173,6 @@ def sweep() -> None:
                 continue
             print(f"sweep {case.name:24s} tile {tile:12s} {ms * 1e3:8.1f} us "
                   f"{case.flops() / ms / 1e9:6.1f} TFLOP/s")  # fmt: skip
-        os.environ.pop("HSTU_CUTEDSL_TILE", None)
         del pc
         torch.cuda.empty_cache()
 

@@ -13,11 +13,12 @@ later process loads them from the cache (``compile.CACHE_ENV``) in milliseconds.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+from hstu_kernels import settings
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,10 +40,8 @@ def _compile_one(arch: str, text: str) -> tuple[str, float, str]:
     from hstu_kernels.backends.cutedsl import compile as cc
 
     parts = text.split(":")
-    if len(parts) > 4:
-        os.environ["HSTU_CUTEDSL_TILE"] = parts[4]
-    else:
-        os.environ.pop("HSTU_CUTEDSL_TILE", None)
+    tile = tuple(int(x) for x in parts[4].split(",")) if len(parts) > 4 else None
+    settings.configure(cutedsl_tile=tile)  # this worker process only
     cc.clear_memory_cache()
     start = time.perf_counter()
     ampere.get_kernel(arch, *parse_variant(text))

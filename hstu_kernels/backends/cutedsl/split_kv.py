@@ -12,25 +12,29 @@ round trip through memory.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from hstu_kernels import settings
 from hstu_kernels.dispatch import sm_count
 
-__all__ = ["JAGGED_TILE_N", "MAX_SPLITS", "choose_splits", "jagged_tile_n", "split_buffers"]
+__all__ = [
+    "JAGGED_TILE_N",
+    "MAX_SPLITS",
+    "choose_splits",
+    "jagged_tile_n",
+    "split_buffers",
+    "split_layout",
+]
 
 MAX_SPLITS = 16
 JAGGED_TILE_N = 64  # keys per tile of the Hopper kernel's jagged op (paged: one 32-token page)
 
 
 def jagged_tile_n() -> int:
-    """The jagged op's key tile: ``JAGGED_TILE_N``, or ``HSTU_CUTEDSL_JAGGED_TILE_N`` (32 or
-    64; for A/B runs)."""
-    tile = int(os.environ.get("HSTU_CUTEDSL_JAGGED_TILE_N", JAGGED_TILE_N))
-    if tile not in (32, 64):
-        raise ValueError(f"HSTU_CUTEDSL_JAGGED_TILE_N: expected 32 or 64, got {tile}")
-    return tile
+    """The jagged op's key tile: ``JAGGED_TILE_N`` unless ``settings.cutedsl_jagged_tile_n``
+    (``HSTU_CUTEDSL_JAGGED_TILE_N``: 32 or 64; for A/B runs) says otherwise."""
+    return settings.get().cutedsl_jagged_tile_n
 
 
 # One more CTA of a query tile costs about this many key tiles of work (Q tile load, pipeline
@@ -72,6 +76,29 @@ def choose_splits(tiles: int, kv_tiles: int, sms: int, causal: bool) -> int:
     return best
 
 
+def split_layout(
+    device: torch.device,
+    batch: int,
+    heads: int,
+    max_seqlen_q: int,
+    kv_tiles: int,
+    block_m: int,
+    causal: bool,
+) -> tuple[int, int, int]:
+    """``(splits, chunk_tiles, tiles)`` of one launch: the split count, the fixed chunk length
+    in key tiles (jagged: short tiles are not split; 0 for equal parts of each tile's own
+    range, paged) and the query tiles of the grid. ``settings.cutedsl_splits``
+    (``HSTU_CUTEDSL_SPLITS=N``) forces ``N`` splits (measurements, tests)."""
+    tiles = batch * heads * math.ceil(max(max_seqlen_q, 1) / block_m)
+    forced = settings.get().cutedsl_splits
+    if forced:
+        splits = max(1, min(forced, kv_tiles, MAX_SPLITS))
+    else:
+        splits = choose_splits(tiles, kv_tiles, sm_count(device), causal)
+    chunk_tiles = math.ceil(kv_tiles / splits) if causal and splits > 1 else 0
+    return splits, chunk_tiles, tiles
+
+
 def split_buffers(
     q: torch.Tensor,
     batch: int,
@@ -81,22 +108,14 @@ def split_buffers(
     causal: bool,
     unsummed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """``(partials, tickets, chunk_tiles, unsummed)`` for one call: fp32 ``partials [splits,
-    *q.shape]`` (the kernel's split count is ``partials.shape[0]``; a one-element stand-in
-    without a split), int32 zero ``tickets`` (one per query tile) and the fixed chunk length
-    in key tiles (jagged: short tiles are not split; 0 for equal parts of each tile's own
-    range, paged). ``unsummed``: the kernel leaves the partials to the caller (no tickets;
-    the flag is returned as the kernel's int argument, 0 without a split).
-
-    ``HSTU_CUTEDSL_SPLITS=N`` forces ``N`` splits (measurements, tests)."""
-    heads = q.shape[1]
-    tiles = batch * heads * math.ceil(max(max_seqlen_q, 1) / block_m)
-    forced = os.environ.get("HSTU_CUTEDSL_SPLITS")
-    if forced:
-        splits = max(1, min(int(forced), kv_tiles, MAX_SPLITS))
-    else:
-        splits = choose_splits(tiles, kv_tiles, sm_count(q.device), causal)
-    chunk_tiles = math.ceil(kv_tiles / splits) if causal and splits > 1 else 0
+    """``(partials, tickets, chunk_tiles, unsummed)`` for one call (:func:`split_layout`):
+    fp32 ``partials [splits, *q.shape]`` (the kernel's split count is ``partials.shape[0]``;
+    a one-element stand-in without a split), int32 zero ``tickets`` (one per query tile) and
+    the chunk length. ``unsummed``: the kernel leaves the partials to the caller (no tickets;
+    the flag is returned as the kernel's int argument, 0 without a split)."""
+    splits, chunk_tiles, tiles = split_layout(
+        q.device, batch, q.shape[1], max_seqlen_q, kv_tiles, block_m, causal
+    )
     if splits == 1:
         stand_in = torch.empty((1, 1, 1, q.shape[2]), dtype=torch.float32, device=q.device)
         return stand_in, torch.empty((1,), dtype=torch.int32, device=q.device), 0, 0

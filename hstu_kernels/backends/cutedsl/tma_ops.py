@@ -1,8 +1,8 @@
-"""The ``jagged``/``paged`` op functions of the TMA DSL backends (``cutedsl-blackwell``,
+"""The ``jagged``/``paged`` ops and planners of the TMA DSL backends (``cutedsl-blackwell``,
 ``cutedsl-hopper``): argument checks, then the kernel module's compiled variant.
 
 Importable without the DSL (the registration modules import it on every machine): the kernel
-module is imported by the first call.
+module is imported when a call is first planned.
 """
 
 from __future__ import annotations
@@ -12,79 +12,144 @@ from collections.abc import Callable
 
 import torch
 
+from hstu_kernels.types import PlannedBatch
+
 __all__ = ["make_ops"]
+
+# split_kv(device, batch, heads, max_seqlen_q, mean_pages) -> (splits, chunk_tiles, tiles)
+SplitKV = Callable[[torch.device, int, int, int, "int | None"], tuple[int, int, int]]
 
 
 def make_ops(
     backend: str,
     kernel_module: str,
     page_size: int,
-    split_kv: Callable[..., tuple] | None = None,
-) -> dict[str, Callable]:
-    """The ``jagged`` and ``paged`` op functions calling ``kernel_module.get_kernel``; the
-    paged one takes pages of exactly ``page_size`` tokens (one page per key tile).
+    split_kv: SplitKV | None = None,
+) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """``(ops, planners)`` for a backend whose kernels ``kernel_module.get_kernel`` compiles;
+    the paged op takes pages of exactly ``page_size`` tokens (one page per key tile).
 
-    ``split_kv(q, batch, max_seqlen_q, mean_pages, unsummed)``, if given, returns the
-    arguments the kernel takes after ``inv_scaling`` (the Hopper kernel's split-KV buffers,
-    ``partials`` first); ``mean_pages``: the mean cached history in pages, from shapes only
-    (no sync), or ``None`` for the jagged op (its key range is ``max_seqlen_q``). With it
-    there is a ``paged_partials`` op too (the dispatcher's optional op: the fp32 partials of
-    a split call, unsummed, else the output)."""
+    ``split_kv(device, batch, heads, max_seqlen_q, mean_pages)``, if given, is the kernel's
+    split-KV choice ``(splits, chunk_tiles, tiles)``: the kernel then takes ``partials,
+    tickets, chunk_tiles, unsummed`` after ``inv_scaling``; ``mean_pages`` is the mean cached
+    history in pages (from shapes only, no sync), ``None`` for the jagged op (its key range is
+    ``max_seqlen_q``). With it there is a ``paged_partials`` op too (the fp32 partials of a
+    split call, unsummed, else the output)."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
-    def kernel(q, paged: bool):
+    def kernel(b: PlannedBatch, paged: bool):
         from hstu_kernels.dispatch import device_arch
 
         mod = importlib.import_module(kernel_module)
-        return mod.get_kernel(device_arch(q.device), q.dtype, q.shape[2], paged=paged)
+        return mod.get_kernel(device_arch(b.device), b.dtype, b.head_dim, paged=paged)
+
+    def split_args(b: PlannedBatch, mean_pages: int | None, unsummed: bool):
+        """``(run-time partials shape or None, fixed args after inv_scaling)``."""
+        if split_kv is None:
+            return None, ()
+        splits, chunk_tiles, tiles = split_kv(b.device, b.batch, b.heads, b.max_seqlen,
+                                              mean_pages)  # fmt: skip
+        ticket_dummy = torch.empty((1,), dtype=torch.int32, device=b.device)
+        if splits == 1:
+            stand_in = torch.empty((1, 1, 1, b.head_dim), dtype=torch.float32, device=b.device)
+            return None, (stand_in, ticket_dummy, 0, 0)
+        # The kernel leaves every ticket at 0 after its launch (the last split resets it), so
+        # one zeroed set serves every run of the plan in stream order.
+        tickets = ticket_dummy if unsummed else torch.zeros((tiles,), dtype=torch.int32,
+                                                            device=b.device)  # fmt: skip
+        return splits, (None, tickets, chunk_tiles, int(unsummed))
+
+    def refuse(b: PlannedBatch) -> None:
+        cc.refuse_mask_features(backend, b.spec)
+
+    def plan_jagged(b: PlannedBatch) -> Callable:
+        refuse(b)
+        fn = kernel(b, paged=False)
+        splits, extra = split_args(b, None, False)
+        scalars = (int(b.max_seqlen), float(b.spec.alpha), 1.0 / float(b.spec.scaling_seqlen))
+        meta = (b.cu_seqlens, b.num_targets)
+
+        def run(q, k, v, out) -> None:
+            for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+                if t.data_ptr() % 16:
+                    cc.check_tma_aligned(name, t)
+            if q.shape[0] == 0:
+                return
+            if splits is None:
+                fn(q, k, v, out, *meta, *scalars, *extra)
+            else:
+                partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+                fn(q, k, v, out, *meta, *scalars, partials, *extra[1:])
+
+        return run
+
+    def plan_paged_launch(b: PlannedBatch, unsummed: bool) -> Callable:
+        refuse(b)
+        if b.page_size != page_size:
+            raise ValueError(
+                f"kv_cache: {backend} takes pages of {page_size} tokens, got {b.page_size}"
+            )
+        fn = kernel(b, paged=True)
+        pt = b.page_table
+        mean_pages = max(1, pt.page_ids.numel() // max(b.batch, 1))
+        splits, extra = split_args(b, mean_pages, unsummed)
+        meta = (b.cu_seqlens, b.num_targets, pt.page_indptr, pt.page_ids, pt.last_page_len)
+        scalars = (int(b.max_seqlen), float(b.spec.alpha), 1.0 / float(b.spec.scaling_seqlen))
+
+        def run(q, k_new, v_new, kv_cache, out) -> torch.Tensor | None:
+            """Returns the unsummed partials of a split (``unsummed``), else ``None``."""
+            for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new),
+                            ("kv_cache", kv_cache), ("out", out)):  # fmt: skip
+                if t.data_ptr() % 16:
+                    cc.check_tma_aligned(name, t)
+            if q.shape[0] == 0:
+                return None
+            if splits is None:
+                fn(q, k_new, v_new, kv_cache, out, *meta, *scalars, *extra)
+                return None
+            partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+            fn(q, k_new, v_new, kv_cache, out, *meta, *scalars, partials, *extra[1:])
+            return partials if unsummed else None
+
+        return run
+
+    def plan_paged(b: PlannedBatch) -> Callable:
+        return plan_paged_launch(b, unsummed=False)
+
+    def plan_paged_partials(b: PlannedBatch) -> Callable:
+        launch = plan_paged_launch(b, unsummed=True)
+
+        def run(q, k_new, v_new, kv_cache) -> torch.Tensor:
+            out = torch.empty_like(q)
+            partials = launch(q, k_new, v_new, kv_cache, out)
+            return out if partials is None else partials
+
+        return run
+
+    def batch_of(op, q, cu, nt, max_seqlen, spec, page_table=None, kv_cache=None):
+        return PlannedBatch(
+            op, q.device, q.dtype, q.shape[1], q.shape[2], cu.shape[0] - 1, q.shape[0], cu, nt,
+            int(max_seqlen), spec, page_table, None if kv_cache is None else kv_cache.shape[2],
+        )  # fmt: skip
 
     def jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
-        cc.refuse_mask_features(backend, spec)
-        for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-            cc.check_tma_aligned(name, t)
-        if q.shape[0] == 0:
-            return
-        batch = cu_seqlens.shape[0] - 1
-        extra = () if split_kv is None else split_kv(q, batch, int(max_seqlen), None, False)
-        kernel(q, paged=False)(
-            q, k, v, out, cu_seqlens, num_targets, int(max_seqlen),
-            float(spec.alpha), 1.0 / float(spec.scaling_seqlen), *extra,
-        )  # fmt: skip
+        plan_jagged(batch_of("jagged", q, cu_seqlens, num_targets, max_seqlen, spec))(q, k, v, out)
 
-    def paged(
-        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out,
-        unsummed: bool = False,
-    ):  # fmt: skip
-        cc.refuse_mask_features(backend, spec)
-        if kv_cache.shape[2] != page_size:
-            raise ValueError(
-                f"kv_cache: {backend} takes pages of {page_size} tokens, got {kv_cache.shape[2]}"
-            )
-        for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("kv_cache", kv_cache),
-                        ("out", out)):  # fmt: skip
-            cc.check_tma_aligned(name, t)
-        if q.shape[0] == 0:
-            return None
-        batch = cu_seqlens_q.shape[0] - 1
-        mean_pages = max(1, page_table.page_ids.numel() // batch)
-        extra = ()
-        if split_kv is not None:
-            extra = split_kv(q, batch, int(max_seqlen_q), mean_pages, unsummed)
-        kernel(q, paged=True)(
-            q, k_new, v_new, kv_cache, out, cu_seqlens_q, num_targets,
-            page_table.page_indptr, page_table.page_ids, page_table.last_page_len,
-            int(max_seqlen_q), float(spec.alpha), 1.0 / float(spec.scaling_seqlen), *extra,
-        )  # fmt: skip
-        # split_kv's tuple: the partials first, the kernel's unsummed flag last (set only
-        # for a split call)
-        return extra[0] if extra and extra[-1] else None
+    def paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q,
+              spec, out):  # fmt: skip
+        b = batch_of("paged", q, cu_seqlens_q, num_targets, max_seqlen_q, spec, page_table,
+                     kv_cache)  # fmt: skip
+        plan_paged(b)(q, k_new, v_new, kv_cache, out)
 
-    def paged_partials(*args):
-        out = torch.empty_like(args[0])
-        partials = paged(*args, out, unsummed=True)
-        return out if partials is None else partials
+    def paged_partials(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets,
+                       max_seqlen_q, spec):  # fmt: skip
+        b = batch_of("paged", q, cu_seqlens_q, num_targets, max_seqlen_q, spec, page_table,
+                     kv_cache)  # fmt: skip
+        return plan_paged_partials(b)(q, k_new, v_new, kv_cache)
 
     ops = {"jagged": jagged, "paged": paged}
+    planners = {"jagged": plan_jagged, "paged": plan_paged}
     if split_kv is not None:
         ops["paged_partials"] = paged_partials
-    return ops
+        planners["paged_partials"] = plan_paged_partials
+    return ops, planners

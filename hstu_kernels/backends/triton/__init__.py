@@ -11,10 +11,10 @@ dispatcher refuses them with a clear reason).
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from hstu_kernels import settings
 from hstu_kernels.dispatch import Backend, register
 
 __all__ = ["probe"]
@@ -25,7 +25,7 @@ def probe(arch: str) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if arch == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if not settings.get().triton_interpret:
             return "arch cpu needs the Triton interpreter (TRITON_INTERPRET=1)"
         return None
     if not arch.startswith("sm_"):
@@ -63,6 +63,15 @@ def _append_kv(*args):
     ops.append_kv(*args)
 
 
+def _planner(name: str):
+    def plan(batch):
+        from hstu_kernels.backends.triton import ops
+
+        return getattr(ops, name)(batch)
+
+    return plan
+
+
 register(
     Backend(
         name="triton",
@@ -89,6 +98,12 @@ register(
             "sm_120": 20,
             "cpu": -10,
             "*": 5,
+        },
+        planners={
+            "jagged": _planner("plan_jagged"),
+            "paged": _planner("plan_paged"),
+            "paged_partials": _planner("plan_paged_partials"),
+            "append_kv": _planner("plan_append_kv"),
         },
         probe=probe,
         description="Triton kernels (sm_80+; CPU only under TRITON_INTERPRET=1)",

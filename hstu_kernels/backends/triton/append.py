@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hstu_kernels.backends.triton.launcher import FixedLaunch
 from hstu_kernels.types import PageTable
 
 
@@ -84,6 +85,55 @@ def _append_kv_kernel(
         tl.store(KV + stride_kv + dst[:, None] + cols[None, :], v, mask=m)
 
 
+class AppendLaunch:
+    """A planned append for one batch: grid and arguments fixed from its metadata tensors
+    (which it holds) and row count; ``launch(kv_cache, k, v)`` writes the new history rows."""
+
+    def __init__(
+        self,
+        page_table: PageTable,
+        cu_seqlens: torch.Tensor,
+        num_targets: torch.Tensor,
+        rows: int | None,
+        heads: int,
+        head_dim: int,
+        page_size: int,
+    ) -> None:
+        batch = cu_seqlens.shape[0] - 1
+        if page_table.page_ids.numel() == 0 and batch:
+            raise ValueError("page_table.page_ids: expected at least one page per sequence")
+        self._meta = (cu_seqlens, num_targets, page_table.page_ids, page_table.page_indptr,
+                      page_table.last_page_len)  # fmt: skip
+        self._batch, self._page_size = batch, page_size
+        self._width = width = heads * head_dim
+        self._block_c = min(triton.next_power_of_2(width), 1024)
+        self._block_r = max(1, 4096 // self._block_c)
+        self._by_rows: dict[int, FixedLaunch] = {}
+        if rows is not None:
+            self._launch(rows)
+
+    def _launch(self, total: int) -> FixedLaunch:
+        found = self._by_rows.get(total)
+        if found is None:
+            ps, slot = self._page_size, self._width
+            args = [
+                None, None, None, *self._meta, total, self._batch, self._width, slot,
+                2 * ps * slot, ps * slot, slot,
+            ]  # fmt: skip
+            constexprs = dict(PAGE_SIZE=ps, SEARCH_STEPS=max(1, self._batch.bit_length()),
+                              BLOCK_R=self._block_r, BLOCK_C=self._block_c)  # fmt: skip
+            grid = (triton.cdiv(total, self._block_r),)
+            found = FixedLaunch(_append_kv_kernel, grid, args, (0, 1, 2), constexprs, num_warps=4)
+            self._by_rows[total] = found
+        return found
+
+    def __call__(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        total = k.shape[0]
+        if total == 0 or self._batch == 0:
+            return
+        self._launch(total)(k, v, kv_cache)
+
+
 def append_kv(
     kv_cache: torch.Tensor,
     page_table: PageTable,
@@ -94,19 +144,5 @@ def append_kv(
 ) -> None:
     """Write the first ``len_b - num_targets[b]`` rows of each sequence into its pages."""
     total, heads, head_dim = k.shape
-    batch = cu_seqlens.shape[0] - 1
-    if total == 0 or batch == 0:
-        return
-    if page_table.page_ids.numel() == 0:
-        raise ValueError("page_table.page_ids: expected at least one page per sequence")
-    width = heads * head_dim
-    block_c = min(triton.next_power_of_2(width), 1024)
-    block_r = max(1, 4096 // block_c)
-    _append_kv_kernel[(triton.cdiv(total, block_r),)](
-        k, v, kv_cache, cu_seqlens, num_targets,
-        page_table.page_ids, page_table.page_indptr, page_table.last_page_len,
-        total, batch, width, k.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        PAGE_SIZE=kv_cache.shape[2], SEARCH_STEPS=max(1, batch.bit_length()),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
-    )  # fmt: skip
+    AppendLaunch(page_table, cu_seqlens, num_targets, total, heads, head_dim,
+                 kv_cache.shape[2])(kv_cache, k, v)  # fmt: skip

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from hstu_kernels.backends.triton.config import Config
+from hstu_kernels.backends.triton.launcher import FixedLaunch
 from hstu_kernels.dispatch import sm_count
 
 LOG2E = math.log2(math.e)
@@ -557,20 +558,182 @@ def _kv_descriptor(kv_cache: torch.Tensor, config: Config):
     with ``[block_n, D]`` boxes, or ``None`` where the kernel must use pointer loads (a tile
     wider than a page, a cache that is not one contiguous block, a misaligned base)."""
     pages, _, page_size, heads, head_dim = kv_cache.shape
-    if config.block_n > page_size or not kv_cache.is_contiguous():
+    if not tma_possible(config, page_size, heads, head_dim, kv_cache.element_size()):
         return None
-    if (
-        kv_cache.data_ptr() % 16
-        or head_dim > 256
-        or (heads * head_dim * kv_cache.element_size()) % 16
-    ):
+    if kv_cache.data_ptr() % 16 or not kv_cache.is_contiguous():
         return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
-        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     rows = kv_cache.view(pages * 2 * page_size, heads * head_dim)
     return TensorDescriptor.from_tensor(rows, [config.block_n, head_dim])
+
+
+def tma_possible(config: Config, page_size: int, heads: int, head_dim: int, item: int) -> bool:
+    """Whether ``config`` may load this cache's pages by TMA (from shapes alone)."""
+    if not config.tma or config.block_n > page_size or head_dim > 256:
+        return False
+    if (heads * head_dim * item) % 16:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class AttentionLaunch:
+    """One planned launch of the attention kernel (and of the split sum, where the grid splits
+    the KV range): grid, split count, scalars and compile-time constants fixed from shapes and
+    the batch's metadata tensors, which it holds. Call it with the per-call tensors."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        rows: int | None,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        cu_seqlens: torch.Tensor,
+        num_targets: torch.Tensor,
+        max_seqlen: int,
+        alpha: float,
+        scaling_seqlen: int,
+        page_table=None,
+        page_size: int | None = None,
+        fast_silu: bool | None = None,
+    ) -> None:
+        if head_dim & (head_dim - 1) or head_dim < 16:
+            raise ValueError(f"q: head_dim must be a power of two >= 16 for Triton, got {head_dim}")
+        batch = cu_seqlens.shape[0] - 1
+        self.paged = paged = page_table is not None
+        self.config = config
+        self.empty = rows == 0 or batch == 0
+        if paged:
+            if page_size & (page_size - 1) or page_size < 16:
+                raise ValueError(
+                    f"kv_cache: page size must be a power of two >= 16, got {page_size}"
+                )
+            if page_table.page_ids.numel() == 0:
+                raise ValueError("page_table.page_ids: expected at least one page per sequence")
+            meta = (page_table.page_ids, page_table.page_indptr, page_table.last_page_len)
+            slot = heads * head_dim
+            strides = (2 * page_size * slot, page_size * slot, slot)
+        else:
+            page_size = 16  # unused
+            meta = (cu_seqlens, cu_seqlens, cu_seqlens)
+            strides = (0, 0, 0)
+        num_m_tiles = triton.cdiv(max(max_seqlen, 1), config.block_m)
+        programs = batch * heads * num_m_tiles
+        # The longest KV range in key tiles, from shapes only (no sync): the mean paged
+        # history, or the longest jagged sequence.
+        keys = page_table.page_ids.numel() * page_size // max(batch, 1) if paged else max_seqlen
+        kv_tiles = triton.cdiv(max(keys, 1), config.block_n)
+        if config.stream_k:
+            # One program per SM over programs * kv_tiles work units; a tile's pieces are at
+            # most the programs a run of kv_tiles units can touch.
+            work = programs * kv_tiles
+            n_prog = max(1, min(sm_count(device), work))
+            splits = min(n_prog, kv_tiles // max(work // n_prog, 1) + 2)
+            fixup, chunk_tiles = False, 1
+            grid = (n_prog, 1, 1)
+        else:
+            splits = config.splits or choose_splits(programs, kv_tiles, device, causal=not paged)
+            fixup = splits > 1 and not paged
+            # Fixed-length chunks (jagged): as many as the longest tile needs.
+            chunk_tiles = triton.cdiv(kv_tiles, splits)
+            if fixup:
+                splits = triton.cdiv(kv_tiles, chunk_tiles)
+            grid = (batch * heads, num_m_tiles, splits)
+        self.splits = splits
+        self._ticketed = (fixup or config.stream_k) and splits > 1
+        self._summed = splits > 1 and not fixup and not config.stream_k
+        self._programs = programs
+        numel = 0  # ws_stride_split: set per row count (_launcher)
+        if fast_silu is None:
+            fast_silu = device.type == "cuda" and dtype != torch.float32
+        item = torch.empty((), dtype=dtype).element_size()
+        self._tma = paged and tma_possible(config, page_size, heads, head_dim, item)
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        # Q K V KV KV_DESC | PAGE_IDS PAGE_INDPTR LAST_LEN CU NUM_TARGETS | OUT WS TICKETS | ...
+        args = [
+            None, None, None, None, None, *meta, cu_seqlens, num_targets, None, None, None,
+            heads * head_dim, *strides, numel, alpha, -alpha * LOG2E, 1.0 / scaling_seqlen,
+            heads, num_m_tiles, chunk_tiles, programs, kv_tiles,
+        ]  # fmt: skip
+        constexprs = dict(
+            HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision, FAST_SILU=fast_silu,
+            PREFETCH=config.prefetch, FIXUP=fixup, FIXUP_ROWS=min(config.block_m, 32),
+            STREAM_K=config.stream_k, TMA=self._tma,
+        )  # fmt: skip
+        self._fixed = (args, constexprs, config.num_warps, config.num_stages, grid)
+        # (main, sum) launches by row count: one, unless the plan did not know the rows
+        self._by_rows: dict[int, tuple[FixedLaunch, FixedLaunch | None]] = {}
+        if rows is not None:
+            self._launches(rows * heads * head_dim)
+
+    def _launches(self, numel: int) -> tuple[FixedLaunch, FixedLaunch | None]:
+        found = self._by_rows.get(numel)
+        if found is None:
+            found = (self._launcher(numel), self._sum_launcher(numel) if self._summed else None)
+            self._by_rows[numel] = found
+        return found
+
+    def _launcher(self, numel: int) -> FixedLaunch:
+        args, constexprs, warps, stages, grid = self._fixed
+        args = list(args)
+        args[17] = numel  # ws_stride_split
+        return FixedLaunch(
+            _hstu_fwd_kernel, grid, args, (0, 1, 2, 3, 4, 10, 11, 12), constexprs,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def _sum_launcher(self, numel: int) -> FixedLaunch:
+        block = 1024
+        return FixedLaunch(
+            _sum_splits_kernel, (triton.cdiv(numel, block),), [None, None, numel, self.splits],
+            (0, 1), {"BLOCK": block}, num_warps=4,
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        out: torch.Tensor,
+        sum_splits: bool = True,
+    ) -> torch.Tensor | None:
+        """Launch on ``q, k, v`` (whole sequences, or the paged call's new rows), the cache
+        (paged) and ``out``. Returns ``None`` once ``out`` holds the result; with
+        ``sum_splits=False`` a launch whose even KV split would end in the sum kernel returns
+        the fp32 partials ``[S, *q.shape]`` instead, ``out`` unwritten (sum them in order
+        ``0 .. S-1`` and round to ``out``'s dtype)."""
+        if self.empty or q.shape[0] == 0:
+            return None
+        main, total = self._launches(q.numel())
+        ws = tickets = out  # unused unless split
+        if self.splits > 1:
+            ws = torch.empty((self.splits, *q.shape), dtype=torch.float32, device=q.device)
+        if self._ticketed:
+            tickets = torch.zeros(self._programs, dtype=torch.int32, device=q.device)
+        kv = q if kv_cache is None else kv_cache
+        desc = kv
+        if self._tma:
+            desc = _kv_descriptor(kv_cache, self.config)
+            if desc is None:
+                raise ValueError(
+                    "kv_cache: the planned TMA loads need a contiguous pool with a 16-byte "
+                    "aligned base (got a view with an odd offset?)"
+                )
+        main(q, k, v, kv, desc, out, ws, tickets)
+        if self._summed:
+            if not sum_splits:
+                return ws
+            total(ws, out)
+        return None
 
 
 def launch(
@@ -589,90 +752,15 @@ def launch(
     fast_silu: bool | None = None,
     sum_splits: bool = True,
 ) -> torch.Tensor | None:
-    """Run the attention kernel with ``config``; paged when ``kv_cache`` is given.
-
-    ``fast_silu`` (default: on a GPU with 16-bit inputs) uses ``tanh.approx`` for the sigmoid.
-
-    ``k``/``v`` are the whole sequences (jagged) or ``k_new``/``v_new`` (paged; only their
-    target rows are read). Raises ``ValueError`` for a shape the kernel cannot tile.
-
-    Returns ``None`` once ``out`` holds the result. With ``sum_splits=False`` a launch whose
-    even KV split would end in the sum kernel returns the fp32 partials ``[S, *q.shape]``
-    instead, ``out`` unwritten: the caller sums them in order ``0 .. S-1`` (as the sum
-    kernel does) and rounds to ``out``'s dtype.
-    """
+    """Plan and run one attention launch with ``config`` (see :class:`AttentionLaunch`);
+    paged when ``kv_cache`` is given. ``k``/``v`` are the whole sequences (jagged) or
+    ``k_new``/``v_new`` (paged; only their target rows are read). Raises ``ValueError`` for a
+    shape the kernel cannot tile."""
     total, heads, head_dim = q.shape
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"q: head_dim must be a power of two >= 16 for Triton, got {head_dim}")
-    batch = cu_seqlens.shape[0] - 1
-    if total == 0 or batch == 0:
-        return None
-    paged = kv_cache is not None
-    if paged:
-        page_size = kv_cache.shape[2]
-        if page_size & (page_size - 1) or page_size < 16:
-            raise ValueError(f"kv_cache: page size must be a power of two >= 16, got {page_size}")
-        kv = kv_cache
-        page_ids, page_indptr, last_len = (
-            page_table.page_ids,
-            page_table.page_indptr,
-            page_table.last_page_len,
-        )
-        stride_page, stride_kv, stride_slot = kv.stride(0), kv.stride(1), kv.stride(2)
-        if page_ids.numel() == 0:
-            raise ValueError("page_table.page_ids: expected at least one page per sequence")
-    else:
-        page_size = 16  # unused
-        kv, page_ids, page_indptr, last_len = q, cu_seqlens, cu_seqlens, cu_seqlens
-        stride_page = stride_kv = stride_slot = 0
-    num_m_tiles = triton.cdiv(max(max_seqlen, 1), config.block_m)
-    programs = batch * heads * num_m_tiles
-    # The longest KV range in key tiles, from shapes only (no sync): the mean paged history,
-    # or the longest jagged sequence.
-    keys = page_ids.numel() * page_size // batch if paged else max_seqlen
-    kv_tiles = triton.cdiv(max(keys, 1), config.block_n)
-    if config.stream_k:
-        # One program per SM over programs * kv_tiles work units; a tile's pieces are at most
-        # the programs a run of kv_tiles units can touch.
-        work = programs * kv_tiles
-        n_prog = max(1, min(sm_count(q.device), work))
-        splits = min(n_prog, kv_tiles // (work // n_prog) + 2)
-        fixup, chunk_tiles = False, 1
-        grid = (n_prog, 1, 1)
-    else:
-        splits = config.splits or choose_splits(programs, kv_tiles, q.device, causal=not paged)
-        fixup = splits > 1 and not paged
-        # Fixed-length chunks (jagged): as many as the longest tile needs.
-        chunk_tiles = triton.cdiv(kv_tiles, splits)
-        if fixup:
-            splits = triton.cdiv(kv_tiles, chunk_tiles)
-        grid = (batch * heads, num_m_tiles, splits)
-    ws = tickets = out  # unused unless split
-    if splits > 1:
-        ws = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-    if (fixup or config.stream_k) and splits > 1:  # pieces combined by ticket
-        tickets = torch.zeros(programs, dtype=torch.int32, device=q.device)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    if fast_silu is None:
-        fast_silu = q.device.type == "cuda" and q.dtype != torch.float32
-    kv_desc = _kv_descriptor(kv, config) if paged and config.tma else None
-    _hstu_fwd_kernel[grid](
-        q, k, v, kv, kv if kv_desc is None else kv_desc, page_ids, page_indptr, last_len,
-        cu_seqlens, num_targets, out, ws, tickets,
-        q.stride(0), stride_page, stride_kv, stride_slot, q.numel(),
-        alpha, -alpha * LOG2E, 1.0 / scaling_seqlen, heads, num_m_tiles, chunk_tiles,
-        programs, kv_tiles,
-        HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision,
-        FAST_SILU=fast_silu, PREFETCH=config.prefetch, FIXUP=fixup,
-        FIXUP_ROWS=min(config.block_m, 32), STREAM_K=config.stream_k, TMA=kv_desc is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    planned = AttentionLaunch(
+        config, rows=total, heads=heads, head_dim=head_dim, dtype=q.dtype, device=q.device,
+        cu_seqlens=cu_seqlens, num_targets=num_targets, max_seqlen=max_seqlen, alpha=alpha,
+        scaling_seqlen=scaling_seqlen, page_table=page_table,
+        page_size=None if kv_cache is None else kv_cache.shape[2], fast_silu=fast_silu,
     )  # fmt: skip
-    if splits > 1 and not fixup and not config.stream_k:
-        if not sum_splits:
-            return ws
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(q.numel(), block),)](
-            ws, out, q.numel(), splits, BLOCK=block, num_warps=4
-        )
-    return None
+    return planned(q, k, v, kv_cache, out, sum_splits)

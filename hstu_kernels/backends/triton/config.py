@@ -10,14 +10,13 @@ uses the fixed default of the key instead.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Config", "autotune_enabled", "candidates", "default_config", "tuning_key"]
+from hstu_kernels import settings
 
-AUTOTUNE_ENV = "HSTU_TRITON_AUTOTUNE"
+__all__ = ["Config", "autotune_enabled", "candidates", "default_config", "tuning_key"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,8 @@ class Config:
 
 
 def autotune_enabled() -> bool:
-    """Autotuning is on unless ``HSTU_TRITON_AUTOTUNE`` is ``0``/``false``/``off``."""
-    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    """Autotuning is on unless ``settings.triton_autotune`` is off (``HSTU_TRITON_AUTOTUNE=0``)."""
+    return settings.get().triton_autotune
 
 
 def _bucket(n: int) -> int:

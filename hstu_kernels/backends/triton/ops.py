@@ -1,16 +1,18 @@
-"""The Triton backend's op implementations: pick a config (autotuned once per key) and launch.
+"""The Triton backend's op implementations and planners: pick a config (autotuned once per
+key, remembered on disk) and launch.
 
-Imported only when a Triton op is first called, so that discovering the backend never imports
-Triton.
+Imported only when a Triton op is first called or planned, so that discovering the backend
+never imports Triton.
 """
 
 from __future__ import annotations
 
-import os
 import threading
+from collections.abc import Callable
 
 import torch
 
+from hstu_kernels import settings
 from hstu_kernels.backends.triton import append as _append
 from hstu_kernels.backends.triton import attention as _attn
 from hstu_kernels.backends.triton.config import (
@@ -20,54 +22,75 @@ from hstu_kernels.backends.triton.config import (
     default_config,
     tuning_key,
 )
-from hstu_kernels.types import AttentionSpec, PageTable
+from hstu_kernels.tuning import TuningCache
+from hstu_kernels.types import AttentionSpec, PageTable, PlannedBatch
 
-__all__ = ["append_kv", "jagged", "paged", "paged_partials", "tuned_configs"]
+__all__ = [
+    "append_kv",
+    "jagged",
+    "paged",
+    "paged_partials",
+    "plan_append_kv",
+    "plan_jagged",
+    "plan_paged",
+    "plan_paged_partials",
+    "tuned_configs",
+]
 
-_TUNED: dict[tuple, Config] = {}
 _LOCK = threading.Lock()
+_TUNED = TuningCache("triton-attention", encode=lambda c: c.__dict__, decode=lambda d: Config(**d))
 
 
 def tuned_configs() -> dict[tuple, Config]:
-    """The configs chosen so far, by tuning key (a copy)."""
+    """The configs chosen so far in this process, by tuning key (a copy)."""
+    return _TUNED.items()
+
+
+def _untunable(device: torch.device, dtype: torch.dtype) -> bool:
+    # fp32 (accepted for exactness, not speed) takes the small tile set: its tiles are twice as
+    # large in bytes and must fit every card's shared memory.
+    return settings.get().triton_interpret or device.type != "cuda" or dtype == torch.float32
+
+
+def _known_config(b: PlannedBatch, page_size: int | None) -> Config | None:
+    """The config of this batch's tuning key if it is decided without timing (interpreter,
+    fp32, autotuning off, or tuned before: in this process or on disk), else ``None``."""
+    if _untunable(b.device, b.dtype):
+        return default_config(b.head_dim, page_size, interpret=True)
+    fallback = default_config(b.head_dim, page_size, interpret=False)
+    if not autotune_enabled():
+        return fallback
+    return _TUNED.get(b.device, _key(b, page_size))
+
+
+def _key(b: PlannedBatch, page_size: int | None) -> tuple:
+    return tuning_key(b.head_dim, b.dtype, page_size, b.max_seqlen, b.batch * b.heads)
+
+
+def _tune(run: Callable[[Config], object], b: PlannedBatch, page_size: int | None) -> Config:
+    """Time every candidate config on the call's own tensors (``run(cfg)``) and keep the
+    fastest for the key; inside a CUDA graph capture (nothing can be timed) the default."""
+    fallback = default_config(b.head_dim, page_size, interpret=False)
+    if torch.cuda.is_current_stream_capturing():
+        return fallback
+    key = _key(b, page_size)
     with _LOCK:
-        return dict(_TUNED)
+        known = _TUNED.get(b.device, key)
+        if known is not None:
+            return known
+        best, best_ms = fallback, float("inf")
+        for cfg in candidates(b.head_dim, page_size):
+            try:
+                ms = _time_config(run, cfg)
+            except Exception:  # a config that does not fit this card (shared memory) is skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _TUNED.put(b.device, key, best)
+        return best
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pick(run, q: torch.Tensor, batch: int, page_size: int | None, max_seqlen: int) -> Config:
-    """The config for this call: tuned on first use of its key, else the fixed default."""
-    head_dim = q.shape[2]
-    if _interpreting() or q.device.type != "cuda" or q.dtype == torch.float32:
-        # fp32 (accepted for exactness, not speed) takes the small tile set: its tiles are
-        # twice as large in bytes and must fit every card's shared memory.
-        return default_config(head_dim, page_size, interpret=True)
-    fallback = default_config(head_dim, page_size, interpret=False)
-    key = _key(q, batch, page_size, max_seqlen)
-    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
-        # A capture cannot time anything: reuse a config tuned before, else the default.
-        with _LOCK:
-            return _TUNED.get(key, fallback) if autotune_enabled() else fallback
-    with _LOCK:
-        if key in _TUNED:
-            return _TUNED[key]
-    best, best_ms = fallback, float("inf")
-    for cfg in candidates(head_dim, page_size):
-        try:
-            ms = _time_config(run, cfg)
-        except Exception:  # a config that does not fit this card (shared memory) is skipped
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    with _LOCK:
-        _TUNED[key] = best
-    return best
-
-
-def _time_config(run, cfg: Config) -> float:
+def _time_config(run: Callable[[Config], object], cfg: Config) -> float:
     """Median time of one launch, replayed from a CUDA graph so that host overhead (which
     dominates small batches in eager mode) does not pick the config."""
     from triton.testing import do_bench
@@ -86,8 +109,82 @@ def _time_config(run, cfg: Config) -> float:
         del graph
 
 
-def _key(q: torch.Tensor, batch: int, page_size: int | None, max_seqlen: int) -> tuple:
-    return tuning_key(q.shape[2], q.dtype, page_size, max_seqlen, batch * q.shape[1])
+class _PlannedAttention:
+    """The attention of one planned batch: its :class:`~attention.AttentionLaunch` for the
+    tuned config, made at once when the config is known, else on the first call (which tunes
+    on that call's tensors)."""
+
+    def __init__(self, b: PlannedBatch) -> None:
+        self.batch = b
+        self.paged = b.page_table is not None
+        self.page_size = b.page_size if self.paged else None
+        config = _known_config(b, self.page_size)
+        self.launch = None if config is None else self._plan(config)
+
+    def _plan(self, config: Config) -> _attn.AttentionLaunch:
+        b = self.batch
+        return _attn.AttentionLaunch(
+            config, rows=b.rows, heads=b.heads, head_dim=b.head_dim, dtype=b.dtype,
+            device=b.device, cu_seqlens=b.cu_seqlens, num_targets=b.num_targets,
+            max_seqlen=b.max_seqlen, alpha=b.spec.alpha, scaling_seqlen=b.spec.scaling_seqlen,
+            page_table=b.page_table, page_size=self.page_size,
+        )  # fmt: skip
+
+    def __call__(self, q, k, v, kv_cache, out, sum_splits: bool = True) -> torch.Tensor | None:
+        launch = self.launch
+        if launch is None:
+
+            def run(cfg: Config) -> object:
+                return self._plan(cfg)(q, k, v, kv_cache, out)
+
+            launch = self._plan(_tune(run, self.batch, self.page_size))
+            if not torch.cuda.is_current_stream_capturing():
+                self.launch = launch  # inside a capture: the default, not remembered
+        return launch(q, k, v, kv_cache, out, sum_splits)
+
+
+def _refuse_mask_features(spec: AttentionSpec) -> None:
+    if spec.num_contexts or spec.max_attn_len:
+        raise ValueError("triton: num_contexts/max_attn_len are not supported (use backend='auto')")
+
+
+def plan_jagged(b: PlannedBatch) -> Callable:
+    """The ``jagged`` planner: ``run(q, k, v, out)``."""
+    _refuse_mask_features(b.spec)
+    attention = _PlannedAttention(b)
+    return lambda q, k, v, out: attention(q, k, v, None, out)
+
+
+def plan_paged(b: PlannedBatch) -> Callable:
+    """The ``paged`` planner: ``run(q, k_new, v_new, kv_cache, out)``."""
+    _refuse_mask_features(b.spec)
+    return _PlannedAttention(b)
+
+
+def plan_paged_partials(b: PlannedBatch) -> Callable:
+    """The ``paged_partials`` planner: ``run(q, k_new, v_new, kv_cache)`` returns an even KV
+    split's fp32 partials ``[S, *q.shape]``, unsummed, else the output in ``q``'s dtype."""
+    _refuse_mask_features(b.spec)
+    attention = _PlannedAttention(b)
+
+    def run(q, k_new, v_new, kv_cache) -> torch.Tensor:
+        out = torch.empty_like(q)
+        partials = attention(q, k_new, v_new, kv_cache, out, sum_splits=False)
+        return out if partials is None else partials
+
+    return run
+
+
+def plan_append_kv(b: PlannedBatch) -> Callable:
+    """The ``append_kv`` planner: ``run(kv_cache, k, v)``."""
+    return _append.AppendLaunch(b.page_table, b.cu_seqlens, b.num_targets, b.rows, b.heads,
+                                b.head_dim, b.page_size)  # fmt: skip
+
+
+def _planned_batch(op, q, cu, nt, max_seqlen, spec, page_table=None, page_size=None):
+    heads, head_dim = q.shape[1], q.shape[2]
+    return PlannedBatch(op, q.device, q.dtype, heads, head_dim, cu.shape[0] - 1, q.shape[0], cu,
+                        nt, max_seqlen, spec, page_table, page_size)  # fmt: skip
 
 
 def jagged(
@@ -100,15 +197,10 @@ def jagged(
     spec: AttentionSpec,
     out: torch.Tensor,
 ) -> None:
-    """Jagged HSTU attention (the dispatcher's ``jagged`` op)."""
-
-    def run(cfg: Config) -> None:
-        _attn.launch(
-            q, k, v, cu_seqlens, num_targets, max_seqlen, spec.alpha, spec.scaling_seqlen,
-            out, cfg,
-        )  # fmt: skip
-
-    run(_pick(run, q, cu_seqlens.shape[0] - 1, None, max_seqlen))
+    """Jagged HSTU attention (the dispatcher's ``jagged`` op): plan, then run once."""
+    plan_jagged(_planned_batch("jagged", q, cu_seqlens, num_targets, max_seqlen, spec))(
+        q, k, v, out
+    )
 
 
 def paged(
@@ -122,30 +214,28 @@ def paged(
     max_seqlen_q: int,
     spec: AttentionSpec,
     out: torch.Tensor,
-    sum_splits: bool = True,
-) -> torch.Tensor | None:
-    """Paged (delta) HSTU attention (the dispatcher's ``paged`` op). ``sum_splits=False``:
-    an even KV split returns its fp32 partials ``[S, *q.shape]`` unsummed instead of writing
-    ``out`` (see :func:`paged_partials`); else ``None``."""
-
-    def run(cfg: Config, sum_splits: bool = True) -> torch.Tensor | None:
-        return _attn.launch(
-            q, k_new, v_new, cu_seqlens_q, num_targets, max_seqlen_q, spec.alpha,
-            spec.scaling_seqlen, out, cfg, kv_cache=kv_cache, page_table=page_table,
-            sum_splits=sum_splits,
-        )  # fmt: skip
-
-    # The config is tuned (once per key) with the sum kernel timed in, either way.
-    config = _pick(run, q, cu_seqlens_q.shape[0] - 1, kv_cache.shape[2], max_seqlen_q)
-    return run(config, sum_splits)
+) -> None:
+    """Paged (delta) HSTU attention (the dispatcher's ``paged`` op): plan, then run once."""
+    b = _planned_batch("paged", q, cu_seqlens_q, num_targets, max_seqlen_q, spec, page_table,
+                       kv_cache.shape[2])  # fmt: skip
+    plan_paged(b)(q, k_new, v_new, kv_cache, out)
 
 
-def paged_partials(*args) -> torch.Tensor:
-    """:func:`paged` without ``out`` (the dispatcher's optional ``paged_partials`` op): an even
-    KV split's fp32 partials ``[S, *q.shape]``, unsummed, else the output in ``q``'s dtype."""
-    out = torch.empty_like(args[0])
-    partials = paged(*args, out, sum_splits=False)
-    return out if partials is None else partials
+def paged_partials(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: PageTable,
+    cu_seqlens_q: torch.Tensor,
+    num_targets: torch.Tensor,
+    max_seqlen_q: int,
+    spec: AttentionSpec,
+) -> torch.Tensor:
+    """:func:`paged` without ``out`` (the dispatcher's optional ``paged_partials`` op)."""
+    b = _planned_batch("paged", q, cu_seqlens_q, num_targets, max_seqlen_q, spec, page_table,
+                       kv_cache.shape[2])  # fmt: skip
+    return plan_paged_partials(b)(q, k_new, v_new, kv_cache)
 
 
 def append_kv(

@@ -1,0 +1,126 @@
+"""Launch a Triton kernel whose grid, scalars and compile-time constants are fixed, with a few
+µs of host time.
+
+``kernel[grid](...)`` binds every argument, recomputes the specialisation key and looks the
+compiled kernel up on every call: tens of µs for the attention kernel's ~40 arguments, more than
+the GPU needs at small batches. A :class:`FixedLaunch` does that once (its first call goes
+through ``kernel[grid]``, which compiles or loads the kernel) and afterwards hands the arguments
+straight to the compiled kernel's launcher. What stays per call: the tensors in its *slots*,
+checked to keep the 16-byte alignment the kernel was specialised for (a tensor that lost it is
+launched the slow way, which compiles a variant for it).
+
+Every other argument (ints, floats, tensors that do not change) is part of the launch and must
+not change: Triton specialises on their values (an int of 1, divisibility by 16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["FixedLaunch"]
+
+
+def _raw_stream_getter():
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is not None:
+        return getter
+    return lambda index: torch.cuda.current_stream(index).cuda_stream
+
+
+class FixedLaunch:
+    """One launch of ``kernel`` over ``grid`` with ``args`` (its runtime parameters in order),
+    of which the positions ``slots`` are filled per call; ``constexprs`` and ``options``
+    (``num_warps``, ``num_stages``) as ``kernel[grid]`` takes them.
+
+    ``launch(*tensors)`` fills the slots in order and launches on the current stream.
+    """
+
+    __slots__ = (
+        "_aligned",
+        "_args",
+        "_compiled",
+        "_constexprs",
+        "_device",
+        "_grid",
+        "_kernel",
+        "_options",
+        "_slots",
+        "_stream",
+        "_tail",
+    )
+
+    def __init__(
+        self,
+        kernel: Any,
+        grid: tuple[int, ...],
+        args: Sequence[Any],
+        slots: Sequence[int],
+        constexprs: dict[str, Any],
+        **options: Any,
+    ) -> None:
+        self._kernel = kernel
+        self._grid = tuple(grid) + (1,) * (3 - len(grid))
+        self._args = list(args)
+        self._slots = tuple(slots)
+        self._constexprs = constexprs
+        self._options = options
+        self._compiled = None
+        self._aligned: tuple[bool, ...] = ()
+        self._tail: list[Any] = []
+        self._device = -1
+        self._stream = _raw_stream_getter()
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        args = self._args.copy()
+        for i, t in zip(self._slots, tensors, strict=True):
+            args[i] = t
+        compiled = self._compiled
+        if compiled is not None:
+            for t, aligned in zip(tensors, self._aligned, strict=True):
+                if aligned and t.data_ptr() % 16:
+                    break  # specialised for 16-byte alignment: compile a variant
+            else:
+                g0, g1, g2 = self._grid
+                compiled.run(
+                    g0, g1, g2, self._stream(self._device), compiled.function,
+                    compiled.packed_metadata, None, None, None, *args, *self._tail,
+                )  # fmt: skip
+                return
+        self._slow(args, tensors)
+
+    def _slow(self, args: list[Any], tensors: Sequence[torch.Tensor]) -> None:
+        """Through ``kernel[grid]``; the first time, keep what the direct launch needs."""
+        compiled = self._kernel[self._grid](*args, **self._constexprs, **self._options)
+        if self._compiled is not None or not _direct_launch_possible(compiled, tensors):
+            return
+        names = list(self._kernel.arg_names)
+        rest = names[len(args) :]
+        if set(rest) != set(self._constexprs):
+            return  # constexprs not all trailing: stay on the slow path
+        self._tail = [self._constexprs[n] for n in rest]
+        self._aligned = tuple(t.data_ptr() % 16 == 0 for t in tensors)
+        self._device = tensors[0].device.index if tensors else torch.cuda.current_device()
+        self._compiled = compiled
+
+
+def _direct_launch_possible(compiled: Any, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``compiled`` (what ``kernel[grid](...)`` returned) can be launched directly: a
+    compiled CUDA kernel (not the interpreter), no launch hooks installed (profilers read
+    them on the slow path)."""
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return False
+    if not tensors or tensors[0].device.type != "cuda":
+        return False
+    try:
+        from triton import knobs
+
+        hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    except (ImportError, AttributeError):
+        return False
+    if any(h is not None for h in hooks):
+        return False
+    run = getattr(compiled, "run", None)
+    return run is not None and getattr(compiled, "function", None) is not None
