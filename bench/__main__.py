@@ -26,7 +26,7 @@ import torch
 
 from bench import common
 
-SUITE = ("kernels", "block", "e2e")
+SUITE = ("kernels", "block", "e2e", "host")
 
 
 def _load(name: str) -> tuple[Any | None, str | None]:

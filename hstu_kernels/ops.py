@@ -79,9 +79,15 @@ def clear_plan_cache() -> None:
 
 
 def _tensor_key(t: Any) -> tuple | None:
-    """A metadata tensor's identity and in-place write count (``None`` for ``None``). The
-    cached plan holds the tensor, so its id cannot be reused while the entry lives."""
-    return None if t is None else (id(t), t._version)
+    """A metadata tensor's identity and in-place write count (``None`` for ``None``; an
+    inference tensor counts no writes). The cached plan holds the tensor, so its id cannot be
+    reused while the entry lives."""
+    if t is None:
+        return None
+    try:
+        return id(t), t._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return id(t), None
 
 
 def _cached(
@@ -289,8 +295,16 @@ def paged_hstu_attention_partials(
     backend split every query tile's KV range in ``S`` chunks, their fp32 partial outputs
     ``[S, rows, heads, D]``: their sum in chunk order ``0 .. S-1`` (fp32), rounded to
     ``q``'s dtype, is bit for bit what :func:`paged_hstu_attention` returns. Arguments,
-    checks and backend choice are those of :func:`paged_hstu_attention`.
+    checks and backend choice are those of :func:`paged_hstu_attention`. Inside
+    ``torch.compile`` it returns the output (through the registered op).
     """
+    if torch.compiler.is_compiling():
+        return paged_hstu_attention(
+            q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets=num_targets,
+            num_contexts=num_contexts, max_attn_len=max_attn_len, alpha=alpha,
+            scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q, backend=backend,
+            validate=validate,
+        )  # fmt: skip
     plan = _paged_plan(
         q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
         max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, partials=True,

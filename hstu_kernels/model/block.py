@@ -114,7 +114,7 @@ class HSTUBlock(nn.Module):
         if x.shape != (tokens, self.hidden):
             raise ValueError(f"x: expected shape ({tokens}, {self.hidden}), got {tuple(x.shape)}")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward_uncached(
         self, x: torch.Tensor, meta: JaggedMetadata, *, return_all: bool = False
     ) -> torch.Tensor | list[torch.Tensor]:
@@ -144,7 +144,7 @@ class HSTUBlock(nn.Module):
             outs.append(x)
         return outs if return_all else x
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward_cached(
         self,
         x: torch.Tensor,

@@ -82,11 +82,18 @@ def dsl_version() -> str | None:
 
 @cache
 def dsl_available() -> str | None:
-    """``None`` when ``import cutlass.cute`` works here, else the reason it does not."""
-    try:
-        import cutlass.cute  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return f"CUTLASS DSL unavailable ({type(exc).__name__}: {exc})"
+    """``None`` when the CUTLASS DSL and tvm-ffi are installed here, else why not. Found
+    without importing them: the DSL's import takes about a second, paid by the first call
+    that plans one of its kernels, not by every dispatch decision."""
+    import importlib.util
+
+    for module in ("cutlass", "tvm_ffi"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError) as exc:
+            return f"CUTLASS DSL unavailable ({module}: {type(exc).__name__}: {exc})"
+        if not found:
+            return f"CUTLASS DSL unavailable ({module} is not installed)"
     return None
 
 

@@ -1,0 +1,210 @@
+"""Host-overhead benchmark: µs of host time per eager call of each public op and of each plan's
+``run``, for every backend that serves the shape here, beside torch SDPA on the same machine;
+and the cold start (a fresh process's import, then its first paged call).
+
+``python -m bench.host [--quick]``; part of ``python -m bench``. The shapes are tiny, so the GPU
+is never the bottleneck: a call's time is what the host spends on it (argument checks, plan
+lookup, launch). Each figure is the wall time of ``reps`` back-to-back calls after a warm-up,
+divided by ``reps`` (the median of 5 such loops). Entries: ``{"bench": "host", "case": "<op>
+<how>", "impl": <backend>, "host_us": ...}`` (cold start: ``time_ms``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hstu_kernels as hk
+from bench import common
+from hstu_kernels.dispatch import Request, device_arch, registry
+from hstu_kernels.testing import make_paged_case
+
+HEADS, HEAD_DIM, PAGE_SIZE = 2, 128, 32
+HISTORIES, NEW, TARGETS = [70, 45], [8, 5], [8, 3]  # tiny: the host is the bottleneck
+
+
+def per_call_us(fn: Callable[[], object], reps: int, device: str) -> float:
+    """Host µs per call: ``reps`` back-to-back calls, the median of 5 loops (after warm-up)."""
+    for _ in range(20):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    loops = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        loops.append((time.perf_counter() - t0) / reps * 1e6)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return statistics.median(loops)
+
+
+def _serves(op: str, name: str, dtype: torch.dtype, device: str, page_size: int | None) -> bool:
+    request = Request(op, device_arch(torch.device(device)), dtype, HEAD_DIM, page_size)
+    return registry().explain(request, name).choice is not None
+
+
+def _calls(case: Any, dtype: torch.dtype, device: str, backend: str) -> dict[str, Callable]:
+    """Every call form of the three ops for ``backend`` on ``case``: name -> call."""
+    q, k, v = (t.to(dtype) for t in (case.q, case.k_new, case.v_new))
+    kv = case.kv_cache.to(dtype)
+    pt, cu, nt = case.page_table, case.cu_q, case.num_targets
+    qf, kf, vf = (t.to(dtype) for t in (case.q_full, case.k_full, case.v_full))
+    cu_full = case.cu_full
+    scaling, max_q, max_full = case.max_total, max(case.new[i] + case.targets[i]
+                                                   for i in range(2)), case.max_total  # fmt: skip
+    out, out_full = torch.empty_like(q), torch.empty_like(qf)
+    calls: dict[str, Callable] = {}
+    if _serves("paged", backend, dtype, device, PAGE_SIZE):
+        paged = hk.plan_paged_attention(
+            pt, cu, nt, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, page_size=PAGE_SIZE,
+            scaling_seqlen=scaling, backend=backend,
+        )  # fmt: skip
+        calls["paged plan.run"] = lambda: paged.run(q, k, v, kv, out)
+        if backend == "auto":
+            print(f"host: paged auto -> {paged.backend}")
+        kw = dict(num_targets=nt, scaling_seqlen=scaling, backend=backend, out=out)
+        calls["paged op"] = lambda: hk.paged_hstu_attention(q, k, v, kv, pt, cu, **kw)
+        calls["paged op validate=False"] = lambda: hk.paged_hstu_attention(
+            q, k, v, kv, pt, cu, **kw, max_seqlen_q=max_q, validate=False
+        )
+    if _serves("jagged", backend, dtype, device, None):
+        jagged = hk.plan_jagged_attention(
+            cu_full, nt, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, backend=backend
+        )
+        calls["jagged plan.run"] = lambda: jagged.run(qf, kf, vf, out_full)
+        kw = dict(num_targets=nt, backend=backend, out=out_full)
+        calls["jagged op"] = lambda: hk.hstu_attention(qf, kf, vf, cu_full, **kw)
+        calls["jagged op validate=False"] = lambda: hk.hstu_attention(
+            qf, kf, vf, cu_full, **kw, max_seqlen=max_full, scaling_seqlen=max_full,
+            validate=False,
+        )  # fmt: skip
+    if _serves("append_kv", backend, dtype, device, PAGE_SIZE):
+        append = hk.plan_append_kv(
+            pt, cu, nt, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, page_size=PAGE_SIZE,
+            backend=backend,
+        )  # fmt: skip
+        calls["append plan.run"] = lambda: append.run(kv, k, v)
+        kw = dict(num_targets=nt, backend=backend)
+        calls["append op"] = lambda: hk.append_kv(kv, pt, k, v, cu, **kw)
+        calls["append op validate=False"] = lambda: hk.append_kv(
+            kv, pt, k, v, cu, **kw, validate=False
+        )
+    return calls
+
+
+def _sdpa_call(case: Any, dtype: torch.dtype, device: str) -> Callable:
+    """torch SDPA over the same jagged batch padded to ``[B, heads, L, D]`` (causal)."""
+    length = max(h + t for h, t in zip(case.histories, case.targets, strict=True))
+    x = torch.randn(len(case.histories), HEADS, length, HEAD_DIM, device=device, dtype=dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return lambda: sdpa(x, x, x, is_causal=True)
+
+
+COLD_START = """
+import time, torch
+t0 = time.perf_counter()
+import hstu_kernels as hk
+t1 = time.perf_counter()
+from hstu_kernels.testing import make_paged_case
+c = make_paged_case({histories}, {new}, {targets}, page_size=32, heads={heads}, head_dim={dim},
+                    dtype=torch.bfloat16, device="cuda", seed=0)
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+out = hk.paged_hstu_attention(c.q, c.k_new, c.v_new, c.kv_cache, c.page_table, c.cu_q,
+                              num_targets=c.num_targets)
+torch.cuda.synchronize()
+t3 = time.perf_counter()
+exp = hk.explain("paged", head_dim={dim}, page_size=32, batch={batch}, heads={heads},
+                 max_seqlen_q={rows})
+print("COLD", t1 - t0, t3 - t2, exp.choice)
+"""
+
+
+def cold_start(batch: int, history: int, new: int, targets: int, heads: int, dim: int) -> tuple:
+    """A fresh process (disk caches as they are): seconds to import, seconds of its first
+    paged call (the data made before it is not counted), the backend it got."""
+    code = COLD_START.format(histories=[history] * batch, new=[new] * batch,
+                             targets=[targets] * batch, heads=heads, dim=dim, batch=batch,
+                             rows=new + targets)  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = [x for x in run.stdout.splitlines() if x.startswith("COLD")]
+    if run.returncode or not line:
+        raise RuntimeError(f"cold-start process failed: {run.stderr[-2000:]}")
+    _, imp, first, choice = line[-1].split()
+    return float(imp), float(first), choice
+
+
+COLD_CASES = {  # the seed's delta shapes: B=8 + 256 targets goes to hopper, B=1 to triton
+    "delta B=8 h=4 D=256 +256 targets": (8, 4096, 128, 256, 4, 256),
+    "delta B=1 h=4 D=256 +256 targets": (1, 4096, 128, 256, 4, 256),
+}
+
+
+def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
+    """Run the host benchmark, write its entries and return them."""
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    reps = 200 if quick else 2000
+    if not gpu:
+        print("host: no GPU -- reference backend on the CPU (host times of the CPU path)")
+    case = make_paged_case(HISTORIES, NEW, TARGETS, page_size=PAGE_SIZE, heads=HEADS,
+                           head_dim=HEAD_DIM, dtype=torch.float32, device=device, seed=0)  # fmt: skip
+    names = [
+        n for n, b in registry().backends.items() if b.probe(device_arch(case.q.device)) is None
+    ]
+    if gpu:
+        names = [n for n in names if n != "reference"]  # its host time is its GPU time
+    entries: list[dict] = []
+    base = dict(bench="host", heads=HEADS, head_dim=HEAD_DIM, page_size=PAGE_SIZE,
+                batch=len(HISTORIES))  # fmt: skip
+    for backend in ["auto", *names]:
+        try:
+            calls = _calls(case, dtype, device, backend)
+        except Exception as exc:  # a backend that cannot plan here is reported, not fatal
+            print(f"host: {backend}: {type(exc).__name__}: {exc}")
+            continue
+        for name, fn in calls.items():
+            try:
+                us = per_call_us(fn, reps, device)
+            except Exception as exc:
+                print(f"host: {backend} {name}: {type(exc).__name__}: {exc}")
+                continue
+            entries.append({**base, "case": name, "impl": backend, "host_us": round(us, 2)})
+            print(f"host: {name:28s} {backend:18s} {us:8.1f} us", flush=True)
+    us = per_call_us(_sdpa_call(case, dtype, device), reps, device)
+    entries.append({**base, "case": "sdpa causal", "impl": "torch SDPA", "host_us": round(us, 2)})
+    print(f"host: {'sdpa causal':28s} {'torch SDPA':18s} {us:8.1f} us", flush=True)
+    if gpu and not quick:
+        for name, shape in COLD_CASES.items():
+            cold_start(*shape)  # warms the disk caches (compile, tuning) if they were cold
+            imp, first, choice = cold_start(*shape)
+            entries.append({"bench": "host", "case": f"cold start {name}", "impl": choice,
+                            "import_ms": round(imp * 1e3, 1), "time_ms": round(first * 1e3, 1)})  # fmt: skip
+            print(
+                f"host: cold start {name}: import {imp:.2f} s, first call {first:.2f} s ({choice})"
+            )
+    common.write_results("host", entries, path=path)
+    return entries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--results", type=Path, default=None)
+    args = parser.parse_args()
+    run(quick=args.quick, path=args.results)
+
+
+if __name__ == "__main__":
+    main()
