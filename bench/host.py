@@ -72,20 +72,20 @@ def _calls(case: Any, dtype: torch.dtype, device: str, backend: str) -> dict[str
         calls["paged plan.run"] = lambda: paged.run(q, k, v, kv, out)
         if backend == "auto":
             print(f"host: paged auto -> {paged.backend}")
-        kw = dict(num_targets=nt, scaling_seqlen=scaling, backend=backend, out=out)
-        calls["paged op"] = lambda: hk.paged_hstu_attention(q, k, v, kv, pt, cu, **kw)
+        pkw = dict(num_targets=nt, scaling_seqlen=scaling, backend=backend, out=out)
+        calls["paged op"] = lambda: hk.paged_hstu_attention(q, k, v, kv, pt, cu, **pkw)
         calls["paged op validate=False"] = lambda: hk.paged_hstu_attention(
-            q, k, v, kv, pt, cu, **kw, max_seqlen_q=max_q, validate=False
+            q, k, v, kv, pt, cu, **pkw, max_seqlen_q=max_q, validate=False
         )
     if _serves("jagged", backend, dtype, device, None):
         jagged = hk.plan_jagged_attention(
             cu_full, nt, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, backend=backend
         )
         calls["jagged plan.run"] = lambda: jagged.run(qf, kf, vf, out_full)
-        kw = dict(num_targets=nt, backend=backend, out=out_full)
-        calls["jagged op"] = lambda: hk.hstu_attention(qf, kf, vf, cu_full, **kw)
+        jkw = dict(num_targets=nt, backend=backend, out=out_full)
+        calls["jagged op"] = lambda: hk.hstu_attention(qf, kf, vf, cu_full, **jkw)
         calls["jagged op validate=False"] = lambda: hk.hstu_attention(
-            qf, kf, vf, cu_full, **kw, max_seqlen=max_full, scaling_seqlen=max_full,
+            qf, kf, vf, cu_full, **jkw, max_seqlen=max_full, scaling_seqlen=max_full,
             validate=False,
         )  # fmt: skip
     if _serves("append_kv", backend, dtype, device, PAGE_SIZE):
@@ -94,10 +94,10 @@ def _calls(case: Any, dtype: torch.dtype, device: str, backend: str) -> dict[str
             backend=backend,
         )  # fmt: skip
         calls["append plan.run"] = lambda: append.run(kv, k, v)
-        kw = dict(num_targets=nt, backend=backend)
-        calls["append op"] = lambda: hk.append_kv(kv, pt, k, v, cu, **kw)
+        akw = dict(num_targets=nt, backend=backend)
+        calls["append op"] = lambda: hk.append_kv(kv, pt, k, v, cu, **akw)
         calls["append op validate=False"] = lambda: hk.append_kv(
-            kv, pt, k, v, cu, **kw, validate=False
+            kv, pt, k, v, cu, **akw, validate=False
         )
     return calls
 
@@ -155,20 +155,21 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16 if gpu else torch.float32
-    reps = 200 if quick else 2000
+    reps = (200 if quick else 2000) if gpu else 20
     if not gpu:
         print("host: no GPU -- reference backend on the CPU (host times of the CPU path)")
     case = make_paged_case(HISTORIES, NEW, TARGETS, page_size=PAGE_SIZE, heads=HEADS,
                            head_dim=HEAD_DIM, dtype=torch.float32, device=device, seed=0)  # fmt: skip
-    names = [
-        n for n, b in registry().backends.items() if b.probe(device_arch(case.q.device)) is None
-    ]
-    if gpu:
-        names = [n for n in names if n != "reference"]  # its host time is its GPU time
+    if gpu:  # the reference's host time is its GPU time: not a launch-overhead figure
+        arch = device_arch(case.q.device)
+        names = [n for n, b in registry().backends.items()
+                 if n != "reference" and b.probe(arch) is None]  # fmt: skip
+    else:  # (the Triton interpreter, if on, would time Python, not launches)
+        names = ["reference"]
     entries: list[dict] = []
     base = dict(bench="host", heads=HEADS, head_dim=HEAD_DIM, page_size=PAGE_SIZE,
                 batch=len(HISTORIES))  # fmt: skip
-    for backend in ["auto", *names]:
+    for backend in ["auto", *names] if gpu else names:
         try:
             calls = _calls(case, dtype, device, backend)
         except Exception as exc:  # a backend that cannot plan here is reported, not fatal

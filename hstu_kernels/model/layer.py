@@ -171,15 +171,34 @@ def _row_layernorm(
     rows, n = x.shape[-2:]
     y = torch.empty((rows, n), dtype=u.dtype if split else x.dtype, device=x.device)
     if rows:
-        import triton
+        uu = x if u is None else u
+        stride_u = 0 if u is None else u.stride(0)
+        splits = x.shape[0] if split else 1
+        kernel = _kernels()["layernorm"]
+        key = (kernel, x.dtype, uu.dtype, weight.dtype, bias.dtype, y.dtype, x.device, rows, n,
+               stride_u, eps, splits, u is not None)  # fmt: skip
+        launch = _ROW_LAUNCHES.get(key)
+        if launch is None:
+            import triton
 
-        args = _launch_args(rows, n)
-        _kernels()["layernorm"][(triton.cdiv(rows, args["ROWS"]),)](
-            x, x if u is None else u, weight, bias, y, rows, n,
-            0 if u is None else u.stride(0), eps, x.shape[0] if split else 1,
-            HAS_U=u is not None, SPLIT=split, **args,
-        )  # fmt: skip
+            from hstu_kernels.backends.triton.launcher import FixedLaunch
+
+            args = _launch_args(rows, n)
+            warps = args.pop("num_warps")
+            launch = FixedLaunch(
+                kernel, (triton.cdiv(rows, args["ROWS"]),),
+                [None] * 5 + [rows, n, stride_u, eps, splits], range(5),
+                dict(HAS_U=u is not None, SPLIT=split, **args), num_warps=warps,
+            )  # fmt: skip
+            if len(_ROW_LAUNCHES) > 256:  # shapes of many batch sizes: keep it bounded
+                _ROW_LAUNCHES.clear()
+            _ROW_LAUNCHES[key] = launch
+        launch(x, uu, weight, bias, y)
     return y
+
+
+# One fixed launch per row-kernel shape: the launch skips Triton's per-call argument binding.
+_ROW_LAUNCHES: dict[tuple, object] = {}
 
 
 def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -120,7 +120,8 @@ def _direct_launch_possible(compiled: Any, tensors: Sequence[torch.Tensor]) -> b
         hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     except (ImportError, AttributeError):
         return False
-    if any(h is not None for h in hooks):
+    # a hook is None, or (triton 3.6) an empty HookChain, unless a profiler installed one
+    if any(h is not None and getattr(h, "calls", True) for h in hooks):
         return False
     run = getattr(compiled, "run", None)
     return run is not None and getattr(compiled, "function", None) is not None
