@@ -372,8 +372,10 @@ def _disable_triton(exc: Exception) -> None:
 
 
 def _triton_ok(h: torch.Tensor) -> bool:
-    """Whether the Triton kernels may run on ``h`` (tests patch this to use the interpreter)."""
-    return h.device.type == "cuda" and not _BROKEN
+    """Whether the Triton kernels may run on ``h`` (tests patch this to use the interpreter).
+    Not inside ``torch.compile``: the compiler generates the GEMM and SiLU itself, and the
+    cache append then goes through the registered op, whose mutation the compiler orders."""
+    return h.device.type == "cuda" and not _BROKEN and not torch.compiler.is_compiling()
 
 
 def _fused_ok(h: torch.Tensor) -> bool:
