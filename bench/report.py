@@ -34,11 +34,14 @@ COLUMNS = (
     ("kv_tbps", "KV TB/s"),
     ("baseline_ms", "baseline (ms)"),
     ("speedup", "speedup"),
+    ("import_ms", "import (ms)"),
+    ("host_us", "host µs per call"),
 )
 TITLES = {
     "kernel": "Attention kernels",
     "block": "HSTU block",
     "e2e": "End-to-end ranking inference",
+    "host": "Host time per eager call",
 }
 
 

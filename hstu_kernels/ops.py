@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from hstu_kernels import settings
@@ -92,24 +93,28 @@ def _tensor_key(t: Any) -> tuple | None:
 
 def _cached(
     key: tuple | None,
-    plan: Any,
     validate: bool,
     device: torch.device,
     make: Callable[..., Any],
-    read: Callable[[], Any],
+    read: Callable[[], np.ndarray],
+    parse: Callable[[np.ndarray], Any],
 ) -> Any:
-    """The plan for ``key`` (``plan``: the cached one, or ``None``). With ``validate``
-    (outside a capture) the metadata is read and checked (``read()``: one sync) and a plan
-    made for other values is replaced by ``make(layout=<the values read>)``; otherwise a
-    cached plan is reused as it is, and a missing one made by ``make(layout=None)``."""
+    """The plan for ``key``. With ``validate`` (outside a capture) the metadata is read
+    (``read()``: one sync); the cached plan serves if these are the values it was made for
+    (compared as they were read), else they are parsed and checked (``parse``) and a plan is
+    made for them (``make(layout=...)``). Without, a cached plan is reused as it is and a
+    missing one made by ``make(layout=None)``."""
+    entry = _PLANS.get(key)
     if validate and not val.is_capturing(device):
-        layout = read()
-        if plan is None or layout != plan.layout:
-            plan = _PLANS.put(key, make(layout=layout))
+        raw = read().tobytes()
+        if entry is not None and entry[1] == raw:
+            return entry[0]
+        plan = make(layout=parse(np.frombuffer(raw, dtype=np.int32)))
+        _PLANS.put(key, (plan, raw))
         return plan
-    if plan is None:
-        plan = _PLANS.put(key, make(layout=None))
-    return plan
+    if entry is None:
+        entry = _PLANS.put(key, (make(layout=None), None))
+    return entry[0]
 
 
 def _key(*parts: Any) -> tuple | None:
@@ -169,8 +174,7 @@ def hstu_attention(
                    max_seqlen, backend, validate)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
-    plan = _PLANS.get(key)
-    if plan is None:
+    if _PLANS.get(key) is None:
         val.check_packed(("q", "k", "v"), q, k, v)
         val.check_offsets("cu_seqlens", cu_seqlens, q.device)
         _check_targets(num_targets, cu_seqlens, q.device)
@@ -184,10 +188,15 @@ def hstu_attention(
             validate=validate, layout=layout,
         )  # fmt: skip
 
-    def read() -> Any:
-        return val.read_layout(cu_seqlens, "cu_seqlens", num_targets, rows=q.shape[0])
+    def parse(raw: np.ndarray) -> Any:
+        batch = cu_seqlens.shape[0] - 1
+        return val.layout_of(raw, batch, "cu_seqlens", num_targets is not None, None,
+                             rows=q.shape[0])  # fmt: skip
 
-    return _cached(key, plan, validate, q.device, make, read).run(q, k, v, out)
+    def read() -> np.ndarray:
+        return val.read_metadata(cu_seqlens, num_targets, None)
+
+    return _cached(key, validate, q.device, make, read, parse).run(q, k, v, out)
 
 
 def _check_targets(num_targets: Any, cu: torch.Tensor, device: torch.device) -> None:
@@ -339,8 +348,7 @@ def _paged_plan(
                    max_seqlen_q, backend, validate, partials)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
-    plan = _PLANS.get(key)
-    if plan is None:
+    if _PLANS.get(key) is None:
         # the structural errors of every argument, in the order the op lists them
         val.check_packed(("q", "k_new", "v_new"), q, k_new, v_new)
         page_size = val.check_kv_cache(kv_cache, q)
@@ -358,11 +366,15 @@ def _paged_plan(
             partials=partials,
         )  # fmt: skip
 
-    def read() -> Any:
-        return val.read_layout(cu_seqlens_q, "cu_seqlens_q", num_targets, page_table,
-                               kv_cache.shape[2], rows=q.shape[0])  # fmt: skip
+    def parse(raw: np.ndarray) -> Any:
+        batch = cu_seqlens_q.shape[0] - 1
+        return val.layout_of(raw, batch, "cu_seqlens_q", num_targets is not None,
+                             kv_cache.shape[2], rows=q.shape[0], paged=True)  # fmt: skip
 
-    return _cached(key, plan, validate, q.device, make, read)
+    def read() -> np.ndarray:
+        return val.read_metadata(cu_seqlens_q, num_targets, page_table)
+
+    return _cached(key, validate, q.device, make, read, parse)
 
 
 def append_kv(
@@ -398,8 +410,7 @@ def append_kv(
                    _tensor_key(num_targets), backend, validate)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
-    plan = _PLANS.get(key)
-    if plan is None:
+    if _PLANS.get(key) is None:
         val.check_packed(("k", "v"), k, v)
         page_size = val.check_kv_cache(kv_cache, k, "k")
         val.check_offsets("cu_seqlens", cu_seqlens, k.device)
@@ -414,11 +425,15 @@ def append_kv(
             layout=layout,
         )  # fmt: skip
 
-    def read() -> Any:
-        return val.read_layout(cu_seqlens, "cu_seqlens", num_targets, page_table,
-                               kv_cache.shape[2], rows=k.shape[0])  # fmt: skip
+    def parse(raw: np.ndarray) -> Any:
+        batch = cu_seqlens.shape[0] - 1
+        return val.layout_of(raw, batch, "cu_seqlens", num_targets is not None,
+                             kv_cache.shape[2], rows=k.shape[0], paged=True)  # fmt: skip
 
-    _cached(key, plan, validate, k.device, make, read).run(kv_cache, k, v)
+    def read() -> np.ndarray:
+        return val.read_metadata(cu_seqlens, num_targets, page_table)
+
+    _cached(key, validate, k.device, make, read, parse).run(kv_cache, k, v)
 
 
 # torch.library registration, so that the ops can sit inside torch.compile'd models: the

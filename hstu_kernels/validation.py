@@ -153,12 +153,36 @@ def read_layout(
     ``cu_seqlens[-1]`` must equal (else the plan checks it against the tensors it runs on,
     as it checks the pool size against ``page_id_range``).
     """
-    batch = cu_seqlens.shape[0] - 1
+    raw = read_metadata(cu_seqlens, num_targets, page_table)
+    return layout_of(raw, cu_seqlens.shape[0] - 1, cu_name, num_targets is not None, page_size,
+                     check=check, rows=rows, paged=page_table is not None)  # fmt: skip
+
+
+def read_metadata(
+    cu_seqlens: torch.Tensor, num_targets: torch.Tensor | None, page_table: PageTable | None
+) -> np.ndarray:
+    """The metadata tensors' values on the host, concatenated (int32): one concatenation and
+    one copy, a single sync on CUDA."""
     parts = [cu_seqlens] if num_targets is None else [cu_seqlens, num_targets]
     if page_table is not None:
         parts += [page_table.page_indptr, page_table.last_page_len, page_table.page_ids]
-    host = torch.cat(parts).cpu().numpy().astype(np.int64)
-    if num_targets is None:
+    return torch.cat(parts).cpu().numpy()
+
+
+def layout_of(
+    raw: np.ndarray,
+    batch: int,
+    cu_name: str,
+    has_targets: bool,
+    page_size: int | None,
+    *,
+    check: bool = True,
+    rows: int | None = None,
+    paged: bool = False,
+) -> BatchLayout:
+    """:func:`read_layout` of values already read (:func:`read_metadata`)."""
+    host = raw.astype(np.int64)
+    if not has_targets:
         host = np.concatenate([host[: batch + 1], np.zeros(batch, np.int64), host[batch + 1 :]])
     cu, host = host[: batch + 1], host[batch + 1 :]
     targets, host = host[:batch], host[batch:]
@@ -181,7 +205,7 @@ def read_layout(
                 f"num_targets: expected 0 <= num_targets[{b}] <= {lengths[b]} "
                 f"(rows of sequence {b}), got {targets[b]}"
             )
-    if page_table is None:
+    if not paged:
         return BatchLayout(tuple(lengths.tolist()), tuple(targets.tolist()))
 
     indptr, host = host[: batch + 1], host[batch + 1 :]

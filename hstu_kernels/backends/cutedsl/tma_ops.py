@@ -53,11 +53,21 @@ def make_ops(
         if splits == 1:
             stand_in = torch.empty((1, 1, 1, b.head_dim), dtype=torch.float32, device=b.device)
             return None, (stand_in, ticket_dummy, 0, 0)
-        # The kernel leaves every ticket at 0 after its launch (the last split resets it), so
-        # one zeroed set serves every run of the plan in stream order.
+        # The plan owns the tickets; each run zeroes them (``run_split`` below) rather than
+        # trusting the previous launch to have left them at zero.
         tickets = ticket_dummy if unsummed else torch.zeros((tiles,), dtype=torch.int32,
                                                             device=b.device)  # fmt: skip
         return splits, (None, tickets, chunk_tiles, int(unsummed))
+
+    def run_split(fn, splits: int, extra: tuple, q: torch.Tensor, *args) -> torch.Tensor:
+        """Launch a split call: fresh fp32 partials, the tickets zeroed; returns the
+        partials."""
+        partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+        tickets = extra[1]
+        if not extra[3]:
+            tickets.zero_()
+        fn(*args, partials, *extra[1:])
+        return partials
 
     def refuse(b: PlannedBatch) -> None:
         cc.refuse_mask_features(backend, b.spec)
@@ -78,8 +88,7 @@ def make_ops(
             if splits is None:
                 fn(q, k, v, out, *meta, *scalars, *extra)
             else:
-                partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-                fn(q, k, v, out, *meta, *scalars, partials, *extra[1:])
+                run_split(fn, splits, extra, q, q, k, v, out, *meta, *scalars)
 
         return run
 
@@ -107,8 +116,8 @@ def make_ops(
             if splits is None:
                 fn(q, k_new, v_new, kv_cache, out, *meta, *scalars, *extra)
                 return None
-            partials = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-            fn(q, k_new, v_new, kv_cache, out, *meta, *scalars, partials, *extra[1:])
+            partials = run_split(fn, splits, extra, q, q, k_new, v_new, kv_cache, out, *meta,
+                                 *scalars)  # fmt: skip
             return partials if unsummed else None
 
         return run

@@ -7,7 +7,8 @@ the GPU needs at small batches. A :class:`FixedLaunch` does that once (its first
 through ``kernel[grid]``, which compiles or loads the kernel) and afterwards hands the arguments
 straight to the compiled kernel's launcher. What stays per call: the tensors in its *slots*,
 checked to keep the 16-byte alignment the kernel was specialised for (a tensor that lost it is
-launched the slow way, which compiles a variant for it).
+launched the slow way, which compiles a variant for it); a slot may also hold a TMA tensor
+descriptor, whose specialisation (its block shape) the plan fixes.
 
 Every other argument (ints, floats, tensors that do not change) is part of the launch and must
 not change: Triton specialises on their values (an int of 1, divisibility by 16).
@@ -101,7 +102,10 @@ class FixedLaunch:
         if set(rest) != set(self._constexprs):
             return  # constexprs not all trailing: stay on the slow path
         self._tail = [self._constexprs[n] for n in rest]
-        self._aligned = tuple(t.data_ptr() % 16 == 0 for t in tensors)
+        # a tensor descriptor (TMA) is specialised by its block, not its base: no check
+        self._aligned = tuple(
+            isinstance(t, torch.Tensor) and t.data_ptr() % 16 == 0 for t in tensors
+        )
         self._device = tensors[0].device.index if tensors else torch.cuda.current_device()
         self._compiled = compiled
 
