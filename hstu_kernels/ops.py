@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,25 +92,39 @@ def _tensor_key(t: Any) -> tuple | None:
         return id(t), None
 
 
-def _cached(
-    key: tuple | None,
-    validate: bool,
-    device: torch.device,
-    make: Callable[..., Any],
-    read: Callable[[], np.ndarray],
-    parse: Callable[[np.ndarray], Any],
-) -> Any:
-    """The plan for ``key``. With ``validate`` (outside a capture) the metadata is read
-    (``read()``: one sync); the cached plan serves if these are the values it was made for
-    (compared as they were read), else they are parsed and checked (``parse``) and a plan is
-    made for them (``make(layout=...)``). Without, a cached plan is reused as it is and a
-    missing one made by ``make(layout=None)``."""
+@dataclass(frozen=True)
+class _Metadata:
+    """A call's metadata tensors, as the validating path reads and parses them."""
+
+    cu: torch.Tensor
+    cu_name: str
+    num_targets: torch.Tensor | None
+    page_table: PageTable | None
+    page_size: int | None
+    rows: int
+
+    def read(self) -> np.ndarray:
+        return val.read_metadata(self.cu, self.num_targets, self.page_table)
+
+    def parse(self, raw: np.ndarray) -> Any:
+        return val.layout_of(
+            raw, self.cu.shape[0] - 1, self.cu_name, self.num_targets is not None,
+            self.page_size, rows=self.rows, paged=self.page_table is not None,
+        )  # fmt: skip
+
+
+def _cached(key: tuple | None, validate: bool, make: Callable[..., Any], meta: _Metadata) -> Any:
+    """The plan for ``key``. With ``validate`` (outside a capture) the metadata is read (one
+    sync); the cached plan serves if these are the values it was made for (compared as they
+    were read), else they are parsed and checked and a plan is made for them
+    (``make(layout=...)``). Without, a cached plan is reused as it is and a missing one made
+    by ``make(layout=None)``."""
     entry = _PLANS.get(key)
-    if validate and not val.is_capturing(device):
-        raw = read().tobytes()
+    if validate and not val.is_capturing(meta.cu.device):
+        raw = meta.read().tobytes()
         if entry is not None and entry[1] == raw:
             return entry[0]
-        plan = make(layout=parse(np.frombuffer(raw, dtype=np.int32)))
+        plan = make(layout=meta.parse(np.frombuffer(raw, dtype=np.int32)))
         _PLANS.put(key, (plan, raw))
         return plan
     if entry is None:
@@ -188,15 +203,8 @@ def hstu_attention(
             validate=validate, layout=layout,
         )  # fmt: skip
 
-    def parse(raw: np.ndarray) -> Any:
-        batch = cu_seqlens.shape[0] - 1
-        return val.layout_of(raw, batch, "cu_seqlens", num_targets is not None, None,
-                             rows=q.shape[0])  # fmt: skip
-
-    def read() -> np.ndarray:
-        return val.read_metadata(cu_seqlens, num_targets, None)
-
-    return _cached(key, validate, q.device, make, read, parse).run(q, k, v, out)
+    meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, None, None, q.shape[0])
+    return _cached(key, validate, make, meta).run(q, k, v, out)
 
 
 def _check_targets(num_targets: Any, cu: torch.Tensor, device: torch.device) -> None:
@@ -366,15 +374,9 @@ def _paged_plan(
             partials=partials,
         )  # fmt: skip
 
-    def parse(raw: np.ndarray) -> Any:
-        batch = cu_seqlens_q.shape[0] - 1
-        return val.layout_of(raw, batch, "cu_seqlens_q", num_targets is not None,
-                             kv_cache.shape[2], rows=q.shape[0], paged=True)  # fmt: skip
-
-    def read() -> np.ndarray:
-        return val.read_metadata(cu_seqlens_q, num_targets, page_table)
-
-    return _cached(key, validate, q.device, make, read, parse)
+    meta = _Metadata(cu_seqlens_q, "cu_seqlens_q", num_targets, page_table, kv_cache.shape[2],
+                     q.shape[0])  # fmt: skip
+    return _cached(key, validate, make, meta)
 
 
 def append_kv(
@@ -425,15 +427,9 @@ def append_kv(
             layout=layout,
         )  # fmt: skip
 
-    def parse(raw: np.ndarray) -> Any:
-        batch = cu_seqlens.shape[0] - 1
-        return val.layout_of(raw, batch, "cu_seqlens", num_targets is not None,
-                             kv_cache.shape[2], rows=k.shape[0], paged=True)  # fmt: skip
-
-    def read() -> np.ndarray:
-        return val.read_metadata(cu_seqlens, num_targets, page_table)
-
-    _cached(key, validate, k.device, make, read, parse).run(kv_cache, k, v)
+    meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, page_table, kv_cache.shape[2],
+                     k.shape[0])  # fmt: skip
+    _cached(key, validate, make, meta).run(kv_cache, k, v)
 
 
 # torch.library registration, so that the ops can sit inside torch.compile'd models: the

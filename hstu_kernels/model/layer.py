@@ -467,19 +467,26 @@ class HSTULayer(nn.Module):
             )  # fmt: skip
         if plans is not None:
             self._check_plan_alpha(plans.attention.spec.alpha)
-            return self._forward_planned(x, meta, kv_cache, plans, backend, validate, inplace)
 
-        def append(k: torch.Tensor, v: torch.Tensor) -> None:
-            append_kv(
-                kv_cache,
-                meta.page_table,
-                k,
-                v,
-                meta.cu_seqlens_q,
-                num_targets=meta.num_targets,
-                backend=backend,
-                validate=validate,
-            )
+            def append(k: torch.Tensor, v: torch.Tensor) -> None:
+                plans.append.run(kv_cache, k, v)
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return plans.attention.run_partials(q, k, v, kv_cache)
+
+        else:  # inside torch.compile: the functional ops (their registered ops)
+
+            def append(k: torch.Tensor, v: torch.Tensor) -> None:
+                append_kv(kv_cache, meta.page_table, k, v, meta.cu_seqlens_q,
+                          num_targets=meta.num_targets, backend=backend, validate=validate)  # fmt: skip
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return paged_hstu_attention_partials(
+                    q, k, v, kv_cache, meta.page_table, meta.cu_seqlens_q,
+                    num_targets=meta.num_targets, alpha=self.alpha,
+                    scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q or meta.max_seqlen_q,
+                    backend=backend, validate=validate,
+                )  # fmt: skip
 
         # The projection may write k/v into the pages itself: only where no backend was
         # forced and nothing is to be validated (the append op does both).
@@ -492,50 +499,9 @@ class HSTULayer(nn.Module):
         u, q, k, v = self._project(x, append, cache)
         # Where the attention splits its KV range, its partials are summed in finish()'s
         # LayerNorm kernel rather than by a kernel of their own.
-        attn = paged_hstu_attention_partials(
-            q,
-            k,
-            v,
-            kv_cache,
-            meta.page_table,
-            meta.cu_seqlens_q,
-            num_targets=meta.num_targets,
-            alpha=self.alpha,
-            scaling_seqlen=scaling_seqlen,
-            max_seqlen_q=max_seqlen_q or meta.max_seqlen_q,
-            backend=backend,
-            validate=validate,
-        )
-        return self.finish(x, attn, u, inplace=inplace)
+        return self.finish(x, attend(q, k, v), u, inplace=inplace)
 
     def _check_plan_alpha(self, planned: float) -> None:
         own = 1.0 / math.sqrt(self.head_dim) if self.alpha is None else float(self.alpha)
         if planned != own:
             raise ValueError(f"plans: made for alpha {planned}, this layer's is {own}")
-
-    def _forward_planned(
-        self,
-        x: torch.Tensor,
-        meta: BatchMetadata,
-        kv_cache: torch.Tensor,
-        plans: CachedPlans,
-        backend: str,
-        validate: bool,
-        inplace: bool,
-    ) -> torch.Tensor:
-        def append(k: torch.Tensor, v: torch.Tensor) -> None:
-            plans.append.run(kv_cache, k, v)
-
-        # The projection may write k/v into the pages itself: only where no backend was
-        # forced and nothing is to be validated (the append plan does both).
-        fuse = backend == "auto" and not validate
-        cache = (
-            CacheAppend(kv_cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
-            if fuse
-            else None
-        )
-        u, q, k, v = self._project(x, append, cache)
-        # Where the attention splits its KV range, its partials are summed in finish()'s
-        # LayerNorm kernel rather than by a kernel of their own.
-        attn = plans.attention.run_partials(q, k, v, kv_cache)
-        return self.finish(x, attn, u, inplace=inplace)
