@@ -4,7 +4,8 @@ A tuner times its candidates the first time a key is seen on a card and keeps th
 here; a later process on the same card (and the same library and Triton versions) reads it
 back instead of timing again, so that a fresh process's first call does not pay for the
 tuning. Location: ``settings.tuning_cache`` (``$HSTU_KERNELS_TUNING_CACHE``; ``0``/``off``: in
-memory only). ``python -m hstu_kernels.precompile`` fills it for the current GPU.
+memory only). It fills itself as shapes are first met (``python -m hstu_kernels.precompile``
+compiles kernels; it tunes only the small shapes it runs).
 """
 
 from __future__ import annotations
