@@ -69,6 +69,17 @@ class PageAllocator:
     def is_free(self, page: int) -> bool:
         return page in self._free_set
 
+    def reset(self, owned: Iterable[int]) -> None:
+        """Make exactly the pages not in ``owned`` (and not reserved) free: the allocator's
+        state derived from who owns what (a cache manager rolling back uses it)."""
+        owned = set(owned)
+        bad = [p for p in owned if p in self.reserved or not 0 <= p < self.num_pages]
+        if bad:
+            raise ValueError(f"owned: page {bad[0]} is reserved or not in 0..{self.num_pages - 1}")
+        self._free = [p for p in range(self.num_pages) if p not in self.reserved and p not in owned]
+        heapq.heapify(self._free)
+        self._free_set = set(self._free)
+
 
 def page_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """Split a page-to-page copy into runs ``(src_start, dst_start, length)`` that are

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from hstu_kernels.kvcache.allocator import PageAllocator
-from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata
+from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata, check_padding
 from hstu_kernels.kvcache.transfer import TransferEngine
 
-__all__ = ["KVCacheConfig", "KVCacheError", "KVCacheManager"]
+__all__ = ["CacheSnapshot", "KVCacheConfig", "KVCacheError", "KVCacheManager"]
 
 DUMMY_PAGE = 0
 
@@ -80,6 +80,15 @@ class _User:
 
 def _pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """The manager's bookkeeping at one moment (:meth:`KVCacheManager.snapshot`): every user's
+    cached length and pages, in LRU order, and the counters. Page contents are not copied."""
+
+    users: tuple[tuple[Hashable, int, tuple[int, ...] | None, tuple[int, ...] | None], ...]
+    stats: tuple[tuple[str, int], ...]
 
 
 class KVCacheManager:
@@ -195,6 +204,31 @@ class KVCacheManager:
         ids, cached, new, tgt = self._check_request(
             user_ids, cached_lengths, new_lengths, num_targets
         )
+        ps = self.page_size
+        padded = pad_batch is not None or pad_tokens is not None or page_capacity is not None
+        check_padding(
+            len(ids), sum(new) + sum(tgt), sum(_pages_for(c + n, ps) for c, n in zip(cached, new)),
+            device=self.device, pad_batch=pad_batch, pad_tokens=pad_tokens,
+            page_capacity=page_capacity, dummy_page=DUMMY_PAGE if padded else None, out=out,
+        )  # fmt: skip
+        before = self.snapshot()
+        try:
+            return self._prepare(ids, cached, new, tgt, pad_batch, pad_tokens, page_capacity, out)
+        except BaseException:  # nothing checkable is left to fail here, but a CUDA error can
+            self.rollback(before)
+            raise
+
+    def _prepare(
+        self,
+        ids: list,
+        cached: list[int],
+        new: list[int],
+        tgt: list[int],
+        pad_batch: int | None,
+        pad_tokens: int | None,
+        page_capacity: int | None,
+        out: torch.Tensor | None,
+    ) -> BatchMetadata:
         ps = self.page_size
         in_batch = set(ids)
         need = 0
@@ -340,6 +374,55 @@ class KVCacheManager:
         if alloc.num_free < n:
             return None
         return alloc.allocate(n)
+
+    # --- transactions ---------------------------------------------------------------------
+
+    def snapshot(self) -> CacheSnapshot:
+        """The bookkeeping now, for :meth:`rollback` (cheap: page lists, not page contents)."""
+        users = tuple(
+            (uid, u.length,
+             None if u.gpu_pages is None else tuple(u.gpu_pages),
+             None if u.host_pages is None else tuple(u.host_pages))
+            for uid, u in self._users.items()
+        )  # fmt: skip
+        return CacheSnapshot(users, tuple(self.stats.items()))
+
+    def rollback(self, snapshot: CacheSnapshot) -> None:
+        """Undo what happened since ``snapshot`` (a request that failed after
+        :meth:`prepare`): users that came since are forgotten, and every other user's length,
+        pages and LRU position are as they were; pages allocated since are freed (what the
+        failed request appended is discarded).
+
+        Except for evictions: a user that was evicted since stays evicted, offloaded (its host
+        copy is intact) or dropped, because its device pages may have been handed to the
+        failed request and written since (an onload, an append); likewise a user dropped
+        from the host pool to make room. The state is consistent, and every user it keeps
+        holds the K/V it held.
+        """
+        if not isinstance(snapshot, CacheSnapshot):
+            raise TypeError(f"snapshot: expected a CacheSnapshot, got {type(snapshot).__name__}")
+        stats = dict(snapshot.stats)
+        users: OrderedDict[Hashable, _User] = OrderedDict()
+        for uid, length, gpu, host in snapshot.users:
+            now = self._users.get(uid)
+            if now is None and uid not in users:
+                if gpu is not None or host is not None:  # dropped since: its pages are reused
+                    stats["dropped"] += 1
+                continue
+            if gpu is not None and not now.on_gpu:  # offloaded since: it stays offloaded
+                users[uid] = _User(now.length, None, list(now.host_pages))
+                stats["offloaded"] += 1
+                continue
+            users[uid] = _User(
+                length, None if gpu is None else list(gpu), None if host is None else list(host)
+            )
+        self._users = users
+        self.stats = stats
+        self.allocator.reset(p for u in users.values() if u.on_gpu for p in u.gpu_pages)
+        if self.host_allocator is not None:
+            self.host_allocator.reset(
+                p for u in users.values() if u.host_pages is not None for p in u.host_pages
+            )
 
     # --- explicit control ----------------------------------------------------------------
 

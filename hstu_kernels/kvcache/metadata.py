@@ -22,6 +22,7 @@ __all__ = [
     "JaggedMetadata",
     "build_jagged_metadata",
     "build_paged_metadata",
+    "check_padding",
     "paged_layout_size",
 ]
 
@@ -174,6 +175,68 @@ def paged_layout_size(batch: int, page_capacity: int) -> int:
     return 5 * batch + 2 + page_capacity
 
 
+def check_padding(
+    batch: int,
+    real_tokens: int,
+    num_pages: int,
+    *,
+    device: torch.device,
+    pad_batch: int | None = None,
+    pad_tokens: int | None = None,
+    page_capacity: int | None = None,
+    dummy_page: int | None = None,
+    out: torch.Tensor | None = None,
+    pad_slot: bool = True,
+) -> None:
+    """Raise ValueError unless :func:`build_paged_metadata` can pad a batch of ``batch``
+    sequences, ``real_tokens`` rows and ``num_pages`` page ids as asked (a caller that changes
+    state to build the batch, the KV cache manager, asks first)."""
+    for name, v in (("pad_batch", pad_batch), ("pad_tokens", pad_tokens),
+                    ("page_capacity", page_capacity)):  # fmt: skip
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"{name}: expected an int >= 0 or None, got {v!r}")
+    extra = 0
+    if pad_batch is not None or pad_tokens is not None:
+        if pad_batch is None or pad_tokens is None or dummy_page is None:
+            raise ValueError("pad_batch, pad_tokens and dummy_page must be given together")
+        if pad_batch < batch or pad_tokens < real_tokens:
+            raise ValueError(
+                f"pad_batch, pad_tokens: expected >= the batch ({batch} sequences, "
+                f"{real_tokens} rows), got {pad_batch}, {pad_tokens}"
+            )
+        extra = pad_batch + int(pad_slot) - batch
+        if extra == 0 and pad_tokens > real_tokens:
+            raise ValueError(
+                f"pad_slot: the {pad_tokens - real_tokens} padding rows need a free slot, but "
+                f"the batch fills all {pad_batch}"
+            )
+    ids = num_pages + extra
+    capacity = ids if page_capacity is None else page_capacity
+    if capacity < ids:
+        raise ValueError(f"page_capacity: the batch needs {ids} page ids, got {capacity}")
+    if capacity > ids and dummy_page is None:
+        raise ValueError("dummy_page: needed to fill page_ids up to page_capacity")
+    if out is not None:
+        size = paged_layout_size(batch + extra, capacity)
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.dtype != torch.int32
+            or out.device != device
+            or out.dim() != 1
+            or not out.is_contiguous()
+            or out.numel() < size
+        ):
+            got = (
+                f"{out.dtype} [{out.numel()}] on {out.device}"
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
+            raise ValueError(
+                f"out: expected a contiguous 1-d int32 buffer on {device} with >= {size} "
+                f"entries, got {got}"
+            )
+
+
 def build_paged_metadata(
     page_lists: Sequence[Sequence[int]],
     cached_lengths: Sequence[int],
@@ -234,21 +297,12 @@ def build_paged_metadata(
     starts = list(cached)
     targets = list(tgt)
 
-    padded = pad_batch is not None or pad_tokens is not None
-    if padded:
-        if pad_batch is None or pad_tokens is None or dummy_page is None:
-            raise ValueError("pad_batch, pad_tokens and dummy_page must be given together")
-        if pad_batch < batch or pad_tokens < real_tokens:
-            raise ValueError(
-                f"pad_batch, pad_tokens: expected >= the batch ({batch} sequences, "
-                f"{real_tokens} rows), got {pad_batch}, {pad_tokens}"
-            )
+    check_padding(
+        batch, real_tokens, len(flat), device=device, pad_batch=pad_batch, pad_tokens=pad_tokens,
+        page_capacity=page_capacity, dummy_page=dummy_page, out=out, pad_slot=pad_slot,
+    )  # fmt: skip
+    if pad_batch is not None:
         extra = pad_batch + int(pad_slot) - batch
-        if extra == 0 and pad_tokens > real_tokens:
-            raise ValueError(
-                f"pad_slot: the {pad_tokens - real_tokens} padding rows need a free slot, but "
-                f"the batch fills all {pad_batch}"
-            )
         # Empty slots, then the padding sequence: its rows are targets, so append_kv writes
         # nothing, and they see only the dummy page; real rows never see them.
         if extra:
@@ -262,12 +316,7 @@ def build_paged_metadata(
     full_batch = len(rows)
     num_ids = len(flat)
     capacity = len(flat) if page_capacity is None else page_capacity
-    if capacity < len(flat):
-        raise ValueError(f"page_capacity: the batch needs {len(flat)} page ids, got {capacity}")
-    if capacity > len(flat):
-        if dummy_page is None:
-            raise ValueError("dummy_page: needed to fill page_ids up to page_capacity")
-        flat += [dummy_page] * (capacity - len(flat))
+    flat += [dummy_page] * (capacity - len(flat))
 
     cu = [0]
     for n in rows:

@@ -316,6 +316,23 @@ class HSTURankingModel(nn.Module):
                     f"batch: user {r.user_id} has {r.history} history tokens and {r.targets} "
                     f"candidates; the model takes 1..{c.max_history} and <= {c.max_targets}"
                 )
+            # Ids outside the tables would fail inside the embedding lookup, after the cache
+            # was prepared; the candidate action id is reserved for candidates.
+            for name, ids, size in (
+                ("history_items", r.history_items, c.num_items),
+                ("history_actions", r.history_actions, c.num_actions),
+                ("candidates", r.candidates, c.num_items),
+            ):
+                if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+                    raise TypeError(
+                        f"batch: user {r.user_id}'s {name}: expected an int64 tensor, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}"
+                    )
+                if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < size:
+                    raise ValueError(
+                        f"batch: user {r.user_id}'s {name}: expected ids in 0..{size - 1}, got "
+                        f"ids in {int(ids.min())}..{int(ids.max())}"
+                    )
 
     @torch.inference_mode()
     def score(
@@ -364,14 +381,20 @@ class HSTURankingModel(nn.Module):
         # Issues the onload of offloaded users on the cache's copy stream and returns without
         # waiting: the host packing and the embedding lookup below overlap the copies, and
         # each layer of the block waits only for its own layer's pages.
+        before = cache.snapshot()
         meta = cache.prepare(users, cached, new, batch.targets)
-        packed = pack_requests(batch, self.config.num_actions, cached).to(device)
-        x = self.embed(packed)
-        if graphs:
-            y = self.graph_runner(cache)(x, meta)
-        else:
-            y = self.block.forward_cached(x, meta, cache)
-        return self.head(y.index_select(0, packed.target_rows))
+        try:
+            packed = pack_requests(batch, self.config.num_actions, cached).to(device)
+            x = self.embed(packed)
+            if graphs:
+                y = self.graph_runner(cache)(x, meta)
+            else:
+                y = self.block.forward_cached(x, meta, cache)
+            return self.head(y.index_select(0, packed.target_rows))
+        except BaseException:
+            # The cache must not record tokens that were never written (cache.rollback).
+            cache.rollback(before)
+            raise
 
     def graph_runner(self, cache: KVCacheManager) -> CachedBlockGraphs:
         """The CUDA-graph runner of the block over ``cache`` (made on first use; it captures
