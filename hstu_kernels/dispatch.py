@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -274,6 +275,7 @@ def select(request: Request, backend: str = "auto") -> Backend:
 
 
 _ARCH_CACHE: dict[int, str] = {}
+_ARCH = re.compile(r"cpu|sm_\d{2,3}")
 
 
 def device_arch(device: torch.device) -> str:
@@ -326,6 +328,21 @@ def explain(
     ``partials``: a ``paged`` call whose caller sums split partials itself (the cached HSTU
     layer's ``paged_hstu_attention_partials``).
     """
+    for name, v in (("head_dim", head_dim), ("heads", heads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    for name, v in (("batch", batch), ("max_seqlen_q", max_seqlen_q), ("page_size", page_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype, got {dtype!r}")
+    for name, v in (("num_contexts", num_contexts), ("max_attn_len", max_attn_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    if arch is not None and not _ARCH.fullmatch(str(arch)):
+        raise ValueError(
+            f"arch: expected 'cpu' or 'sm_<major><minor>' (e.g. 'sm_90'), got {arch!r}"
+        )
     probe = arch is None
     if arch is None:
         if device is None:

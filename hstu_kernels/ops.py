@@ -362,7 +362,7 @@ def _paged_plan(
         page_size = val.check_kv_cache(kv_cache, q)
         val.check_offsets("cu_seqlens_q", cu_seqlens_q, q.device)
         _check_targets(num_targets, cu_seqlens_q, q.device)
-        val.check_page_table(page_table, cu_seqlens_q.shape[0] - 1, q.device)
+        val.check_page_table(page_table, cu_seqlens_q.shape[0] - 1, q.device, page_size)
         _refuse_unserved("paged", q, page_size, num_contexts, max_attn_len, backend, partials)
 
     def make(layout: Any) -> PagedAttentionPlan:
@@ -417,7 +417,7 @@ def append_kv(
         page_size = val.check_kv_cache(kv_cache, k, "k")
         val.check_offsets("cu_seqlens", cu_seqlens, k.device)
         _check_targets(num_targets, cu_seqlens, k.device)
-        val.check_page_table(page_table, cu_seqlens.shape[0] - 1, k.device)
+        val.check_page_table(page_table, cu_seqlens.shape[0] - 1, k.device, page_size)
         _refuse_unserved("append_kv", k, page_size, 0, 0, backend)
 
     def make(layout: Any) -> AppendPlan:

@@ -431,7 +431,7 @@ def plan_paged_attention(
     device = val.check_offsets("cu_seqlens_q", cu_seqlens_q, None).device
     cu = cu_seqlens_q
     nbatch = cu.shape[0] - 1
-    page_table = val.check_page_table(page_table, nbatch, device)
+    page_table = val.check_page_table(page_table, nbatch, device, page_size)
     num_targets = val.check_num_targets(num_targets, nbatch, device)
     val.check_mask_params(num_contexts, max_attn_len)
     check_positive_int("scaling_seqlen", scaling_seqlen)
@@ -531,7 +531,7 @@ def plan_append_kv(
     page_size = _check_page_size(page_size)
     device = val.check_offsets("cu_seqlens", cu_seqlens, None).device
     nbatch = cu_seqlens.shape[0] - 1
-    page_table = val.check_page_table(page_table, nbatch, device)
+    page_table = val.check_page_table(page_table, nbatch, device, page_size)
     num_targets = val.check_num_targets(num_targets, nbatch, device)
     request = Request("append_kv", device_arch(device), dtype, head_dim, page_size)
     chosen = _select(request, backend)

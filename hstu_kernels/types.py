@@ -22,11 +22,48 @@ class PageTable:
     - ``last_page_len [B]``: tokens used in each sequence's last page (1..page_size).
 
     History length of sequence ``b``: ``(num_pages_b - 1) * page_size + last_page_len[b]``.
+
+    ``page_size``: the page size the table was built for, if known (:meth:`from_lists` and
+    the KV cache manager set it); the ops then refuse a cache of another page size, which
+    would read the wrong histories. Construction checks the three tensors' types, shapes and
+    devices (not their values: that costs a sync, and the ops do it).
     """
 
     page_indptr: torch.Tensor
     page_ids: torch.Tensor
     last_page_len: torch.Tensor
+    page_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("page_indptr", "page_ids", "last_page_len"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"page_table.{name}: expected a torch.Tensor, got {type(t).__name__}"
+                )
+            if t.dtype != torch.int32:
+                dtype = str(t.dtype).removeprefix("torch.")
+                raise TypeError(f"page_table.{name}: expected dtype int32, got {dtype}")
+            if t.dim() != 1:
+                raise ValueError(
+                    f"page_table.{name}: expected 1 dimensions, got shape {tuple(t.shape)}"
+                )
+        if self.page_indptr.shape[0] < 1:
+            raise ValueError("page_table.page_indptr: expected [batch + 1] >= 1 entries, got 0")
+        if self.last_page_len.shape[0] != self.page_indptr.shape[0] - 1:
+            raise ValueError(
+                f"page_table.last_page_len: expected shape [{self.page_indptr.shape[0] - 1}] "
+                f"(one per sequence of page_indptr), got {tuple(self.last_page_len.shape)}"
+            )
+        devices = {t.device for t in (self.page_indptr, self.page_ids, self.last_page_len)}
+        if len(devices) > 1:
+            names = sorted(map(str, devices))
+            raise ValueError(f"page_table: expected its three tensors on one device, got {names}")
+        ps = self.page_size
+        if ps is not None and (
+            not isinstance(ps, int) or isinstance(ps, bool) or ps < 1 or ps & (ps - 1)
+        ):
+            raise ValueError(f"page_size: expected a power-of-two int or None, got {ps!r}")
 
     @property
     def batch_size(self) -> int:
@@ -46,6 +83,7 @@ class PageTable:
             self.page_indptr.to(device),
             self.page_ids.to(device),
             self.last_page_len.to(device),
+            self.page_size,
         )
 
     @classmethod
@@ -58,8 +96,16 @@ class PageTable:
     ) -> PageTable:
         """Build a table from each sequence's page list and history length.
 
-        Each sequence must own exactly ``ceil(H_b / page_size)`` pages (at least one).
+        Each sequence must own exactly ``ceil(H_b / page_size)`` pages (at least one); page
+        ids are ints >= 0, history lengths ints >= 1, ``page_size`` a power of two.
         """
+        if (
+            not isinstance(page_size, int)
+            or isinstance(page_size, bool)
+            or page_size < 1
+            or page_size & (page_size - 1)
+        ):
+            raise ValueError(f"page_size: expected a power-of-two int, got {page_size!r}")
         if len(pages) != len(history_lengths):
             raise ValueError(
                 f"pages: expected one page list per sequence ({len(history_lengths)}), "
@@ -68,8 +114,11 @@ class PageTable:
         indptr = [0]
         last = []
         for b, (plist, h) in enumerate(zip(pages, history_lengths, strict=True)):
-            if h < 1:
-                raise ValueError(f"history_lengths[{b}]: expected >= 1, got {h}")
+            if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+                raise ValueError(f"history_lengths[{b}]: expected >= 1 (an int), got {h!r}")
+            bad = [p for p in plist if not isinstance(p, int) or isinstance(p, bool) or p < 0]
+            if bad:
+                raise ValueError(f"pages[{b}]: expected page ids as ints >= 0, got {bad[0]!r}")
             need = math.ceil(h / page_size)
             if len(plist) != need:
                 raise ValueError(
@@ -83,7 +132,7 @@ class PageTable:
         def i32(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int32, device=device)
 
-        return cls(i32(indptr), i32(flat), i32(last))
+        return cls(i32(indptr), i32(flat), i32(last), page_size)
 
 
 @dataclass(frozen=True)

@@ -104,9 +104,18 @@ def check_kv_cache(kv_cache: object, q: torch.Tensor, q_name: str = "q") -> int:
     return page_size
 
 
-def check_page_table(page_table: object, batch: int, device: torch.device) -> PageTable:
+def check_page_table(
+    page_table: object, batch: int, device: torch.device, page_size: int | None = None
+) -> PageTable:
+    """A :class:`PageTable` of ``batch`` sequences on ``device``; built for ``page_size`` if
+    it says what it was built for."""
     if not isinstance(page_table, PageTable):
         raise TypeError(f"page_table: expected a PageTable, got {type(page_table).__name__}")
+    if page_size is not None and page_table.page_size not in (None, page_size):
+        raise ValueError(
+            f"page_table: built for pages of {page_table.page_size} tokens, but the cache's "
+            f"pages hold {page_size}"
+        )
     fields = ("page_indptr", "page_ids", "last_page_len")
     for f in fields:
         check_tensor(

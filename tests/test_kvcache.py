@@ -378,3 +378,36 @@ TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(
     settings(), max_examples=settings().max_examples * 2, stateful_step_count=15
 )
+
+
+def test_manager_arguments_get_named_errors():
+    from hstu_kernels.kvcache import KVCacheConfig, KVCacheManager
+
+    base = dict(num_layers=2, num_pages=4, page_size=16, heads=1, head_dim=8, device="cpu")
+    with pytest.raises(TypeError, match=r"dtype: expected torch\.bfloat16"):
+        KVCacheConfig(**base, dtype=torch.int32)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            KVCacheConfig(**(base | {"device": "cuda"}))
+    with pytest.raises(ValueError, match="device: expected a torch device"):
+        KVCacheConfig(**(base | {"device": "gpu0"}))
+    cache = KVCacheManager(KVCacheConfig(**base))
+    for bad in (-1, 2, 99, 1.0, True):
+        with pytest.raises(IndexError, match=r"layer: expected an int in 0\.\.1"):
+            cache.layer_cache(bad)
+        with pytest.raises(IndexError, match=r"layer: expected an int in 0\.\.1"):
+            cache.wait_layer(bad)
+
+
+def test_explain_arguments_get_named_errors():
+    import hstu_kernels as hk
+
+    for kw, pattern in (({"head_dim": -8}, "head_dim: expected a positive int"),
+                        ({"arch": "sm9"}, "arch: expected 'cpu' or 'sm_"),
+                        ({"batch": 0}, "batch: expected a positive int"),
+                        ({"max_attn_len": -1}, "max_attn_len: expected an int >= 0"),
+                        ({"dtype": "bf16"}, "dtype: expected a torch.dtype")):  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=pattern):
+            hk.explain("paged", **kw)
+    with pytest.raises(ValueError, match="op: expected one of"):
+        hk.explain("decode")

@@ -143,14 +143,8 @@ PAGED_CASES = [
         r"page_table: expected a PageTable, got tuple",
     ),
     (
-        "table dtype",
-        lambda c: {"page_table": table(c, page_ids=c.page_table.page_ids.long())},
-        TypeError,
-        r"page_table\.page_ids: expected dtype int32",
-    ),
-    (
         "table batch",
-        lambda c: {"page_table": table(c, page_indptr=i32(0, 3))},
+        lambda c: {"page_table": table(c, page_indptr=i32(0, 3), last_page_len=i32(8))},
         ValueError,
         r"page_table\.page_indptr: expected shape \[3\]",
     ),
@@ -251,7 +245,8 @@ PAGED_CASES = [
     ("unknown backend", lambda c: {"backend": "nope"}, hk.BackendError, r"nope: unknown backend"),
     (
         "page size the backend lacks",
-        lambda c: {"kv_cache": c.kv_cache[:, :, :8].contiguous()},
+        # a table that does not say its page size (one that does is refused: see below)
+        lambda c: {"kv_cache": c.kv_cache[:, :, :8].contiguous(), "page_table": table(c)},
         hk.BackendError,
         r"reference: page size 8 not in \[16, 32, 64, 128, 256\]",
     ),
@@ -357,3 +352,32 @@ def test_page_table_from_lists_errors():
     t = hk.PageTable.from_lists([[4, 2, 9], [0]], [40, 3], 16)
     assert t.page_indptr.tolist() == [0, 3, 4] and t.last_page_len.tolist() == [8, 3]
     assert t.history_lengths(16).tolist() == [40, 3]
+
+
+def test_page_table_construction_errors(case):
+    """A table is refused when built, not when first used: wrong dtype, inconsistent
+    lengths, a page size that is not a power of two; and one built for another page size is
+    refused by the ops."""
+    t = case.page_table
+    with pytest.raises(TypeError, match=r"page_table\.page_ids: expected dtype int32, got int64"):
+        hk.PageTable(t.page_indptr, t.page_ids.long(), t.last_page_len)
+    with pytest.raises(ValueError, match=r"page_table\.last_page_len: expected shape \[2\]"):
+        hk.PageTable(t.page_indptr, t.page_ids, t.last_page_len[:1])
+    with pytest.raises(TypeError, match=r"page_table\.page_indptr: expected a torch.Tensor"):
+        hk.PageTable([0, 3, 5], t.page_ids, t.last_page_len)
+    with pytest.raises(ValueError, match="page_size: expected a power-of-two int"):
+        hk.PageTable(t.page_indptr, t.page_ids, t.last_page_len, page_size=24)
+    for bad in (0, 24, 16.0, -16):
+        with pytest.raises(ValueError, match="page_size: expected a power-of-two int"):
+            hk.PageTable.from_lists([[0, 1]], [20], bad)
+    for pages, lengths, pattern in (([[-1, 2]], [20], r"pages\[0\]: expected page ids"),
+                                    ([[1.0, 2]], [20], r"pages\[0\]: expected page ids"),
+                                    ([[1, 2]], [20.0], r"history_lengths\[0\]")):  # fmt: skip
+        with pytest.raises(ValueError, match=pattern):
+            hk.PageTable.from_lists(pages, lengths, 16)
+    built32 = hk.PageTable(t.page_indptr, t.page_ids, t.last_page_len, page_size=32)
+    with pytest.raises(ValueError, match="built for pages of 32 tokens, but the cache's pages"):
+        hk.paged_hstu_attention(**(paged_args(case) | {"page_table": built32}))
+    with pytest.raises(ValueError, match="built for pages of 32 tokens, but the cache's pages"):
+        hk.append_kv(case.kv_cache, built32, case.k_new, case.v_new, case.cu_q,
+                     num_targets=case.num_targets)  # fmt: skip

@@ -65,6 +65,18 @@ class KVCacheConfig:
             raise ValueError(f"page_size: expected a power of two, got {self.page_size}")
         if not isinstance(self.host_pages, int) or self.host_pages < 0:
             raise ValueError(f"host_pages: expected an int >= 0, got {self.host_pages!r}")
+        if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(
+                f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {self.dtype!r}"
+            )
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: expected a torch device, got {self.device!r}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "device: 'cuda' (the default) but this machine has no CUDA GPU; pass device='cpu'"
+            )
 
 
 @dataclass
@@ -131,9 +143,15 @@ class KVCacheManager:
         """The reserved page that padding rows of a CUDA-graph bucket attend to."""
         return DUMMY_PAGE
 
+    def _check_layer(self, layer: object) -> int:
+        n = self.config.num_layers
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+            raise IndexError(f"layer: expected an int in 0..{n - 1}, got {layer!r}")
+        return layer
+
     def layer_cache(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s cache ``[num_pages, 2, page_size, heads, D]`` (a view)."""
-        return self.pool[layer]
+        return self.pool[self._check_layer(layer)]
 
     def cached_length(self, user_id: Hashable) -> int:
         """History tokens cached for ``user_id`` (on the device or offloaded); 0 if unknown."""
@@ -429,7 +447,7 @@ class KVCacheManager:
     def wait_layer(self, layer: int) -> None:
         """Make the current stream wait for layer ``layer``'s transfers of the last
         :meth:`prepare` (a no-op on the CPU, capturable into a CUDA graph)."""
-        self.transfers.wait_layer(layer)
+        self.transfers.wait_layer(self._check_layer(layer))
 
     def transfers_pending(self) -> bool:
         """Whether a page copy issued by :meth:`prepare` (or :meth:`evict`) may still be

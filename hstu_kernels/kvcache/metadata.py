@@ -331,6 +331,7 @@ def build_paged_metadata(
         page_indptr=dev[o[0] : o[1]],
         page_ids=dev[o[5] : o[5] + num_ids],
         last_page_len=dev[o[1] : o[2]],
+        page_size=page_size,
     )
     return BatchMetadata(
         page_table=table,
