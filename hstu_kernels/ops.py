@@ -102,6 +102,7 @@ class _Metadata:
     page_table: PageTable | None
     page_size: int | None
     rows: int
+    writes: bool = False  # an append: pages receiving new tokens must not be shared
 
     def read(self) -> np.ndarray:
         return val.read_metadata(self.cu, self.num_targets, self.page_table)
@@ -109,7 +110,7 @@ class _Metadata:
     def parse(self, raw: np.ndarray) -> Any:
         return val.layout_of(
             raw, self.cu.shape[0] - 1, self.cu_name, self.num_targets is not None,
-            self.page_size, rows=self.rows, paged=self.page_table is not None,
+            self.page_size, rows=self.rows, paged=self.page_table is not None, writes=self.writes,
         )  # fmt: skip
 
 
@@ -428,7 +429,7 @@ def append_kv(
         )  # fmt: skip
 
     meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, page_table, kv_cache.shape[2],
-                     k.shape[0])  # fmt: skip
+                     k.shape[0], writes=True)  # fmt: skip
     _cached(key, validate, make, meta).run(kv_cache, k, v)
 
 

@@ -94,6 +94,7 @@ def _layout_for(
     validate: bool,
     hints_missing: list[str],
     num_contexts: int = 0,
+    writes: bool = False,
 ) -> BatchLayout | None:
     """The batch's host values: ``layout`` as given (checked on the host), read from the
     device (one sync; checked if ``validate``), or ``None`` where neither is needed."""
@@ -116,7 +117,8 @@ def _layout_for(
     check = validate and not capturing
     if not (check or hints_missing):
         return None
-    found = val.read_layout(cu, cu_name, num_targets, page_table, page_size, check=check)
+    found = val.read_layout(cu, cu_name, num_targets, page_table, page_size, check=check,
+                            writes=writes)  # fmt: skip
     if check and num_contexts:
         val.check_layout(found, cu_name, num_contexts)
     return found
@@ -537,7 +539,7 @@ def plan_append_kv(
     chosen = _select(request, backend)
     layout = _layout_for(
         "plan_append_kv", cu_seqlens, "cu_seqlens", num_targets, page_table, page_size,
-        layout=layout, validate=validate, hints_missing=[],
+        layout=layout, validate=validate, hints_missing=[], writes=True,
     )  # fmt: skip
     max_rows = 0 if layout is None else layout.max_query_length
     batch = PlannedBatch(

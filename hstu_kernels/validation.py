@@ -155,6 +155,7 @@ def read_layout(
     *,
     check: bool = True,
     rows: int | None = None,
+    writes: bool = False,
 ) -> BatchLayout:
     """Copy a batch's metadata to the host (one concatenation, one copy: a single sync on
     CUDA) and, if ``check``, validate its values; returns its :class:`BatchLayout`.
@@ -164,7 +165,7 @@ def read_layout(
     """
     raw = read_metadata(cu_seqlens, num_targets, page_table)
     return layout_of(raw, cu_seqlens.shape[0] - 1, cu_name, num_targets is not None, page_size,
-                     check=check, rows=rows, paged=page_table is not None)  # fmt: skip
+                     check=check, rows=rows, paged=page_table is not None, writes=writes)  # fmt: skip
 
 
 def read_metadata(
@@ -188,8 +189,10 @@ def layout_of(
     check: bool = True,
     rows: int | None = None,
     paged: bool = False,
+    writes: bool = False,
 ) -> BatchLayout:
-    """:func:`read_layout` of values already read (:func:`read_metadata`)."""
+    """:func:`read_layout` of values already read (:func:`read_metadata`); ``writes``: the
+    call appends (then no page receiving new tokens may be listed for two sequences)."""
     host = raw.astype(np.int64)
     if not has_targets:
         host = np.concatenate([host[: batch + 1], np.zeros(batch, np.int64), host[batch + 1 :]])
@@ -248,7 +251,34 @@ def layout_of(
     )
     if check:
         check_layout(layout, cu_name)
+        if writes:
+            _check_written_pages(indptr, ids, histories, lengths - targets, page_size)
     return layout
+
+
+def _check_written_pages(
+    indptr: np.ndarray, ids: np.ndarray, histories: np.ndarray, new: np.ndarray, page_size: int
+) -> None:
+    """An append writes each sequence's new history into its last pages: none of those may
+    be listed by another sequence of the batch (whose K/V it would overwrite). Pages shared
+    only for reading (a common prefix) are fine."""
+    batch = new.shape[0]
+    owner = np.repeat(np.arange(batch), np.diff(indptr))
+    position = np.arange(ids.shape[0]) - indptr[owner]  # page index within its sequence
+    first = (histories - new) // page_size  # first page receiving a new token
+    written = (new[owner] > 0) & (position >= first[owner])
+    pairs = np.unique(np.stack([ids, owner]), axis=1)  # (page, owner), once each
+    pages, counts = np.unique(pairs[0], return_counts=True)
+    shared = set(pages[counts > 1].tolist())
+    for j in np.flatnonzero(written):
+        page = int(ids[j])
+        if page in shared:
+            others = sorted(set(owner[ids == page].tolist()) - {int(owner[j])})
+            raise ValueError(
+                f"page_table.page_ids: page {page} receives new tokens of sequence "
+                f"{int(owner[j])} but is also listed for sequence {others[0]} (an append would "
+                "overwrite its K/V)"
+            )
 
 
 def check_layout(layout: BatchLayout, cu_name: str, num_contexts: int = 0) -> None:

@@ -381,3 +381,33 @@ def test_page_table_construction_errors(case):
     with pytest.raises(ValueError, match="built for pages of 32 tokens, but the cache's pages"):
         hk.append_kv(case.kv_cache, built32, case.k_new, case.v_new, case.cu_q,
                      num_targets=case.num_targets)  # fmt: skip
+
+
+def test_append_refuses_a_page_two_sequences_would_share_for_writing():
+    """Sequence 1's new tokens land in page 4, which sequence 0 also lists: refused (the
+    append would overwrite sequence 0's K/V), nothing written. A page shared only for reading
+    (a common prefix) is allowed, for the append and for attention."""
+    heads, dim, ps = 1, 8, 16
+    kv = torch.randn(8, 2, ps, heads, dim)
+    k = torch.randn(6, heads, dim)
+    cu, nt = i32(0, 3, 6), i32(1, 1)  # two new history rows each
+    # seq 0: 20 tokens in pages [2, 4] (new: positions 18, 19 -> page 4)
+    # seq 1: 20 tokens in pages [3, 4]: page 4 written by both
+    bad = hk.PageTable.from_lists([[2, 4], [3, 4]], [20, 20], ps)
+    before = kv.clone()
+    for call in (
+        lambda: hk.append_kv(kv, bad, k, k, cu, num_targets=nt),
+        lambda: hk.plan_append_kv(
+            bad, cu, nt, heads=heads, head_dim=dim, dtype=torch.float32, page_size=ps
+        ).run(kv, k, k),
+    ):
+        with pytest.raises(ValueError, match="page 4 receives new tokens of sequence 0 but is "
+                                             "also listed for sequence 1"):  # fmt: skip
+            call()
+    assert torch.equal(kv, before)
+    # a shared prefix page 2, each sequence writing into its own last page: fine
+    shared = hk.PageTable.from_lists([[2, 4], [2, 5]], [20, 20], ps)
+    hk.append_kv(kv, shared, k, k, cu, num_targets=nt)
+    q = torch.randn(6, heads, dim)
+    out = hk.paged_hstu_attention(q, k, k, kv, shared, cu, num_targets=nt)
+    assert torch.isfinite(out).all()
