@@ -12,7 +12,9 @@ Typical use, once per batch::
 makes room (evicting least-recently-used users that are not in the batch, to the host pool if
 there is one), brings back users whose pages were offloaded, allocates pages for the new
 tokens and builds the batch's metadata — without synchronizing the host. A bad request raises
-:class:`KVCacheError` and leaves the cache exactly as it was.
+:class:`KVCacheError` (or a ``ValueError`` naming a padding argument) and leaves the cache
+exactly as it was. A request that fails after ``prepare`` is undone with
+:meth:`KVCacheManager.snapshot` / :meth:`KVCacheManager.rollback`.
 """
 
 from __future__ import annotations
