@@ -114,6 +114,10 @@ class Backend:
     # An op without a planner is planned generically: its run calls ``ops[op]`` with the
     # batch's metadata.
     planners: Mapping[str, Callable] = field(default_factory=dict)
+    # The archs this backend's GPU verification in the repository covers (None: every arch
+    # it serves). On another arch, "auto" uses it only once its first-use parity check has
+    # passed on the device (hstu_kernels.verify).
+    verified_archs: frozenset[str] | None = None
 
     def rank(self, arch: str) -> int:
         return self.priority.get(arch, self.priority.get("*", 0))
@@ -226,6 +230,10 @@ class Registry:
             if why is None and b.declines is not None:
                 declined = b.declines(request)
                 why = None if declined is None else f"declines: {declined}"
+            if why is None and choice is None and check_available:
+                from hstu_kernels import verify
+
+                why = verify.verdict(b, request.arch)
             if why is not None:
                 reasons[b.name] = why
             elif choice is None:
@@ -243,7 +251,9 @@ class Registry:
             exp = self.explain(request, backend)
             if exp.choice is None:
                 raise BackendError(f"no backend can serve this call:\n{exp}")
-            chosen = self._selected[key] = self.backends[exp.choice]
+            chosen = self.backends[exp.choice]
+            if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                self._selected[key] = chosen  # (a capture may have put a first-use check off)
         return chosen
 
 

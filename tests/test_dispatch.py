@@ -253,3 +253,50 @@ def test_size_read_from_the_device_is_used_to_select():
     assert plan.request.tiles == grid_tiles(2, 2, 6) and plan.max_seqlen == 6
     plan = hk.plan_jagged_attention(cu, heads=2, head_dim=16, dtype=torch.float32, max_seqlen=9)
     assert plan.request.tiles == grid_tiles(2, 2, 9)
+
+
+def _unverified(name: str, paged_op, calls: list) -> Backend:
+    """A backend for the CPU that the repository has never verified (``verified_archs``
+    empty), ranked above the reference."""
+    from hstu_kernels.backends import reference as ref_backend  # noqa: F401 (registers it)
+
+    real = registry().backends["reference"].ops
+
+    def paged(*args):
+        calls.append(name)
+        paged_op(real, *args)
+
+    ops = {"paged": paged, "jagged": real["jagged"]}
+    return Backend(name, ops, ALL_DTYPES, page_sizes=frozenset({16, 32}),
+                   priority={"*": 50}, verified_archs=frozenset())  # fmt: skip
+
+
+def test_an_unverified_backend_serves_auto_only_after_its_first_use_check(knobs, tmp_path):
+    """A kernel never run here is checked against the reference on first use: a broken one
+    (fault-injected: its output off by one) warns once and auto falls back, saying why in
+    explain(); a correct one is chosen. The verdict is kept on disk: a new process (here a new
+    registry) does not check again. A forced backend is never checked."""
+    knobs(tuning_cache=tmp_path)
+
+    def broken(real, *args):
+        real["paged"](*args)
+        args[-1].add_(1.0)
+
+    def correct(real, *args):
+        real["paged"](*args)
+
+    request = Request("paged", "cpu", torch.float32, 64, 32)
+    calls: list = []
+    reg = Registry([registry().backends["reference"], _unverified("broken", broken, calls)])
+    with pytest.warns(RuntimeWarning, match="'broken' failed its first-use parity check"):
+        assert reg.select(request).name == "reference"
+    assert "failed its first-use parity check" in reg.explain(request).reasons["broken"]
+    assert reg.select(request, "broken").name == "broken"  # forced: no check
+    assert calls == ["broken"]  # checked once
+
+    calls.clear()
+    reg = Registry([registry().backends["reference"], _unverified("good", correct, calls)])
+    assert reg.select(request).name == "good" and calls == ["good"]
+    reg = Registry([registry().backends["reference"], _unverified("good", correct, calls)])
+    hk.reset_caches()  # memory gone: the verdict comes back from disk
+    assert reg.select(request).name == "good" and calls == ["good"]
