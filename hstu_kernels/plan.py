@@ -30,7 +30,7 @@ import torch
 
 from hstu_kernels import validation as val
 from hstu_kernels.dispatch import Backend, Explanation, Request, device_arch, grid_tiles, registry
-from hstu_kernels.types import AttentionSpec, BatchLayout, PageTable, PlannedBatch
+from hstu_kernels.types import AttentionSpec, BatchLayout, PageTable, PlannedBatch, is_page_size
 
 __all__ = [
     "AppendPlan",
@@ -68,12 +68,7 @@ def _check_shape_args(heads: object, head_dim: object, dtype: object) -> None:
 
 
 def _check_page_size(page_size: object) -> int:
-    if (
-        not isinstance(page_size, int)
-        or isinstance(page_size, bool)
-        or page_size < 1
-        or page_size & (page_size - 1)
-    ):
+    if not is_page_size(page_size):
         raise ValueError(f"page_size: expected a power-of-two int, got {page_size!r}")
     return page_size
 

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionSpec", "BatchLayout", "PageTable", "PlannedBatch"]
+__all__ = ["AttentionSpec", "BatchLayout", "PageTable", "PlannedBatch", "is_page_size"]
+
+
+def is_page_size(value: object) -> bool:
+    """Whether ``value`` is a page size: a power-of-two int (not a bool)."""
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        and not value & (value - 1)
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,10 @@ class PageTable:
         if len(devices) > 1:
             names = sorted(map(str, devices))
             raise ValueError(f"page_table: expected its three tensors on one device, got {names}")
-        ps = self.page_size
-        if ps is not None and (
-            not isinstance(ps, int) or isinstance(ps, bool) or ps < 1 or ps & (ps - 1)
-        ):
-            raise ValueError(f"page_size: expected a power-of-two int or None, got {ps!r}")
+        if self.page_size is not None and not is_page_size(self.page_size):
+            raise ValueError(
+                f"page_size: expected a power-of-two int or None, got {self.page_size!r}"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -99,12 +106,7 @@ class PageTable:
         Each sequence must own exactly ``ceil(H_b / page_size)`` pages (at least one); page
         ids are ints >= 0, history lengths ints >= 1, ``page_size`` a power of two.
         """
-        if (
-            not isinstance(page_size, int)
-            or isinstance(page_size, bool)
-            or page_size < 1
-            or page_size & (page_size - 1)
-        ):
+        if not is_page_size(page_size):
             raise ValueError(f"page_size: expected a power-of-two int, got {page_size!r}")
         if len(pages) != len(history_lengths):
             raise ValueError(
