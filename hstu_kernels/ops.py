@@ -29,16 +29,16 @@ import torch
 
 from hstu_kernels import settings
 from hstu_kernels import validation as val
-from hstu_kernels.dispatch import Request, device_arch, select
 from hstu_kernels.plan import (
     AppendPlan,
     JaggedAttentionPlan,
     PagedAttentionPlan,
+    check_served,
     plan_append_kv,
     plan_jagged_attention,
     plan_paged_attention,
 )
-from hstu_kernels.types import AttentionSpec, PageTable
+from hstu_kernels.types import PageTable
 
 __all__ = ["append_kv", "clear_plan_cache", "hstu_attention", "paged_hstu_attention"]
 
@@ -114,13 +114,15 @@ class _Metadata:
         )  # fmt: skip
 
 
-def _cached(key: tuple | None, validate: bool, make: Callable[..., Any], meta: _Metadata) -> Any:
+def _cached(
+    key: tuple | None, entry: Any, validate: bool, make: Callable[..., Any], meta: _Metadata
+) -> Any:
     """The plan for ``key``. With ``validate`` (outside a capture) the metadata is read (one
     sync); the cached plan serves if these are the values it was made for (compared as they
     were read), else they are parsed and checked and a plan is made for them
     (``make(layout=...)``). Without, a cached plan is reused as it is and a missing one made
-    by ``make(layout=None)``."""
-    entry = _PLANS.get(key)
+    by ``make(layout=None)``. ``entry``: the cache's ``(plan, values read)`` for ``key``, or
+    ``None``."""
     if validate and not val.is_capturing(meta.cu.device):
         raw = meta.read().tobytes()
         if entry is not None and entry[1] == raw:
@@ -190,11 +192,14 @@ def hstu_attention(
                    max_seqlen, backend, validate)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
-    if _PLANS.get(key) is None:
+    entry = _PLANS.get(key)
+    if entry is None:
         val.check_packed(("q", "k", "v"), q, k, v)
         val.check_offsets("cu_seqlens", cu_seqlens, q.device)
         _check_targets(num_targets, cu_seqlens, q.device)
-        _refuse_unserved("jagged", q, None, num_contexts, max_attn_len, backend)
+        val.check_mask_params(num_contexts, max_attn_len)
+        check_served("jagged", q.device, q.dtype, q.shape[2], None, num_contexts, max_attn_len,
+                     backend)  # fmt: skip
 
     def make(layout: Any) -> JaggedAttentionPlan:
         return plan_jagged_attention(
@@ -205,22 +210,12 @@ def hstu_attention(
         )  # fmt: skip
 
     meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, None, None, q.shape[0])
-    return _cached(key, validate, make, meta).run(q, k, v, out)
+    return _cached(key, entry, validate, make, meta).run(q, k, v, out)
 
 
 def _check_targets(num_targets: Any, cu: torch.Tensor, device: torch.device) -> None:
     if num_targets is not None:
         val.check_num_targets(num_targets, cu.shape[0] - 1, device)
-
-
-def _refuse_unserved(op: str, t: torch.Tensor, page_size: int | None, num_contexts: Any,
-                     max_attn_len: Any, backend: str, partials: bool = False) -> None:  # fmt: skip
-    """A call no backend serves is refused before its metadata is read (and synced)."""
-    val.check_mask_params(num_contexts, max_attn_len)
-    features = AttentionSpec(1.0, 1, num_contexts, max_attn_len).features
-    request = Request(op, device_arch(t.device), t.dtype, t.shape[2], page_size, features,
-                      partials=partials)  # fmt: skip
-    select(request, backend)
 
 
 def paged_hstu_attention(
@@ -357,14 +352,17 @@ def _paged_plan(
                    max_seqlen_q, backend, validate, partials)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
-    if _PLANS.get(key) is None:
+    entry = _PLANS.get(key)
+    if entry is None:
         # the structural errors of every argument, in the order the op lists them
         val.check_packed(("q", "k_new", "v_new"), q, k_new, v_new)
         page_size = val.check_kv_cache(kv_cache, q)
         val.check_offsets("cu_seqlens_q", cu_seqlens_q, q.device)
         _check_targets(num_targets, cu_seqlens_q, q.device)
         val.check_page_table(page_table, cu_seqlens_q.shape[0] - 1, q.device, page_size)
-        _refuse_unserved("paged", q, page_size, num_contexts, max_attn_len, backend, partials)
+        val.check_mask_params(num_contexts, max_attn_len)
+        check_served("paged", q.device, q.dtype, q.shape[2], page_size, num_contexts,
+                     max_attn_len, backend, partials)  # fmt: skip
 
     def make(layout: Any) -> PagedAttentionPlan:
         return plan_paged_attention(
@@ -377,7 +375,7 @@ def _paged_plan(
 
     meta = _Metadata(cu_seqlens_q, "cu_seqlens_q", num_targets, page_table, kv_cache.shape[2],
                      q.shape[0])  # fmt: skip
-    return _cached(key, validate, make, meta)
+    return _cached(key, entry, validate, make, meta)
 
 
 def append_kv(
@@ -413,13 +411,14 @@ def append_kv(
                    _tensor_key(num_targets), backend, validate)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
-    if _PLANS.get(key) is None:
+    entry = _PLANS.get(key)
+    if entry is None:
         val.check_packed(("k", "v"), k, v)
         page_size = val.check_kv_cache(kv_cache, k, "k")
         val.check_offsets("cu_seqlens", cu_seqlens, k.device)
         _check_targets(num_targets, cu_seqlens, k.device)
         val.check_page_table(page_table, cu_seqlens.shape[0] - 1, k.device, page_size)
-        _refuse_unserved("append_kv", k, page_size, 0, 0, backend)
+        check_served("append_kv", k.device, k.dtype, k.shape[2], page_size, 0, 0, backend)
 
     def make(layout: Any) -> AppendPlan:
         return plan_append_kv(
@@ -430,7 +429,7 @@ def append_kv(
 
     meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, page_table, kv_cache.shape[2],
                      k.shape[0], writes=True)  # fmt: skip
-    _cached(key, validate, make, meta).run(kv_cache, k, v)
+    _cached(key, entry, validate, make, meta).run(kv_cache, k, v)
 
 
 # torch.library registration, so that the ops can sit inside torch.compile'd models: the

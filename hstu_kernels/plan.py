@@ -73,8 +73,25 @@ def _check_page_size(page_size: object) -> int:
     return page_size
 
 
-def _features(num_contexts: int, max_attn_len: int) -> frozenset[str]:
-    return AttentionSpec(1.0, 1, num_contexts, max_attn_len).features
+def check_served(
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    page_size: int | None,
+    num_contexts: int,
+    max_attn_len: int,
+    backend: str,
+    partials: bool = False,
+) -> Request:
+    """The call's dispatcher request, its size not yet known; raises ``BackendError`` if no
+    backend serves it, so that such a call is refused before its metadata is read (a sync).
+    ``num_contexts``/``max_attn_len`` must have been checked."""
+    features = AttentionSpec(1.0, 1, num_contexts, max_attn_len).features
+    request = Request(op, device_arch(device), dtype, head_dim, page_size, features,
+                      partials=partials)  # fmt: skip
+    _select(request, backend)
+    return request
 
 
 def _layout_for(
@@ -436,10 +453,8 @@ def plan_paged_attention(
     alpha = resolve_alpha(alpha, head_dim)
     missing = [n for n, x in (("max_seqlen_q", max_seqlen_q), ("scaling_seqlen", scaling_seqlen))
                if x is None]  # fmt: skip
-    features = _features(num_contexts, max_attn_len)
-    unsized = Request("paged", device_arch(device), dtype, head_dim, page_size, features,
-                      partials=partials)  # fmt: skip
-    _select(unsized, backend)  # a call no backend serves is refused before any sync
+    unsized = check_served("paged", device, dtype, head_dim, page_size, num_contexts,
+                           max_attn_len, backend, partials)  # fmt: skip
     layout = _layout_for(
         "plan_paged_attention", cu, "cu_seqlens_q", num_targets, page_table, page_size,
         layout=layout, validate=validate, hints_missing=missing, num_contexts=num_contexts,
@@ -487,9 +502,8 @@ def plan_jagged_attention(
     alpha = resolve_alpha(alpha, head_dim)
     missing = [n for n, x in (("max_seqlen", max_seqlen), ("scaling_seqlen", scaling_seqlen))
                if x is None]  # fmt: skip
-    unsized = Request("jagged", device_arch(device), dtype, head_dim, None,
-                      _features(num_contexts, max_attn_len))  # fmt: skip
-    _select(unsized, backend)  # a call no backend serves is refused before any sync
+    unsized = check_served("jagged", device, dtype, head_dim, None, num_contexts, max_attn_len,
+                           backend)  # fmt: skip
     layout = _layout_for(
         "plan_jagged_attention", cu_seqlens, "cu_seqlens", num_targets, None, None,
         layout=layout, validate=validate, hints_missing=missing, num_contexts=num_contexts,

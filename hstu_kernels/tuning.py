@@ -11,6 +11,7 @@ compiles kernels; it tunes only the small shapes it runs).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -41,6 +42,7 @@ def _versions() -> str:
     return f"hstu_kernels {__version__}, triton {triton}, torch {torch.__version__}"
 
 
+@functools.cache
 def _card(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"

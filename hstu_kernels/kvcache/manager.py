@@ -425,9 +425,8 @@ class KVCacheManager:
         users: OrderedDict[Hashable, _User] = OrderedDict()
         for uid, length, gpu, host in snapshot.users:
             now = self._users.get(uid)
-            if now is None and uid not in users:
-                if gpu is not None or host is not None:  # dropped since: its pages are reused
-                    stats["dropped"] += 1
+            if now is None:  # dropped since: its pages may be reused
+                stats["dropped"] += 1
                 continue
             if gpu is not None and not now.on_gpu:  # offloaded since: it stays offloaded
                 users[uid] = _User(now.length, None, list(now.host_pages))

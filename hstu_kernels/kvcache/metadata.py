@@ -35,13 +35,10 @@ def _host_buffer(n: int, device: torch.device) -> torch.Tensor:
 
 
 def _to_device(host: torch.Tensor, device: torch.device, out: torch.Tensor | None) -> torch.Tensor:
+    """``host`` on ``device``: a new tensor, or the leading entries of ``out`` (a buffer
+    :func:`check_padding` accepted)."""
     if out is None:
         return host.to(device, non_blocking=True)
-    if out.dtype != torch.int32 or out.device != device or out.numel() < host.numel():
-        raise ValueError(
-            f"out: expected an int32 buffer on {device} with >= {host.numel()} entries, got "
-            f"{out.dtype} [{out.numel()}] on {out.device}"
-        )
     out[: host.numel()].copy_(host, non_blocking=True)
     return out[: host.numel()]
 

@@ -553,19 +553,17 @@ def choose_splits(programs: int, kv_tiles: int, device: torch.device, causal: bo
     return best
 
 
-def _kv_descriptor(kv_cache: torch.Tensor, config: Config):
+def _kv_descriptor(kv_cache: torch.Tensor, block_n: int):
     """A TMA descriptor of the paged cache seen as ``[pages * 2 * page_size, heads * D]`` rows
-    with ``[block_n, D]`` boxes, or ``None`` where the kernel must use pointer loads (a tile
-    wider than a page, a cache that is not one contiguous block, a misaligned base)."""
-    pages, _, page_size, heads, head_dim = kv_cache.shape
-    if not tma_possible(config, page_size, heads, head_dim, kv_cache.element_size()):
-        return None
+    with ``[block_n, D]`` boxes (the plan decided, by :func:`tma_possible`, that its shapes
+    allow one), or ``None`` for a pool that is not one contiguous block on a 16-byte base."""
     if kv_cache.data_ptr() % 16 or not kv_cache.is_contiguous():
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    pages, _, page_size, heads, head_dim = kv_cache.shape
     rows = kv_cache.view(pages * 2 * page_size, heads * head_dim)
-    return TensorDescriptor.from_tensor(rows, [config.block_n, head_dim])
+    return TensorDescriptor.from_tensor(rows, [block_n, head_dim])
 
 
 def tma_possible(config: Config, page_size: int, heads: int, head_dim: int, item: int) -> bool:
@@ -607,7 +605,7 @@ class AttentionLaunch:
         if head_dim & (head_dim - 1) or head_dim < 16:
             raise ValueError(f"q: head_dim must be a power of two >= 16 for Triton, got {head_dim}")
         batch = cu_seqlens.shape[0] - 1
-        self.paged = paged = page_table is not None
+        paged = page_table is not None
         self.config = config
         self.empty = rows == 0 or batch == 0
         if paged:
@@ -650,16 +648,16 @@ class AttentionLaunch:
         self._ticketed = (fixup or config.stream_k) and splits > 1
         self._summed = splits > 1 and not fixup and not config.stream_k
         self._programs = programs
-        numel = 0  # ws_stride_split: set per row count (_launcher)
         if fast_silu is None:
             fast_silu = device.type == "cuda" and dtype != torch.float32
         item = torch.empty((), dtype=dtype).element_size()
         self._tma = paged and tma_possible(config, page_size, heads, head_dim, item)
         precision = "ieee" if dtype == torch.float32 else "tf32"
-        # Q K V KV KV_DESC | PAGE_IDS PAGE_INDPTR LAST_LEN CU NUM_TARGETS | OUT WS TICKETS | ...
+        # Q K V KV KV_DESC | PAGE_IDS PAGE_INDPTR LAST_LEN CU NUM_TARGETS | OUT WS TICKETS |
+        # strides | ws_stride_split (per row count: _launcher) | scalars
         args = [
             None, None, None, None, None, *meta, cu_seqlens, num_targets, None, None, None,
-            heads * head_dim, *strides, numel, alpha, -alpha * LOG2E, 1.0 / scaling_seqlen,
+            heads * head_dim, *strides, None, alpha, -alpha * LOG2E, 1.0 / scaling_seqlen,
             heads, num_m_tiles, chunk_tiles, programs, kv_tiles,
         ]  # fmt: skip
         constexprs = dict(
@@ -722,7 +720,7 @@ class AttentionLaunch:
         kv = q if kv_cache is None else kv_cache
         desc = kv
         if self._tma:
-            desc = _kv_descriptor(kv_cache, self.config)
+            desc = _kv_descriptor(kv_cache, self.config.block_n)
             if desc is None:
                 raise ValueError(
                     "kv_cache: the planned TMA loads need a contiguous pool with a 16-byte "
