@@ -36,14 +36,11 @@ def _compile(job: tuple[str, str, str, int, bool]) -> tuple[str, float, str]:
     cc.clear_memory_cache()
     start = time.perf_counter()
     torch_dtype = _DTYPES[dtype]
-    if backend == "cutedsl-hopper":
-        from hstu_kernels.backends.cutedsl import hopper
+    if backend in ("cutedsl-hopper", "cutedsl-blackwell"):
+        from hstu_kernels.backends.cutedsl import tma_variants
 
-        hopper.get_kernel(arch, torch_dtype, head_dim, paged=paged)
-    elif backend == "cutedsl-blackwell":
-        from hstu_kernels.backends.cutedsl import blackwell
-
-        blackwell.get_kernel(arch, torch_dtype, head_dim, paged=paged)
+        family = backend.removeprefix("cutedsl-")
+        tma_variants.get_kernel(family, arch, torch_dtype, head_dim, paged=paged)
     else:
         from hstu_kernels.backends.cutedsl import ampere
 

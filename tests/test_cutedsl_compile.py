@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -103,6 +104,56 @@ def test_disk_cache_round_trip(tmp_path, knobs):
         (second,) = cc.compile_stats().values()
         assert second["source"] == "disk" and second["seconds"] < first["seconds"]
         assert callable(fn)
+    finally:
+        cc.clear_memory_cache()
+
+
+def test_disk_hit_loads_without_the_dsl(tmp_path):
+    """A process whose disk cache holds a TMA kernel's variant loads it as a shared library
+    through tvm-ffi alone: the DSL (about two seconds to import) is never imported."""
+    pytest.importorskip("cutlass.cute")
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler to link the shared library")
+    code = (
+        "import sys, torch\n"
+        "from hstu_kernels.backends.cutedsl import compile as cc, tma_variants\n"
+        "tma_variants.get_kernel('hopper', 'sm_90', torch.bfloat16, 64, True)\n"
+        "(s,) = cc.compile_stats().values()\n"
+        "print('SOURCE', s['source'], 'cutlass' in sys.modules)\n"
+    )
+    env = {**os.environ, "HSTU_KERNELS_CUTEDSL_CACHE": str(tmp_path)}
+    seen = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        seen.append(next(x for x in run.stdout.splitlines() if x.startswith("SOURCE")))
+    assert seen == ["SOURCE compile True", "SOURCE disk False"]
+    assert len(list(tmp_path.glob("hstu_fwd_wgmma_sm90a_*.so"))) == 1
+
+
+def test_object_file_entry_without_a_compiler(tmp_path, knobs, monkeypatch):
+    """Without a C compiler the object file is the cache entry, loaded through the DSL."""
+    pytest.importorskip("cutlass.cute")
+    import shutil
+
+    from hstu_kernels.backends.cutedsl import compile as cc
+    from hstu_kernels.backends.cutedsl import tma_variants
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    knobs(cutedsl_cache=tmp_path)
+    cc.clear_memory_cache()
+    try:
+        tma_variants.get_kernel("hopper", "sm_90", torch.bfloat16, 64, True)
+        assert not list(tmp_path.glob("*.so")) and len(list(tmp_path.glob("*.o"))) == 1
+        cc.clear_memory_cache()
+        fn = tma_variants.get_kernel("hopper", "sm_90", torch.bfloat16, 64, True)
+        (stats,) = cc.compile_stats().values()
+        assert stats["source"] == "disk-object" and callable(fn)
     finally:
         cc.clear_memory_cache()
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 
 from hstu_kernels.backends.cutedsl.tma_ops import make_ops
+from hstu_kernels.backends.cutedsl.tma_variants import BLACKWELL_PAGE_SIZE
 from hstu_kernels.dispatch import Backend, register
 
 ARCHS = frozenset({"sm_100", "sm_103"})
 HEAD_DIMS = frozenset({64, 128})
-PAGE_SIZE = 128  # one page = one key tile
+PAGE_SIZE = BLACKWELL_PAGE_SIZE  # one page = one key tile
 PAGE_SIZES = frozenset({PAGE_SIZE})
 PRIORITY = 40  # above cutedsl-ampere (10) and Triton (20 at most) on its archs
 
@@ -36,9 +37,7 @@ def _probe(arch: str) -> str | None:
     return dsl_available()
 
 
-_OPS, _PLANNERS = make_ops(
-    "cutedsl-blackwell", "hstu_kernels.backends.cutedsl.blackwell", page_size=PAGE_SIZE
-)
+_OPS, _PLANNERS = make_ops("cutedsl-blackwell", "blackwell")
 
 
 register(

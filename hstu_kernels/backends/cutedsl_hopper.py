@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 
 from hstu_kernels.backends.cutedsl.tma_ops import make_ops
+from hstu_kernels.backends.cutedsl.tma_variants import HOPPER_PAGE_SIZE
 from hstu_kernels.dispatch import Backend, register
 
 NAME = "cutedsl-hopper"
 ARCHS = frozenset({"sm_90"})
 HEAD_DIMS = frozenset({64, 128, 256})
-PAGE_SIZE = 32  # one page = one key tile
+PAGE_SIZE = HOPPER_PAGE_SIZE  # one page = one key tile
 PAGE_SIZES = frozenset({PAGE_SIZE})
 # Above triton (20) on sm_90: faster on an H100 for the grids it does not decline (below).
 PRIORITY = 30
@@ -75,9 +76,7 @@ def _declines(request) -> str | None:
     return f"~{request.tiles} query tiles < {least}: triton measured faster on small grids"
 
 
-_OPS, _PLANNERS = make_ops(
-    NAME, "hstu_kernels.backends.cutedsl.hopper", page_size=PAGE_SIZE, split_kv=_split_kv
-)
+_OPS, _PLANNERS = make_ops(NAME, "hopper", split_kv=_split_kv)
 
 
 register(

@@ -642,6 +642,6 @@ def get_kernel(
     )
     name = "hstu_fwd_mma_" + cc.dsl_arch(arch).replace("sm_", "sm")
     fn = cc.compile_cached(
-        name, variant, kernel, fake_args, arch=arch, sources=[__file__, hc.__file__]
+        name, variant, lambda: (kernel, fake_args()), arch=arch, sources=[__file__, hc.__file__]
     )
     return fn, cfg

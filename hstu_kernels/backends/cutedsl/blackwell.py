@@ -38,19 +38,17 @@ import cutlass.cute as cute
 import cutlass.memory
 import cutlass.pipeline as pipeline
 import cutlass.utils.blackwell_helpers as sm100_utils
-import torch
 from cutlass.cute.nvgpu import cpasync, tcgen05
 from cutlass.cute.typing import Float32, Int32, Int64
 
-from hstu_kernels import settings
 from hstu_kernels.backends.cutedsl import hstu_common as hc
-from hstu_kernels.backends.cutedsl import tma_views
+from hstu_kernels.backends.cutedsl import tma_variants, tma_views
 from hstu_kernels.backends.cutedsl.tma_views import jagged_window
 
 __all__ = ["PAGE_SIZE", "TILE_M", "TILE_N", "BlackwellHstuForward"]
 
 TILE_M = 128  # query rows per tile (one TMEM lane each)
-TILE_N = 128  # history keys per tile (= one page for the paged op)
+TILE_N = tma_variants.BLACKWELL_PAGE_SIZE  # history keys per tile (= one page for the paged op)
 PAGE_SIZE = TILE_N
 Q_TILES = 2  # query tiles in flight per CTA
 BLOCK_M = TILE_M * Q_TILES  # query rows per CTA
@@ -582,8 +580,9 @@ def _umma_pipe(barriers):
 
 
 def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
-    """``(host_fn, variant, fake_args)`` of one variant, for :func:`get_kernel` and for
-    compile-only tests (``compile.ptx_of(host_fn, fake_args(), arch=...)``).
+    """``(host_fn, variant, fake_args)`` of one variant (:func:`tma_variants.variant`), for
+    :func:`tma_variants.get_kernel` and for compile-only tests
+    (``compile.ptx_of(host_fn, fake_args(), arch=...)``).
 
     Argument order of the compiled function (torch tensors and Python scalars, no stream):
 
@@ -594,34 +593,11 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
-    # SiLU as the warp-MMA kernel does it: tanh.approx for bf16 (error far below bf16
-    # rounding), ex2 + rcp for fp16; $HSTU_CUTEDSL_SILU=tanh|exp overrides.
-    silu = settings.get().cutedsl_silu or ("tanh" if torch_dtype == torch.bfloat16 else "exp")
-    kernel = BlackwellHstuForward(dtype, head_dim, paged, fast_tanh=silu == "tanh")
-    variant = {
-        "silu": silu,
-        "dtype": str(torch_dtype),
-        "head_dim": head_dim,
-        "paged": paged,
-        "page_size": PAGE_SIZE if paged else 0,
-        "tiles": (TILE_M, TILE_N, Q_TILES, KV_STAGES),
-    }
+    variant = tma_variants.variant("blackwell", torch_dtype, head_dim, paged)
+    kernel = BlackwellHstuForward(dtype, head_dim, paged, fast_tanh=variant["silu"] == "tanh")
 
     def fake_args():
         return cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args
-
-
-def get_kernel(arch: str, torch_dtype, head_dim: int, paged: bool):
-    """The compiled kernel of one variant (once per process; cached on disk by
-    :func:`compile.compile_cached`). See :func:`build_variant` for its arguments."""
-    from hstu_kernels.backends.cutedsl import compile as cc
-
-    host_fn, variant, fake_args = build_variant(arch, torch_dtype, head_dim, paged)
-    name = "hstu_fwd_tcgen05_" + cc.dsl_arch(arch).replace("sm_", "sm")
-    return cc.compile_cached(
-        name, variant, host_fn, fake_args, arch=arch,
-        sources=[__file__, hc.__file__, tma_views.__file__],
-    )  # fmt: skip

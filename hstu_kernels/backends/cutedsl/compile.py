@@ -5,11 +5,14 @@ calling it un-compiled re-traces on every call, so each *variant* (arch, dtype, 
 size, tile shape, mask features, ...) is compiled exactly once:
 
 1. in-process cache: ``(name, variant)`` -> the compiled function;
-2. on-disk cache: the compiled module exported as an object file (``export_to_c``) and loaded
-   back with ``cutlass.runtime.load_module`` in a later process. Its file name is a hash of the
-   kernel's source files, the DSL version, the arch, the compile options and the variant, so a
-   changed kernel or DSL never loads a stale module. Location: ``$HSTU_KERNELS_CUTEDSL_CACHE``
-   (default ``~/.cache/hstu_kernels/cutedsl``); set it to ``0``/``off`` to disable it.
+2. on-disk cache: the compiled module exported as an object file (``export_to_c``) and,
+   where a C compiler is found, linked into a shared library against the DSL's runtime and
+   tvm-ffi. A later process loads the shared library with ``tvm_ffi.load_module`` alone --
+   without importing the DSL, which takes about two seconds -- or else the object file with
+   ``cutlass.runtime.load_module``. Its file name is a hash of the kernel's source files, the
+   DSL version, the arch, the compile options and the variant, so a changed kernel or DSL
+   never loads a stale module. Location: ``$HSTU_KERNELS_CUTEDSL_CACHE`` (default
+   ``~/.cache/hstu_kernels/cutedsl``); set it to ``0``/``off`` to disable it.
 
 Every kernel is compiled with ``--enable-tvm-ffi`` and a fake stream that takes the caller's
 *environment stream* (``torch.cuda.current_stream()``): the compiled function is then called
@@ -19,7 +22,7 @@ with torch tensors and Python scalars directly, costs a few µs of host time, an
 Typical use (see ``ampere.py``)::
 
     fn = compile_cached(
-        "hstu_fwd_sm80", variant, host_fn, lambda: (fake_tensor(...), ..., env_stream()),
+        "hstu_fwd_sm80", variant, lambda: (host_fn, (fake_tensor(...), ..., env_stream())),
         arch="sm_90a", sources=[__file__],
     )
     fn(q, k, v, ..., out)          # torch tensors + python scalars, no stream argument
@@ -49,6 +52,7 @@ __all__ = [
     "compile_cached",
     "compile_kernel",
     "compile_stats",
+    "module_sources",
     "cutlass_dtype",
     "dsl_arch",
     "dsl_available",
@@ -209,11 +213,24 @@ def _hash(
     return h.hexdigest()[:24]
 
 
+def module_sources(*modules: str) -> list[str]:
+    """The source files of ``modules`` (dotted names), found without importing them: what a
+    kernel's disk-cache key hashes."""
+    import importlib.util
+
+    paths = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"modules: {name!r} has no source file")
+        paths.append(spec.origin)
+    return paths
+
+
 def compile_cached(
     name: str,
     variant: Mapping[str, Any],
-    host_fn: Callable,
-    fake_args: Callable[[], Sequence[Any]],
+    build: Callable[[], tuple[Callable, Sequence[Any]]],
     *,
     arch: str,
     sources: Sequence[str] = (),
@@ -223,11 +240,12 @@ def compile_cached(
 
     Args:
         name: kernel family, a C identifier prefix (e.g. ``"hstu_fwd_sm80"``).
-        variant: everything that specialises the compiled code (must include whatever
-            ``host_fn``/``fake_args`` close over: dtype, head dim, tiles, flags, ...).
-        host_fn: the ``@cute.jit`` host function (or bound method) to compile.
-        fake_args: builds the compile-time arguments (fake tensors, scalars,
-            :func:`env_stream`); called only on a miss.
+        variant: everything that specialises the compiled code beyond its source files
+            (dtype, head dim, flags, ...; plain values, computed without the DSL).
+        build: ``() -> (host_fn, fake_args)``: the ``@cute.jit`` host function (or bound
+            method) and its compile-time arguments (fake tensors, scalars,
+            :func:`env_stream`); called only to compile, so a disk hit never imports the DSL
+            (when the cached module is a shared library, see the module docstring).
         arch: target, dispatcher or DSL spelling (``"sm_90"`` or ``"sm_90a"``).
         sources: files whose contents define the kernel (hashed into the disk-cache key).
         options: extra DSL compile flags.
@@ -252,51 +270,102 @@ def compile_cached(
             return fn
         symbol = f"{name}_{key}"
         folder = cache_dir()
-        path = folder / f"{symbol}.o" if folder is not None else None
         start = time.perf_counter()
-        source = "compile"
-        fn = None
-        if path is not None and path.exists():
-            try:
-                fn = _load(path, symbol)
-                source = "disk"
-            except Exception:  # a corrupt/foreign file: recompile and overwrite it
-                fn = None
+        fn, source = (None, "compile") if folder is None else _load(folder, symbol)
         if fn is None:
-            compiled = compile_kernel(host_fn, fake_args(), arch=arch, options=options)
+            host_fn, fake_args = build()
+            compiled = compile_kernel(host_fn, fake_args, arch=arch, options=options)
             fn = compiled
-            if path is not None:
+            if folder is not None:
                 # A read-only home etc.: the in-process cache still works.
                 with contextlib.suppress(OSError):
-                    _store(compiled, path, symbol)
+                    _store(compiled, folder, symbol)
         _STATS[mem_key] = {"source": source, "seconds": time.perf_counter() - start}
         _MEMORY[mem_key] = fn
         _FAST[fast_key] = fn
         return fn
 
 
-def _load(path: Path, symbol: str) -> Callable:
-    from cutlass.runtime import load_module
+def _load(folder: Path, symbol: str) -> tuple[Callable | None, str]:
+    """``(function, how)`` from the disk cache, or ``(None, "compile")`` on a miss. A shared
+    library loads through tvm-ffi alone; an object file needs the DSL's loader (and is linked
+    into a shared library for the next process, where a C compiler is found). A corrupt or
+    foreign file counts as a miss: it is recompiled and overwritten."""
+    shared, obj = folder / f"{symbol}.so", folder / f"{symbol}.o"
+    if shared.exists():
+        try:
+            import tvm_ffi
 
-    module = load_module(str(path), enable_tvm_ffi=True)
-    return getattr(module, symbol)
+            return getattr(tvm_ffi.load_module(str(shared)), symbol), "disk"
+        except Exception:
+            pass
+    if obj.exists():
+        try:
+            from cutlass.runtime import load_module
+
+            fn = getattr(load_module(str(obj), enable_tvm_ffi=True), symbol)
+        except Exception:
+            return None, "compile"
+        _link_shared(obj, shared)
+        return fn, "disk-object"
+    return None, "compile"
 
 
-def _store(compiled: Any, path: Path, symbol: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".o", dir=path.parent)
+def _store(compiled: Any, folder: Path, symbol: str) -> None:
+    """The compiled module as ``<symbol>.o`` and, where it can be linked, ``<symbol>.so``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    obj = folder / f"{symbol}.o"
+    fd, tmp = tempfile.mkstemp(prefix=obj.name, suffix=".o", dir=folder)
     os.close(fd)
     try:
         compiled.export_to_c(tmp, function_name=symbol)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees a whole file or none
+        os.replace(tmp, obj)  # atomic: a concurrent reader sees a whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _link_shared(obj, folder / f"{symbol}.so")
+
+
+def _link_shared(obj: Path, shared: Path) -> bool:
+    """Link the exported object file into a shared library against the DSL's runtime and
+    tvm-ffi (found by the DSL, recorded as rpaths), so that a later process loads it with
+    ``tvm_ffi.load_module`` and never imports the DSL. Without a C compiler, or if linking
+    fails, the object file stays the cache entry."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return False
+    try:
+        from cutlass.runtime import find_runtime_libraries
+
+        libs = [Path(p) for p in find_runtime_libraries(enable_tvm_ffi=True)]
+    except Exception:
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=shared.name, suffix=".so", dir=shared.parent)
+    os.close(fd)
+    rpaths = [f"-Wl,-rpath,{p.parent}" for p in libs]
+    try:
+        done = subprocess.run(
+            [compiler, "-shared", "-o", tmp, str(obj), *map(str, libs), *rpaths],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        if done.returncode:
+            return False
+        os.replace(tmp, shared)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def compile_stats() -> dict[str, dict[str, Any]]:
-    """How each cached kernel was obtained in this process: ``{symbol: {"source":
-    "compile" | "disk", "seconds": ...}}`` (for measuring first-call and warm-load costs)."""
+    """How each cached kernel was obtained in this process: ``{symbol: {"source": "compile" |
+    "disk" | "disk-object", "seconds": ...}}`` ("disk": the shared library, without the DSL;
+    "disk-object": the object file, through the DSL), for first-call and warm-load costs."""
     return {f"{n}_{k}": dict(v) for (n, k), v in _STATS.items()}
 
 

@@ -35,21 +35,19 @@ import cutlass.cute as cute
 import cutlass.memory
 import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
-import torch
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cute.typing import Float32, Int32, Int64
 from cutlass.tensor_utils import LayoutEnum
 
-from hstu_kernels import settings
 from hstu_kernels.backends.cutedsl import hstu_common as hc
-from hstu_kernels.backends.cutedsl import tma_views
-from hstu_kernels.backends.cutedsl.split_kv import JAGGED_TILE_N, jagged_tile_n
+from hstu_kernels.backends.cutedsl import tma_variants, tma_views
+from hstu_kernels.backends.cutedsl.split_kv import JAGGED_TILE_N
 from hstu_kernels.backends.cutedsl.tma_views import jagged_window
 
 __all__ = ["PAGE_SIZE", "TILE_M", "HopperHstuForward"]
 
 TILE_M = 128  # query rows per CTA: two consumer warpgroups of 64 (the wgmma M)
-PAGE_SIZE = 32  # the paged op's pages: one page is one key tile
+PAGE_SIZE = tma_variants.HOPPER_PAGE_SIZE  # the paged op's pages: one page is one key tile
 # The jagged op's tiles are JAGGED_TILE_N = 64 keys (fewer waits per key, m64n64
 # wgmmas for S); its K/V rings then hold 2 stages at D = 256.
 SMEM_BYTES = 227 * 1024  # per CTA on sm_90
@@ -633,29 +631,18 @@ def _acc_to_a_operand(acc_layout: cute.Layout) -> cute.Layout:
 
 
 def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
-    """``(host_fn, variant, fake_args)`` of one variant: the arguments of
-    ``compile.fake_attention_args`` with the split-KV ``partials, tickets, chunk_tiles,
-    unsummed`` before the stream (:meth:`HopperHstuForward._launch`)."""
+    """``(host_fn, variant, fake_args)`` of one variant (:func:`tma_variants.variant`): the
+    arguments of ``compile.fake_attention_args`` with the split-KV ``partials, tickets,
+    chunk_tiles, unsummed`` before the stream (:meth:`HopperHstuForward._launch`). Loaded or
+    compiled through :func:`tma_variants.get_kernel`."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
-    silu = settings.get().cutedsl_silu or ("tanh" if torch_dtype == torch.bfloat16 else "exp")
-    pingpong = settings.get().cutedsl_pingpong  # off: for A/B runs
-    # 32 or 64 keys per jagged tile (A/B runs; the paged op's tile is one page)
-    tile_n = None if paged else jagged_tile_n()
+    variant = tma_variants.variant("hopper", torch_dtype, head_dim, paged)
     kernel = HopperHstuForward(
-        dtype, head_dim, paged, fast_tanh=silu == "tanh", pingpong=pingpong, tile_n=tile_n
-    )
-    variant = {
-        "silu": silu,
-        "pingpong": pingpong,
-        "split_kv": True,
-        "dtype": str(torch_dtype),
-        "head_dim": head_dim,
-        "paged": paged,
-        "page_size": PAGE_SIZE if paged else 0,
-        "tiles": (TILE_M, kernel.tile_n, kernel.kv_stages),
-    }
+        dtype, head_dim, paged, fast_tanh=variant["silu"] == "tanh",
+        pingpong=variant["pingpong"], tile_n=variant["tile_n"],
+    )  # fmt: skip
 
     def fake_args():
         *args, stream = cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
@@ -665,16 +652,3 @@ def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args
-
-
-def get_kernel(arch: str, torch_dtype, head_dim: int, paged: bool):
-    """The compiled kernel of one variant (once per process; cached on disk by
-    :func:`compile.compile_cached`). See :func:`build_variant` for its arguments."""
-    from hstu_kernels.backends.cutedsl import compile as cc
-
-    host_fn, variant, fake_args = build_variant(arch, torch_dtype, head_dim, paged)
-    name = "hstu_fwd_wgmma_" + cc.dsl_arch(arch).replace("sm_", "sm")
-    return cc.compile_cached(
-        name, variant, host_fn, fake_args, arch=arch,
-        sources=[__file__, hc.__file__, tma_views.__file__],
-    )  # fmt: skip

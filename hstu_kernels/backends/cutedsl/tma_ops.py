@@ -7,7 +7,6 @@ module is imported when a call is first planned.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
@@ -22,12 +21,12 @@ SplitKV = Callable[[torch.device, int, int, int, "int | None"], tuple[int, int, 
 
 def make_ops(
     backend: str,
-    kernel_module: str,
-    page_size: int,
+    family: str,
     split_kv: SplitKV | None = None,
 ) -> tuple[dict[str, Callable], dict[str, Callable]]:
-    """``(ops, planners)`` for a backend whose kernels ``kernel_module.get_kernel`` compiles;
-    the paged op takes pages of exactly ``page_size`` tokens (one page per key tile).
+    """``(ops, planners)`` for a backend running the TMA kernel ``family`` (``"hopper"``,
+    ``"blackwell"``: :mod:`tma_variants`); the paged op takes pages of exactly that family's
+    page size (one page per key tile).
 
     ``split_kv(device, batch, heads, max_seqlen_q, mean_pages)``, if given, is the kernel's
     split-KV choice ``(splits, chunk_tiles, tiles)``: the kernel then takes ``partials,
@@ -36,12 +35,15 @@ def make_ops(
     ``max_seqlen_q``). With it there is a ``paged_partials`` op too (the fp32 partials of a
     split call, unsummed, else the output)."""
     from hstu_kernels.backends.cutedsl import compile as cc
+    from hstu_kernels.backends.cutedsl import tma_variants
+
+    page_size = tma_variants.FAMILIES[family][2]
 
     def kernel(b: PlannedBatch, paged: bool):
         from hstu_kernels.dispatch import device_arch
 
-        mod = importlib.import_module(kernel_module)
-        return mod.get_kernel(device_arch(b.device), b.dtype, b.head_dim, paged=paged)
+        return tma_variants.get_kernel(family, device_arch(b.device), b.dtype, b.head_dim,
+                                       paged=paged)  # fmt: skip
 
     def split_args(b: PlannedBatch, mean_pages: int | None, unsummed: bool):
         """``(run-time partials shape or None, fixed args after inv_scaling)``."""
