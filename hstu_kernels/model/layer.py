@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu_kernels import settings
+from hstu_kernels.backends.triton.launcher import LaunchCache
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.model.fusion import CacheAppend, project_appending
 from hstu_kernels.model.projection import project_silu
@@ -174,31 +175,20 @@ def _row_layernorm(
         uu = x if u is None else u
         stride_u = 0 if u is None else u.stride(0)
         splits = x.shape[0] if split else 1
-        kernel = _kernels()["layernorm"]
-        key = (kernel, x.dtype, uu.dtype, weight.dtype, bias.dtype, y.dtype, x.device, rows, n,
-               stride_u, eps, splits, u is not None)  # fmt: skip
-        launch = _ROW_LAUNCHES.get(key)
-        if launch is None:
-            import triton
+        import triton
 
-            from hstu_kernels.backends.triton.launcher import FixedLaunch
-
-            args = _launch_args(rows, n)
-            warps = args.pop("num_warps")
-            launch = FixedLaunch(
-                kernel, (triton.cdiv(rows, args["ROWS"]),),
-                [None] * 5 + [rows, n, stride_u, eps, splits], range(5),
-                dict(HAS_U=u is not None, SPLIT=split, **args), num_warps=warps,
-            )  # fmt: skip
-            if len(_ROW_LAUNCHES) > 256:  # shapes of many batch sizes: keep it bounded
-                _ROW_LAUNCHES.clear()
-            _ROW_LAUNCHES[key] = launch
-        launch(x, uu, weight, bias, y)
+        args = _launch_args(rows, n)
+        warps = args.pop("num_warps")
+        _ROW_LAUNCHES(
+            _kernels()["layernorm"], (triton.cdiv(rows, args["ROWS"]),),
+            (x, uu, weight, bias, y, rows, n, stride_u, eps, splits),
+            dict(HAS_U=u is not None, SPLIT=split, **args), num_warps=warps,
+        )  # fmt: skip
     return y
 
 
-# One fixed launch per row-kernel shape: the launch skips Triton's per-call argument binding.
-_ROW_LAUNCHES: dict[tuple, object] = {}
+# Launches by shape: skips Triton's per-call argument binding.
+_ROW_LAUNCHES = LaunchCache()
 
 
 def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

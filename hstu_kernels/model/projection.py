@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu_kernels import settings
+from hstu_kernels.backends.triton.launcher import LaunchCache
 
 if TYPE_CHECKING:
     from hstu_kernels.model.fusion import CacheAppend
@@ -111,6 +112,8 @@ UNFUSED = "unfused"  # the cuBLAS GEMM + SiLU/split pass
 Choice = GemmConfig | str  # a TmaConfig is a GemmConfig
 
 _KERNELS: dict | None = None
+# Launches by shape: skips Triton's per-call argument binding (tens of µs at these ~20 args).
+_LAUNCHES = LaunchCache()
 _CHOICES: dict[tuple, Choice] = {}  # shape key -> the winner of its timing
 _BROKEN: list[str] = []  # why Triton was switched off for the projection in this process
 _TMA_BROKEN: list[str] = []  # why the TMA kernel alone was switched off
@@ -129,6 +132,7 @@ def _kernels() -> dict:
         kernels = importlib.import_module(name)
         if reset:
             kernels = importlib.reload(kernels)
+        _LAUNCHES.clear()
         _KERNELS = {
             "silu_gemm": kernels.silu_gemm_kernel,
             "silu_gemm_tma": kernels.silu_gemm_tma_kernel,
@@ -201,12 +205,12 @@ def silu_gemm(
     h, weight = h.contiguous(), weight.contiguous()  # the kernel assumes unit column strides
     cache_args, page_size, steps = _append_args(append, inner, h)
     grid = (triton.cdiv(tokens, config.block_m) * (SLOTS * inner // config.block_n),)
-    _kernels()["silu_gemm"][grid](
-        h, weight, out, tokens, k, inner, *cache_args,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0,
-        FAST_SILU=_fast_silu(h), APPEND=append is not None, PAGE_SIZE=page_size,
-        SEARCH_STEPS=steps, num_stages=config.num_stages, num_warps=config.num_warps,
+    _LAUNCHES(
+        _kernels()["silu_gemm"], grid, (h, weight, out, tokens, k, inner, *cache_args),
+        dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+             GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0, FAST_SILU=_fast_silu(h),
+             APPEND=append is not None, PAGE_SIZE=page_size, SEARCH_STEPS=steps),
+        num_stages=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
     return out
 
@@ -310,12 +314,13 @@ def silu_gemm_tma(
     out_desc = descriptor.from_tensor(out, [1, bm, bn // 2])
     tiles = triton.cdiv(tokens, bm) * (SLOTS * inner // bn)
     sms = _num_sms(h.device)
-    _kernels()["silu_gemm_tma"][(min(sms, tiles),)](
-        h_desc, w_desc, out_desc, tokens, k, inner, *cache_args,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
-        FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), APPEND=append is not None,
-        PAGE_SIZE=page_size, SEARCH_STEPS=steps, num_stages=config.num_stages,
-        num_warps=config.num_warps,
+    _LAUNCHES(
+        _kernels()["silu_gemm_tma"], (min(sms, tiles),),
+        (h_desc, w_desc, out_desc, tokens, k, inner, *cache_args),
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
+             FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), APPEND=append is not None,
+             PAGE_SIZE=page_size, SEARCH_STEPS=steps),
+        num_stages=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
     return out
 
@@ -332,9 +337,11 @@ def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = Non
     if rows:
         block = triton.next_power_of_2(inner)
         warps = min(16, max(4, SPLIT_ROWS * block // 512))
-        _kernels()["silu_split"][(triton.cdiv(rows, SPLIT_ROWS), SLOTS)](
-            uvqk, out, rows, inner, uvqk.stride(0), ROWS=SPLIT_ROWS, BLOCK=block, num_warps=warps
-        )
+        _LAUNCHES(
+            _kernels()["silu_split"], (triton.cdiv(rows, SPLIT_ROWS), SLOTS),
+            (uvqk, out, rows, inner, uvqk.stride(0)), dict(ROWS=SPLIT_ROWS, BLOCK=block),
+            num_warps=warps,
+        )  # fmt: skip
     return out
 
 

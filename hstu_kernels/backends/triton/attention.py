@@ -669,6 +669,7 @@ class AttentionLaunch:
         self._fixed = (args, constexprs, config.num_warps, config.num_stages, grid)
         # (main, sum) launches by row count: one, unless the plan did not know the rows
         self._by_rows: dict[int, tuple[FixedLaunch, FixedLaunch | None]] = {}
+        self._descriptors: dict[tuple, object] = {}  # (base, shape, strides) -> descriptor
         if rows is not None:
             self._launches(rows * heads * head_dim)
 
@@ -720,7 +721,15 @@ class AttentionLaunch:
         kv = q if kv_cache is None else kv_cache
         desc = kv
         if self._tma:
-            desc = _kv_descriptor(kv_cache, self.config.block_n)
+            # A descriptor holds only the pool's base, shape and strides: one per pool (the
+            # layers of a batch share the plan, each with its own pool).
+            key = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride())
+            desc = self._descriptors.get(key)
+            if desc is None:
+                desc = _kv_descriptor(kv_cache, self.config.block_n)
+                if len(self._descriptors) >= 64:
+                    self._descriptors.clear()
+                self._descriptors[key] = desc
             if desc is None:
                 raise ValueError(
                     "kv_cache: the planned TMA loads need a contiguous pool with a 16-byte "

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FixedLaunch"]
+__all__ = ["FixedLaunch", "LaunchCache"]
 
 
 def _raw_stream_getter():
@@ -108,6 +108,61 @@ class FixedLaunch:
         )
         self._device = tensors[0].device.index if tensors else torch.cuda.current_device()
         self._compiled = compiled
+
+
+def _slot_key(arg: Any) -> Any:
+    """What a launch is specialised on for a per-call argument: a tensor's dtype and device,
+    a TMA descriptor's dtype and block shape (alignment is :class:`FixedLaunch`'s check)."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.device)
+    base = arg.base
+    return (base.dtype, base.device, tuple(arg.block_shape))
+
+
+class LaunchCache:
+    """:class:`FixedLaunch` es of one kernel family, found by everything a launch fixes, for
+    call sites that launch with ever-new tensors but few distinct shapes (the model's row and
+    projection kernels): ``cache(kernel, grid, args, constexprs, **options)`` launches like
+    ``kernel[grid](*args, **constexprs, **options)``. Tensors and TMA descriptors in ``args``
+    are the per-call slots; every other argument is part of the key. At most ``limit``
+    launches are kept (then the cache starts over)."""
+
+    __slots__ = ("_launches", "_limit")
+
+    def __init__(self, limit: int = 256) -> None:
+        self._launches: dict[tuple, FixedLaunch] = {}
+        self._limit = limit
+
+    def __call__(
+        self,
+        kernel: Any,
+        grid: tuple[int, ...],
+        args: Sequence[Any],
+        constexprs: dict[str, Any],
+        **options: Any,
+    ) -> None:
+        fixed = list(args)
+        slots, key_args = [], []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) or hasattr(a, "block_shape"):
+                slots.append(i)
+                fixed[i] = None
+                key_args.append(_slot_key(a))
+            else:
+                key_args.append(a)
+        key = (kernel, tuple(grid), tuple(key_args), tuple(constexprs.items()),
+               tuple(options.items()))  # fmt: skip
+        launch = self._launches.get(key)
+        if launch is None:
+            if len(self._launches) >= self._limit:
+                self._launches.clear()
+            launch = FixedLaunch(kernel, grid, fixed, slots, constexprs, **options)
+            self._launches[key] = launch
+        launch(*(args[i] for i in slots))
+
+    def clear(self) -> None:
+        """Forget every launch (they are remade, and recompiled from Triton's cache, on use)."""
+        self._launches.clear()
 
 
 def _direct_launch_possible(compiled: Any, tensors: Sequence[torch.Tensor]) -> bool:
