@@ -79,8 +79,17 @@ def test_rollback_forgets_the_request_and_keeps_its_evictions():
 # --- the ranking model: fault injection at each stage of a cached request ------------------
 
 
-def _model(**kw) -> HSTURankingModel:
-    return HSTURankingModel(RankingConfig.tiny(max_history=64, page_size=16, **kw))
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _model(device: str = "cpu", **kw) -> HSTURankingModel:
+    """The tiny model; on the GPU in bf16, where its kernels (not the reference) serve it and
+    offloads and onloads run on the copy stream, in flight while the request fails."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = RankingConfig.tiny(max_history=64, page_size=16, dtype=dtype, **kw)
+    return HSTURankingModel(config, device=device)
 
 
 def _batches(model, users, **kw):
@@ -113,12 +122,13 @@ def _fail(stage: str, model: HSTURankingModel, monkeypatch) -> None:
         raise ValueError(stage)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stage", ["embedding", "layer", "head"])
 @pytest.mark.parametrize("host_pages", [0, 16])
-def test_a_failed_request_leaves_the_cache_unchanged(stage, host_pages, monkeypatch):
+def test_a_failed_request_leaves_the_cache_unchanged(stage, host_pages, device, monkeypatch):
     """Fail request 2 of users 0 and 1 at ``stage``; the cache is as before (pages, lengths,
     LRU order). Retrying it and serving the rest gives the baseline's scores."""
-    model = _model()
+    model = _model(device)
     cache = model.make_cache(host_pages=host_pages)
     batches = _batches(model, [0, 1])
     for batch in batches[:2]:
@@ -135,11 +145,12 @@ def test_a_failed_request_leaves_the_cache_unchanged(stage, host_pages, monkeypa
         assert_hstu_close(model.score(batch, "kvcache", cache), ref, ref)
 
 
-def test_a_failed_request_that_evicted_keeps_every_user_correct(monkeypatch):
-    """A full pool: user 1's request offloads user 0, then fails in a layer. User 0
-    stays offloaded (its pages were reused), user 1 is as before; both still score as the
-    baseline afterwards."""
-    model = _model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failed_request_that_evicted_keeps_every_user_correct(device, monkeypatch):
+    """A full pool: user 1's request offloads user 0, then fails in a layer (on the GPU with
+    the offload still in flight). User 0 stays offloaded (its pages were reused), user 1 is as
+    before; both still score as the baseline afterwards."""
+    model = _model(device)
     cache = model.make_cache(num_pages=1 + 4, host_pages=16)
     user0, user1 = _batches(model, [0]), _batches(model, [1])
     for batch in (user0[0], user1[0], user0[1], user0[2]):  # 3 + 1 pages: the pool is full
