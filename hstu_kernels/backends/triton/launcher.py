@@ -110,6 +110,9 @@ class FixedLaunch:
         self._compiled = compiled
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _slot_key(arg: Any) -> Any:
     """What a launch is specialised on for a per-call argument: a tensor's dtype and device,
     a TMA descriptor's dtype and block shape (alignment is :class:`FixedLaunch`'s check)."""
@@ -144,12 +147,12 @@ class LaunchCache:
         fixed = list(args)
         slots, key_args = [], []
         for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor) or hasattr(a, "block_shape"):
+            if a.__class__ in _SCALARS:
+                key_args.append(a)
+            else:  # a tensor or a TMA descriptor
                 slots.append(i)
                 fixed[i] = None
                 key_args.append(_slot_key(a))
-            else:
-                key_args.append(a)
         key = (kernel, tuple(grid), tuple(key_args), tuple(constexprs.items()),
                tuple(options.items()))  # fmt: skip
         launch = self._launches.get(key)
