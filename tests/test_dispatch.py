@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hstu_kernels as hk
-from hstu_kernels.dispatch import Backend, BackendError, Registry, Request, registry
+from hstu_kernels.dispatch import Backend, BackendError, Registry, Request, device_arch, registry
 
 ALL_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32})
 LOWP = frozenset({torch.bfloat16, torch.float16})
@@ -255,12 +255,12 @@ def test_size_read_from_the_device_is_used_to_select():
     assert plan.request.tiles == grid_tiles(2, 2, 9)
 
 
-def _unverified(name: str, paged_op, calls: list) -> Backend:
-    """A backend for the CPU that the repository has never verified (``verified_archs``
-    empty), ranked above the reference."""
+def _unverified(name: str, paged_op, calls: list, base: str = "reference") -> Backend:
+    """A backend that the repository has never verified (``verified_archs`` empty), ranked
+    above every real one, running ``base``'s kernels through ``paged_op``."""
     from hstu_kernels.backends import reference as ref_backend  # noqa: F401 (registers it)
 
-    real = registry().backends["reference"].ops
+    real = registry().backends[base].ops
 
     def paged(*args):
         calls.append(name)
@@ -271,11 +271,15 @@ def _unverified(name: str, paged_op, calls: list) -> Backend:
                    priority={"*": 50}, verified_archs=frozenset())  # fmt: skip
 
 
-def test_an_unverified_backend_serves_auto_only_after_its_first_use_check(knobs, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_an_unverified_backend_serves_auto_only_after_its_first_use_check(device, knobs, tmp_path):
     """A kernel never run here is checked against the reference on first use: a broken one
     (fault-injected: its output off by one) warns once and auto falls back, saying why in
     explain(); a correct one is chosen. The verdict is kept on disk: a new process (here a new
-    registry) does not check again. A forced backend is never checked."""
+    registry) does not check again. A forced backend is never checked. On the GPU the checked
+    kernels are the Triton backend's, and the fallback is Triton itself."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     knobs(tuning_cache=tmp_path)
 
     def broken(real, *args):
@@ -285,18 +289,23 @@ def test_an_unverified_backend_serves_auto_only_after_its_first_use_check(knobs,
     def correct(real, *args):
         real["paged"](*args)
 
-    request = Request("paged", "cpu", torch.float32, 64, 32)
+    if device == "cuda":
+        base, arch, dtype = "triton", device_arch(torch.device("cuda")), torch.bfloat16
+    else:
+        base, arch, dtype = "reference", "cpu", torch.float32
+    fallback = registry().backends[base]
+    request = Request("paged", arch, dtype, 64, 32)
     calls: list = []
-    reg = Registry([registry().backends["reference"], _unverified("broken", broken, calls)])
+    reg = Registry([fallback, _unverified("broken", broken, calls, base)])
     with pytest.warns(RuntimeWarning, match="'broken' failed its first-use parity check"):
-        assert reg.select(request).name == "reference"
+        assert reg.select(request).name == base
     assert "failed its first-use parity check" in reg.explain(request).reasons["broken"]
     assert reg.select(request, "broken").name == "broken"  # forced: no check
     assert calls == ["broken"]  # checked once
 
     calls.clear()
-    reg = Registry([registry().backends["reference"], _unverified("good", correct, calls)])
+    reg = Registry([fallback, _unverified("good", correct, calls, base)])
     assert reg.select(request).name == "good" and calls == ["good"]
-    reg = Registry([registry().backends["reference"], _unverified("good", correct, calls)])
+    reg = Registry([fallback, _unverified("good", correct, calls, base)])
     hk.reset_caches()  # memory gone: the verdict comes back from disk
     assert reg.select(request).name == "good" and calls == ["good"]
