@@ -49,9 +49,14 @@ def backends(op: str, head_dim: int, page_size: int | None) -> list[str]:
 
 def run_block() -> float:
     """The cached block with ``backend="auto"``: projection (fused append or separate),
-    LayerNorms (summing split partials), append, attention, residual."""
-    kw = dict(scaling_seqlen=1024, dtype=torch.bfloat16, device=DEVICE, seed=3)
-    blocks = [HSTUBlock(2, HIDDEN, HEADS, HEAD_DIM, backend=b, **kw) for b in ("auto", "reference")]
+    LayerNorms (summing split partials), append, attention, residual; against the reference
+    block in fp32 and in bf16 (DESIGN.md §5)."""
+    kw = dict(scaling_seqlen=1024, device=DEVICE, seed=3)
+    blocks = [
+        HSTUBlock(2, HIDDEN, HEADS, HEAD_DIM, backend=b, dtype=dt, **kw)
+        for b, dt in (("auto", torch.bfloat16), ("reference", torch.float32),
+                      ("reference", torch.bfloat16))
+    ]  # fmt: skip
     caches = [b.make_cache(64, PAGE) for b in blocks]
     worst = 0.0
     for i, step in enumerate(STEPS):
@@ -62,33 +67,41 @@ def run_block() -> float:
             assert cached == [c for c, _, _ in step], (cached, step)
             meta = cache.prepare(users, cached, [n for _, n, _ in step], [t for *_, t in step])
             gen = torch.Generator().manual_seed(i)
-            x = torch.randn(meta.num_tokens, HIDDEN, generator=gen).to(DEVICE, torch.bfloat16)
-            outs.append(block.forward_cached(x, meta, cache))
-        assert_hstu_close(outs[0], outs[1], outs[1])
-        worst = max(worst, (outs[0].float() - outs[1].float()).abs().max().item())
+            x = torch.randn(meta.num_tokens, HIDDEN, generator=gen).to(DEVICE, block.dtype)
+            outs.append(block.forward_cached(x, meta, cache).float())
+        assert_hstu_close(*outs)
+        worst = max(worst, (outs[0] - outs[1]).abs().max().item())
     return worst
 
 
 def run_ops(backend: str, head_dim: int, shape: tuple) -> float:
-    """``backend``'s paged and jagged attention (and append, where it has one) on one case."""
+    """``backend``'s paged and jagged attention (and append, where it has one) on one case,
+    against the reference in fp32 and in bf16."""
     histories, new, targets = shape
     c = make_paged_case(histories, new, targets, page_size=PAGE, heads=HEADS, head_dim=head_dim,
-                        dtype=torch.bfloat16, device=DEVICE, seed=1)  # fmt: skip
+                        dtype=torch.float32, device=DEVICE, seed=1)  # fmt: skip
     worst = 0.0
-    common = dict(num_targets=c.num_targets)
-    paged = [hk.paged_hstu_attention(c.q, c.k_new, c.v_new, c.kv_cache, c.page_table, c.cu_q,
-                                     backend=b, **common) for b in (backend, "reference")]  # fmt: skip
-    jagged = [hk.hstu_attention(c.q_full, c.k_full, c.v_full, c.cu_full, backend=b, **common)
-              for b in (backend, "reference")]  # fmt: skip
-    for got, ref in (paged, jagged):
-        assert_hstu_close(got, ref, ref)
-        worst = max(worst, (got.float() - ref.float()).abs().max().item())
+    nt = dict(num_targets=c.num_targets)
+
+    def paged(b, dtype):
+        q, k, v, kv = (t.to(dtype) for t in (c.q, c.k_new, c.v_new, c.kv_cache))
+        return hk.paged_hstu_attention(q, k, v, kv, c.page_table, c.cu_q, backend=b, **nt)
+
+    def jagged(b, dtype):
+        q, k, v = (t.to(dtype) for t in (c.q_full, c.k_full, c.v_full))
+        return hk.hstu_attention(q, k, v, c.cu_full, backend=b, **nt)
+
+    bf16 = torch.bfloat16
+    for op in (paged, jagged):
+        got, ref32, lowp = op(backend, bf16), op("reference", torch.float32), op("reference", bf16)
+        assert_hstu_close(got.float(), ref32, lowp.float())
+        worst = max(worst, (got.float() - ref32).abs().max().item())
     if backend in backends("append_kv", head_dim, PAGE):
         pools = []
         for b in (backend, "reference"):
             e = make_paged_case(histories, new, targets, page_size=PAGE, heads=HEADS,
-                                head_dim=head_dim, dtype=torch.bfloat16, device=DEVICE, seed=1)  # fmt: skip
-            hk.append_kv(e.kv_cache, e.page_table, e.k_new, e.v_new, e.cu_q, backend=b, **common)
+                                head_dim=head_dim, dtype=bf16, device=DEVICE, seed=1)  # fmt: skip
+            hk.append_kv(e.kv_cache, e.page_table, e.k_new, e.v_new, e.cu_q, backend=b, **nt)
             pools.append(e.kv_cache.nan_to_num())
         assert torch.equal(pools[0], pools[1]), f"{backend}: append_kv differs"
     return worst

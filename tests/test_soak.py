@@ -89,8 +89,8 @@ class SoakMachine(RuleBasedStateMachine):
             return
         TOTALS["requests"] += 1
         TOTALS["served"] += batch.size
-        ref = self.model.score(batch, "baseline")
-        assert_hstu_close(got, ref, ref)
+        ref32, ref_lowp = _baselines(self.device, batch)
+        assert_hstu_close(got.float(), ref32, ref_lowp)
         for r in batch.requests:
             self.histories[r.user_id] = r.history
         moved = sum(1 for u, where in located.items() if where == "device"
@@ -143,14 +143,28 @@ class SoakMachine(RuleBasedStateMachine):
             assert self.cache.cached_length(u) <= self.histories.get(u, 0)
 
 
-_MODELS: dict[str, HSTURankingModel] = {}
+_MODELS: dict[tuple[str, bool], HSTURankingModel] = {}
 
 
-def _model(device: str) -> HSTURankingModel:
-    """One model per device for every example (its kernels compile and tune once)."""
-    if device not in _MODELS:
-        _MODELS[device] = HSTURankingModel(_config(device), device=device)
-    return _MODELS[device]
+def _model(device: str, fp32_reference: bool = False) -> HSTURankingModel:
+    """One model per device for every example (its kernels compile and tune once); with
+    ``fp32_reference`` its fp32 twin on the reference backend (the same weights)."""
+    key = (device, fp32_reference)
+    if key not in _MODELS:
+        config = _config(device)
+        if fp32_reference:
+            config = dataclasses.replace(config, dtype=torch.float32, backend="reference")
+        _MODELS[key] = HSTURankingModel(config, device=device)
+    return _MODELS[key]
+
+
+def _baselines(device: str, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DESIGN.md §5 references of a batch's scores: the uncached fp32 model on the
+    reference backend, and the uncached model in the served dtype."""
+    lowp = _model(device).score(batch, "baseline").float()
+    if _model(device).config.dtype == torch.float32:
+        return lowp, lowp
+    return _model(device, fp32_reference=True).score(batch, "baseline").float(), lowp
 
 
 class CpuSoakMachine(SoakMachine):
