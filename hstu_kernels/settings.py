@@ -59,8 +59,6 @@ class Settings:
     cutedsl_jagged_tile_n: int = 64
     # HSTU_CUTEDSL_TILE (per arch): "BM,BN,threads" of the warp-MMA DSL kernel (tuning runs).
     cutedsl_tile: tuple[int, int, int] | None = None
-    # HSTU_CUTEDSL_FAULT (""): fault injection into the warp-MMA DSL kernel (tests only).
-    cutedsl_fault: str = ""
 
     def __post_init__(self) -> None:
         if self.cutedsl_silu not in (None, "tanh", "exp"):
@@ -136,7 +134,6 @@ def from_environment(env: dict[str, str] | None = None) -> Settings:
             cutedsl_splits=_int(env, "HSTU_CUTEDSL_SPLITS"),
             cutedsl_jagged_tile_n=_int(env, "HSTU_CUTEDSL_JAGGED_TILE_N") or 64,
             cutedsl_tile=parsed_tile,  # type: ignore[arg-type]
-            cutedsl_fault=env.get("HSTU_CUTEDSL_FAULT", "").strip(),
         )
     except ValueError as exc:
         raise ValueError(f"hstu_kernels settings from the environment: {exc}") from None

@@ -94,7 +94,6 @@ class HstuFwdSm80:
         page_size: int,
         paged: bool,
         config: HstuFwdConfig,
-        fault: str = "",
         fast_tanh: bool = False,
         split: bool = False,
     ):
@@ -109,9 +108,6 @@ class HstuFwdSm80:
         self.bm = config.block_m
         self.bn = config.block_n
         self.num_threads = config.num_threads
-        # Test-only fault injection ("mask": skip the mask, "scale": skip 1/scaling_seqlen), to
-        # show that the parity tests catch a broken kernel. Never set in normal use.
-        self.fault = fault
         self.fast_tanh = fast_tanh  # SiLU through tanh.approx (one MUFU op instead of two)
         # Split-KV: each CTA takes one of num_splits chunks of its q-tile's KV tiles and writes
         # its fp32 partial O to a workspace; the host sums the chunks (HSTU has no softmax
@@ -399,13 +395,9 @@ class HstuFwdSm80:
                 )
                 cute.arch.cp_async_commit_group()
 
-            if cutlass.const_expr(self.fault != "mask"):  # noqa: SIM102 (compile-time)
-                if not hc.tile_is_full(n_block, BN, p0, info.history):
-                    self._mask(acc_S, tScS_mn, p0, n_block * BN, info.history)
-            if cutlass.const_expr(self.fault == "scale"):
-                hc.silu_scale_(acc_S, alpha, cutlass.Float32(1.0), self.fast_tanh)
-            else:
-                hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
+            if not hc.tile_is_full(n_block, BN, p0, info.history):
+                self._mask(acc_S, tScS_mn, p0, n_block * BN, info.history)
+            hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
 
             rP = cute.make_fragment_like(acc_S, dtype)
             rP.store(acc_S.load().to(dtype))
@@ -583,14 +575,12 @@ def build_variant(
     dtype = cc.cutlass_dtype(torch_dtype)
     cfg = pick_config(arch, head_dim, paged)
     ps = page_size if paged else 0
-    fault = settings.get().cutedsl_fault  # test-only, see HstuFwdSm80
     # SiLU: tanh.approx for bf16 (its error is far below bf16 rounding), exp2+rcp for fp16;
     # settings.cutedsl_silu (HSTU_CUTEDSL_SILU=tanh|exp) overrides (tuning runs).
     silu = settings.get().cutedsl_silu or ("tanh" if torch_dtype == torch.bfloat16 else "exp")
-    kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, fault, silu == "tanh", split)
+    kernel = HstuFwdSm80(dtype, head_dim, ps, paged, cfg, silu == "tanh", split)
     variant = {
         "split": split,
-        "fault": fault,
         "silu": silu,
         "dtype": str(torch_dtype),
         "head_dim": head_dim,

@@ -1,6 +1,6 @@
 """Measure the DSL layer's costs on a GPU: compile, warm-cache load, host overhead, speed.
 
-``python -m hstu_kernels.backends.cutedsl.measure [--perf] [--backends cutedsl-ampere,triton]``
+``python -m bench.dsl_costs [--perf] [--backends cutedsl-ampere,triton]``
 
 Prints one line per number (the figures quoted in ``bench/NOTES-cutedsl.md``):
 
