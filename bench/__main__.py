@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown members {unknown} (have {list(SUITE)})")
 
-    path = args.results or common.results_path()
+    path = args.results or common.results_path(quick=args.quick)
     print(describe_machine(), flush=True)
     print(f"results -> {path}" + ("  (quick run)" if args.quick else ""), flush=True)
 

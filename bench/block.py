@@ -446,7 +446,7 @@ def run(
     if plan.note:
         log(f"block: {plan.note}")
     ceilings = common.measure_ceilings() if plan.device == "cuda" else {}
-    path = path or common.results_path()
+    path = path or common.results_path(quick=quick)
 
     def checkpoint(entries: list[dict[str, Any]]) -> None:
         common.write_results("block", entries, ceilings=ceilings or None, path=path)

@@ -73,8 +73,10 @@ def measure_ceilings() -> dict[str, float]:
     return {"bf16_matmul_tflops": round(tflops, 1), "copy_tbps": round(tbps, 3)}
 
 
-def results_path(slug: str | None = None) -> Path:
-    return RESULTS_DIR / f"{slug or card_slug()}.json"
+def results_path(slug: str | None = None, *, quick: bool = False) -> Path:
+    """``bench/results/<card>.json``; a ``--quick`` run's go to ``<card>-quick.json``, so that
+    a smoke run never replaces a full run's figures."""
+    return RESULTS_DIR / f"{slug or card_slug()}{'-quick' if quick else ''}.json"
 
 
 def load_results(path: Path) -> dict[str, Any]:

@@ -244,7 +244,7 @@ def run(
         for e in entries:
             ops = backends.get(e["batch"]) or attention_backends(c, plan, e["batch"])
             e["backend"] = ops["jagged" if e["impl"] == "baseline" else "paged"]
-        common.write_results("e2e", entries, path=path)
+        common.write_results("e2e", entries, path=path or common.results_path(quick=quick))
         return entries
 
     failures: list[str] = []

@@ -195,7 +195,7 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
             print(
                 f"host: cold start {name}: import {imp:.2f} s, first call {first:.2f} s ({choice})"
             )
-    common.write_results("host", entries, path=path)
+    common.write_results("host", entries, path=path or common.results_path(quick=quick))
     return entries
 
 

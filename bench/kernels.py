@@ -250,7 +250,9 @@ def run(*, quick: bool = False, path: Path | None = None, forced_only: bool = Fa
     if not gpu:
         print("kernels: no GPU -- tiny shapes, reference backend only (these times say nothing)")
     ceilings = common.measure_ceilings() if gpu and not quick else {}
-    cases = quick_cases(gpu) if quick else full_cases()
+    # Without a GPU the reference backend runs the tiny cases only (the full shapes took it
+    # minutes and measure nothing).
+    cases = quick_cases(gpu) if quick or not gpu else full_cases()
     entries: list[dict] = []
     rows = []
     for case in cases:
@@ -306,7 +308,8 @@ def run(*, quick: bool = False, path: Path | None = None, forced_only: bool = Fa
         del pc
         if gpu:
             torch.cuda.empty_cache()
-    written = common.write_results("kernel", entries, ceilings=ceilings or None, path=path)
+    written = common.write_results("kernel", entries, ceilings=ceilings or None,
+                                   path=path or common.results_path(quick=quick))  # fmt: skip
     print(f"\nkernels on {common.card_name()} ({dtype}); results: {written}")
     if ceilings:
         print(f"ceilings: {ceilings}")

@@ -26,7 +26,15 @@ def _pyplot():
 
 
 def _case_label(e: dict[str, Any]) -> str:
-    return str(e.get("case", f"B={e.get('batch', '?')}"))
+    """One bar group per case *and shape*: the kernel bench names its cases by kind only
+    (``jagged``, ``delta``), several shapes each."""
+    label = str(e.get("case", ""))
+    shape = []
+    if "batch" in e:
+        shape.append(f"B={e['batch']}")
+    if "heads" in e and "head_dim" in e:
+        shape.append(f"{e['heads']}x{e['head_dim']}")
+    return " ".join([label, *shape]).strip() or "?"
 
 
 def plot_grouped(entries: Sequence[dict[str, Any]], title: str, out: Path) -> Path:

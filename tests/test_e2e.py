@@ -112,6 +112,23 @@ def test_report_renders_tables(tmp_path):
     assert "| b2 | kvcache+graphs | 2 | 8.00 | 20.00 | 2.50 |" in text
 
 
+def test_kernel_plot_groups_every_shape():
+    """The kernel bench names its cases by kind (several shapes each): a bar group per shape."""
+    from bench import plots
+
+    a = {"case": "jagged", "batch": 8, "heads": 4, "head_dim": 256}
+    b = {"case": "jagged", "batch": 8, "heads": 8, "head_dim": 128}
+    assert plots._case_label(a) != plots._case_label(b)
+    assert plots._case_label({"case": "b1"}) == "b1"
+
+
+def test_quick_runs_keep_full_results_apart():
+    from bench import common
+
+    assert common.results_path("card", quick=True).name == "card-quick.json"
+    assert common.results_path("card").name == "card.json"
+
+
 def test_plots_written(tmp_path):
     pytest.importorskip("matplotlib")
     from bench import plots
