@@ -171,8 +171,18 @@ def test_project_silu_tma_choice_and_fallbacks(monkeypatch):
     assert_hstu_close(P.project_silu(shifted, w, choice=choice), ref32, ref_lowp, eps=1e-5)
     assert calls[1:] == ["gemm"]  # the default pointer config
 
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(P, "silu_gemm_tma", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # not a reason to switch TMA off
+        P.project_silu(h, w, choice=choice)
+    assert not P._TMA_BROKEN and calls[2:] == []
+
     def broken(*args, **kwargs):
-        raise RuntimeError("no TMA here")
+        from triton.runtime.errors import OutOfResources
+
+        raise OutOfResources(300_000, 232_448, "shared memory")  # does not fit this card
 
     monkeypatch.setattr(P, "silu_gemm_tma", broken)
     with pytest.warns(RuntimeWarning, match="TMA kernel disabled"):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hstu_kernels import settings
+from hstu_kernels.backends.triton.launcher import cannot_compile
 from hstu_kernels.types import PageTable
 
 __all__ = ["SEPARATE", "CacheAppend", "project_appending"]
@@ -120,8 +121,8 @@ def project_appending(
         return separate()
     try:
         return P.fused_project(h, weight, choice, append=append)
-    except Exception:
-        if P._capturing(h):
+    except Exception as exc:
+        if P._capturing(h) or not cannot_compile(exc):
             raise
         _CHOICES[key] = SEPARATE
         return separate()
@@ -148,7 +149,9 @@ def _time(
 
         try:
             ok = P._close_enough(run(), ref)
-        except Exception:  # does not compile here: skip it
+        except Exception as exc:  # does not compile here: skip it
+            if not (isinstance(exc, ValueError) or cannot_compile(exc)):
+                raise
             continue
         if ok:
             times[config] = _graph_time(run)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu_kernels import settings
-from hstu_kernels.backends.triton.launcher import LaunchCache
+from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.model.fusion import CacheAppend, project_appending
 from hstu_kernels.model.projection import project_silu
@@ -140,7 +140,7 @@ def _run_or_fall_back(launch, fallback):
     try:
         return launch()
     except Exception as exc:
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing() or not cannot_compile(exc):
             raise
         import warnings
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu_kernels import settings
-from hstu_kernels.backends.triton.launcher import LaunchCache
+from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
 
 if TYPE_CHECKING:
     from hstu_kernels.model.fusion import CacheAppend
@@ -354,7 +354,7 @@ def unfused_project_silu(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     try:
         return silu_split(uvqk, inner)
     except Exception as exc:
-        if _capturing(h):
+        if _capturing(h) or not cannot_compile(exc):
             raise
         _disable_triton(exc)
         return F.silu(uvqk).view(h.shape[0], SLOTS, inner).transpose(0, 1).contiguous()
@@ -449,7 +449,9 @@ def _time_candidates(h: torch.Tensor, weight: torch.Tensor) -> dict[Choice, floa
     for config in _candidates(h, weight):
         try:
             ok = _close_enough(fused_project(h, weight, config), ref)
-        except Exception:  # does not compile here (e.g. too much shared memory): skip it
+        except Exception as exc:  # does not compile here (e.g. too much shared memory): skip it
+            if not (isinstance(exc, ValueError) or cannot_compile(exc)):
+                raise
             continue
         if ok:
             times[config] = _bench(lambda c=config: fused_project(h, weight, c))
@@ -492,7 +494,7 @@ def _project_tma(h: torch.Tensor, weight: torch.Tensor, config: TmaConfig) -> to
         try:
             return silu_gemm_tma(h, weight, config)
         except Exception as exc:
-            if _capturing(h):
+            if _capturing(h) or not cannot_compile(exc):
                 raise
             _disable_tma(exc)
             _CHOICES[_shape_key(h, weight)] = default_choice(weight.shape[1] // SLOTS)
@@ -526,7 +528,7 @@ def project_silu(
             return _project_tma(h, weight, choice)
         return silu_gemm(h, weight, choice)
     except Exception as exc:
-        if _capturing(h):
+        if _capturing(h) or not cannot_compile(exc):
             raise
         _disable_triton(exc)
         _CHOICES[_shape_key(h, weight)] = UNFUSED

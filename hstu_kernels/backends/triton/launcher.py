@@ -21,7 +21,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["FixedLaunch", "LaunchCache"]
+__all__ = ["FixedLaunch", "LaunchCache", "cannot_compile"]
+
+
+def cannot_compile(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a Triton kernel cannot be built for this device: a compile
+    error, more shared memory or registers than the card has, a ptxas failure, or a Triton
+    without a feature the kernel needs. Only then may a caller fall back to another path (or
+    skip a tuning candidate); an out-of-memory error, a bad argument or a CUDA fault is not
+    that, and propagates."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, ImportError):
+        return True
+    try:
+        from triton.compiler.errors import TritonError as CompileTimeError
+        from triton.runtime.errors import TritonError as RunTimeError
+    except ImportError:
+        return False
+    return isinstance(exc, (CompileTimeError, RunTimeError))
 
 
 def _raw_stream_getter():

@@ -22,6 +22,7 @@ from hstu_kernels.backends.triton.config import (
     default_config,
     tuning_key,
 )
+from hstu_kernels.backends.triton.launcher import cannot_compile
 from hstu_kernels.tuning import TuningCache
 from hstu_kernels.types import AttentionSpec, PageTable, PlannedBatch
 
@@ -82,7 +83,9 @@ def _tune(run: Callable[[Config], object], b: PlannedBatch, page_size: int | Non
         for cfg in candidates(b.head_dim, page_size):
             try:
                 ms = _time_config(run, cfg)
-            except Exception:  # a config that does not fit this card (shared memory) is skipped
+            except Exception as exc:  # a config that does not fit this card or shape: skipped
+                if not (isinstance(exc, ValueError) or cannot_compile(exc)):
+                    raise
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
