@@ -8,8 +8,6 @@ dispatcher picks on the card (the graph tests need a capturable ``append_kv``: T
 
 from __future__ import annotations
 
-import os
-
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -22,21 +20,15 @@ from hstu_kernels.testing import assert_hstu_close
 
 SMALL = dict(num_layers=2, hidden=24, heads=2, head_dim=16)
 
-if not torch.cuda.is_available():
-    # The layer's Triton row kernels run in the interpreter on the CPU; Triton reads this when
-    # triton.language is first imported (as tests/test_triton_backend.py does).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 def _use_interpreter(monkeypatch) -> None:
-    """Route the layer's row kernels through the Triton interpreter, or skip if Triton was
-    imported before TRITON_INTERPRET was set (its language functions are then compiled-only)."""
+    """Route the layer's row kernels through the Triton interpreter (conftest sets
+    TRITON_INTERPRET before anything imports Triton)."""
     import triton.language as tl
 
     from hstu_kernels.model import layer as L
 
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(L, "_KERNELS", None)  # re-decorate under the interpreter
     monkeypatch.setattr(L, "_use_triton", lambda t: True)

@@ -6,8 +6,6 @@ CPU tests run the kernel in the Triton interpreter (fp16/fp32); ``gpu`` tests ru
 
 from __future__ import annotations
 
-import os
-
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -18,9 +16,6 @@ from hstu_kernels.kvcache import build_paged_metadata
 from hstu_kernels.model import fusion as FU
 from hstu_kernels.model import projection as P
 from hstu_kernels.testing import assert_hstu_close, poisoned_like
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # see tests/test_block.py
 
 SMALL = (P.GemmConfig(16, 32, 32, 2, 1, 4), P.GemmConfig(32, 16, 16, 3, 1, 4))
 # the persistent TMA kernel's (tests/test_projection.py): store halves of 16 and 8 columns
@@ -34,8 +29,7 @@ def _interpreter_or_gpu() -> None:
         return
     import triton.language as tl
 
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
 
 
 def _gpu_tma() -> tuple:
@@ -156,8 +150,7 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs):
 
     if DEVICE == "cuda":
         pytest.skip("the GPU runs this through tests/test_block.py")
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
     monkeypatch.setattr(P, "_KERNELS", None)
     monkeypatch.setattr(P, "_triton_ok", lambda h: True)
 

@@ -7,8 +7,6 @@ wrong); ``gpu`` tests run every tile config in bf16 at the profiled shapes.
 
 from __future__ import annotations
 
-import os
-
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -21,10 +19,6 @@ from hstu_kernels.model import HSTUBlock
 from hstu_kernels.model import projection as P
 from hstu_kernels.testing import assert_hstu_close, poisoned_like
 
-if not torch.cuda.is_available():
-    # Triton reads this when triton.language is first imported (see tests/test_block.py)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 # small tiles for the interpreter: BLOCK_N divides inner 32/64; several row tiles per group
 SMALL_CONFIGS = (P.GemmConfig(16, 32, 32, 2, 1, 4), P.GemmConfig(32, 16, 16, 3, 1, 4))
 # the TMA kernel's: store halves of 16 and 8 columns (16 bytes, TMA's least, in fp16); one
@@ -36,8 +30,7 @@ def _use_interpreter(monkeypatch) -> None:
     """Route the projection's Triton kernels through the interpreter on CPU tensors."""
     import triton.language as tl
 
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(P, "_KERNELS", None)  # re-decorate under the interpreter
     monkeypatch.setattr(P, "_triton_ok", lambda h: True)
@@ -86,8 +79,7 @@ def test_silu_gemm_interpreter(tokens, dtype, monkeypatch):
 def test_silu_gemm_interpreter_random(tokens, k, inner, config):
     import triton.language as tl
 
-    if type(tl.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton.language was imported without TRITON_INTERPRET=1")
+    assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
     P._KERNELS = None  # hypothesis forbids function-scoped fixtures: reset by hand
     try:
         _check_fused(tokens, k, inner, torch.float16, config)

@@ -1,21 +1,16 @@
 """Tests of the Triton backend against the PyTorch reference.
 
-Without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set below
-before the kernels are imported) on tiny fp16/fp32 shapes: the interpreter's bf16 ``tl.dot`` is
+Without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by
+conftest before anything imports Triton) on tiny fp16/fp32 shapes: the interpreter's bf16 ``tl.dot`` is
 wrong. With a GPU the interpreter tests are skipped and the ``gpu`` tests run the same
 properties in bf16 and fp16 with every head dim and page size.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-_ON_GPU = torch.cuda.is_available()
-if not _ON_GPU:
-    # Must precede the first import of the kernel modules (their @triton.jit decorators read it).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+_ON_GPU = torch.cuda.is_available()  # without a GPU, conftest switches the interpreter on
 
 import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
@@ -45,10 +40,9 @@ def _interpreted() -> bool:
     return type(tri_attn._hstu_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+assert _ON_GPU or _interpreted(), "Triton was imported before conftest set TRITON_INTERPRET"
 cpu_only = pytest.mark.skipif(
-    _ON_GPU or not _interpreted(),
-    reason="interpreter tests run only without a GPU (the gpu tests cover the kernels there) "
-    "and need TRITON_INTERPRET=1 before the kernels were first imported",
+    _ON_GPU, reason="interpreter tests run only without a GPU (the gpu tests cover it there)"
 )
 
 
