@@ -103,7 +103,7 @@ def layer_kernels(plan: Plan, batch: int, history: int, targets: int, cached: bo
     kv_read = batch * (history + targets) * 2 * hd  # every key/value read once
     out = [
         ("layernorm_in", 0, 2 * n * hid * e),
-        # SiLU in the GEMM's epilogue (model/projection.py; when the chooser takes cuBLAS plus
+        # SiLU in the GEMM's epilogue (backends/triton/projection.py; when the chooser takes cuBLAS plus
         # a SiLU pass instead, that pass's 2 * n * 4 * hd * e bytes come on top).
         ("uvqk_matmul_silu", 2 * n * hid * 4 * hd, (n * hid + hid * 4 * hd + n * 4 * hd) * e),
         ("attention", 4 * plan.heads * plan.head_dim * pairs, (2 * n * hd + kv_read) * e),
@@ -332,10 +332,10 @@ def measure(
     if bar is not None:
         bar.close()
     log(f"graph buckets captured: {runner.captured}; waits inside graphs: {runner.graph_waits}")
-    from hstu_kernels.model import layer
+    from hstu_kernels.backends.triton import rows
 
-    if layer._BROKEN:
-        log(f"the layer's Triton row kernels were OFF: {layer._BROKEN[0]}")
+    if rows._BROKEN:
+        log(f"the layer's Triton row kernels were OFF: {rows._BROKEN[0]}")
     return entries
 
 

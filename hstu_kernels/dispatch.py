@@ -35,7 +35,11 @@ __all__ = [
     "sm_count",
 ]
 
-OPS = ("jagged", "paged", "append_kv")
+# The attention ops, and the HSTU layer's other ops (:mod:`hstu_kernels.layer_ops`), which have
+# no head dim or page size of their own.
+ATTENTION_OPS = ("jagged", "paged", "append_kv")
+LAYER_OPS = ("layernorm", "layernorm_mul", "project_silu", "project_silu_append")
+OPS = ATTENTION_OPS + LAYER_OPS
 FEATURES = ("contexts", "window")
 ENV_OVERRIDE = "HSTU_KERNELS_BACKEND"
 
@@ -82,6 +86,11 @@ class Backend:
     - ``paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q,
       spec, out) -> None``
     - ``append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets) -> None``
+    - the layer ops (:mod:`hstu_kernels.layer_ops`): ``layernorm(x, weight, bias, eps) ->
+      Tensor``, ``layernorm_mul(a, u, weight, bias, eps) -> Tensor``, ``project_silu(h,
+      weight) -> Tensor [4, T, inner]``, ``project_silu_append(h, weight, append, separate)
+      -> Tensor`` (also writes the new K/V rows ``append`` names, or calls ``separate()``,
+      which does both the separate way)
     - optional, ``paged_partials(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q,
       num_targets, max_seqlen_q, spec) -> Tensor``: the ``paged`` op that may return its
       split KV range's fp32 partials ``[S, *q.shape]`` unsummed, else its output (see
@@ -131,10 +140,12 @@ class Backend:
         if request.dtype not in self.dtypes:
             names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
             return f"dtype {str(request.dtype).removeprefix('torch.')} not in {names}"
-        if self.head_dims is not None and request.head_dim not in self.head_dims:
+        layer_op = request.op in LAYER_OPS
+        if not layer_op and self.head_dims is not None and request.head_dim not in self.head_dims:
             return f"head dim {request.head_dim} not in {sorted(self.head_dims)}"
         if (
-            request.page_size is not None
+            not layer_op
+            and request.page_size is not None
             and self.page_sizes is not None
             and request.page_size not in self.page_sizes
         ):

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionSpec", "BatchLayout", "PageTable", "PlannedBatch", "is_page_size"]
+__all__ = [
+    "AttentionSpec",
+    "BatchLayout",
+    "CacheAppend",
+    "PageTable",
+    "PlannedBatch",
+    "is_page_size",
+]
 
 
 def is_page_size(value: object) -> bool:
@@ -226,3 +233,42 @@ class PlannedBatch:
     spec: AttentionSpec | None = None
     page_table: PageTable | None = None
     page_size: int | None = None
+
+
+@dataclass(frozen=True)
+class CacheAppend:
+    """Where a layer's projection writes the new history ``k``/``v`` rows (the
+    ``project_silu_append`` op, which may do it from its GEMM's epilogue): the layer's
+    cache ``kv_cache [num_pages, 2, page_size, heads, D]`` through ``page_table``, for the
+    packed rows ``cu_seqlens [B+1]`` of which the last ``num_targets[b]`` of each sequence
+    are targets (not written). The same contract as :func:`hstu_kernels.append_kv`."""
+
+    kv_cache: torch.Tensor
+    page_table: PageTable
+    cu_seqlens: torch.Tensor
+    num_targets: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def check(self, inner: int, h: torch.Tensor) -> None:
+        """Raise ValueError/TypeError if the kernel cannot write this cache for ``h``."""
+        kv = self.kv_cache
+        if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] * kv.shape[4] != inner:
+            raise ValueError(
+                f"kv_cache: expected [pages, 2, page_size, heads, D] with heads*D = {inner}, "
+                f"got {tuple(kv.shape)}"
+            )
+        if kv.stride(4) != 1 or kv.stride(3) != kv.shape[4]:
+            raise ValueError(
+                f"kv_cache: each slot's [heads, D] must be contiguous, got strides {kv.stride()}"
+            )
+        if kv.dtype != h.dtype or kv.device != h.device:
+            raise TypeError(
+                f"kv_cache: expected {h.dtype} on {h.device}, got {kv.dtype} on {kv.device}"
+            )
+        if self.batch < 1 or self.num_targets.shape != (self.batch,):
+            raise ValueError("cu_seqlens, num_targets: expected [B+1] and [B], B >= 1")
+        if self.page_table.page_ids.numel() == 0:
+            raise ValueError("page_table.page_ids: expected at least one page per sequence")

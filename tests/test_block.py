@@ -21,17 +21,12 @@ from hstu_kernels.testing import assert_hstu_close
 SMALL = dict(num_layers=2, hidden=24, heads=2, head_dim=16)
 
 
-def _use_interpreter(monkeypatch) -> None:
-    """Route the layer's row kernels through the Triton interpreter (conftest sets
-    TRITON_INTERPRET before anything imports Triton)."""
+def _assert_interpreter() -> None:
+    """The Triton kernels run in the interpreter on the CPU (conftest sets TRITON_INTERPRET
+    before anything imports Triton); ``backend="triton"`` then reaches them."""
     import triton.language as tl
 
-    from hstu_kernels.model import layer as L
-
     assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(L, "_KERNELS", None)  # re-decorate under the interpreter
-    monkeypatch.setattr(L, "_use_triton", lambda t: True)
 
 
 def make_block(dtype=torch.float32, device="cpu", scaling_seqlen=64, **kw):
@@ -274,8 +269,8 @@ def _graph_run(
 def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch):
     """``forced``: the projection with the input LayerNorm and the append fused in, whatever
     the timing says (at these small shapes the separate path may win it)."""
-    from hstu_kernels.model import fusion
-    from hstu_kernels.model import projection as P
+    from hstu_kernels.backends.triton import fusion
+    from hstu_kernels.backends.triton import projection as P
 
     monkeypatch.setattr(fusion, "_CHOICES", {})
     if fused_input == "forced":
@@ -363,10 +358,11 @@ def test_padded_bucket_rows_change_nothing_cpu():
 def test_layer_row_kernels(device, per_program, monkeypatch):
     """The Triton row kernels of the layer (the interpreter on the CPU) against torch ops:
     odd row counts (not a multiple of the rows per program) and widths (not a power of 2)."""
-    from hstu_kernels.model import layer as L
+    from hstu_kernels import reference
+    from hstu_kernels.backends.triton import rows as L
 
     if device == "cpu":
-        _use_interpreter(monkeypatch)
+        _assert_interpreter()
     monkeypatch.setattr(L, "SMALL_GRID_ROWS", 2048 if per_program == 1 else 4)
     assert L.rows_per_program(7) == per_program
     gen = torch.Generator().manual_seed(0)
@@ -380,7 +376,7 @@ def test_layer_row_kernels(device, per_program, monkeypatch):
     u = uvqk[:, :n]  # strided (the layer passes a contiguous slot; any row stride works)
     # A split attention's fp32 partials, summed by the kernel: as if summed first, bit for bit.
     parts = torch.randn(3, rows, n, generator=gen).to(device)
-    summed = L.sum_partials(parts, dtype)
+    summed = reference.sum_partials(parts, dtype)
     fused = L.layernorm_mul(parts, u, w, b, 1e-6)
     assert torch.equal(fused, L.layernorm_mul(summed, u, w, b, 1e-6))
     cases = [
@@ -398,14 +394,18 @@ def test_layer_row_kernels(device, per_program, monkeypatch):
         assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
 
 
-def test_block_with_row_kernels_equals_torch_ops_cpu(monkeypatch):
-    """The layer wired to its Triton row kernels (interpreter) computes what torch ops do."""
+def test_block_on_triton_equals_the_reference_cpu():
+    """``backend="triton"`` runs every layer op in Triton (the interpreter), and computes what
+    the reference's torch ops do (``backend="auto"`` on the CPU)."""
+    from hstu_kernels import layer_ops
 
-    block = make_block()
+    _assert_interpreter()
+    block, triton_block = make_block(head_dim=64), make_block(head_dim=64, backend="triton")
+    assert layer_ops.kernels("auto", torch.device("cpu"), torch.float32).backend == "reference"
+    assert layer_ops.kernels("triton", torch.device("cpu"), torch.float32).backend == "triton"
     meta = build_jagged_metadata([9, 20], [3, 0], "cpu")
     x = torch.randn(meta.num_tokens, block.hidden, generator=torch.Generator().manual_seed(2))
     want = block.forward_uncached(x, meta, return_all=True)
-    _use_interpreter(monkeypatch)
-    got = block.forward_uncached(x, meta, return_all=True)
+    got = triton_block.forward_uncached(x, meta, return_all=True)
     for g, w in zip(got, want, strict=True):
         assert_hstu_close(g, w, w, eps=1e-5)

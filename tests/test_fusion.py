@@ -1,5 +1,5 @@
 """The projection kernel with the cache append in its epilogue
-(:mod:`hstu_kernels.model.fusion`), and the layer's choice between it and the separate path.
+(:mod:`hstu_kernels.backends.triton.fusion`), and the layer's choice between it and the separate path.
 
 CPU tests run the kernel in the Triton interpreter (fp16/fp32); ``gpu`` tests run it in bf16.
 """
@@ -12,9 +12,9 @@ import torch
 from hypothesis import given
 
 import hstu_kernels
+from hstu_kernels.backends.triton import fusion as FU
+from hstu_kernels.backends.triton import projection as P
 from hstu_kernels.kvcache import build_paged_metadata
-from hstu_kernels.model import fusion as FU
-from hstu_kernels.model import projection as P
 from hstu_kernels.testing import assert_hstu_close, poisoned_like
 
 SMALL = (P.GemmConfig(16, 32, 32, 2, 1, 4), P.GemmConfig(32, 16, 16, 3, 1, 4))
@@ -151,8 +151,6 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs):
     if DEVICE == "cuda":
         pytest.skip("the GPU runs this through tests/test_block.py")
     assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
-    monkeypatch.setattr(P, "_KERNELS", None)
-    monkeypatch.setattr(P, "_triton_ok", lambda h: True)
 
     def run(fused: bool):
         monkeypatch.setattr(FU, "_CHOICES", {})
@@ -162,8 +160,8 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs):
         monkeypatch.setattr(FU, "_time", lambda *a: SMALL[0])
         monkeypatch.setattr(FU, "_can_time", lambda x: True)
         block = HSTUBlock(
-            num_layers=2, hidden=32, heads=2, head_dim=16, scaling_seqlen=64,
-            dtype=torch.float16, seed=3,
+            num_layers=2, hidden=32, heads=1, head_dim=64, scaling_seqlen=64,
+            dtype=torch.float16, seed=3, backend="triton",
         )  # fmt: skip
         cache = block.make_cache(num_pages=12, page_size=16)
         gen = torch.Generator().manual_seed(2)

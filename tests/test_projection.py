@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given
 
 from hstu_kernels import settings as hk_settings
+from hstu_kernels.backends.triton import projection as P
 from hstu_kernels.kvcache import build_jagged_metadata
 from hstu_kernels.model import HSTUBlock
-from hstu_kernels.model import projection as P
 from hstu_kernels.testing import assert_hstu_close, poisoned_like
 
 # small tiles for the interpreter: BLOCK_N divides inner 32/64; several row tiles per group
@@ -258,14 +258,15 @@ def test_project_silu_chooser_interpreter(dtype, monkeypatch):
 # --- the layer and the block ---------------------------------------------------------------
 
 
-def _block(num_layers=3, dtype=torch.float32, device="cpu"):
-    return HSTUBlock(num_layers, 24, 2, 16, scaling_seqlen=64, dtype=dtype, device=device, seed=5)
+def _block(num_layers=3, dtype=torch.float32, device="cpu", heads=2, head_dim=16, **kw):
+    return HSTUBlock(num_layers, 24, heads, head_dim, scaling_seqlen=64, dtype=dtype,
+                     device=device, seed=5, **kw)  # fmt: skip
 
 
 def test_block_with_fused_projection_equals_torch_ops_cpu(monkeypatch):
-    """The block with the fused kernel (interpreter; K=24 is not a multiple of BLOCK_K)
-    computes what the torch ops do, uncached and cached."""
-    block = _block()
+    """The block on the Triton backend, fused projection included (interpreter; K=24 is not
+    a multiple of BLOCK_K), computes what the reference's torch ops do, uncached and cached."""
+    block = _block(heads=1, head_dim=64)
     meta = build_jagged_metadata([9, 20], [3, 0], "cpu")
     x = torch.randn(meta.num_tokens, block.hidden, generator=torch.Generator().manual_seed(2))
     want = block.forward_uncached(x, meta, return_all=True)
@@ -278,6 +279,7 @@ def test_block_with_fused_projection_equals_torch_ops_cpu(monkeypatch):
     calls = []
     real = P.silu_gemm
     monkeypatch.setattr(P, "silu_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    block = _block(heads=1, head_dim=64, backend="triton")
     got = block.forward_uncached(x, meta, return_all=True)
     assert len(calls) == block.num_layers
     for g, w in zip(got, want, strict=True):

@@ -6,6 +6,7 @@ from hstu_kernels.reference.attention import (
     paged_hstu_attention,
 )
 from hstu_kernels.reference.kv import append_kv, append_positions
+from hstu_kernels.reference.layer import layernorm, layernorm_mul, project_silu, sum_partials
 from hstu_kernels.reference.mask import hstu_mask
 
 __all__ = [
@@ -14,5 +15,9 @@ __all__ = [
     "gather_history_kv",
     "hstu_mask",
     "jagged_hstu_attention",
+    "layernorm",
+    "layernorm_mul",
     "paged_hstu_attention",
+    "project_silu",
+    "sum_partials",
 ]

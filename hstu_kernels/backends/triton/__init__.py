@@ -1,4 +1,6 @@
-"""The Triton backend: jagged and paged HSTU attention and ``append_kv`` for sm_80 and newer.
+"""The Triton backend: jagged and paged HSTU attention and ``append_kv`` for sm_80 and newer,
+and the HSTU layer's LayerNorm row kernels and fused projection GEMM (``rows``, ``projection``,
+``fusion``: the layer ops of :mod:`hstu_kernels.layer_ops`).
 
 The default on Ampere/Ada GPUs (head dims 64/128/256, pages of 16..256 tokens) and a candidate
 on Hopper. Registering it imports nothing from Triton: the kernels are imported on the first
@@ -63,6 +65,30 @@ def _append_kv(*args):
     ops.append_kv(*args)
 
 
+def _layernorm(*args):
+    from hstu_kernels.backends.triton import rows
+
+    return rows.layernorm(*args)
+
+
+def _layernorm_mul(*args):
+    from hstu_kernels.backends.triton import rows
+
+    return rows.layernorm_mul(*args)
+
+
+def _project_silu(h, weight):
+    from hstu_kernels.backends.triton import projection
+
+    return projection.project_silu(h, weight)
+
+
+def _project_silu_append(h, weight, append, separate):
+    from hstu_kernels.backends.triton import fusion
+
+    return fusion.project_appending(h, weight, append, separate)
+
+
 def _planner(name: str):
     def plan(batch):
         from hstu_kernels.backends.triton import ops
@@ -80,6 +106,10 @@ register(
             "paged": _paged,
             "paged_partials": _paged_partials,
             "append_kv": _append_kv,
+            "layernorm": _layernorm,
+            "layernorm_mul": _layernorm_mul,
+            "project_silu": _project_silu,
+            "project_silu_append": _project_silu_append,
         },
         dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
         head_dims=frozenset({64, 128, 256}),

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused projection (:mod:`hstu_kernels.model.projection` drives them).
+"""Triton kernels of the fused projection (:mod:`hstu_kernels.backends.triton.projection` drives them).
 
 Kept apart so that importing the model never imports Triton, and so that the kernels can be
 re-decorated (module reload) when the interpreter is switched on, as the CPU tests do.

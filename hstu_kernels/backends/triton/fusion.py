@@ -2,7 +2,7 @@
 
 In the cached path the new history ``k``/``v`` rows go into the paged cache. As its own
 kernel (``append_kv``) that re-reads ``k`` and ``v`` and costs a launch; the projection
-(:func:`~hstu_kernels.model.projection.silu_gemm`) can instead store the ``k`` and ``v`` tiles
+(:func:`~hstu_kernels.backends.triton.projection.silu_gemm`) can instead store the ``k`` and ``v`` tiles
 into their pages from its epilogue as well (:class:`CacheAppend`): on an H100 at 384 rows
 the projection takes ~1 µs longer and the ~2.5 µs append kernel goes away.
 
@@ -20,57 +20,18 @@ bench/NOTES-block.md, v6.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from hstu_kernels import settings
 from hstu_kernels.backends.triton.launcher import cannot_compile
-from hstu_kernels.types import PageTable
+from hstu_kernels.types import CacheAppend
 
-__all__ = ["SEPARATE", "CacheAppend", "project_appending"]
+__all__ = ["SEPARATE", "project_appending"]
 
 SEPARATE = "separate"  # project_silu, then the caller's append
 
 _CHOICES: dict[tuple, object] = {}  # shape key -> the winner of its timing
-
-
-@dataclass(frozen=True)
-class CacheAppend:
-    """Where the projection's epilogue writes the new history ``k``/``v`` rows: the layer's
-    cache ``kv_cache [num_pages, 2, page_size, heads, D]`` through ``page_table``, for the
-    packed rows ``cu_seqlens [B+1]`` of which the last ``num_targets[b]`` of each sequence
-    are targets (not written). The same contract as :func:`hstu_kernels.append_kv`."""
-
-    kv_cache: torch.Tensor
-    page_table: PageTable
-    cu_seqlens: torch.Tensor
-    num_targets: torch.Tensor
-
-    @property
-    def batch(self) -> int:
-        return self.cu_seqlens.shape[0] - 1
-
-    def check(self, inner: int, h: torch.Tensor) -> None:
-        """Raise ValueError/TypeError if the kernel cannot write this cache for ``h``."""
-        kv = self.kv_cache
-        if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] * kv.shape[4] != inner:
-            raise ValueError(
-                f"kv_cache: expected [pages, 2, page_size, heads, D] with heads*D = {inner}, "
-                f"got {tuple(kv.shape)}"
-            )
-        if kv.stride(4) != 1 or kv.stride(3) != kv.shape[4]:
-            raise ValueError(
-                f"kv_cache: each slot's [heads, D] must be contiguous, got strides {kv.stride()}"
-            )
-        if kv.dtype != h.dtype or kv.device != h.device:
-            raise TypeError(
-                f"kv_cache: expected {h.dtype} on {h.device}, got {kv.dtype} on {kv.device}"
-            )
-        if self.batch < 1 or self.num_targets.shape != (self.batch,):
-            raise ValueError("cu_seqlens, num_targets: expected [B+1] and [B], B >= 1")
-        if self.page_table.page_ids.numel() == 0:
-            raise ValueError("page_table.page_ids: expected at least one page per sequence")
 
 
 def _enabled() -> bool:
@@ -85,7 +46,7 @@ def _shape_key(h: torch.Tensor, weight: torch.Tensor) -> tuple:
 def _can_time(h: torch.Tensor) -> bool:
     """Whether candidates may be timed now: on CUDA, outside a graph capture, and unless
     ``HSTU_PROJECTION_AUTOTUNE=0``."""
-    from hstu_kernels.model import projection as P
+    from hstu_kernels.backends.triton import projection as P
 
     if h.device.type != "cuda" or P._capturing(h):
         return False
@@ -106,7 +67,7 @@ def project_appending(
     a shape not timed yet inside a graph capture) and is timed against the fused configs the
     first time a shape is seen.
     """
-    from hstu_kernels.model import projection as P
+    from hstu_kernels.backends.triton import projection as P
 
     if not (_enabled() and P._triton_ok(h) and P._fused_ok(h)):
         return separate()
@@ -138,7 +99,7 @@ def _time(
     run, TMA ones) that agree with it. Every candidate writes the same rows of the cache,
     and the caller's real call comes after, so the cache ends up holding what that call
     returns."""
-    from hstu_kernels.model import projection as P
+    from hstu_kernels.backends.triton import projection as P
 
     ref = separate()
     times = {SEPARATE: _graph_time(separate)}
@@ -164,7 +125,7 @@ def _graph_time(fn: Callable[[], object]) -> float:
     host overhead (tens of µs per Triton launch), which a graph replay does not pay."""
     from triton.testing import do_bench
 
-    from hstu_kernels.model import projection as P
+    from hstu_kernels.backends.triton import projection as P
 
     fn()
     torch.cuda.synchronize()

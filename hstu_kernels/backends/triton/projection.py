@@ -21,7 +21,7 @@ timing noise. ``HSTU_PROJECTION_AUTOTUNE=0`` (or a CUDA graph capture in progres
 timing and takes :func:`default_choice`; ``HSTU_FUSED_PROJECTION=0`` always takes the unfused
 path. Without CUDA the same math runs as torch ops.
 
-``python -m hstu_kernels.model.projection`` prints the time of every candidate on the GPU.
+``python -m hstu_kernels.backends.triton.projection`` prints the time of every candidate on the GPU.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ import torch.nn.functional as F
 
 from hstu_kernels import settings
 from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
+from hstu_kernels.reference.layer import SLOTS, check_projection
+from hstu_kernels.reference.layer import project_silu as reference_project_silu
 
 if TYPE_CHECKING:
-    from hstu_kernels.model.fusion import CacheAppend
+    from hstu_kernels.types import CacheAppend
 
 __all__ = [
     "CONFIGS",
@@ -55,7 +57,6 @@ __all__ = [
     "unfused_project_silu",
 ]
 
-SLOTS = 4  # u, v, q, k
 SPLIT_ROWS = 4  # rows per program of the SiLU/split pass
 
 
@@ -127,7 +128,7 @@ def _kernels() -> dict:
         import importlib
         import sys
 
-        name = "hstu_kernels.model.projection_kernels"
+        name = "hstu_kernels.backends.triton.projection_kernels"
         reset = name in sys.modules  # imported before: decorate again (interpreter switch)
         kernels = importlib.import_module(name)
         if reset:
@@ -141,31 +142,14 @@ def _kernels() -> dict:
     return _KERNELS
 
 
-def _check(h: torch.Tensor, weight: torch.Tensor) -> int:
-    """Validate ``h [T, K]`` and ``weight [K, 4 * inner]``; returns ``inner``."""
-    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[0]:
-        raise ValueError(
-            f"h, weight: expected [T, K] and [K, 4 * inner], got {tuple(h.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    if weight.shape[1] % SLOTS:
-        raise ValueError(f"weight: {weight.shape[1]} columns is not 4 * inner")
-    if h.dtype != weight.dtype or h.device != weight.device:
-        raise TypeError(
-            f"h, weight: expected one dtype and device, got {h.dtype}/{h.device} and "
-            f"{weight.dtype}/{weight.device}"
-        )
-    return weight.shape[1] // SLOTS
+_check = check_projection  # shapes, dtypes, devices: the reference's rule
 
 
 def _empty_out(h: torch.Tensor, inner: int) -> torch.Tensor:
     return torch.empty((SLOTS, h.shape[0], inner), dtype=h.dtype, device=h.device)
 
 
-def torch_project_silu(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """:func:`project_silu` as torch ops (the CPU path and the yardstick of the tests)."""
-    inner = _check(h, weight)
-    return F.silu(h @ weight).view(h.shape[0], SLOTS, inner).transpose(0, 1).contiguous()
+torch_project_silu = reference_project_silu  # the CPU path and the yardstick of the tests
 
 
 def _checked_out(
@@ -193,7 +177,7 @@ def silu_gemm(
     """The fused Triton kernel: ``SiLU(h @ weight)`` as ``[4, T, inner]``, with the given tile
     config (``config.block_n`` must divide ``inner``). Writes into ``out`` if given.
 
-    ``append`` (a :class:`~hstu_kernels.model.fusion.CacheAppend`): the ``k`` and ``v``
+    ``append`` (a :class:`~hstu_kernels.types.CacheAppend`): the ``k`` and ``v``
     slots' new history rows are also written into the paged cache, as ``append_kv`` would.
     """
     import triton
@@ -371,7 +355,7 @@ def _disable_triton(exc: Exception) -> None:
     """Say once why Triton cannot run the projection here, and stop trying."""
     _BROKEN.append(f"{type(exc).__name__}: {exc}")
     warnings.warn(
-        f"hstu_kernels.model.projection: Triton kernels disabled ({_BROKEN[0]}); "
+        f"hstu_kernels.backends.triton.projection: Triton kernels disabled ({_BROKEN[0]}); "
         "using cuBLAS + torch ops",
         RuntimeWarning,
         stacklevel=4,
@@ -382,7 +366,9 @@ def _triton_ok(h: torch.Tensor) -> bool:
     """Whether the Triton kernels may run on ``h`` (tests patch this to use the interpreter).
     Not inside ``torch.compile``: the compiler generates the GEMM and SiLU itself, and the
     cache append then goes through the registered op, whose mutation the compiler orders."""
-    return h.device.type == "cuda" and not _BROKEN and not torch.compiler.is_compiling()
+    if _BROKEN or torch.compiler.is_compiling():
+        return False
+    return h.device.type == "cuda" or settings.get().triton_interpret
 
 
 def _fused_ok(h: torch.Tensor) -> bool:
@@ -480,7 +466,7 @@ def _disable_tma(exc: Exception) -> None:
     """Say once why the TMA kernel failed here; the pointer kernel stays on."""
     _TMA_BROKEN.append(f"{type(exc).__name__}: {exc}")
     warnings.warn(
-        f"hstu_kernels.model.projection: TMA kernel disabled ({_TMA_BROKEN[0]}); "
+        f"hstu_kernels.backends.triton.projection: TMA kernel disabled ({_TMA_BROKEN[0]}); "
         "using the pointer kernel",
         RuntimeWarning,
         stacklevel=4,

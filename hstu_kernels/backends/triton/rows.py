@@ -1,0 +1,171 @@
+"""The HSTU layer's LayerNorm row kernels (Triton): ``layernorm`` and ``layernorm_mul`` of the
+layer op families (:mod:`hstu_kernels.layer_ops`; the math is :mod:`hstu_kernels.reference.layer`).
+
+One program normalises one or two rows of ``[rows, n]`` in fp32. ``layernorm_mul`` multiplies by
+``u`` (the projection's SiLU(u) slot, any row stride) in the same pass, and where the attention
+split its KV range it sums the fp32 partials ``[S, rows, n]`` in split order first, rounded to
+the output dtype as the attention's own sum kernel would have stored them: one kernel and one
+round trip of the attention output fewer. Launches go through a :class:`LaunchCache` (one fixed
+launch per shape). A Triton that cannot build the kernel here (a compile error, not an
+out-of-memory error) makes the ops use the reference's torch ops for the rest of the process,
+with one warning; ``HSTU_FUSED_LAYERNORM=0`` does so from the start.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hstu_kernels import reference, settings
+from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
+
+__all__ = ["SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "rows_per_program"]
+
+_KERNELS: dict | None = None
+# Rows per program of the row kernels: one while the grid is small (a few thousand rows), for
+# more programs in flight, two beyond (H100, width 1024: 384 rows 3.1 -> 2.7 us with one row
+# per program instead of four, 1024 rows 3.5 -> 3.2, 3072 rows best at two; bench/NOTES-block)
+SMALL_GRID_ROWS = 2048
+
+
+def rows_per_program(rows: int) -> int:
+    """Rows each program of the row kernels normalises, for a call over ``rows`` rows."""
+    return 1 if rows <= SMALL_GRID_ROWS else 2
+
+
+def _kernels() -> dict:
+    """The Triton kernels (defined, and compiled, on first use)."""
+    global _KERNELS
+    if _KERNELS is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def layernorm_kernel(
+            X, U, W, B, Y, rows, n_cols, stride_u, eps, splits,
+            HAS_U: tl.constexpr, SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        ):  # fmt: skip
+            r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            cols = tl.arange(0, BLOCK)
+            mask = (r < rows)[:, None] & (cols < n_cols)[None, :]
+            offs = r[:, None] * n_cols + cols[None, :]
+            if SPLIT:
+                # X: fp32 partials [splits, rows, n_cols]; summed in split order and rounded
+                # to Y's dtype, as the attention's own sum kernel would have stored them.
+                x = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+                part = X + offs  # 64-bit pointers: splits * rows * n_cols may pass 2^31
+                for _ in range(splits):
+                    x += tl.load(part, mask=mask, other=0.0)
+                    part += rows * n_cols
+                x = x.to(Y.dtype.element_ty).to(tl.float32)
+            else:
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=1) / n_cols
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            b = tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            y = d * rstd[:, None] * w[None, :] + b[None, :]
+            if HAS_U:
+                u_offs = r[:, None] * stride_u + cols[None, :]
+                u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
+                y = y * u
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+        _KERNELS = {"layernorm": layernorm_kernel}
+    return _KERNELS
+
+
+_BROKEN: list[str] = []  # why the Triton row kernels were switched off in this process
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """Whether the kernel runs on ``t``: on a GPU (or the interpreter), unless switched off;
+    rows wider than 8192 take the torch ops."""
+    if not settings.get().fused_layernorm or _BROKEN:
+        return False
+    if t.device.type != "cuda" and not settings.get().triton_interpret:
+        return False
+    return t.shape[-1] <= 8192
+
+
+def _run_or_fall_back(launch, fallback):
+    """Launch a row kernel; if it cannot run here (a Triton that fails to compile it), say so
+    once, switch the row kernels off for this process and use the torch ops."""
+    try:
+        return launch()
+    except Exception as exc:
+        if torch.cuda.is_current_stream_capturing() or not cannot_compile(exc):
+            raise
+        import warnings
+
+        _BROKEN.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(
+            f"hstu_kernels: Triton LayerNorm row kernels disabled ({_BROKEN[0]}); using torch ops",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return fallback()
+
+
+def _launch_args(rows: int, n: int) -> dict:
+    import triton
+
+    per = rows_per_program(rows)
+    block = triton.next_power_of_2(n)
+    return dict(ROWS=per, BLOCK=block, num_warps=min(16, max(4, per * block // 512)))
+
+
+def _row_layernorm(
+    x: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``x [rows, n]``, or fp32 split partials ``[S, rows, n]`` (then ``u`` gives the
+    output dtype)."""
+    x = x.contiguous()  # the kernel indexes rows by the width
+    split = x.dim() == 3
+    rows, n = x.shape[-2:]
+    y = torch.empty((rows, n), dtype=u.dtype if split else x.dtype, device=x.device)
+    if rows:
+        uu = x if u is None else u
+        stride_u = 0 if u is None else u.stride(0)
+        splits = x.shape[0] if split else 1
+        import triton
+
+        args = _launch_args(rows, n)
+        warps = args.pop("num_warps")
+        _ROW_LAUNCHES(
+            _kernels()["layernorm"], (triton.cdiv(rows, args["ROWS"]),),
+            (x, uu, weight, bias, y, rows, n, stride_u, eps, splits),
+            dict(HAS_U=u is not None, SPLIT=split, **args), num_warps=warps,
+        )  # fmt: skip
+    return y
+
+
+# Launches by shape: skips Triton's per-call argument binding.
+_ROW_LAUNCHES = LaunchCache()
+
+
+def layernorm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``LayerNorm(x)`` over the last dim of ``x [rows, n]``."""
+    if not _use_triton(x):
+        return reference.layernorm(x, weight, bias, eps)
+    return _run_or_fall_back(
+        lambda: _row_layernorm(x, None, weight, bias, eps),
+        lambda: reference.layernorm(x, weight, bias, eps),
+    )
+
+
+def layernorm_mul(
+    a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``LayerNorm(a) * u``; ``a`` may be fp32 split partials ``[S, rows, n]`` (summed in the
+    same pass). ``u`` needs unit column stride."""
+    if not _use_triton(a):
+        return reference.layernorm_mul(a, u, weight, bias, eps)
+    if u.stride(1) != 1:
+        raise ValueError(f"u: expected unit column stride, got strides {u.stride()}")
+    return _run_or_fall_back(
+        lambda: _row_layernorm(a, u, weight, bias, eps),
+        lambda: reference.layernorm_mul(a, u, weight, bias, eps),
+    )

@@ -1,0 +1,81 @@
+"""The HSTU layer's ops outside attention, behind the dispatcher like the attention ops.
+
+Four op families, each with a PyTorch reference (:mod:`hstu_kernels.reference.layer`) and a
+Triton implementation (``backends/triton``: ``rows``, ``projection``, ``fusion``):
+
+- ``layernorm(x, weight, bias, eps)``: ``LayerNorm(x)`` over the last dim of ``x [rows, n]``;
+- ``layernorm_mul(a, u, weight, bias, eps)``: ``LayerNorm(a) * u``; ``a`` may be a split
+  attention's fp32 partials ``[S, rows, n]`` (summed in split order in the same pass);
+- ``project_silu(h, weight)``: ``SiLU(h @ weight)`` as one contiguous ``[4, T, inner]``
+  (slots u, v, q, k);
+- ``project_silu_append(h, weight, append, separate)``: the same, with the new history K/V
+  rows written into the cache :class:`~hstu_kernels.types.CacheAppend` names (by the GEMM's
+  epilogue where that is faster), or ``separate()``, which does both the separate way.
+
+:func:`kernels` resolves all four for one backend argument, device and dtype, once (the layer
+calls it per forward: a dict lookup); ``backend="reference"`` (or ``HSTU_KERNELS_BACKEND``)
+runs the whole layer on torch ops. Inside ``torch.compile`` the reference's torch ops run (the
+compiler generates their kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hstu_kernels import reference, settings
+from hstu_kernels.dispatch import LAYER_OPS, Request, device_arch, registry
+
+__all__ = ["LayerKernels", "kernels", "reset"]
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """The implementations one layer call uses (see the module docstring for signatures)."""
+
+    backend: str  # the backend that serves them
+    layernorm: Callable[..., torch.Tensor]
+    layernorm_mul: Callable[..., torch.Tensor]
+    project_silu: Callable[..., torch.Tensor]
+    project_silu_append: Callable[..., torch.Tensor]
+
+
+def _reference_append(h, weight, append, separate):
+    return separate()
+
+
+_COMPILING = LayerKernels(
+    "reference", reference.layernorm, reference.layernorm_mul, reference.project_silu,
+    _reference_append,
+)  # fmt: skip
+_RESOLVED: dict[tuple, LayerKernels] = {}
+
+
+def kernels(backend: str, device: torch.device, dtype: torch.dtype) -> LayerKernels:
+    """The layer ops for ``backend`` (``"auto"``: the dispatcher's choice, which honours
+    ``HSTU_KERNELS_BACKEND``) on ``device`` in ``dtype``. One backend serves all four; a
+    forced backend that lacks them raises :class:`~hstu_kernels.dispatch.BackendError`."""
+    if torch.compiler.is_compiling():
+        return _COMPILING
+    key = (backend, device, dtype)
+    found = _RESOLVED.get(key)
+    if found is None:
+        arch = device_arch(device)
+        chosen = {op: registry().select(Request(op, arch, dtype, 0), backend) for op in LAYER_OPS}
+        names = {b.name for b in chosen.values()}
+        if len(names) != 1:  # e.g. a backend registering only some of them
+            raise ValueError(f"layer ops: served by several backends {sorted(names)}")
+        b = chosen["layernorm"]
+        found = LayerKernels(b.name, *(b.ops[op] for op in LAYER_OPS))
+        _RESOLVED[key] = found
+    return found
+
+
+def reset() -> None:
+    """Forget the resolved kernels (after the registry or the forced backend changed)."""
+    _RESOLVED.clear()
+
+
+settings.on_change(reset)  # the forced backend may have changed
