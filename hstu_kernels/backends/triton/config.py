@@ -35,7 +35,7 @@ class Config:
     prefetch: bool = True  # look the next KV tile's pages up one iteration ahead
     # One program per SM sharing all tiles' KV ranges evenly (tiles cut where a program's
     # share ends, pieces combined by the last one's program); ``splits`` is then unused.
-    # Balances alike tiles (paged); a paged tuning candidate (bench/NOTES-triton.md, v5).
+    # Balances alike tiles (paged); a paged tuning candidate (bench/NOTES-triton.md).
     stream_k: bool = False
     # Paged K/V tiles by TMA (a tensor descriptor of the cache) instead of pointer loads;
     # only where a tile lies in one page (else, and for jagged calls, pointer loads).

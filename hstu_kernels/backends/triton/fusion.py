@@ -14,7 +14,7 @@ more than timing noise. ``HSTU_FUSED_APPEND=0`` always takes the separate path.
 (Folding the input LayerNorm into the same GEMM, with the row statistics taken from its K
 loop, was built and measured too: that GEMM took ~4 µs longer than the plain one at 384 and
 1024 rows, more than the 3-4 µs LayerNorm kernel it removed, so it is not here; see
-bench/NOTES-block.md, v6.)
+bench/NOTES-block.md.)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from hstu_kernels import settings
 from hstu_kernels.backends.triton.launcher import cannot_compile
+from hstu_kernels.backends.triton.timing import replayed_ms
 from hstu_kernels.types import CacheAppend
 
 __all__ = ["SEPARATE", "project_appending"]
@@ -102,7 +103,7 @@ def _time(
     from hstu_kernels.backends.triton import projection as P
 
     ref = separate()
-    times = {SEPARATE: _graph_time(separate)}
+    times = {SEPARATE: replayed_ms(separate)}
     for config in P._candidates(h, weight):
 
         def run(c=config) -> torch.Tensor:
@@ -115,27 +116,5 @@ def _time(
                 raise
             continue
         if ok:
-            times[config] = _graph_time(run)
+            times[config] = replayed_ms(run)
     return min(times, key=times.get)
-
-
-def _graph_time(fn: Callable[[], object]) -> float:
-    """Median GPU time (ms) of ``fn`` replayed from a CUDA graph: the separate path is two
-    launches and the fused one a single launch, so timing them eagerly would weigh their
-    host overhead (tens of µs per Triton launch), which a graph replay does not pay."""
-    from triton.testing import do_bench
-
-    from hstu_kernels.backends.triton import projection as P
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception:  # not capturable here: time it eagerly
-        return P._bench(fn)
-    try:
-        return do_bench(graph.replay, 5, 25, return_mode="median")
-    finally:
-        del graph

@@ -23,6 +23,7 @@ from hstu_kernels.backends.triton.config import (
     tuning_key,
 )
 from hstu_kernels.backends.triton.launcher import cannot_compile
+from hstu_kernels.backends.triton.timing import replayed_ms
 from hstu_kernels.tuning import TuningCache
 from hstu_kernels.types import AttentionSpec, PageTable, PlannedBatch
 
@@ -94,22 +95,8 @@ def _tune(run: Callable[[Config], object], b: PlannedBatch, page_size: int | Non
 
 
 def _time_config(run: Callable[[Config], object], cfg: Config) -> float:
-    """Median time of one launch, replayed from a CUDA graph so that host overhead (which
-    dominates small batches in eager mode) does not pick the config."""
-    from triton.testing import do_bench
-
-    run(cfg)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            run(cfg)
-    except Exception:
-        return do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
-    try:
-        return do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
-    finally:
-        del graph
+    """Median time of one launch with ``cfg``, replayed from a CUDA graph."""
+    return replayed_ms(lambda: run(cfg))
 
 
 class _PlannedAttention:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from hstu_kernels import settings
 from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
+from hstu_kernels.backends.triton.timing import eager_ms
 from hstu_kernels.reference.layer import SLOTS, check_projection
 from hstu_kernels.reference.layer import project_silu as reference_project_silu
 
@@ -417,14 +418,7 @@ def fused_project(
     return silu_gemm(h, weight, config, append=append)
 
 
-def _bench(fn) -> float:
-    """Median time (ms) of ``fn`` after a warm-up call: the first call of a candidate may
-    still compile, allocate or load a cuBLAS kernel, which skewed do_bench's estimate."""
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    return do_bench(fn, 5, 25, return_mode="median")
+_bench = eager_ms  # the projection's candidates are one launch each: timed eagerly
 
 
 def _time_candidates(h: torch.Tensor, weight: torch.Tensor) -> dict[Choice, float]:
