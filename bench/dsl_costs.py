@@ -126,15 +126,6 @@ SWEEP = {  # tile shapes "BM,BN,threads", each with the SiLU of the default (tan
 }
 
 
-def sweep_variants() -> list[str]:
-    """The precompile specs of every tile shape :func:`sweep` times."""
-    out = []
-    for (kind, d), tiles in SWEEP.items():
-        spec = f"bf16:{d}:32:paged" if kind == "delta" else f"bf16:{d}:0:jagged"
-        out += [f"{spec}:{t}" for t in tiles]
-    return out
-
-
 def sweep() -> None:
     """Time each candidate tile shape of the B=8 bench cases, calling the kernel directly."""
     from triton.testing import do_bench
@@ -183,11 +174,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--backends", default="cutedsl-ampere,triton")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--print-sweep-variants", action="store_true")
     args = parser.parse_args()
-    if args.print_sweep_variants:
-        print(" ".join(f"--variant {v}" for v in sweep_variants()))
-        return
     if not args.no_compile:
         compile_and_load_times()
     host_overhead()
