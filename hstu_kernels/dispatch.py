@@ -290,6 +290,17 @@ def register(backend: Backend) -> None:
     _REGISTRY.register(backend)
 
 
+def check_backend_name(backend: object) -> str:
+    """``backend`` if it is ``"auto"`` or a registered backend's name, else a named error
+    (for arguments that are kept and used later, such as a block's)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    names = registry().backends
+    if backend != "auto" and backend not in names:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(names)}, got {backend!r}")
+    return backend
+
+
 def select(request: Request, backend: str = "auto") -> Backend:
     """The backend for ``request``: ``backend`` or ``$HSTU_KERNELS_BACKEND`` forces one."""
     return _REGISTRY.select(request, backend)

@@ -94,6 +94,14 @@ def check_served(
     return request
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory spans overlap (same device assumed; a cheap host check)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + a.numel() * a.element_size()
+    b1 = b0 + b.numel() * b.element_size()
+    return a0 < b1 and b0 < a1 and a.numel() > 0 and b.numel() > 0
+
+
 def _layout_for(
     op: str,
     cu: torch.Tensor,
@@ -110,6 +118,8 @@ def _layout_for(
 ) -> BatchLayout | None:
     """The batch's host values: ``layout`` as given (checked on the host), read from the
     device (one sync; checked if ``validate``), or ``None`` where neither is needed."""
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate: expected a bool, got {type(validate).__name__}")
     batch = cu.shape[0] - 1
     if layout is not None:
         if not isinstance(layout, BatchLayout):
@@ -239,10 +249,17 @@ class _Plan:
             )
         raise ValueError(f"{names[0]}: does not match the plan")  # unreachable in practice
 
-    def _out(self, out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    def _out(
+        self, out: torch.Tensor | None, q: torch.Tensor, *inputs: torch.Tensor
+    ) -> torch.Tensor:
         if out is None:
             return torch.empty_like(q)
         if isinstance(out, torch.Tensor) and out.shape == q.shape and self._rows_ok(out):
+            for name, t in zip(("q", "k", "v"), (q, *inputs), strict=False):
+                if _overlap(out, t):
+                    # a kernel that splits the KV range reads q after other programs of the
+                    # same rows may have written out
+                    raise ValueError(f"out: must not share memory with {name}")
             return out
         out = val.check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         raise ValueError(f"out: expected shape {tuple(q.shape)} (as q), got {tuple(out.shape)}")
@@ -327,7 +344,7 @@ class PagedAttentionPlan(_PagedPool):
         ``[num_pages, 2, page_size, heads, head_dim]``): ``q, k_new, v_new`` and ``out`` as in
         :func:`~hstu_kernels.paged_hstu_attention`. Returns ``out`` (allocated if ``None``)."""
         self._check(q, k_new, v_new, kv_cache)
-        out = self._out(out, q)
+        out = self._out(out, q, k_new, v_new)
         self._launch(q, k_new, v_new, kv_cache, out)
         return out
 
@@ -371,7 +388,7 @@ class JaggedAttentionPlan(_Plan):
         if not (self._rows_ok(q) and self._rows_ok(k) and self._rows_ok(v)
                 and k.shape == q.shape == v.shape):  # fmt: skip
             self._refuse(("q", "k", "v"), (q, k, v))
-        out = self._out(out, q)
+        out = self._out(out, q, k, v)
         self._launch(q, k, v, out)
         return out
 

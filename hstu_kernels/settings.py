@@ -171,6 +171,10 @@ def reload() -> Settings:
 def configure(**changes: object) -> Settings:
     """Change settings for the rest of the process, e.g. ``configure(triton_autotune=False)``;
     returns the new settings. Unknown names raise ``TypeError``."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise TypeError(f"settings: unknown {unknown}; known: {sorted(known)}")
     return _set(dataclasses.replace(get(), **changes))
 
 

@@ -280,3 +280,43 @@ class CacheMachine(RuleBasedStateMachine):
 
 CacheMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
 test_cache_machine = CacheMachine.TestCase
+
+
+# --- more named errors, each before anything changes --------------------------------------
+
+
+def test_named_errors_for_kept_and_late_arguments():
+    from hstu_kernels.kvcache import LayerIndexError
+    from hstu_kernels.model import HSTUBlock
+
+    cache = _manager()
+    with pytest.raises(LayerIndexError, match=r"layer: expected an int in 0\.\.1"):
+        cache.layer_cache(2)
+    with pytest.raises(ValueError, match="layer"):  # a ValueError too, as other bad arguments
+        cache.wait_layer(-1)
+    with pytest.raises(ValueError, match="snapshot: taken of another cache manager"):
+        cache.rollback(_manager().snapshot())
+    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
+        HSTUBlock(2, 24, 2, 16, scaling_seqlen=64, backend="bogus")
+    with pytest.raises(ValueError, match="eps: expected a float in"):
+        HSTUBlock(2, 24, 2, 16, scaling_seqlen=64, eps=-1.0)
+    with pytest.raises(ValueError, match="page_size: expected a power of two"):
+        RankingConfig.tiny(page_size=24)
+    with pytest.raises(TypeError, match="settings: unknown"):
+        import hstu_kernels as hk
+
+        hk.settings.configure(no_such_knob=1)
+
+
+def test_a_request_with_an_impossible_new_count_is_refused_before_the_cache_changes():
+    model = _model()
+    cache = model.make_cache()
+    batch = _batches(model, [0])[0]
+    r = batch.requests[0]
+    bad = RequestBatch(batch.index, (dataclasses.replace(r, new=r.history + 1),))
+    before = _state(cache)
+    with pytest.raises(ValueError, match=r"new: expected an int in 0\.\."):
+        model.score(bad, "kvcache", cache)
+    with pytest.raises(ValueError, match="a user appears twice"):
+        model.score(RequestBatch(batch.index, (r, r)), "kvcache", cache)
+    assert _state(cache) == before

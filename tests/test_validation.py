@@ -411,3 +411,15 @@ def test_append_refuses_a_page_two_sequences_would_share_for_writing():
     q = torch.randn(6, heads, dim)
     out = hk.paged_hstu_attention(q, k, k, kv, shared, cu, num_targets=nt)
     assert torch.isfinite(out).all()
+
+
+def test_out_sharing_memory_with_an_input_is_refused(case):
+    args = paged_args(case)
+    for name in ("q", "k_new", "v_new"):
+        with pytest.raises(ValueError, match="out: must not share memory with"):
+            hk.paged_hstu_attention(**args, out=args[name])
+    q, k, v = case.q_full, case.k_full, case.v_full
+    with pytest.raises(ValueError, match="out: must not share memory with k"):
+        hk.hstu_attention(q, k, v, case.cu_full, num_targets=case.num_targets, out=k)
+    with pytest.raises(TypeError, match="validate: expected a bool"):
+        hk.paged_hstu_attention(**args, validate="yes")

@@ -8,7 +8,12 @@ offload/onload, and the batch metadata builder (DESIGN.md §2, §3).
 """
 
 from hstu_kernels.kvcache.allocator import OutOfPagesError, PageAllocator
-from hstu_kernels.kvcache.manager import KVCacheConfig, KVCacheError, KVCacheManager
+from hstu_kernels.kvcache.manager import (
+    KVCacheConfig,
+    KVCacheError,
+    KVCacheManager,
+    LayerIndexError,
+)
 from hstu_kernels.kvcache.metadata import (
     BatchMetadata,
     JaggedMetadata,
@@ -22,6 +27,7 @@ __all__ = [
     "JaggedMetadata",
     "KVCacheConfig",
     "KVCacheError",
+    "LayerIndexError",
     "KVCacheManager",
     "OutOfPagesError",
     "PageAllocator",

@@ -38,6 +38,11 @@ class KVCacheError(ValueError):
     """A request the cache cannot serve (unknown user, wrong lengths, pool too small)."""
 
 
+class LayerIndexError(IndexError, ValueError):
+    """A layer index outside the cache's layers (an IndexError, and a ValueError as every
+    other bad argument)."""
+
+
 @dataclass(frozen=True)
 class KVCacheConfig:
     """Shape of the cache.
@@ -103,6 +108,7 @@ class CacheSnapshot:
 
     users: tuple[tuple[Hashable, int, tuple[int, ...] | None, tuple[int, ...] | None], ...]
     stats: tuple[tuple[str, int], ...]
+    owner: int = 0  # id() of the manager it was taken of
 
 
 class KVCacheManager:
@@ -148,7 +154,7 @@ class KVCacheManager:
     def _check_layer(self, layer: object) -> int:
         n = self.config.num_layers
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
-            raise IndexError(f"layer: expected an int in 0..{n - 1}, got {layer!r}")
+            raise LayerIndexError(f"layer: expected an int in 0..{n - 1}, got {layer!r}")
         return layer
 
     def layer_cache(self, layer: int) -> torch.Tensor:
@@ -405,7 +411,7 @@ class KVCacheManager:
              None if u.host_pages is None else tuple(u.host_pages))
             for uid, u in self._users.items()
         )  # fmt: skip
-        return CacheSnapshot(users, tuple(self.stats.items()))
+        return CacheSnapshot(users, tuple(self.stats.items()), id(self))
 
     def rollback(self, snapshot: CacheSnapshot) -> None:
         """Undo what happened since ``snapshot`` (a request that failed after
@@ -421,6 +427,8 @@ class KVCacheManager:
         """
         if not isinstance(snapshot, CacheSnapshot):
             raise TypeError(f"snapshot: expected a CacheSnapshot, got {type(snapshot).__name__}")
+        if snapshot.owner != id(self):
+            raise ValueError("snapshot: taken of another cache manager")
         stats = dict(snapshot.stats)
         users: OrderedDict[Hashable, _User] = OrderedDict()
         for uid, length, gpu, host in snapshot.users:

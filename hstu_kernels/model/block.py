@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hstu_kernels.dispatch import check_backend_name
 from hstu_kernels.kvcache.manager import KVCacheConfig, KVCacheManager
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.model.layer import CachedPlans, HSTULayer, plan_cached, plan_uncached
@@ -70,7 +71,7 @@ class HSTUBlock(nn.Module):
             head_dim,
         )
         self.scaling_seqlen = scaling_seqlen
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.layers = nn.ModuleList(
             HSTULayer(
                 hidden,

@@ -175,6 +175,8 @@ class HSTULayer(nn.Module):
         for name, v in (("hidden", hidden), ("heads", heads), ("head_dim", head_dim)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ValueError(f"eps: expected a float in (0, 1), got {eps!r}")
         self.hidden, self.heads, self.head_dim = hidden, heads, head_dim
         self.alpha = alpha
         self.eps = eps

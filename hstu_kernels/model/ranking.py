@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hstu_kernels.dispatch import check_backend_name
 from hstu_kernels.kvcache.manager import KVCacheManager
 from hstu_kernels.kvcache.metadata import build_jagged_metadata
 from hstu_kernels.model.block import HSTUBlock
@@ -81,6 +82,11 @@ class RankingConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size: expected a power of two, got {self.page_size}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {self.dtype!r}")
+        check_backend_name(self.backend)
 
     @property
     def scaling_seqlen(self) -> int:
@@ -310,7 +316,15 @@ class HSTURankingModel(nn.Module):
             raise TypeError(f"batch: expected a RequestBatch, got {type(batch).__name__}")
         if batch.size > c.max_batch:
             raise ValueError(f"batch: {batch.size} users, the model takes up to {c.max_batch}")
+        users = [r.user_id for r in batch.requests]
+        if len(set(users)) != len(users):
+            raise ValueError(f"batch: a user appears twice ({users})")
         for r in batch.requests:
+            if not isinstance(r.new, int) or isinstance(r.new, bool) or not 0 <= r.new <= r.history:
+                raise ValueError(
+                    f"batch: user {r.user_id}'s new: expected an int in 0..{r.history} (its "
+                    f"history), got {r.new!r}"
+                )
             if not 1 <= r.history <= c.max_history or r.targets > c.max_targets:
                 raise ValueError(
                     f"batch: user {r.user_id} has {r.history} history tokens and {r.targets} "
