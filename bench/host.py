@@ -102,6 +102,49 @@ def _calls(case: Any, dtype: torch.dtype, device: str, backend: str) -> dict[str
     return calls
 
 
+def _layer_calls(dtype: torch.dtype, device: str) -> dict[str, Callable]:
+    """One cached HSTU layer (hidden 256, the attention's shape above) and each step of it, on
+    the same tiny batch: where an eager layer's host time goes."""
+    from hstu_kernels import layer_ops
+    from hstu_kernels.model import HSTUBlock
+    from hstu_kernels.types import CacheAppend
+
+    block = HSTUBlock(1, 256, HEADS, HEAD_DIM, scaling_seqlen=128, dtype=dtype, device=device)
+    cache = block.make_cache(16, PAGE_SIZE)
+    cache.prepare([0, 1], [0, 0], [h - n for h, n in zip(HISTORIES, NEW, strict=True)], [0, 0])
+    meta = cache.prepare([0, 1], [h - n for h, n in zip(HISTORIES, NEW, strict=True)], NEW,
+                         TARGETS)  # fmt: skip
+    layer, kv = block.layers[0], cache.layer_cache(0)
+    plans = block.plan_cached(meta)
+    x = torch.randn(meta.num_tokens, 256, device=device, dtype=dtype)
+    ops = layer_ops.kernels("auto", torch.device(device), dtype)
+    h = ops.layernorm(x, layer.norm_in_weight, layer.norm_in_bias, layer.eps)
+    append = CacheAppend(kv, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
+    uvqk = ops.project_silu(h, layer.uvqk_weight)
+    shape = (meta.num_tokens, HEADS, HEAD_DIM)
+    u, q, k, v = uvqk[0], uvqk[2].view(shape), uvqk[3].view(shape), uvqk[1].view(shape)
+    attn = plans.attention.run_partials(q, k, v, kv)
+    a = attn.view(-1, meta.num_tokens, HEADS * HEAD_DIM) if attn.dim() == 4 else attn.view(
+        -1, HEADS * HEAD_DIM)  # fmt: skip
+    y = ops.layernorm_mul(a, u, layer.norm_attn_weight, layer.norm_attn_bias, layer.eps)
+    kw = dict(scaling_seqlen=128, plans=plans)
+    return {
+        "layer forward_cached": lambda: layer.forward_cached(x, meta, kv, **kw),
+        "block plan_cached": lambda: block.plan_cached(meta),
+        "layer: layernorm": lambda: ops.layernorm(
+            x, layer.norm_in_weight, layer.norm_in_bias, layer.eps
+        ),
+        "layer: project_silu_append": lambda: ops.project_silu_append(
+            h, layer.uvqk_weight, append, lambda: ops.project_silu(h, layer.uvqk_weight)
+        ),
+        "layer: attention run_partials": lambda: plans.attention.run_partials(q, k, v, kv),
+        "layer: layernorm_mul": lambda: ops.layernorm_mul(
+            a, u, layer.norm_attn_weight, layer.norm_attn_bias, layer.eps
+        ),
+        "layer: residual addmm": lambda: torch.addmm(x, y, layer.out_weight.t()),
+    }
+
+
 def _sdpa_call(case: Any, dtype: torch.dtype, device: str) -> Callable:
     """torch SDPA over the same jagged batch padded to ``[B, heads, L, D]`` (causal)."""
     length = max(h + t for h, t in zip(case.histories, case.targets, strict=True))
@@ -175,6 +218,16 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
         except Exception as exc:  # a backend that cannot plan here is reported, not fatal
             print(f"host: {backend}: {type(exc).__name__}: {exc}")
             continue
+        if backend == ("auto" if gpu else "reference"):
+            try:  # the layer's ops, with backend="auto" (the model's)
+                layer_calls = _layer_calls(dtype, device)
+            except Exception as exc:
+                print(f"host: the layer cases: {type(exc).__name__}: {exc}")
+                layer_calls = {}
+            for name, fn in layer_calls.items():
+                us = per_call_us(fn, reps, device)
+                entries.append({**base, "case": name, "impl": "auto", "host_us": round(us, 2)})
+                print(f"host: {name:28s} {'auto':18s} {us:8.1f} us", flush=True)
         for name, fn in calls.items():
             try:
                 us = per_call_us(fn, reps, device)
