@@ -309,3 +309,19 @@ def test_an_unverified_backend_serves_auto_only_after_its_first_use_check(device
     reg = Registry([fallback, _unverified("good", correct, calls, base)])
     hk.reset_caches()  # memory gone: the verdict comes back from disk
     assert reg.select(request).name == "good" and calls == ["good"]
+
+
+def test_one_split_kv_chooser_with_a_rule_per_kernel():
+    """The kernels' split choices all come from hstu_kernels.split_kv (H100: 132 SMs)."""
+    from hstu_kernels.backends.cutedsl.split_kv import choose_splits as hopper_splits
+    from hstu_kernels.backends.cutedsl_ampere import num_splits
+    from hstu_kernels.split_kv import choose_splits
+
+    assert choose_splits(12, 64, 132, causal=False, rule="fill") == 11  # Triton B=1: one wave
+    assert choose_splits(96, 64, 132, causal=False, rule="fill") == 1
+    assert choose_splits(48, 128, 132, causal=False, rule="waves") == 2  # Hopper B=4 + targets
+    assert hopper_splits(48, 128, 132, False) == 2
+    assert choose_splits(136, 68, 132, causal=True) == 2  # jagged B=1
+    assert num_splits(12, 68, 1, 132) == choose_splits(12, 68, 132, causal=False, rule="share")
+    with pytest.raises(ValueError, match="rule"):
+        choose_splits(12, 64, 132, causal=False, rule="even")

@@ -12,6 +12,7 @@ import torch
 
 from hstu_kernels import settings
 from hstu_kernels.dispatch import Backend, register, sm_count
+from hstu_kernels.split_kv import choose_splits
 
 ARCHS = frozenset({"sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120"})
 
@@ -50,21 +51,11 @@ def _kernel(key: tuple) -> tuple:
 
 
 def num_splits(ctas: int, key_tiles: int, occupancy: int, sms: int) -> int:
-    """Split-KV factor: fill the GPU when the q-tiles alone leave SMs idle.
-
-    Picks ``s`` minimising ``waves(s) / s`` (the time of a CTA's share, in whole waves of
-    ``sms * occupancy`` slots) plus a small cost per split (the combine reads ``s`` fp32
-    partials), with at least 4 KV tiles per split.
-    """
-    slots = sms * occupancy
-    if ctas >= slots:
-        return 1
-    best, best_cost = 1, 1.0
-    for s in range(2, min(16, max(1, key_tiles // 4)) + 1):
-        cost = -(-ctas * s // slots) / s + 0.02 * s
-        if cost < best_cost:
-            best, best_cost = s, cost
-    return best
+    """Split-KV factor of the warp-MMA kernel (:func:`hstu_kernels.split_kv.choose_splits`,
+    rule ``"share"``): fill the GPU when the q-tiles alone leave slots (``sms * occupancy``)
+    idle; the split minimising a CTA's share of whole waves plus a small cost per split (the
+    combine reads ``s`` fp32 partials), with at least 4 KV tiles per split."""
+    return choose_splits(ctas, key_tiles, sms * occupancy, causal=False, rule="share")
 
 
 def _launch(q, k, v, out, kv_cache, cu, num_targets, page_table, max_q, spec, paged: bool):

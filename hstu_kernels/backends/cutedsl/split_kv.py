@@ -16,7 +16,9 @@ import math
 import torch
 
 from hstu_kernels import settings
+from hstu_kernels import split_kv as _shared
 from hstu_kernels.dispatch import sm_count
+from hstu_kernels.split_kv import MAX_SPLITS
 
 __all__ = [
     "JAGGED_TILE_N",
@@ -27,7 +29,6 @@ __all__ = [
     "split_layout",
 ]
 
-MAX_SPLITS = 16
 JAGGED_TILE_N = 64  # keys per tile of the Hopper kernel's jagged op (paged: one 32-token page)
 
 
@@ -37,43 +38,15 @@ def jagged_tile_n() -> int:
     return settings.get().cutedsl_jagged_tile_n
 
 
-# One more CTA of a query tile costs about this many key tiles of work (Q tile load, pipeline
-# fill, the fp32 partial written and summed); rounded up so that a split must win clearly.
-# Set for 32-key tiles; the jagged op's 64-key tiles count it double (performance only).
-SPLIT_OVERHEAD_TILES = 2.0
-
-
 def choose_splits(tiles: int, kv_tiles: int, sms: int, causal: bool) -> int:
-    """Splits per query tile for ``tiles`` query tiles whose longest walks ``kv_tiles`` key
-    tiles, on ``sms`` SMs (one CTA per SM at a time).
-
-    - Paged (``causal=False``): the tiles are alike, so the launch lasts ``waves`` CTA times;
-      split only a grid that leaves more than half the SMs idle (96 tiles of 128 keys on 132
-      SMs measured 119 us unsplit, 157 us in 2 on an H100: the partials' round trip costs
-      more than the idle SMs), into the count that minimises ``ceil(tiles * s / sms) *
-      (ceil(kv_tiles / s) + overhead)`` among those that fit one wave: 48 tiles (B=4 + 256
-      targets) in 8 splits, three waves, measured 128 us on an H100 against 74 in 2
-      (attention + the LayerNorm summing the partials; 149 us with the kernel's own sum).
-    - Jagged (``causal=True``): tile ``i`` walks ~``i`` of the key tiles in chunks of
-      ``ceil(kv_tiles / s)``; the launch lasts about the longer of the mean load per SM and
-      the longest chunk.
-
-    A larger split is taken only if it wins by more than 2 %.
-    """
-    if tiles <= 0 or kv_tiles <= 1 or sms <= 1 or (not causal and 2 * tiles > sms):
-        return 1
-    best, best_cost = 1, float("inf")
-    most = min(MAX_SPLITS, kv_tiles) if causal else min(MAX_SPLITS, kv_tiles, sms // tiles)
-    for s in range(1, most + 1):
-        extra = SPLIT_OVERHEAD_TILES if s > 1 else 0.0
-        chunk = math.ceil(kv_tiles / s) + extra
-        if causal:
-            cost = max(tiles * (kv_tiles / 2 + (s - 1) * extra) / sms, chunk)
-        else:
-            cost = math.ceil(tiles * s / sms) * chunk
-        if cost < best_cost * 0.98:
-            best, best_cost = s, cost
-    return best
+    """Splits per query tile of the Hopper kernel's grid (:func:`hstu_kernels.split_kv.
+    choose_splits`, rule ``"waves"``): ``tiles`` query tiles whose longest walks ``kv_tiles``
+    key tiles, on ``sms`` SMs. Paged: among the one-wave splits (of a grid leaving more than half
+    the SMs idle: 96 tiles of 128 keys measured 119 us unsplit, 157 in 2 on an H100), the one
+    minimising waves x chunk: 48 tiles (B=4 + 256 targets) in 2, 74 us against 128 in 8 splits
+    over three waves. The jagged op's 64-key tiles count the per-split overhead double
+    (performance only)."""
+    return _shared.choose_splits(tiles, kv_tiles, sms, causal=causal, rule="waves")
 
 
 def split_layout(

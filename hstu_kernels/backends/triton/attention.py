@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hstu_kernels import split_kv
 from hstu_kernels.backends.triton.config import Config
 from hstu_kernels.backends.triton.launcher import FixedLaunch
 from hstu_kernels.dispatch import sm_count
@@ -507,50 +508,18 @@ def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr):
     tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=ok)
 
 
-MAX_SPLITS = 16
-
-
 def grid_programs(batch: int, heads: int, max_seqlen: int, block_m: int) -> int:
     """Programs of one split of the grid (some exit at once for short sequences)."""
     return batch * heads * triton.cdiv(max(max_seqlen, 1), block_m)
 
 
-# What one extra KV chunk costs its program, in key tiles: loading the query tile, filling the
-# pipeline, and writing and summing an fp32 partial (~1.5 tiles at D=256 by the H100 figures in
-# bench/NOTES-triton.md, rounded up so that a split must win clearly).
-SPLIT_OVERHEAD_TILES = 2.0
-
-
 def choose_splits(programs: int, kv_tiles: int, device: torch.device, causal: bool) -> int:
-    """KV splits so that a small or lopsided grid still keeps the GPU busy.
-
-    ``programs`` query tiles, the longest of which visits ``kv_tiles`` key tiles.
-
-    - Paged (``causal=False``): the tiles are alike (each visits about the whole history), so
-      split only a grid of fewer than half as many programs as SMs, into as many chunks as
-      fill one wave. (Splitting 96 tiles on 132 SMs measured slower: the fp32 partials' round
-      trip costs more than the idle SMs.)
-    - Jagged (``causal=True``): tile ``i`` visits ~``i`` key tiles, so the launch lasts as
-      long as the longer of the mean load per SM and the longest chunk; pick the split that
-      minimises that estimate (B=1 over 4352 keys: 2 chunks, 144 -> 116 us on an H100).
-
-    1 on the interpreter.
-    """
-    sms = sm_count(device)
-    if sms <= 1 or programs <= 0 or kv_tiles <= 1:
-        return 1
-    if not causal:
-        if programs >= sms // 2:
-            return 1
-        return max(1, min(MAX_SPLITS, sms // programs, kv_tiles))
-    best, best_cost = 1, float("inf")
-    for s in range(1, min(MAX_SPLITS, kv_tiles) + 1):
-        chunk = math.ceil(kv_tiles / s) + (SPLIT_OVERHEAD_TILES if s > 1 else 0.0)
-        mean_load = programs * (kv_tiles / 2 + (s - 1) * SPLIT_OVERHEAD_TILES) / sms
-        cost = max(mean_load, chunk)
-        if cost < best_cost * 0.98:  # a bigger split must win by more than noise
-            best, best_cost = s, cost
-    return best
+    """KV splits of this kernel's grid (:func:`hstu_kernels.split_kv.choose_splits`, rule
+    ``"fill"``): ``programs`` query tiles, the longest visiting ``kv_tiles`` key tiles. Paged:
+    a grid of fewer than half as many programs as SMs, into as many chunks as fill one wave
+    (96 tiles on 132 SMs measured slower split). Jagged: B=1 over 4352 keys takes 2 chunks,
+    144 -> 116 us on an H100. 1 on the interpreter."""
+    return split_kv.choose_splits(programs, kv_tiles, sm_count(device), causal=causal, rule="fill")
 
 
 def _kv_descriptor(kv_cache: torch.Tensor, block_n: int):
