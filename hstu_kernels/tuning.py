@@ -63,6 +63,7 @@ class TuningCache:
         self._encode, self._decode = encode, decode
         self._lock = threading.Lock()
         self._memory: dict[tuple[str, tuple], Any] = {}
+        self._volatile: set[tuple[str, tuple]] = set()  # kept in memory only
         self._loaded: set[str] = set()
         _ALL.append(self)
 
@@ -97,19 +98,25 @@ class TuningCache:
             self._load(card)
             return self._memory.get((card, key))
 
-    def put(self, device: torch.device, key: tuple, value: Any) -> None:
-        """Remember ``value`` for ``key`` on ``device``'s card (and write the card's file)."""
+    def put(self, device: torch.device, key: tuple, value: Any, *, persist: bool = True) -> None:
+        """Remember ``value`` for ``key`` on ``device``'s card (and write the card's file);
+        ``persist=False`` keeps it in this process only (a fallback after a failure, which a
+        later process should not inherit)."""
         card = _card(device)
         with self._lock:
             self._load(card)
             self._memory[(card, key)] = value
+            if not persist:
+                self._volatile.add((card, key))
+                return
+            self._volatile.discard((card, key))
             path = self._path(card)
             if path is None:
                 return
             entries = [
                 {"key": list(k), "value": self._encode(v)}
                 for (c, k), v in self._memory.items()
-                if c == card
+                if c == card and (c, k) not in self._volatile
             ]
             data = {"versions": _versions(), "entries": entries}
             with contextlib.suppress(OSError):  # a read-only home: memory only
@@ -128,6 +135,7 @@ class TuningCache:
         """Forget what is in memory (the disk file stays, and is read again on next use)."""
         with self._lock:
             self._memory.clear()
+            self._volatile.clear()
             self._loaded.clear()
 
 

@@ -266,13 +266,13 @@ def _graph_run(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused_input", ["timed", "forced"])
-def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch):
+def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch, knobs, tmp_path):
     """``forced``: the projection with the input LayerNorm and the append fused in, whatever
     the timing says (at these small shapes the separate path may win it)."""
     from hstu_kernels.backends.triton import fusion
     from hstu_kernels.backends.triton import projection as P
 
-    monkeypatch.setattr(fusion, "_CHOICES", {})
+    knobs(tuning_cache=tmp_path)  # no fusion choices from earlier tests or processes
     if fused_input == "forced":
         monkeypatch.setattr(fusion, "_time", lambda *a: P.GemmConfig(64, 64, 64, 8, 4, 4))
     histories, targets = [300, 33, 1, 129], [17, 0, 5, 64]

@@ -140,7 +140,7 @@ def test_project_appending_falls_back_to_the_separate_path(knobs):
     assert FU.project_appending(h, w, append, lambda: sentinel) is sentinel
 
 
-def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs):
+def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs, tmp_path):
     """The layer's cached path with the fused kernel forced (interpreter on the CPU): the
     same outputs and the same cache as the separate path (LayerNorm, projection, append_kv),
     chunk after chunk, so k and v land in the right planes and rows."""
@@ -153,8 +153,7 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs):
     assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
 
     def run(fused: bool):
-        monkeypatch.setattr(FU, "_CHOICES", {})
-        knobs(fused_append=fused)
+        knobs(fused_append=fused, tuning_cache=tmp_path / str(fused))  # fresh choices
         # fused: every shape's timing picks the first small config
         monkeypatch.setattr(P, "CONFIGS", (SMALL[0],))
         monkeypatch.setattr(FU, "_time", lambda *a: SMALL[0])
@@ -170,7 +169,7 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs):
             meta = cache.prepare([5, 6], cached, new, tgt)
             x = torch.randn(sum(new) + sum(tgt), 32, generator=gen).half()
             outs.append(block.forward_cached(x, meta, cache))
-        return outs, cache.pool.clone(), FU._CHOICES
+        return outs, cache.pool.clone(), FU._CHOICES.items()
 
     sep_outs, sep_pool, sep_choices = run(False)
     fused_outs, fused_pool, fused_choices = run(True)

@@ -34,7 +34,7 @@ def _use_interpreter(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(P, "_KERNELS", None)  # re-decorate under the interpreter
     monkeypatch.setattr(P, "_triton_ok", lambda h: True)
-    monkeypatch.setattr(P, "_CHOICES", {})
+    P._CHOICES.clear()
 
 
 def _inputs(tokens, k, inner, dtype, device="cpu", seed=0):
@@ -206,8 +206,8 @@ def test_silu_split_interpreter(dtype, monkeypatch):
     assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
 
 
-def test_project_silu_cpu_path(monkeypatch):
-    monkeypatch.setattr(P, "_CHOICES", {})  # GPU tests earlier in the session fill it
+def test_project_silu_cpu_path(knobs, tmp_path):
+    knobs(tuning_cache=tmp_path)  # GPU tests earlier in the run fill the cache
     h, w = _inputs(9, 24, 32, torch.float32)
     got = P.project_silu(h, w)
     assert got.shape == (4, 9, 32) and got.is_contiguous()
@@ -215,7 +215,7 @@ def test_project_silu_cpu_path(monkeypatch):
     for slot in range(4):
         torch.testing.assert_close(got[slot], want[:, slot * 32 : (slot + 1) * 32])
     assert P.project_silu(h[:0], w).shape == (4, 0, 32)
-    assert not P._CHOICES  # nothing timed or cached without CUDA
+    assert not P._CHOICES.items()  # nothing timed or cached without CUDA
     with pytest.raises(ValueError, match="4 \\* inner"):
         P.project_silu(h, w[:, :30])
     with pytest.raises(ValueError, match="expected \\[T, K\\]"):
@@ -252,7 +252,7 @@ def test_project_silu_chooser_interpreter(dtype, monkeypatch):
     assert_hstu_close(P.project_silu(h, w, choice=P.UNFUSED), ref32, ref_lowp, eps=1e-5)
     assert_hstu_close(P.project_silu(h, w, choice=SMALL_CONFIGS[1]), ref32, ref_lowp, eps=1e-5)
     assert calls[-2:] == ["split", "gemm"]
-    assert not P._BROKEN and not P._CHOICES
+    assert not P._BROKEN and not P._CHOICES.items()
 
 
 # --- the layer and the block ---------------------------------------------------------------
@@ -375,13 +375,13 @@ def test_silu_gemm_tma_gpu(tokens, config):
 
 
 @pytest.mark.gpu
-def test_project_silu_tma_fallback_and_graph_gpu(monkeypatch):
+def test_project_silu_tma_fallback_and_graph_gpu(monkeypatch, knobs, tmp_path):
     """A TMA choice on a misaligned ``h`` (a view 2 bytes into its buffer) runs the pointer
     kernel instead; on aligned tensors it runs inside a CUDA graph capture (the host-side
     descriptors travel by value in the kernel's parameters)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9.0 or later")
-    monkeypatch.setattr(P, "_CHOICES", {})
+    knobs(tuning_cache=tmp_path)  # no choices from earlier tests or processes
     choice = P.TMA_CONFIGS[0]
     h, w = _inputs(700, 1024, 1024, torch.bfloat16, "cuda")
     shifted = torch.empty(700 * 1024 + 1, dtype=h.dtype, device="cuda")[1:].view(700, 1024)
@@ -403,19 +403,22 @@ def test_project_silu_tma_fallback_and_graph_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_project_silu_chooser_gpu(monkeypatch):
-    monkeypatch.setattr(P, "_CHOICES", {})
+def test_project_silu_chooser_gpu(knobs, tmp_path):
+    knobs(tuning_cache=tmp_path)  # no choices from earlier tests or processes
     h, w = _inputs(3000, 1024, 1024, torch.bfloat16, "cuda")
     ref32, ref_lowp = _refs(h, w)
     assert_hstu_close(P.project_silu(h, w), ref32, ref_lowp, eps=1e-4)
-    assert list(P._CHOICES) == [(h.device, 4096, 1024, 4096, torch.bfloat16)]
-    choice = next(iter(P._CHOICES.values()))
+    assert list(P._CHOICES.items()) == [(4096, 1024, 4096, "torch.bfloat16")]
+    choice = next(iter(P._CHOICES.items().values()))
     assert choice == P.UNFUSED or choice in P.CONFIGS + P.TMA_CONFIGS
     print("project_silu picks", choice)
     if torch.cuda.get_device_capability()[0] >= 9:  # the TMA kernel is among the candidates
         assert set(P.TMA_CONFIGS) <= set(P._candidates(h, w))
     assert_hstu_close(P.project_silu(h[:2100], w), *_refs(h[:2100], w), eps=1e-4)
-    assert len(P._CHOICES) == 1  # same bucket: timed once
+    assert len(P._CHOICES.items()) == 1  # same bucket: timed once
+    # kept on disk: a later process reads the choice back instead of timing
+    P._CHOICES.clear()
+    assert P._CHOICES.get(h.device, (4096, 1024, 4096, "torch.bfloat16")) == choice
 
     # unfused path alone
     assert_hstu_close(P.unfused_project_silu(h, w), ref32, ref_lowp, eps=1e-4)
@@ -423,7 +426,7 @@ def test_project_silu_chooser_gpu(monkeypatch):
     # no timing with the switch off
     with hk_settings.override(projection_autotune=False):
         P.project_silu(h[:100], w)
-    assert P._CHOICES[(h.device, 128, 1024, 4096, torch.bfloat16)] == P.default_choice(1024)
+    assert P._CHOICES.get(h.device, (128, 1024, 4096, "torch.bfloat16")) == P.default_choice(1024)
 
     # no timing inside a graph capture: the default, not cached
     hs = h[:700].clone()
@@ -434,7 +437,7 @@ def test_project_silu_chooser_gpu(monkeypatch):
         out = P.project_silu(hs, w)
     graph.replay()
     torch.cuda.synchronize()
-    assert (h.device, 1024, 1024, 4096, torch.bfloat16) not in P._CHOICES
+    assert (1024, 1024, 4096, "torch.bfloat16") not in P._CHOICES.items()
     assert_hstu_close(out, *_refs(hs, w), eps=1e-4)
 
 
@@ -450,3 +453,23 @@ def test_block_in_place_gpu():
     last = block.forward_uncached(x, meta)
     assert torch.equal(x, x0)
     torch.testing.assert_close(last, every[-1], rtol=0, atol=0)
+
+
+def test_projection_choices_round_trip_through_the_tuning_cache(knobs, tmp_path):
+    """Every kind of choice survives the disk (a later process skips the timing); a choice
+    made after a failure stays in its process."""
+    from hstu_kernels.tuning import reset_caches
+
+    knobs(tuning_cache=tmp_path)
+    cpu = torch.device("cpu")
+    choices = [P.UNFUSED, "separate", P.CONFIGS[0], P.TMA_CONFIGS[-1]]
+    for i, c in enumerate(choices):
+        assert P.decode_choice(P.encode_choice(c)) == c
+        P._CHOICES.put(cpu, (i, 1024, 4096, "torch.bfloat16"), c)
+    P._CHOICES.put(cpu, (99, 1024, 4096, "torch.bfloat16"), P.UNFUSED, persist=False)
+    reset_caches()  # memory gone: what comes back was read from disk
+    for i, c in enumerate(choices):
+        assert P._CHOICES.get(cpu, (i, 1024, 4096, "torch.bfloat16")) == c
+    assert P._CHOICES.get(cpu, (99, 1024, 4096, "torch.bfloat16")) is None
+    with pytest.raises(ValueError):
+        P.decode_choice({"name": "fastest"})

@@ -24,31 +24,30 @@ from collections.abc import Callable
 import torch
 
 from hstu_kernels import settings
+from hstu_kernels.backends.triton import projection as P
 from hstu_kernels.backends.triton.launcher import cannot_compile
 from hstu_kernels.backends.triton.timing import replayed_ms
+from hstu_kernels.tuning import TuningCache
 from hstu_kernels.types import CacheAppend
 
 __all__ = ["SEPARATE", "project_appending"]
 
 SEPARATE = "separate"  # project_silu, then the caller's append
 
-_CHOICES: dict[tuple, object] = {}  # shape key -> the winner of its timing
+# shape key -> the winner of its timing, per card (kept on disk like the projection's)
+_CHOICES = TuningCache("projection-append", encode=P.encode_choice, decode=P.decode_choice)
 
 
 def _enabled() -> bool:
     return settings.get().fused_append
 
 
-def _shape_key(h: torch.Tensor, weight: torch.Tensor) -> tuple:
-    bucket = 1 << (max(1, h.shape[0]) - 1).bit_length()
-    return (h.device, bucket, h.shape[1], weight.shape[1], h.dtype)
+_shape_key = P._shape_key  # the projection's buckets
 
 
 def _can_time(h: torch.Tensor) -> bool:
     """Whether candidates may be timed now: on CUDA, outside a graph capture, and unless
     ``HSTU_PROJECTION_AUTOTUNE=0``."""
-    from hstu_kernels.backends.triton import projection as P
-
     if h.device.type != "cuda" or P._capturing(h):
         return False
     return settings.get().projection_autotune
@@ -68,17 +67,15 @@ def project_appending(
     a shape not timed yet inside a graph capture) and is timed against the fused configs the
     first time a shape is seen.
     """
-    from hstu_kernels.backends.triton import projection as P
-
     if not (_enabled() and P._triton_ok(h) and P._fused_ok(h)):
         return separate()
     key = _shape_key(h, weight)
-    choice = _CHOICES.get(key)
+    choice = _CHOICES.get(h.device, key)
     if choice is None:
         if not _can_time(h):
             return separate()  # untimed: the path that was there before
         choice = _time(h, weight, append, separate)
-        _CHOICES[key] = choice
+        _CHOICES.put(h.device, key, choice)
     if choice == SEPARATE:
         return separate()
     try:
@@ -86,7 +83,7 @@ def project_appending(
     except Exception as exc:
         if P._capturing(h) or not cannot_compile(exc):
             raise
-        _CHOICES[key] = SEPARATE
+        _CHOICES.put(h.device, key, SEPARATE, persist=False)
         return separate()
 
 
@@ -100,8 +97,6 @@ def _time(
     run, TMA ones) that agree with it. Every candidate writes the same rows of the cache,
     and the caller's real call comes after, so the cache ends up holding what that call
     returns."""
-    from hstu_kernels.backends.triton import projection as P
-
     ref = separate()
     times = {SEPARATE: replayed_ms(separate)}
     for config in P._candidates(h, weight):

@@ -26,6 +26,7 @@ path. Without CUDA the same math runs as torch ops.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
 from hstu_kernels.backends.triton.timing import eager_ms
 from hstu_kernels.reference.layer import SLOTS, check_projection
 from hstu_kernels.reference.layer import project_silu as reference_project_silu
+from hstu_kernels.tuning import TuningCache
 
 if TYPE_CHECKING:
     from hstu_kernels.types import CacheAppend
@@ -116,7 +118,29 @@ Choice = GemmConfig | str  # a TmaConfig is a GemmConfig
 _KERNELS: dict | None = None
 # Launches by shape: skips Triton's per-call argument binding (tens of µs at these ~20 args).
 _LAUNCHES = LaunchCache()
-_CHOICES: dict[tuple, Choice] = {}  # shape key -> the winner of its timing
+
+
+def encode_choice(choice: object) -> dict:
+    """A projection choice (a config, :data:`UNFUSED`, or fusion's ``"separate"``) as JSON."""
+    if isinstance(choice, str):
+        return {"name": choice}
+    kind = "tma" if isinstance(choice, TmaConfig) else "gemm"
+    return {"kind": kind, **dataclasses.asdict(choice)}
+
+
+def decode_choice(data: dict) -> object:
+    """:func:`encode_choice` undone (a ValueError/TypeError for data it did not write)."""
+    if "name" in data:
+        if data["name"] not in (UNFUSED, "separate"):
+            raise ValueError(f"unknown choice {data['name']!r}")
+        return data["name"]
+    fields = dict(data)
+    kind = fields.pop("kind")
+    return (TmaConfig if kind == "tma" else GemmConfig)(**fields)
+
+
+# shape key -> the winner of its timing, per card (kept on disk: a later process skips timing)
+_CHOICES = TuningCache("projection", encode=encode_choice, decode=decode_choice)
 _BROKEN: list[str] = []  # why Triton was switched off for the projection in this process
 _TMA_BROKEN: list[str] = []  # why the TMA kernel alone was switched off
 
@@ -384,9 +408,10 @@ def default_choice(inner: int) -> Choice:
 
 
 def _shape_key(h: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """``(T rounded up to a power of two, K, N, dtype)``; the card is the cache's own key."""
     tokens = max(1, h.shape[0])
     bucket = 1 << (tokens - 1).bit_length()  # next power of two
-    return (h.device, bucket, h.shape[1], weight.shape[1], h.dtype)
+    return (bucket, h.shape[1], weight.shape[1], str(h.dtype))
 
 
 def _close_enough(out: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -441,7 +466,7 @@ def _time_candidates(h: torch.Tensor, weight: torch.Tensor) -> dict[Choice, floa
 def _choose(h: torch.Tensor, weight: torch.Tensor) -> Choice:
     """The cached winner for this shape, timing the candidates on first use."""
     key = _shape_key(h, weight)
-    choice = _CHOICES.get(key)
+    choice = _CHOICES.get(h.device, key)
     if choice is not None:
         return choice
     inner = weight.shape[1] // SLOTS
@@ -452,7 +477,7 @@ def _choose(h: torch.Tensor, weight: torch.Tensor) -> Choice:
     else:
         times = _time_candidates(h, weight)
         choice = min(times, key=times.get)
-    _CHOICES[key] = choice
+    _CHOICES.put(h.device, key, choice)
     return choice
 
 
@@ -477,7 +502,8 @@ def _project_tma(h: torch.Tensor, weight: torch.Tensor, config: TmaConfig) -> to
             if _capturing(h) or not cannot_compile(exc):
                 raise
             _disable_tma(exc)
-            _CHOICES[_shape_key(h, weight)] = default_choice(weight.shape[1] // SLOTS)
+            _CHOICES.put(h.device, _shape_key(h, weight), default_choice(weight.shape[1] // SLOTS),
+                         persist=False)  # fmt: skip
     fallback = default_choice(weight.shape[1] // SLOTS)
     if fallback == UNFUSED:
         return unfused_project_silu(h, weight)
@@ -511,7 +537,7 @@ def project_silu(
         if _capturing(h) or not cannot_compile(exc):
             raise
         _disable_triton(exc)
-        _CHOICES[_shape_key(h, weight)] = UNFUSED
+        _CHOICES.put(h.device, _shape_key(h, weight), UNFUSED, persist=False)
         return unfused_project_silu(h, weight)
 
 
