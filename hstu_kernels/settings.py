@@ -32,7 +32,7 @@ class Settings:
     # kernels on disk.
     cutedsl_cache: Path | None = Path.home() / ".cache" / "hstu_kernels" / "cutedsl"
     # HSTU_KERNELS_TUNING_CACHE (~/.cache/hstu_kernels/tuning; 0/off: none): the Triton
-    # attention autotuner's choices on disk, per card and library version.
+    # autotuners' choices (attention, projection, fused append) on disk, per card and versions.
     tuning_cache: Path | None = Path.home() / ".cache" / "hstu_kernels" / "tuning"
     # HSTU_TRITON_AUTOTUNE (1): time the Triton attention configs on first use of a shape
     # (0: the fixed default config).
