@@ -40,6 +40,8 @@ __all__ = [
 ATTENTION_OPS = ("jagged", "paged", "append_kv")
 LAYER_OPS = ("layernorm", "layernorm_mul", "project_silu", "project_silu_append")
 OPS = ATTENTION_OPS + LAYER_OPS
+# Ops a backend may add that no Request names (the public op chooses between them and ``OPS``).
+OPTIONAL_OPS = ("paged_partials",)
 FEATURES = ("contexts", "window")
 ENV_OVERRIDE = "HSTU_KERNELS_BACKEND"
 
@@ -127,6 +129,20 @@ class Backend:
     # it serves). On another arch, "auto" uses it only once its first-use parity check has
     # passed on the device (hstu_kernels.verify).
     verified_archs: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a declaration that could only fail later: unknown op or feature names, a
+        planner for an op the backend lacks."""
+        known = set(OPS) | set(OPTIONAL_OPS)
+        unknown = sorted(set(self.ops) - known)
+        if unknown:
+            raise ValueError(f"{self.name}: ops {unknown} are not ops (known: {sorted(known)})")
+        lacking = sorted(set(self.planners) - set(self.ops))
+        if lacking:
+            raise ValueError(f"{self.name}: planners {lacking} have no op")
+        bad = sorted(set(self.features) - set(FEATURES))
+        if bad:
+            raise ValueError(f"{self.name}: features {bad} are not features {FEATURES}")
 
     def rank(self, arch: str) -> int:
         return self.priority.get(arch, self.priority.get("*", 0))

@@ -325,3 +325,13 @@ def test_one_split_kv_chooser_with_a_rule_per_kernel():
     assert num_splits(12, 68, 1, 132) == choose_splits(12, 68, 132, causal=False, rule="share")
     with pytest.raises(ValueError, match="rule"):
         choose_splits(12, 64, 132, causal=False, rule="even")
+
+
+def test_a_backend_declaration_that_could_only_fail_later_is_refused():
+    noop = registry().backends["reference"].ops["jagged"]
+    with pytest.raises(ValueError, match="are not ops"):
+        Backend("typo", {"jaged": noop}, ALL_DTYPES)
+    with pytest.raises(ValueError, match=r"planners .* have no op"):
+        Backend("half", {"jagged": noop}, ALL_DTYPES, planners={"paged": lambda b: None})
+    with pytest.raises(ValueError, match="are not features"):
+        Backend("masks", {"jagged": noop}, ALL_DTYPES, features=frozenset({"sliding"}))
