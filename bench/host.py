@@ -124,8 +124,8 @@ def _layer_calls(dtype: torch.dtype, device: str) -> dict[str, Callable]:
     shape = (meta.num_tokens, HEADS, HEAD_DIM)
     u, q, k, v = uvqk[0], uvqk[2].view(shape), uvqk[3].view(shape), uvqk[1].view(shape)
     attn = plans.attention.run_partials(q, k, v, kv)
-    a = attn.view(-1, meta.num_tokens, HEADS * HEAD_DIM) if attn.dim() == 4 else attn.view(
-        -1, HEADS * HEAD_DIM)  # fmt: skip
+    a = attn[0].view(-1, HEADS * HEAD_DIM) if attn.shape[0] == 1 else attn.view(
+        attn.shape[0], -1, HEADS * HEAD_DIM)  # fmt: skip
     y = ops.layernorm_mul(a, u, layer.norm_attn_weight, layer.norm_attn_bias, layer.eps)
     kw = dict(scaling_seqlen=128, plans=plans)
     return {

@@ -304,12 +304,13 @@ def paged_hstu_attention_partials(
     """:func:`paged_hstu_attention`, for a caller that can sum a split KV range itself
     (internal: the cached HSTU layer sums it in its LayerNorm kernel, saving a kernel).
 
-    Returns either the output ``[rows, heads, D]`` in ``q``'s dtype, or, where the chosen
-    backend split every query tile's KV range in ``S`` chunks, their fp32 partial outputs
-    ``[S, rows, heads, D]``: their sum in chunk order ``0 .. S-1`` (fp32), rounded to
-    ``q``'s dtype, is bit for bit what :func:`paged_hstu_attention` returns. Arguments,
-    checks and backend choice are those of :func:`paged_hstu_attention`. Inside
-    ``torch.compile`` it returns the output (through the registered op).
+    Returns ``[S, rows, heads, D]``, ``S >= 1`` partial outputs: their sum in chunk order
+    ``0 .. S-1`` (fp32), rounded to ``q``'s dtype, is bit for bit what
+    :func:`paged_hstu_attention` returns. Where the chosen backend split every query tile's
+    KV range in ``S`` chunks they are fp32; otherwise ``S = 1`` and the one partial is the
+    output, in ``q``'s dtype. Arguments, checks and backend choice are those of
+    :func:`paged_hstu_attention`. Inside ``torch.compile`` it returns the output as ``S = 1``
+    (through the registered op).
     """
     if torch.compiler.is_compiling():
         return paged_hstu_attention(
@@ -317,7 +318,7 @@ def paged_hstu_attention_partials(
             num_contexts=num_contexts, max_attn_len=max_attn_len, alpha=alpha,
             scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q, backend=backend,
             validate=validate,
-        )  # fmt: skip
+        ).unsqueeze(0)  # fmt: skip
     plan = _paged_plan(
         q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
         max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, partials=True,

@@ -352,15 +352,17 @@ class PagedAttentionPlan(_PagedPool):
         self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor
     ) -> torch.Tensor:
         """:meth:`run`, for a caller that sums a split KV range itself (the cached HSTU layer):
-        the output ``[rows, heads, D]``, or the fp32 partials ``[S, rows, heads, D]`` whose
-        in-order sum rounded to ``q``'s dtype is :meth:`run`'s output (see
-        ``ops.paged_hstu_attention_partials``)."""
+        ``[S, rows, heads, D]``, ``S >= 1`` partial outputs whose sum in order ``0 .. S-1``
+        (fp32), rounded to ``q``'s dtype, is :meth:`run`'s output. Where the backend split the
+        KV range they are fp32; otherwise ``S = 1`` and the one "partial" is the output itself,
+        in ``q``'s dtype (see ``ops.paged_hstu_attention_partials``)."""
         self._check(q, k_new, v_new, kv_cache)
         if self._launch_partials is not None:
-            return self._launch_partials(q, k_new, v_new, kv_cache)
+            got = self._launch_partials(q, k_new, v_new, kv_cache)
+            return got.unsqueeze(0) if got.dim() == 3 else got
         out = torch.empty_like(q)
         self._launch(q, k_new, v_new, kv_cache, out)
-        return out
+        return out.unsqueeze(0)
 
 
 class JaggedAttentionPlan(_Plan):

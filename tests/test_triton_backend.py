@@ -213,9 +213,9 @@ def _check_partials(monkeypatch, config: Config, device: str, dtype: torch.dtype
         got = paged_hstu_attention_partials(*args, **kwargs)
     want = hk.paged_hstu_attention(*args, **kwargs, out=poisoned_like(q))
     splits = config.splits or 1
-    if splits == 1:
-        assert got.dtype == dtype and got.shape == q.shape
-        summed = got
+    if splits == 1:  # the output itself, as the one partial
+        assert got.dtype == dtype and got.shape == (1, *q.shape)
+        summed = got[0]
     else:
         assert got.dtype == torch.float32 and got.shape == (splits, *q.shape)
         total = got[0].clone()
@@ -234,14 +234,15 @@ def test_paged_partials_interpreter(monkeypatch, splits):
 
 
 def test_paged_partials_of_a_backend_without_them():
-    # The reference backend has no "paged_partials" op: the output itself comes back.
+    # The reference backend has no "paged_partials" op: the output comes back as S = 1.
     from hstu_kernels.ops import paged_hstu_attention_partials
 
     case = make_paged_case([20, 3], [5, 3], [2, 0], page_size=16, heads=2, head_dim=64, seed=1)
     args = (case.q, case.k_new, case.v_new, case.kv_cache, case.page_table, case.cu_q)
     kwargs = dict(num_targets=case.num_targets, backend="reference")
     got = paged_hstu_attention_partials(*args, **kwargs)
-    assert torch.equal(got, hk.paged_hstu_attention(*args, **kwargs))
+    assert got.shape == (1, *case.q.shape)
+    assert torch.equal(got[0], hk.paged_hstu_attention(*args, **kwargs))
 
 
 def test_choose_splits_on_an_h100_sized_grid(monkeypatch):

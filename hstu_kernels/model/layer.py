@@ -247,12 +247,15 @@ class HSTULayer(nn.Module):
     ) -> torch.Tensor:
         """``x + (LayerNorm(attn) * u) @ W_o^T`` (``u`` as :meth:`project` returns it).
 
-        ``attn``: ``[tokens, heads, D]``, or a split attention's fp32 partials
-        ``[S, tokens, heads, D]`` (summed here, see :func:`layernorm_mul`).
+        ``attn``: the attention output ``[tokens, heads, D]``, or the partials
+        ``[S, tokens, heads, D]`` of ``paged_hstu_attention_partials`` (``S > 1``: fp32,
+        summed here, see :func:`layernorm_mul`; ``S = 1``: the output itself).
         ``inplace=True`` accumulates into ``x`` and returns it: no copy of ``x``, but the
         caller's ``x`` is overwritten (use it only for a tensor nobody reads afterwards).
         """
         inner = self.heads * self.head_dim
+        if attn.dim() == 4 and attn.shape[0] == 1:
+            attn = attn[0]  # an unsplit output
         a = attn.view(-1, x.shape[0], inner) if attn.dim() == 4 else attn.view(-1, inner)
         y = layernorm_mul(a, u, self.norm_attn_weight, self.norm_attn_bias, self.eps,
                           backend=backend)  # fmt: skip
