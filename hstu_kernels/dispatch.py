@@ -28,7 +28,7 @@ __all__ = [
     "Request",
     "device_arch",
     "explain",
-    "grid_tiles",
+    "call_size",
     "register",
     "registry",
     "select",
@@ -60,9 +60,10 @@ class Request:
     head_dim: int
     page_size: int | None = None  # paged ops only
     features: frozenset[str] = frozenset()
-    # Size hint: query tiles of 128 rows over batch x heads, rounded up to a power of two
-    # (None: unknown). Only Backend.declines reads it; see grid_tiles().
-    tiles: int | None = None
+    # Size hint (None: unknown): the call's (batch, heads, longest query rows), its rows
+    # rounded up to a multiple of SIZE_ROWS so that the selection cache stays small (see
+    # call_size()). Only Backend.declines reads it, each backend in its own tiles.
+    size: tuple[int, int, int] | None = None
     # "paged" only: the caller takes a split call's fp32 partials unsummed (the optional
     # paged_partials op), which changes what is fastest. Only Backend.declines reads it.
     partials: bool = False
@@ -188,7 +189,11 @@ class Explanation:
             f"{r.op} on {r.arch}, {str(r.dtype).removeprefix('torch.')}, head dim {r.head_dim}"
             + (f", page size {r.page_size}" if r.page_size is not None else "")
             + (f", features {sorted(r.features)}" if r.features else "")
-            + (f", ~{r.tiles} query tiles" if r.tiles is not None else "")
+            + (
+                f", batch {r.size[0]} x {r.size[1]} heads x <= {r.size[2]} rows"
+                if r.size is not None
+                else ""
+            )
         )
         lines = [head, f"  -> {self.choice or 'no backend'}"]
         lines += [f"  {name}: {why}" for name, why in self.reasons.items()]
@@ -284,13 +289,15 @@ class Registry:
         return chosen
 
 
-def grid_tiles(batch: int, heads: int, max_seqlen_q: int | None) -> int | None:
-    """:attr:`Request.tiles` of a call: ``batch * heads * ceil(max_seqlen_q / 128)`` rounded
-    up to a power of two (so that the selection cache stays small), ``None`` if unknown."""
+SIZE_ROWS = 128  # the size hint's row quantum (no backend's query tile is larger)
+
+
+def call_size(batch: int, heads: int, max_seqlen_q: int | None) -> tuple[int, int, int] | None:
+    """:attr:`Request.size` of a call: ``(batch, heads, max_seqlen_q)``, the rows rounded up
+    to a multiple of :data:`SIZE_ROWS`; ``None`` if the rows are unknown."""
     if max_seqlen_q is None:
         return None
-    tiles = max(1, batch * heads * -(-max(max_seqlen_q, 1) // 128))
-    return 1 << (tiles - 1).bit_length()
+    return (batch, heads, -(-max(max_seqlen_q, 1) // SIZE_ROWS) * SIZE_ROWS)
 
 
 _REGISTRY = Registry(discover=True)
@@ -371,7 +378,7 @@ def explain(
 
     ``device`` defaults to the current CUDA device, or the CPU without CUDA; ``arch`` (e.g.
     ``"sm_90"``) overrides the device's arch, to ask about another GPU without probing it.
-    ``batch``/``heads``/``max_seqlen_q`` give the call's size (:func:`grid_tiles`), which a
+    ``batch``/``heads``/``max_seqlen_q`` give the call's size (:func:`call_size`), which a
     backend may decline as too small for it; without ``batch`` the size is unknown.
     ``partials``: a ``paged`` call whose caller sums split partials itself (the cached HSTU
     layer's ``paged_hstu_attention_partials``).
@@ -403,6 +410,6 @@ def explain(
         features.add("contexts")
     if max_attn_len:
         features.add("window")
-    tiles = None if batch is None else grid_tiles(batch, heads, max_seqlen_q)
-    request = Request(op, arch, dtype, head_dim, page_size, frozenset(features), tiles, partials)
+    size = None if batch is None else call_size(batch, heads, max_seqlen_q)
+    request = Request(op, arch, dtype, head_dim, page_size, frozenset(features), size, partials)
     return _REGISTRY.explain(request, backend, check_available=probe)

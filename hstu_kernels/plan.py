@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from hstu_kernels import validation as val
-from hstu_kernels.dispatch import Backend, Explanation, Request, device_arch, grid_tiles, registry
+from hstu_kernels.dispatch import Backend, Explanation, Request, call_size, device_arch, registry
 from hstu_kernels.types import AttentionSpec, BatchLayout, PageTable, PlannedBatch, is_page_size
 
 __all__ = [
@@ -482,7 +482,7 @@ def plan_paged_attention(
         _check_hint("max_seqlen_q", max_seqlen_q, layout.max_query_length)
         max_seqlen_q = max_seqlen_q or max(layout.max_query_length, 1)
         scaling_seqlen = scaling_seqlen or max(layout.max_total_length, 1)
-    request = dataclasses.replace(unsized, tiles=grid_tiles(nbatch, heads, max_seqlen_q))
+    request = dataclasses.replace(unsized, size=call_size(nbatch, heads, max_seqlen_q))
     chosen = _select(request, backend)
     batch = PlannedBatch(
         "paged", device, dtype, heads, head_dim, nbatch,
@@ -532,7 +532,7 @@ def plan_jagged_attention(
         longest = max(layout.max_query_length, 1)
         max_seqlen = max_seqlen or longest
         scaling_seqlen = scaling_seqlen or longest
-    request = dataclasses.replace(unsized, tiles=grid_tiles(nbatch, heads, max_seqlen))
+    request = dataclasses.replace(unsized, size=call_size(nbatch, heads, max_seqlen))
     chosen = _select(request, backend)
     batch = PlannedBatch(
         "jagged", device, dtype, heads, head_dim, nbatch,

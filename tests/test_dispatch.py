@@ -112,12 +112,14 @@ def test_sm90_paged_partials_choice(batch, max_seqlen_q, partials, expected, mon
     assert exp.choice == expected, str(exp)
 
 
-def test_grid_tiles_rounds_up_to_a_power_of_two():
-    from hstu_kernels.dispatch import grid_tiles
+def test_hopper_grid_tiles_round_up_to_a_power_of_two():
+    from hstu_kernels.backends.cutedsl_hopper import grid_tiles
+    from hstu_kernels.dispatch import call_size
 
-    assert grid_tiles(8, 4, 384) == 128 and grid_tiles(1, 4, 4352) == 256
-    assert grid_tiles(1, 1, 1) == 1 and grid_tiles(3, 1, 129) == 8
-    assert grid_tiles(2, 2, None) is None
+    assert grid_tiles(call_size(8, 4, 384)) == 128 and grid_tiles(call_size(1, 4, 4352)) == 256
+    assert grid_tiles(call_size(1, 1, 1)) == 1 and grid_tiles(call_size(3, 1, 129)) == 8
+    assert call_size(2, 2, None) is None and grid_tiles(None) is None
+    assert call_size(3, 1, 129) == (3, 1, 256)  # rows in multiples of 128
 
 
 @pytest.mark.parametrize(
@@ -246,13 +248,13 @@ def test_real_registry_follows_the_dispatch_table(arch, head_dim, page_size, exp
 def test_size_read_from_the_device_is_used_to_select():
     """Without max_seqlen the call's size is unknown until the offsets are read; the plan
     then chooses its backend with the size (a backend may decline by size)."""
-    from hstu_kernels.dispatch import grid_tiles
+    from hstu_kernels.dispatch import call_size
 
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     plan = hk.plan_jagged_attention(cu, heads=2, head_dim=16, dtype=torch.float32)
-    assert plan.request.tiles == grid_tiles(2, 2, 6) and plan.max_seqlen == 6
+    assert plan.request.size == call_size(2, 2, 6) and plan.max_seqlen == 6
     plan = hk.plan_jagged_attention(cu, heads=2, head_dim=16, dtype=torch.float32, max_seqlen=9)
-    assert plan.request.tiles == grid_tiles(2, 2, 9)
+    assert plan.request.size == call_size(2, 2, 9)
 
 
 def _unverified(name: str, paged_op, calls: list, base: str = "reference") -> Backend:

@@ -26,7 +26,7 @@ PAGE_SIZE = HOPPER_PAGE_SIZE  # one page = one key tile
 PAGE_SIZES = frozenset({PAGE_SIZE})
 # Above triton (20) on sm_90: faster on an H100 for the grids it does not decline (below).
 PRIORITY = 30
-# Grids below these sizes go to triton. Request.tiles is the call's 128-row query tiles over
+# Grids below these sizes go to triton. grid_tiles() is the call's 128-row query tiles over
 # batch x heads rounded up to a power of two, so paged grids of 32 tiles or fewer and jagged
 # grids of 64 or fewer are declined. Measured on an H100 (bench/NOTES-hopper.md), 4 heads of
 # 256, history 4096: triton faster on paged 32 tiles (B=8 without targets: 77-83 us split in 2
@@ -67,13 +67,24 @@ def _split_kv(
     return split_layout(device, batch, heads, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
 
 
+def grid_tiles(size: tuple[int, int, int] | None) -> int | None:
+    """The kernel's 128-row query tiles over batch x heads of a call of ``size``
+    (:attr:`Request.size`), rounded up to a power of two; ``None`` if unknown."""
+    if size is None:
+        return None
+    batch, heads, rows = size
+    tiles = max(1, batch * heads * -(-max(rows, 1) // 128))
+    return 1 << (tiles - 1).bit_length()
+
+
 def _declines(request) -> str | None:
     """Small grids go to triton (measured faster there; see MIN_TILES and
     MIN_TILES_PARTIALS)."""
     least = MIN_TILES_PARTIALS if request.partials else MIN_TILES.get(request.op)
-    if least is None or request.tiles is None or request.tiles >= least:
+    tiles = grid_tiles(request.size)
+    if least is None or tiles is None or tiles >= least:
         return None
-    return f"~{request.tiles} query tiles < {least}: triton measured faster on small grids"
+    return f"~{tiles} query tiles < {least}: triton measured faster on small grids"
 
 
 _OPS, _PLANNERS = make_ops(NAME, "hopper", split_kv=_split_kv)
