@@ -2,7 +2,7 @@
 
 ``python -m bench.dsl_costs [--perf] [--backends cutedsl-ampere,triton]``
 
-Prints one line per number (the figures quoted in ``bench/NOTES-cutedsl.md``):
+Prints one line per number (the figures quoted in ``docs/cutedsl.md``):
 
 - first-call compile time of one variant (empty disk cache, this process);
 - warm-cache load time of that variant in a fresh process (disk cache hit);

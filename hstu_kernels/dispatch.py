@@ -130,6 +130,9 @@ class Backend:
     # it serves). On another arch, "auto" uses it only once its first-use parity check has
     # passed on the device (hstu_kernels.verify).
     verified_archs: frozenset[str] | None = None
+    # notes(op): what explain() adds about this backend's state for ``op`` (a fast path it
+    # switched off in this process, and why), or None.
+    notes: Callable[[str], str | None] | None = None
 
     def __post_init__(self) -> None:
         """Refuse a declaration that could only fail later: unknown op or feature names, a
@@ -253,6 +256,8 @@ class Registry:
             why = backends[forced].refusal(request, check_available=check_available)
             source = "backend=" if backend != "auto" else f"{ENV_OVERRIDE}="
             reasons[forced] = f"forced by {source}{forced}" if why is None else f"forced but {why}"
+            if why is None:
+                reasons[forced] += _note(backends[forced], request.op)
             return Explanation(request, forced if why is None else None, reasons)
 
         candidates = sorted(backends.values(), key=lambda b: -b.rank(request.arch))
@@ -271,6 +276,7 @@ class Registry:
             elif choice is None:
                 choice = b.name
                 reasons[b.name] = f"chosen: highest priority ({b.rank(request.arch)}) that serves"
+                reasons[b.name] += _note(b, request.op)
             else:
                 reasons[b.name] = f"could serve, lower priority ({b.rank(request.arch)})"
         reasons.update({m: f"import failed: {e}" for m, e in self._import_errors.items()})
@@ -290,6 +296,11 @@ class Registry:
 
 
 SIZE_ROWS = 128  # the size hint's row quantum (no backend's query tile is larger)
+
+
+def _note(backend: Backend, op: str) -> str:
+    note = backend.notes(op) if backend.notes is not None else None
+    return f"; {note}" if note else ""
 
 
 def call_size(batch: int, heads: int, max_seqlen_q: int | None) -> tuple[int, int, int] | None:

@@ -5,8 +5,8 @@ targets) leaves SMs idle, and a causal grid waits on its longest tile (jagged: t
 ~``i`` key tiles). Splitting each tile's key range over several programs fixes both, at a price
 per extra program (the query tile's load, the pipeline fill, an fp32 partial written and summed)
 of about :data:`SPLIT_OVERHEAD_TILES` key tiles. Every kernel family asks :func:`choose_splits`,
-with the rule its kernel was measured with (the measurements are in ``bench/NOTES-triton.md``,
-``NOTES-hopper.md`` and ``NOTES-cutedsl.md``):
+with the rule its kernel was measured with (the measurements are in ``docs/triton.md``,
+``docs/hopper.md`` and ``docs/cutedsl.md``):
 
 - causal grids (``causal=True``, every rule but ``"share"``): the split minimising the longer of
   the mean load per SM and the longest chunk;

@@ -409,3 +409,26 @@ def test_block_on_triton_equals_the_reference_cpu():
     got = triton_block.forward_uncached(x, meta, return_all=True)
     for g, w in zip(got, want, strict=True):
         assert_hstu_close(g, w, w, eps=1e-5)
+
+
+def test_a_switched_off_fast_path_shows_in_explain(monkeypatch):
+    """A Triton LayerNorm that did not build (here: injected) switches its kernels off for
+    the process, with one warning, and explain() says so for the layer ops."""
+    import hstu_kernels as hk
+    from hstu_kernels.backends.triton import rows
+
+    _assert_interpreter()
+    monkeypatch.setattr(rows, "_BROKEN", [])
+
+    def broken(*args, **kwargs):
+        from triton.compiler.errors import CompilationError
+
+        raise CompilationError("src", None, "injected")
+
+    monkeypatch.setattr(rows, "_row_layernorm", broken)
+    x, w, b = torch.randn(5, 24), torch.randn(24), torch.randn(24)
+    with pytest.warns(RuntimeWarning, match="row kernels disabled"):
+        got = rows.layernorm(x, w, b, 1e-6)
+    torch.testing.assert_close(got, F.layer_norm(x, (24,), w, b, 1e-6))
+    exp = hk.explain("layernorm", dtype=torch.float32, head_dim=64, backend="triton")
+    assert "LayerNorm kernels are off" in exp.reasons["triton"]

@@ -11,7 +11,7 @@ What runs where:
 - RUN ON AN H100/H200 ONLY (skipped elsewhere): parity against the reference (hypothesis, odd
   lengths around the 32- and 64-key tiles and 128-row query tiles, one-token histories, zero
   targets, outputs poisoned), forced key-range splits, an all-target sequence and CUDA-graph
-  replay. All passed on H100s (bench/NOTES-hopper.md).
+  replay. All passed on H100s (docs/hopper.md).
 """
 
 from __future__ import annotations

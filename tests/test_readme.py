@@ -16,3 +16,17 @@ def test_readme_example_runs(capsys):
     printed = capsys.readouterr().out
     assert "torch.Size([28, 4, 128])" in printed
     assert "->" in printed
+
+
+def test_files_the_docs_name_exist():
+    """The README and docs/ are self-contained: every repository path they name exists."""
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(
+        r"(?<![\w/.])((?:docs|bench|tests|hstu_kernels)/[\w/.-]*\w\.(?:md|py|json|png))"
+    )
+    missing = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for path in set(pattern.findall(doc.read_text())):
+            if "<" not in path and not (root / path).exists():
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, missing

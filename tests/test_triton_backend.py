@@ -246,7 +246,7 @@ def test_paged_partials_of_a_backend_without_them():
 
 
 def test_choose_splits_on_an_h100_sized_grid(monkeypatch):
-    # 132 SMs, as an H100. The figures are H100 measurements (bench/NOTES-triton.md).
+    # 132 SMs, as an H100. The figures are H100 measurements (docs/triton.md).
     monkeypatch.setattr(tri_attn, "sm_count", lambda device: 132)
     dev = torch.device("cuda")
     # Paged B=8 h=4 with targets: 96 alike tiles of 64 key tiles already use 73 % of the SMs,

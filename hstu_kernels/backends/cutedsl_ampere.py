@@ -119,7 +119,7 @@ register(
         head_dims=frozenset({64, 128, 256}),
         page_sizes=frozenset(2**i for i in range(4, 9)),
         features=frozenset(),
-        # Set from measurements (bench/NOTES-cutedsl.md); Triton registers 20 on its archs.
+        # Set from measurements (docs/cutedsl.md); Triton registers 20 on its archs.
         priority={"*": 10},
         probe=_probe,
         description="CuTe DSL warp-MMA (mma.sync m16n8k16 + cp.async + ldmatrix), sm80..sm120",

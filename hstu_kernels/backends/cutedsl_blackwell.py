@@ -8,7 +8,7 @@ kernel (``cutedsl-ampere``) or Triton, and ``explain()`` names the reason (head 
 size / mask features not served here).
 
 Compiled for sm_100a/sm_103a in CI; never run by this project (no B200 was available):
-``bench/NOTES-blackwell.md`` lists what is unverified and the one command that validates it.
+``docs/blackwell.md`` lists what is unverified and the one command that validates it.
 
 The DSL is imported only when a call needs the kernel: backend discovery imports this module
 on every machine, with or without the DSL.

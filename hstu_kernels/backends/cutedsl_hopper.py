@@ -5,7 +5,7 @@ pages of exactly 32 tokens (one page = one 32-key tile), causal + targets (no co
 no ``append_kv``.
 
 Status: compiled for sm_90a in CI (tests/test_cutedsl_hopper.py) and run on H100s (its GPU
-tests, bench/NOTES-hopper.md). On sm_90 it ranks above triton, but declines (``declines``)
+tests, docs/hopper.md). On sm_90 it ranks above triton, but declines (``declines``)
 grids too small for it, which triton's split kernels serve faster.
 
 The DSL is imported only when a call needs the kernel.
@@ -28,7 +28,7 @@ PAGE_SIZES = frozenset({PAGE_SIZE})
 PRIORITY = 30
 # Grids below these sizes go to triton. grid_tiles() is the call's 128-row query tiles over
 # batch x heads rounded up to a power of two, so paged grids of 32 tiles or fewer and jagged
-# grids of 64 or fewer are declined. Measured on an H100 (bench/NOTES-hopper.md), 4 heads of
+# grids of 64 or fewer are declined. Measured on an H100 (docs/hopper.md), 4 heads of
 # 256, history 4096: triton faster on paged 32 tiles (B=8 without targets: 77-83 us split in 2
 # or 4, triton 74-77) and 12 (B=1 + 256 targets: 60.3 us in 11 splits, triton 33.3); hopper
 # faster on paged 96 (B=8 + 256 targets: 120.8 vs 144.3 us), jagged 128 (B=1 without targets,

@@ -69,7 +69,7 @@ def pick_config(arch: str, head_dim: int, paged: bool = False) -> HstuFwdConfig:
     override = settings.get().cutedsl_tile  # (BM, BN, threads): for tuning runs
     if override:
         return HstuFwdConfig(*override)
-    # Measured on H100 (bench/NOTES-cutedsl.md): the same tiles serve jagged and delta best.
+    # Measured on H100 (docs/cutedsl.md): the same tiles serve jagged and delta best.
     cfg = HstuFwdConfig(128, 64, 128 if head_dim <= 128 else 256)
     if smem_bytes(cfg, head_dim) > _SMEM.get(cc, 99 * 1024):
         cfg = HstuFwdConfig(64, 64, 128)

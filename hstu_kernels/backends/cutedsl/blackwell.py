@@ -28,7 +28,7 @@ Arch-neutral pieces come from :mod:`hstu_common` (sequence metadata, tile walk, 
 tile classification, mask, SiLU/scale), the same functions the warp-MMA kernel runs on GPUs.
 
 Status: compiled for sm_100a/sm_103a in CI (tests/test_cutedsl_blackwell.py) for every variant
-the dispatcher selects; never run (no B200 was available): see bench/NOTES-blackwell.md.
+the dispatcher selects; never run (no B200 was available): see docs/blackwell.md.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class BlackwellHstuForward(tma_views.TmaAttentionHost):
         self.head_dim = head_dim
         self.is_paged = paged
         # SiLU through tanh.approx (one MUFU op per score instead of ex2 + rcp): the SFU, not
-        # the tensor core, is expected to bound this kernel at D=128 (bench/NOTES-blackwell.md).
+        # the tensor core, is expected to bound this kernel at D=128 (docs/blackwell.md).
         self.fast_tanh = fast_tanh
         self.acc_dtype = Float32
         self.qk_tiler = (TILE_M, TILE_N, head_dim)  # (M, N, K) of S = Q K^T

@@ -2,7 +2,7 @@
 
 Status: the sm_90 default (backends/cutedsl_hopper.py), run and measured on H100s
 (tests/test_cutedsl_hopper.py; each step's prediction and measurement in
-bench/NOTES-hopper.md).
+docs/hopper.md).
 
 One CTA owns 128 query rows of one (sequence, head), or a split of their key range, and walks
 the sequence's history keys in ``tile_n``-key tiles (paged: 32, one cache page per tile;
@@ -94,7 +94,7 @@ class HopperHstuForward:
         self.is_paged = paged
         self.fast_tanh = fast_tanh  # SiLU through tanh.approx (one MUFU op per score)
         # The consumer warpgroups take turns issuing their GEMMs (named barriers); off: they
-        # run freely (2 % slower on an H100, bench/NOTES-hopper.md).
+        # run freely (2 % slower on an H100, docs/hopper.md).
         self.pingpong = pingpong
         self.tile_n = tile_n or (PAGE_SIZE if paged else JAGGED_TILE_N)
         if paged and self.tile_n != PAGE_SIZE:

@@ -89,6 +89,23 @@ def _project_silu_append(h, weight, append, separate):
     return fusion.project_appending(h, weight, append, separate)
 
 
+def _notes(op: str) -> str | None:
+    """The layer ops' fast paths this process switched off (a kernel that did not build)."""
+    import sys
+
+    if op in ("layernorm", "layernorm_mul"):
+        rows = sys.modules.get("hstu_kernels.backends.triton.rows")
+        if rows is not None and rows._BROKEN:
+            return f"its LayerNorm kernels are off, torch ops run ({rows._BROKEN[0]})"
+    if op in ("project_silu", "project_silu_append"):
+        proj = sys.modules.get("hstu_kernels.backends.triton.projection")
+        if proj is not None and proj._BROKEN:
+            return f"its projection kernels are off, cuBLAS + torch ops run ({proj._BROKEN[0]})"
+        if proj is not None and proj._TMA_BROKEN:
+            return f"its TMA projection kernel is off ({proj._TMA_BROKEN[0]})"
+    return None
+
+
 def _planner(name: str):
     def plan(batch):
         from hstu_kernels.backends.triton import ops
@@ -136,6 +153,7 @@ register(
             "append_kv": _planner("plan_append_kv"),
         },
         probe=probe,
+        notes=_notes,
         description="Triton kernels (sm_80+; CPU only under TRITON_INTERPRET=1)",
     )
 )

@@ -35,7 +35,7 @@ class Config:
     prefetch: bool = True  # look the next KV tile's pages up one iteration ahead
     # One program per SM sharing all tiles' KV ranges evenly (tiles cut where a program's
     # share ends, pieces combined by the last one's program); ``splits`` is then unused.
-    # Balances alike tiles (paged); a paged tuning candidate (bench/NOTES-triton.md).
+    # Balances alike tiles (paged); a paged tuning candidate (docs/triton.md).
     stream_k: bool = False
     # Paged K/V tiles by TMA (a tensor descriptor of the cache) instead of pointer loads;
     # only where a tile lies in one page (else, and for jagged calls, pointer loads).
@@ -70,7 +70,7 @@ def tuning_key(
 def default_config(head_dim: int, page_size: int | None, interpret: bool) -> Config:
     """The fixed config used without autotuning (and as the tuner's fallback).
 
-    Chosen from H100 sweeps (bench/NOTES-triton.md); ``page_size=None`` is the jagged kernel.
+    Chosen from H100 sweeps (docs/triton.md); ``page_size=None`` is the jagged kernel.
     """
     if interpret:
         # The interpreter's cost grows with the number of tiles visited, not their size; fp32

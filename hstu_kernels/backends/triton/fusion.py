@@ -14,7 +14,7 @@ more than timing noise. ``HSTU_FUSED_APPEND=0`` always takes the separate path.
 (Folding the input LayerNorm into the same GEMM, with the row statistics taken from its K
 loop, was built and measured too: that GEMM took ~4 µs longer than the plain one at 384 and
 1024 rows, more than the 3-4 µs LayerNorm kernel it removed, so it is not here; see
-bench/NOTES-block.md.)
+docs/block.md.)
 """
 
 from __future__ import annotations

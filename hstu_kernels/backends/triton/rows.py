@@ -23,7 +23,7 @@ __all__ = ["SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "rows_per_program"]
 _KERNELS: dict | None = None
 # Rows per program of the row kernels: one while the grid is small (a few thousand rows), for
 # more programs in flight, two beyond (H100, width 1024: 384 rows 3.1 -> 2.7 us with one row
-# per program instead of four, 1024 rows 3.5 -> 3.2, 3072 rows best at two; bench/NOTES-block)
+# per program instead of four, 1024 rows 3.5 -> 3.2, 3072 rows best at two; docs/block.md)
 SMALL_GRID_ROWS = 2048
 
 
@@ -88,13 +88,15 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.shape[-1] <= 8192
 
 
-def _run_or_fall_back(launch, fallback):
+def _run_or_fall_back(launch, fallback, t: torch.Tensor):
     """Launch a row kernel; if it cannot run here (a Triton that fails to compile it), say so
     once, switch the row kernels off for this process and use the torch ops."""
     try:
         return launch()
     except Exception as exc:
-        if torch.cuda.is_current_stream_capturing() or not cannot_compile(exc):
+        # (asked of CUDA tensors only: a CUDA build without a driver raises on the question)
+        capturing = t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing or not cannot_compile(exc):
             raise
         import warnings
 
@@ -153,6 +155,7 @@ def layernorm(
     return _run_or_fall_back(
         lambda: _row_layernorm(x, None, weight, bias, eps),
         lambda: reference.layernorm(x, weight, bias, eps),
+        x,
     )
 
 
@@ -168,4 +171,5 @@ def layernorm_mul(
     return _run_or_fall_back(
         lambda: _row_layernorm(a, u, weight, bias, eps),
         lambda: reference.layernorm_mul(a, u, weight, bias, eps),
+        u,
     )
