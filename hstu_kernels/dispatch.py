@@ -212,7 +212,7 @@ class Registry:
         self._discover = discover
         self._lock = threading.Lock()
         # select() runs on every op call: keep its answer per (request, forced backend)
-        self._selected: dict[tuple[Request, str], Backend] = {}
+        self._selected: dict[tuple[Request, str, bool], Backend] = {}
         settings.on_change(self._selected.clear)  # the forced backend may have changed
 
     def register(self, backend: Backend) -> None:
@@ -242,10 +242,18 @@ class Registry:
         return dict(self._backends)
 
     def explain(
-        self, request: Request, backend: str = "auto", *, check_available: bool = True
+        self,
+        request: Request,
+        backend: str = "auto",
+        *,
+        check_available: bool = True,
+        env_override: bool = True,
     ) -> Explanation:
+        """``env_override=False``: ``"auto"`` ignores ``HSTU_KERNELS_BACKEND``."""
         backends = self.backends
-        forced = backend if backend != "auto" else settings.get().backend
+        forced = backend
+        if backend == "auto" and env_override:
+            forced = settings.get().backend
         reasons: dict[str, str] = {}
         if forced != "auto":
             if forced not in backends:
@@ -282,11 +290,13 @@ class Registry:
         reasons.update({m: f"import failed: {e}" for m, e in self._import_errors.items()})
         return Explanation(request, choice, reasons)
 
-    def select(self, request: Request, backend: str = "auto") -> Backend:
-        key = (request, backend)
+    def select(
+        self, request: Request, backend: str = "auto", *, env_override: bool = True
+    ) -> Backend:
+        key = (request, backend, env_override)
         chosen = self._selected.get(key)
         if chosen is None:
-            exp = self.explain(request, backend)
+            exp = self.explain(request, backend, env_override=env_override)
             if exp.choice is None:
                 raise BackendError(f"no backend can serve this call:\n{exp}")
             chosen = self.backends[exp.choice]

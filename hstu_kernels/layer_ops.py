@@ -55,15 +55,24 @@ _RESOLVED: dict[tuple, LayerKernels] = {}
 
 def kernels(backend: str, device: torch.device, dtype: torch.dtype) -> LayerKernels:
     """The layer ops for ``backend`` (``"auto"``: the dispatcher's choice, which honours
-    ``HSTU_KERNELS_BACKEND``) on ``device`` in ``dtype``. One backend serves all four; a
-    forced backend that lacks them raises :class:`~hstu_kernels.dispatch.BackendError`."""
+    ``HSTU_KERNELS_BACKEND``) on ``device`` in ``dtype``. One backend serves all four. A
+    backend (forced, or named by ``HSTU_KERNELS_BACKEND``) that has attention kernels only,
+    such as the DSL backends, leaves the layer ops to the dispatcher's own choice; an unknown
+    name raises :class:`~hstu_kernels.dispatch.BackendError`."""
     if torch.compiler.is_compiling():
         return _COMPILING
     key = (backend, device, dtype)
     found = _RESOLVED.get(key)
     if found is None:
+        named = settings.get().backend if backend == "auto" else backend
+        known = registry().backends
+        attention_only = named in known and "layernorm" not in known[named].ops
         arch = device_arch(device)
-        chosen = {op: registry().select(Request(op, arch, dtype, 0), backend) for op in LAYER_OPS}
+        use = "auto" if attention_only else backend
+        chosen = {
+            op: registry().select(Request(op, arch, dtype, 0), use, env_override=not attention_only)
+            for op in LAYER_OPS
+        }
         names = {b.name for b in chosen.values()}
         if len(names) != 1:  # e.g. a backend registering only some of them
             raise ValueError(f"layer ops: served by several backends {sorted(names)}")

@@ -432,3 +432,16 @@ def test_a_switched_off_fast_path_shows_in_explain(monkeypatch):
     torch.testing.assert_close(got, F.layer_norm(x, (24,), w, b, 1e-6))
     exp = hk.explain("layernorm", dtype=torch.float32, head_dim=64, backend="triton")
     assert "LayerNorm kernels are off" in exp.reasons["triton"]
+
+
+def test_an_attention_only_backend_leaves_the_layer_ops_to_auto(knobs):
+    """A backend without layer ops (the DSL kernels), forced or named by the env override,
+    runs the attention; the layer ops take the dispatcher's own choice."""
+    from hstu_kernels import layer_ops
+
+    cpu = torch.device("cpu")
+    assert layer_ops.kernels("cutedsl-hopper", cpu, torch.float32).backend == "reference"
+    knobs(backend="cutedsl-ampere")
+    assert layer_ops.kernels("auto", cpu, torch.float32).backend == "reference"
+    with pytest.raises(ValueError, match="no backend can serve"):
+        layer_ops.kernels("no-such-backend", cpu, torch.float32)

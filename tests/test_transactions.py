@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from hstu_kernels.kvcache import KVCacheConfig, KVCacheManager
+from hstu_kernels.kvcache import KVCacheConfig, KVCacheError, KVCacheManager
 from hstu_kernels.model.ranking import HSTURankingModel, RankingConfig
 from hstu_kernels.model.requests import RequestBatch, SyntheticRequests
 from hstu_kernels.testing import assert_hstu_close
@@ -320,3 +320,24 @@ def test_a_request_with_an_impossible_new_count_is_refused_before_the_cache_chan
     with pytest.raises(ValueError, match="a user appears twice"):
         model.score(RequestBatch(batch.index, (r, r)), "kvcache", cache)
     assert _state(cache) == before
+
+
+def test_a_rollback_undoes_one_prepare_only():
+    """A snapshot older than the last prepare is refused: undoing several changes could hand
+    one host page to two users (one onloaded since, its host pages reused by a later
+    offload)."""
+    cache = _manager(num_pages=9, host_pages=8)
+    cache.prepare([1], [0], [60], [0])
+    snap = cache.snapshot()
+    cache.prepare([2], [0], [20], [0])
+    cache.evict(2)
+    with pytest.raises(ValueError, match="more than one"):
+        cache.rollback(snap)
+    cache.check_invariants()
+    snap = cache.snapshot()
+    with pytest.raises(KVCacheError):
+        cache.evict(99)  # a failed call changes nothing, the snapshot stays good
+    cache.prepare([3], [0], [10], [0])
+    cache.rollback(snap)
+    assert cache.location(3) is None
+    cache.check_invariants()

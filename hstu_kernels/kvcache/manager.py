@@ -109,6 +109,7 @@ class CacheSnapshot:
     users: tuple[tuple[Hashable, int, tuple[int, ...] | None, tuple[int, ...] | None], ...]
     stats: tuple[tuple[str, int], ...]
     owner: int = 0  # id() of the manager it was taken of
+    generation: int = 0  # the manager's count of state changes when it was taken
 
 
 class KVCacheManager:
@@ -138,6 +139,9 @@ class KVCacheManager:
         self.allocator = PageAllocator(c.num_pages, reserved=[DUMMY_PAGE])
         self.transfers = TransferEngine(self.pool, self.host_pool)
         self._users: OrderedDict[Hashable, _User] = OrderedDict()  # least recently used first
+        # Counts the calls that changed users or pages (prepare, evict, drop, clear): a
+        # rollback undoes one prepare, and refuses a snapshot older than that.
+        self._generation = 0
         self.stats = {"offloaded": 0, "onloaded": 0, "dropped": 0}
 
     # --- queries -------------------------------------------------------------------------
@@ -239,10 +243,12 @@ class KVCacheManager:
         )  # fmt: skip
         before = self.snapshot()
         try:
-            return self._prepare(ids, cached, new, tgt, pad_batch, pad_tokens, page_capacity, out)
+            meta = self._prepare(ids, cached, new, tgt, pad_batch, pad_tokens, page_capacity, out)
         except BaseException:  # nothing checkable is left to fail here, but a CUDA error can
             self.rollback(before)
             raise
+        self._generation += 1
+        return meta
 
     def _prepare(
         self,
@@ -411,7 +417,7 @@ class KVCacheManager:
              None if u.host_pages is None else tuple(u.host_pages))
             for uid, u in self._users.items()
         )  # fmt: skip
-        return CacheSnapshot(users, tuple(self.stats.items()), id(self))
+        return CacheSnapshot(users, tuple(self.stats.items()), id(self), self._generation)
 
     def rollback(self, snapshot: CacheSnapshot) -> None:
         """Undo what happened since ``snapshot`` (a request that failed after
@@ -429,6 +435,14 @@ class KVCacheManager:
             raise TypeError(f"snapshot: expected a CacheSnapshot, got {type(snapshot).__name__}")
         if snapshot.owner != id(self):
             raise ValueError("snapshot: taken of another cache manager")
+        if self._generation - snapshot.generation > 1:
+            # Undoing several changes could hand one host page to two users (a user onloaded
+            # since, whose host pages were reused by a later offload, would be restored onto
+            # them): a rollback undoes the one prepare that followed the snapshot.
+            raise ValueError(
+                "snapshot: more than one prepare/evict/drop/clear since it was taken (a "
+                "rollback undoes the one prepare that followed it)"
+            )
         stats = dict(snapshot.stats)
         users: OrderedDict[Hashable, _User] = OrderedDict()
         for uid, length, gpu, host in snapshot.users:
@@ -445,6 +459,7 @@ class KVCacheManager:
             )
         self._users = users
         self.stats = stats
+        self._generation = snapshot.generation
         self.allocator.reset(p for u in users.values() if u.on_gpu for p in u.gpu_pages)
         if self.host_allocator is not None:
             self.host_allocator.reset(
@@ -454,8 +469,9 @@ class KVCacheManager:
     # --- explicit control ----------------------------------------------------------------
 
     def wait_layer(self, layer: int) -> None:
-        """Make the current stream wait for layer ``layer``'s transfers of the last
-        :meth:`prepare` (a no-op on the CPU, capturable into a CUDA graph)."""
+        """Make the current stream wait for layer ``layer``'s transfers issued so far (the
+        onloads of :meth:`prepare`, the offloads of :meth:`prepare` and :meth:`evict`; a no-op
+        on the CPU, capturable into a CUDA graph)."""
         self.transfers.wait_layer(self._check_layer(layer))
 
     def transfers_pending(self) -> bool:
@@ -465,8 +481,8 @@ class KVCacheManager:
         return self.transfers.pending()
 
     def wait_all(self) -> None:
-        """Make the current stream wait for every layer's transfers of the last
-        :meth:`prepare`."""
+        """Make the current stream wait for every layer's transfers issued so far (see
+        :meth:`wait_layer`)."""
         for layer in range(self.config.num_layers):
             self.transfers.wait_layer(layer)
 
@@ -476,6 +492,7 @@ class KVCacheManager:
         u = self._users.get(user_id)
         if u is None or not u.on_gpu:
             raise KVCacheError(f"user_id: {user_id!r} has no pages on the device")
+        self._generation += 1
         host = self._host_room(len(u.gpu_pages), {user_id}) if offload else None
         if host is None:
             del self._users[user_id]
@@ -492,6 +509,7 @@ class KVCacheManager:
         u = self._users.pop(user_id, None)
         if u is None:
             raise KVCacheError(f"user_id: unknown user {user_id!r}")
+        self._generation += 1
         if u.on_gpu:
             self.allocator.free(u.gpu_pages)
         if u.host_pages is not None:
@@ -499,6 +517,7 @@ class KVCacheManager:
 
     def clear(self) -> None:
         """Forget every user."""
+        self._generation += 1
         for uid in list(self._users):
             self.drop(uid)
 

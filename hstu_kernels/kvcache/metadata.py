@@ -261,8 +261,8 @@ def build_paged_metadata(
     rows; slots ``B .. pad_batch-1`` are empty sequences, slot ``pad_batch`` holds the padding
     rows. ``pad_slot=False`` adds no slot beyond ``pad_batch``: the padding rows go to slot
     ``pad_batch - 1``, which must then be an empty one (``B < pad_batch``) unless there are no
-    padding rows.
-    rows as targets; all of them use ``dummy_page`` (history of one token). ``page_capacity``
+    padding rows. The padding slot holds its rows as targets, and every padding slot uses
+    ``dummy_page`` (a history of one token). ``page_capacity``
     fixes the length of ``page_ids`` (unused entries point at ``dummy_page``), so the buffer
     layout depends only on the bucket. ``out``: a device int32 buffer to copy into (a graph's
     static input); its leading ``paged_layout_size(...)`` entries are used.
