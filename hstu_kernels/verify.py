@@ -5,11 +5,12 @@ A backend lists the archs its GPU verification in this repository covers
 (``Backend.verified_archs``). On any other arch it serves, the dispatcher's first ``auto``
 choice of it in a process runs :func:`parity_check`: a few small paged and jagged calls of
 its own ops against the PyTorch reference (odd lengths, a one-token history, targets and none,
-outputs poisoned; the DESIGN.md §5 tolerance), a few milliseconds once compiled. The verdict
-is kept on disk per card, backend and library version (``settings.tuning_cache``), so a later
-process does not repeat it. If it fails, a warning says so once, the backend declines every
-``auto`` call on that arch in this process, and ``explain()`` gives the reason; a forced
-backend (``backend="<name>"``) is never checked.
+outputs poisoned; the DESIGN.md §5 tolerance), a few milliseconds once compiled. The verdict,
+passed or failed, is kept on disk per card, backend and library, Triton and torch versions
+(``settings.tuning_cache``), so a later process does not repeat it. If it fails, a warning says
+so once, the backend declines every ``auto`` call on that arch (in this process and, from the
+kept verdict, in later ones), and ``explain()`` gives the reason; a forced backend
+(``backend="<name>"``) is never checked.
 """
 
 from __future__ import annotations

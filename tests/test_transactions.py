@@ -182,7 +182,7 @@ def test_a_failed_request_that_evicted_keeps_every_user_correct(device, monkeypa
         ("candidates", torch.tensor([0, 1000, 2]), r"candidates: expected ids in 0\.\.999"),
         ("history_items", None, r"history_items: expected ids in 0\.\.999"),
         ("history_actions", None, r"history_actions: expected ids in 0\.\.7"),
-        ("candidates", torch.tensor([0.0, 1.0]), "candidates: expected an int64 tensor"),
+        ("candidates", torch.tensor([0.0, 1.0]), "candidates: expected an int64 or int32 tensor"),
     ],
 )
 def test_ids_outside_the_tables_are_refused_before_the_cache_changes(field, value, pattern):

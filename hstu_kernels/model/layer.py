@@ -7,13 +7,11 @@
     out        = x + y @ W_o                 output projection and residual (one addmm)
 
 As in the published HSTU inference path, the projections carry no bias (the LayerNorms have
-affine weights). Attention goes through the ops' dispatcher, so the layer runs on every
-backend: the public ops, and in the cached path their internal variant
-``paged_hstu_attention_partials``, which lets a backend that splits the KV range hand back
-the unsummed fp32 partials.
+affine weights).
 
-Every step goes through the dispatcher: attention through the ops (in the cached path their
-internal variant ``paged_hstu_attention_partials``), the rest through the layer ops of
+Every step goes through the dispatcher, so the layer runs on every backend: attention through
+the public ops (in the cached path their internal variant ``paged_hstu_attention_partials``,
+which lets a backend that splits the KV range hand back the unsummed fp32 partials), the rest through the layer ops of
 :mod:`hstu_kernels.layer_ops` (``layernorm``, ``project_silu``, ``project_silu_append``,
 ``layernorm_mul``), for the layer's ``backend`` argument; ``backend="reference"`` runs it all
 on torch ops. On a GPU the Triton layer ops keep the memory traffic outside the matmuls and the

@@ -339,7 +339,7 @@ class HSTURankingModel(nn.Module):
             ):
                 if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
                     raise TypeError(
-                        f"batch: user {r.user_id}'s {name}: expected an int64 tensor, got "
+                        f"batch: user {r.user_id}'s {name}: expected an int64 or int32 tensor, got "
                         f"{getattr(ids, 'dtype', type(ids).__name__)}"
                     )
                 if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < size:

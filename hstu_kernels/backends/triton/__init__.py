@@ -6,8 +6,9 @@ The default on Ampere/Ada GPUs (head dims 64/128/256, pages of 16..256 tokens) a
 on Hopper. Registering it imports nothing from Triton: the kernels are imported on the first
 call, so discovery works where Triton is missing. On a CPU the backend serves only when
 ``TRITON_INTERPRET=1`` (the Triton interpreter, for tests), and then with the lowest priority.
-Mask features ``num_contexts`` and ``max_attn_len`` are not implemented (declared, so the
-dispatcher refuses them with a clear reason).
+Mask features ``num_contexts`` and ``max_attn_len`` are not implemented (declared, so
+``auto`` sends such calls to a backend that has them, and forcing this one refuses them with
+a clear reason).
 """
 
 from __future__ import annotations
