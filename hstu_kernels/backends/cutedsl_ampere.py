@@ -121,6 +121,8 @@ register(
         features=frozenset(),
         # Set from measurements (docs/cutedsl.md); Triton registers 20 on its archs.
         priority={"*": 10},
+        # Run by this project on H100s only: elsewhere its first auto use is checked.
+        verified_archs=frozenset({"sm_90"}),
         probe=_probe,
         description="CuTe DSL warp-MMA (mma.sync m16n8k16 + cp.async + ldmatrix), sm80..sm120",
     )

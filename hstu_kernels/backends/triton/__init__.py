@@ -155,6 +155,9 @@ register(
         },
         probe=probe,
         notes=_notes,
+        # Run by this project on H100s and an H200 (and the CPU interpreter in CI); on other
+        # GPUs its first auto use runs the parity check (hstu_kernels/verify.py).
+        verified_archs=frozenset({"sm_90", "cpu"}),
         description="Triton kernels (sm_80+; CPU only under TRITON_INTERPRET=1)",
     )
 )
