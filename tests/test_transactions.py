@@ -341,3 +341,19 @@ def test_a_rollback_undoes_one_prepare_only():
     cache.rollback(snap)
     assert cache.location(3) is None
     cache.check_invariants()
+
+
+def test_no_offloaded_user_is_dropped_when_that_cannot_make_room():
+    """A batch that onloads user A evicts C from the device; the host pool (8 pages) cannot
+    take C's 5 pages even without B's 2 (A's 4 are still held for its onload): C is dropped,
+    and B, whose drop would not have helped, stays offloaded."""
+    cache = _manager(num_pages=9, host_pages=8)
+    cache.prepare(["A"], [0], [64], [0])  # 4 pages
+    cache.evict("A")
+    cache.prepare(["B"], [0], [32], [0])  # 2 pages
+    cache.evict("B")
+    cache.prepare(["C"], [0], [80], [0])  # 5 of the 8 usable device pages
+    cache.prepare(["A"], [64], [16], [0])  # A needs 5 device pages: C must go
+    assert cache.location("A") == "device" and cache.location("C") is None
+    assert cache.location("B") == "host" and cache.cached_length("B") == 32
+    cache.check_invariants()

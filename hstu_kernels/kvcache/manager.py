@@ -395,6 +395,12 @@ class KVCacheManager:
         alloc = self.host_allocator
         if alloc is None or n > alloc.capacity:
             return None
+        droppable = sum(
+            len(u.host_pages) for uid, u in self._users.items()
+            if u.host_pages is not None and uid not in in_batch
+        )  # fmt: skip
+        if alloc.num_free + droppable < n:
+            return None  # dropping would not make room: drop nobody
         for uid in list(self._users):
             if alloc.num_free >= n:
                 break
