@@ -42,13 +42,9 @@ class LayerKernels:
     project_silu_append: Callable[..., torch.Tensor]
 
 
-def _reference_append(h, weight, append, separate):
-    return separate()
-
-
 _COMPILING = LayerKernels(
     "reference", reference.layernorm, reference.layernorm_mul, reference.project_silu,
-    _reference_append,
+    reference.project_silu_append,
 )  # fmt: skip
 _RESOLVED: dict[tuple, LayerKernels] = {}
 

@@ -49,44 +49,9 @@ from hstu_kernels.types import CacheAppend
 __all__ = [
     "CachedPlans",
     "HSTULayer",
-    "layernorm",
-    "layernorm_mul",
     "plan_cached",
     "plan_uncached",
 ]
-
-
-def layernorm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``LayerNorm(x)`` over the last dim of ``x [rows, n]`` (the ``layernorm`` layer op)."""
-    return layer_ops.kernels(backend, x.device, x.dtype).layernorm(x, weight, bias, eps)
-
-
-def layernorm_mul(
-    a: torch.Tensor,
-    u: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``LayerNorm(a) * u`` over the last dim of ``a [rows, n]`` and ``u [rows, n]`` (unit
-    column stride, any row stride; already through its SiLU); one pass on a GPU.
-
-    ``a`` may also be a split attention's fp32 partials ``[S, rows, n]``: ``a`` is then their
-    in-order sum (:func:`~hstu_kernels.reference.sum_partials`) in ``u``'s dtype, summed in
-    the same pass (the ``layernorm_mul`` layer op).
-    """
-    if a.dim() == 3 and a.dtype != torch.float32:
-        raise TypeError(f"a: split partials [S, rows, n] must be fp32, got {a.dtype}")
-    return layer_ops.kernels(backend, u.device, u.dtype).layernorm_mul(a, u, weight, bias, eps)
 
 
 @dataclass(frozen=True)
@@ -247,16 +212,21 @@ class HSTULayer(nn.Module):
 
         ``attn``: the attention output ``[tokens, heads, D]``, or the partials
         ``[S, tokens, heads, D]`` of ``paged_hstu_attention_partials`` (``S > 1``: fp32,
-        summed here, see :func:`layernorm_mul`; ``S = 1``: the output itself).
+        summed in split order in the ``layernorm_mul`` layer op's pass; ``S = 1``: the output
+        itself).
         ``inplace=True`` accumulates into ``x`` and returns it: no copy of ``x``, but the
         caller's ``x`` is overwritten (use it only for a tensor nobody reads afterwards).
         """
         inner = self.heads * self.head_dim
         if attn.dim() == 4 and attn.shape[0] == 1:
             attn = attn[0]  # an unsplit output
+        if attn.dim() == 4 and attn.dtype != torch.float32:
+            raise TypeError(f"attn: split partials [S, tokens, heads, D] must be fp32, got "
+                            f"{attn.dtype}")  # fmt: skip
         a = attn.view(-1, x.shape[0], inner) if attn.dim() == 4 else attn.view(-1, inner)
-        y = layernorm_mul(a, u, self.norm_attn_weight, self.norm_attn_bias, self.eps,
-                          backend=backend)  # fmt: skip
+        y = self._ops(backend).layernorm_mul(
+            a, u, self.norm_attn_weight, self.norm_attn_bias, self.eps
+        )
         if inplace:
             return torch.addmm(x, y, self.out_weight.t(), out=x)
         return torch.addmm(x, y, self.out_weight.t())

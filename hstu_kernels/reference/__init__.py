@@ -6,7 +6,13 @@ from hstu_kernels.reference.attention import (
     paged_hstu_attention,
 )
 from hstu_kernels.reference.kv import append_kv, append_positions
-from hstu_kernels.reference.layer import layernorm, layernorm_mul, project_silu, sum_partials
+from hstu_kernels.reference.layer import (
+    layernorm,
+    layernorm_mul,
+    project_silu,
+    project_silu_append,
+    sum_partials,
+)
 from hstu_kernels.reference.mask import hstu_mask
 
 __all__ = [
@@ -19,5 +25,6 @@ __all__ = [
     "layernorm_mul",
     "paged_hstu_attention",
     "project_silu",
+    "project_silu_append",
     "sum_partials",
 ]

@@ -5,16 +5,20 @@ backends' row kernels and projection GEMM compute.
 - ``layernorm_mul(a, u, weight, bias, eps)``: ``LayerNorm(a) * u``, where ``a`` may be a split
   attention's fp32 partials ``[S, rows, n]``, summed in split order first (:func:`sum_partials`);
 - ``project_silu(h, weight)``: ``SiLU(h @ weight)`` for ``weight [K, 4 * inner]`` (columns
-  ``u | v | q | k``), as one contiguous ``[4, T, inner]`` tensor.
+  ``u | v | q | k``), as one contiguous ``[4, T, inner]`` tensor;
+- ``project_silu_append(h, weight, append, separate)``: the same, with the new K/V rows
+  written into the cache, which here is ``separate()`` (the projection, then the append op).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["SLOTS", "check_projection", "layernorm", "layernorm_mul", "project_silu",
-           "sum_partials"]  # fmt: skip
+           "project_silu_append", "sum_partials"]  # fmt: skip
 
 SLOTS = 4  # u, v, q, k
 
@@ -65,3 +69,10 @@ def project_silu(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``SiLU(h @ weight)`` as a contiguous ``[4, T, inner]`` (slots u, v, q, k)."""
     inner = check_projection(h, weight)
     return F.silu(h @ weight).view(h.shape[0], SLOTS, inner).transpose(0, 1).contiguous()
+
+
+def project_silu_append(h: torch.Tensor, weight: torch.Tensor, append: object,
+                        separate: Callable[[], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """:func:`project_silu` with ``append``'s K/V rows written: the separate way,
+    ``separate()`` (a fused epilogue is a kernel's business)."""
+    return separate()
