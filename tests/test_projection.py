@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 
+from hstu_kernels import reference
 from hstu_kernels import settings as hk_settings
 from hstu_kernels.backends.triton import projection as P
 from hstu_kernels.kvcache import build_jagged_metadata
@@ -46,7 +47,7 @@ def _inputs(tokens, k, inner, dtype, device="cpu", seed=0):
 
 def _refs(h, w):
     """fp32 yardstick and the low-precision torch path (unfused: rounds the GEMM, then SiLU)."""
-    return P.torch_project_silu(h.float(), w.float()), P.torch_project_silu(h, w)
+    return reference.project_silu(h.float(), w.float()), reference.project_silu(h, w)
 
 
 def _check_fused(tokens, k, inner, dtype, config):

@@ -167,14 +167,8 @@ def _kernels() -> dict:
     return _KERNELS
 
 
-_check = check_projection  # shapes, dtypes, devices: the reference's rule
-
-
 def _empty_out(h: torch.Tensor, inner: int) -> torch.Tensor:
     return torch.empty((SLOTS, h.shape[0], inner), dtype=h.dtype, device=h.device)
-
-
-torch_project_silu = reference_project_silu  # the CPU path and the yardstick of the tests
 
 
 def _checked_out(
@@ -182,7 +176,7 @@ def _checked_out(
 ) -> tuple[int, torch.Tensor]:
     """``inner`` and the ``[4, T, inner]`` output (``out``, or a new one) of a fused launch;
     raises ValueError if the config's column tile or ``out`` does not fit."""
-    inner = _check(h, weight)
+    inner = check_projection(h, weight)
     if not config.fits(inner):
         raise ValueError(f"config {config}: BLOCK_N does not divide inner={inner}")
     out = _empty_out(h, inner) if out is None else out
@@ -356,7 +350,7 @@ def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = Non
 
 def unfused_project_silu(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The unfused path: a cuBLAS GEMM, then the SiLU/split pass (torch ops if it fails)."""
-    inner = _check(h, weight)
+    inner = check_projection(h, weight)
     uvqk = torch.mm(h, weight)
     if _BROKEN:
         return F.silu(uvqk).view(h.shape[0], SLOTS, inner).transpose(0, 1).contiguous()
@@ -522,9 +516,9 @@ def project_silu(
     docstring); ``choice`` (a :class:`GemmConfig`, a :class:`TmaConfig` or :data:`UNFUSED`)
     forces one. Elsewhere it runs torch ops.
     """
-    inner = _check(h, weight)
+    inner = check_projection(h, weight)
     if not _triton_ok(h):
-        return torch_project_silu(h, weight)
+        return reference_project_silu(h, weight)
     if choice is None:
         choice = _choose(h, weight) if _fused_ok(h) else UNFUSED
     if choice == UNFUSED or not choice.fits(inner):
