@@ -473,3 +473,34 @@ def test_append_kv_kernel_needs_no_host_sync():
         tri_append.append_kv(kv, case.page_table, k, v, case.cu_q, case.num_targets)
     graph.replay()
     torch.cuda.synchronize()
+
+
+def test_launch_cache_takes_a_tma_descriptor_in_its_first_slot() -> None:
+    """A launch whose first per-call argument is a TMA descriptor (the projection GEMM's)
+    finds its device through the descriptor's base tensor; every call reaches the kernel
+    with the arguments given."""
+    from types import SimpleNamespace
+
+    from hstu_kernels.backends.triton.launcher import LaunchCache
+
+    seen = []
+
+    class Kernel:
+        arg_names = ["desc", "n", "out", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((grid, args, kw))
+                return SimpleNamespace(packed_metadata=None, run=None, function=None)
+
+            return launch
+
+    kernel, cache = Kernel(), LaunchCache()
+    for i in range(3):
+        desc = SimpleNamespace(base=torch.zeros(8), block_shape=[4])
+        out = torch.zeros(8)
+        cache(kernel, (2,), (desc, 5, out), {"BLOCK": 4}, num_warps=4)
+        grid, args, kw = seen[-1]
+        assert args[0] is desc and args[1] == 5 and args[2] is out
+        assert kw == {"BLOCK": 4, "num_warps": 4} and grid == (2, 1, 1)
+    assert len(seen) == 3

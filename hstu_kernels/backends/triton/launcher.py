@@ -124,8 +124,13 @@ class FixedLaunch:
         self._aligned = tuple(
             isinstance(t, torch.Tensor) and t.data_ptr() % 16 == 0 for t in tensors
         )
-        self._device = tensors[0].device.index if tensors else torch.cuda.current_device()
+        self._device = _device_of(tensors[0]).index
         self._compiled = compiled
+
+
+def _device_of(slot: Any) -> torch.device:
+    """The device of a per-call argument: a tensor's, or a TMA descriptor's base tensor's."""
+    return slot.device if isinstance(slot, torch.Tensor) else slot.base.device
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
@@ -192,7 +197,7 @@ def _direct_launch_possible(compiled: Any, tensors: Sequence[torch.Tensor]) -> b
     them on the slow path)."""
     if compiled is None or not hasattr(compiled, "packed_metadata"):
         return False
-    if not tensors or tensors[0].device.type != "cuda":
+    if not tensors or _device_of(tensors[0]).type != "cuda":
         return False
     try:
         from triton import knobs
