@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 
+import hstu_kernels as hk
 from hstu_kernels.kvcache import KVCacheError, build_jagged_metadata
 from hstu_kernels.model import HSTUBlock
 from hstu_kernels.testing import assert_hstu_close
@@ -210,6 +211,27 @@ def test_chunked_cached_equals_uncached_gpu():
     for layer in range(block.num_layers):
         # the uncached bf16 run sets the tolerance; a second bf16 path may differ from fp32
         # by as much again, so the cached output gets twice the §5 allowance
+        assert_hstu_close(outs[layer], ref32[layer], ref_lowp[layer], eps=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["forced", "env"])
+def test_an_attention_only_backend_runs_the_cached_block_gpu(knobs, how):
+    """A DSL backend (attention kernels only), forced on the block or named by the env
+    override, runs its attention; the K/V append and the layer ops take the dispatcher's own
+    choice, and the output matches the uncached block."""
+    histories, targets = [300, 33, 1, 129], [17, 0, 5, 64]
+    splits = [[0, 100, 290, 300], [0, 1, 33], [0, 1], [0, 128, 129]]
+    block, x, ref32, ref_lowp = _bf16_case(histories, targets, splits)
+    if how == "forced":
+        block.backend = "cutedsl-hopper"
+    else:
+        knobs(backend="cutedsl-hopper")
+    if hk.explain("paged", head_dim=128, page_size=32, backend="cutedsl-hopper").choice is None:
+        pytest.skip("cutedsl-hopper does not run here")
+    cache = block.make_cache(num_pages=64, page_size=32)
+    outs = run_chunked(block, cache, x, histories, targets, splits)
+    for layer in range(block.num_layers):
         assert_hstu_close(outs[layer], ref32[layer], ref_lowp[layer], eps=1e-3)
 
 

@@ -486,7 +486,7 @@ def test_launch_cache_takes_a_tma_descriptor_in_its_first_slot() -> None:
     seen = []
 
     class Kernel:
-        arg_names = ["desc", "n", "out", "BLOCK"]
+        arg_names = ("desc", "n", "out", "BLOCK")
 
         def __getitem__(self, grid):
             def launch(*args, **kw):
@@ -496,7 +496,7 @@ def test_launch_cache_takes_a_tma_descriptor_in_its_first_slot() -> None:
             return launch
 
     kernel, cache = Kernel(), LaunchCache()
-    for i in range(3):
+    for _ in range(3):
         desc = SimpleNamespace(base=torch.zeros(8), block_shape=[4])
         out = torch.zeros(8)
         cache(kernel, (2,), (desc, 5, out), {"BLOCK": 4}, num_warps=4)

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hstu_kernels import layer_ops
+from hstu_kernels import layer_ops, settings
+from hstu_kernels.dispatch import Request, device_arch, registry
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
 from hstu_kernels.ops import append_kv, hstu_attention, paged_hstu_attention_partials
 from hstu_kernels.plan import (
@@ -85,8 +86,23 @@ def plan_cached(
         scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q or meta.max_seqlen_q,
         partials=True, **common,
     )  # fmt: skip
+    common["backend"] = _append_backend(backend, meta, head_dim, dtype)
     append = plan_append_kv(meta.page_table, meta.cu_seqlens_q, meta.num_targets, **common)
     return CachedPlans(attention, append)
+
+
+def _append_backend(backend: str, meta: BatchMetadata, head_dim: int, dtype: torch.dtype) -> str:
+    """The backend argument of the block's K/V append: ``backend``, unless the backend it
+    names (or ``HSTU_KERNELS_BACKEND`` names, for ``"auto"``) has attention kernels only, as
+    the DSL backends do; the append is then the dispatcher's own choice (as the layer ops
+    are)."""
+    named = settings.get().backend if backend == "auto" else backend
+    found = registry().backends.get(named)
+    if found is None or "append_kv" in found.ops:
+        return backend
+    device = meta.cu_seqlens_q.device
+    request = Request("append_kv", device_arch(device), dtype, head_dim, meta.page_size)
+    return registry().select(request, "auto", env_override=False).name
 
 
 def plan_uncached(
