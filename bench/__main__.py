@@ -27,6 +27,7 @@ import torch
 from bench import common
 
 SUITE = ("kernels", "block", "e2e", "host")
+# (each member reports its cases to bench.common.progress(): one display for the whole run)
 
 
 def _load(name: str) -> tuple[Any | None, str | None]:
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    common.progress().close()
     if path.exists():
         from bench import report
 

@@ -248,14 +248,8 @@ def measure(
         for h in sorted(plan.histories, reverse=True)
         if h != top
     ]
-    bar = None
     if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(cases), desc="block", unit="case", file=sys.stderr)
-        except ImportError:
-            bar = None
+        common.progress().start("block", len(cases))
     entries = []
     for targets, batch, history in cases:
         new = min(plan.new, history)
@@ -324,13 +318,10 @@ def measure(
         entries.append(entry)
         if checkpoint is not None and len(entries) % 8 == 0:
             checkpoint(entries)
-        if bar is not None:
-            bar.set_postfix_str(
+        if progress:
+            common.progress().step(
                 f"B={batch} H={history} T={targets}: {t_cached:.3f} / {t_full:.3f} ms"
             )
-            bar.update()
-    if bar is not None:
-        bar.close()
     log(f"graph buckets captured: {runner.captured}; waits inside graphs: {runner.graph_waits}")
     from hstu_kernels.backends.triton import rows
 

@@ -114,3 +114,67 @@ def write_results(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
+
+
+class Progress:
+    """One progress display for a whole run of the suite: each member adds its cases
+    (:meth:`start`) and ticks them off (:meth:`step`); the display shows the suite's cases
+    done and known so far, the member and its current case, and the elapsed time. It writes
+    to stderr: through tqdm where it is installed, otherwise one line per case."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = 0
+        self.member = ""
+        self._t0: float | None = None
+        self._bar: Any = None
+
+    def start(self, member: str, cases: int) -> None:
+        """``member`` begins ``cases`` cases."""
+        import time
+
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        self.member = member
+        self.total += cases
+        if self._bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                import sys
+
+                self._bar = tqdm(total=self.total, unit="case", file=sys.stderr, desc="bench")
+        else:
+            self._bar.total = self.total
+            self._bar.refresh()
+
+    def step(self, case: str = "") -> None:
+        """One case of the current member finished (``case``: what it was)."""
+        import sys
+        import time
+
+        self.done += 1
+        label = f"{self.member}: {case}" if case else self.member
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update(1)
+        else:
+            elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+            print(f"[bench {self.done}/{self.total} {elapsed:5.0f} s] {label}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        """End the display (the next :meth:`start` begins a new one)."""
+        if self._bar is not None:
+            self._bar.close()
+        self.__init__()
+
+
+_PROGRESS = Progress()
+
+
+def progress() -> Progress:
+    """The process-wide display every member reports to (one across ``python -m bench``)."""
+    return _PROGRESS

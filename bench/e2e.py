@@ -117,6 +117,7 @@ def measure(
         seed=c.seed,
     )
     entries = []
+    common.progress().start("e2e", len(plan.batch_sizes) * len(plan.modes))
     for bs in plan.batch_sizes:
         batches = list(gen.case(bs))
         cache = model.make_cache()
@@ -131,6 +132,7 @@ def measure(
                 log(f"  batch {bs:2d}  {mode:15s} FAILED:\n{traceback.format_exc()}")
                 if failures is not None:
                     failures.append(f"batch {bs} {mode}")
+                common.progress().step(f"batch {bs} {mode} failed")
                 continue
             times[mode] = statistics.median(ms for ms, _ in runs)
             scores[mode] = torch.cat(runs[-1][1]).float()
@@ -140,6 +142,7 @@ def measure(
                 top = scores["baseline"].abs().max().item()
                 line += f"   max |score - baseline| {diff:.3g} (max |score| {top:.3g})"
             log(line)
+            common.progress().step(f"batch {bs} {mode}: {times[mode]:.1f} ms")
         model.release_graphs(cache)
         del cache
         if plan.device == "cuda":

@@ -212,11 +212,14 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
     entries: list[dict] = []
     base = dict(bench="host", heads=HEADS, head_dim=HEAD_DIM, page_size=PAGE_SIZE,
                 batch=len(HISTORIES))  # fmt: skip
-    for backend in ["auto", *names] if gpu else names:
+    backends = ["auto", *names] if gpu else names
+    common.progress().start("host", len(backends))
+    for backend in backends:
         try:
             calls = _calls(case, dtype, device, backend)
         except Exception as exc:  # a backend that cannot plan here is reported, not fatal
             print(f"host: {backend}: {type(exc).__name__}: {exc}")
+            common.progress().step(f"{backend}: cannot plan")
             continue
         if backend == ("auto" if gpu else "reference"):
             try:  # the layer's ops, with backend="auto" (the model's)
@@ -236,6 +239,7 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
                 continue
             entries.append({**base, "case": name, "impl": backend, "host_us": round(us, 2)})
             print(f"host: {name:28s} {backend:18s} {us:8.1f} us", flush=True)
+        common.progress().step(backend)
     us = per_call_us(_sdpa_call(case, dtype, device), reps, device)
     entries.append({**base, "case": "sdpa causal", "impl": "torch SDPA", "host_us": round(us, 2)})
     print(f"host: {'sdpa causal':28s} {'torch SDPA':18s} {us:8.1f} us", flush=True)

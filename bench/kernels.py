@@ -255,6 +255,7 @@ def run(*, quick: bool = False, path: Path | None = None, forced_only: bool = Fa
     cases = quick_cases(gpu) if quick or not gpu else full_cases()
     entries: list[dict] = []
     rows = []
+    common.progress().start("kernels", len(cases))
     for case in cases:
         pc = _inputs(case, dtype, device)
         names, skipped = _backends_for(case, dtype, device, forced_only)
@@ -308,6 +309,7 @@ def run(*, quick: bool = False, path: Path | None = None, forced_only: bool = Fa
         del pc
         if gpu:
             torch.cuda.empty_cache()
+        common.progress().step(case.name)
     written = common.write_results("kernel", entries, ceilings=ceilings or None,
                                    path=path or common.results_path(quick=quick))  # fmt: skip
     print(f"\nkernels on {common.card_name()} ({dtype}); results: {written}")
