@@ -2,6 +2,7 @@
 
     compute-sanitizer --tool memcheck  python tests/sanitize_block.py
     compute-sanitizer --tool racecheck python tests/sanitize_block.py
+    compute-sanitizer --tool memcheck  python tests/sanitize_block.py --only=block,triton
 
 Runs the cached block (append or the projection's fused append, paged attention with and
 without a KV split, the LayerNorm kernels summing split partials, the projection GEMMs) with
@@ -24,8 +25,18 @@ from hstu_kernels.testing import assert_hstu_close, make_paged_case
 
 HEADS, HEAD_DIM, HIDDEN, PAGE = 2, 64, 128, 32
 # ``python tests/sanitize_block.py cpu``: a dry run of the script itself (fp32 would be the
-# CPU's dtype; bf16 on the reference is slow but works)
-DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+# CPU's dtype; bf16 on the reference is slow but works). ``--only block,triton``: only the
+# block and the named backends' ops (to split a sanitizer run that would take too long).
+_ARGS = [a for a in sys.argv[1:] if not a.startswith("--only")]
+DEVICE = _ARGS[0] if _ARGS else "cuda"
+_ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")),
+             None)  # fmt: skip
+
+
+def wanted(part: str) -> bool:
+    return _ONLY is None or part in _ONLY
+
+
 # (cached, new, targets) per user of the block's two steps: page edges, a one-token history,
 # no targets, a long one.
 STEPS = [
@@ -116,9 +127,10 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
-    print(f"sanitize_block: block auto  max |diff| vs reference {run_block():.4f}")
+    if wanted("block"):
+        print(f"sanitize_block: block auto  max |diff| vs reference {run_block():.4f}")
     for head_dim in (64, 128):
-        for name in backends("paged", head_dim, PAGE):
+        for name in filter(wanted, backends("paged", head_dim, PAGE)):
             for shape in SHAPES:
                 worst = run_ops(name, head_dim, shape)
                 print(f"sanitize_block: {name:16s} D={head_dim} B={len(shape[0])} "
