@@ -5,8 +5,7 @@ One program normalises one or two rows of ``[rows, n]`` in fp32. ``layernorm_mul
 ``u`` (the projection's SiLU(u) slot, any row stride) in the same pass, and where the attention
 split its KV range it sums the fp32 partials ``[S, rows, n]`` in split order first, rounded to
 the output dtype as the attention's own sum kernel would have stored them: one kernel and one
-round trip of the attention output fewer. Launches go through a :class:`LaunchCache` (one fixed
-launch per shape). A Triton that cannot build the kernel here (a compile error, not an
+round trip of the attention output fewer. Each shape's launch is a :class:`FixedLaunch`, made once. A Triton that cannot build the kernel here (a compile error, not an
 out-of-memory error) makes the ops use the reference's torch ops for the rest of the process,
 with one warning; ``HSTU_FUSED_LAYERNORM=0`` does so from the start.
 """
@@ -16,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from hstu_kernels import reference, settings
-from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
+from hstu_kernels.backends.triton.launcher import FixedLaunch, cannot_compile
 
 __all__ = ["SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "rows_per_program"]
 
@@ -88,33 +87,39 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.shape[-1] <= 8192
 
 
-def _run_or_fall_back(launch, fallback, t: torch.Tensor):
-    """Launch a row kernel; if it cannot run here (a Triton that fails to compile it), say so
-    once, switch the row kernels off for this process and use the torch ops."""
-    try:
-        return launch()
-    except Exception as exc:
-        # (asked of CUDA tensors only: a CUDA build without a driver raises on the question)
-        capturing = t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing or not cannot_compile(exc):
-            raise
-        import warnings
+def _fall_back(exc: Exception, t: torch.Tensor, fallback):
+    """After a row kernel raised ``exc``: if it cannot run here (a Triton that fails to
+    compile it), say so once, switch the row kernels off for this process and return
+    ``fallback()`` (the torch ops); anything else propagates."""
+    # (asked of CUDA tensors only: a CUDA build without a driver raises on the question)
+    capturing = t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or not cannot_compile(exc):
+        raise exc
+    import warnings
 
-        _BROKEN.append(f"{type(exc).__name__}: {exc}")
-        warnings.warn(
-            f"hstu_kernels: Triton LayerNorm row kernels disabled ({_BROKEN[0]}); using torch ops",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return fallback()
+    _BROKEN.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(
+        f"hstu_kernels: Triton LayerNorm row kernels disabled ({_BROKEN[0]}); using torch ops",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return fallback()
 
 
-def _launch_args(rows: int, n: int) -> dict:
-    import triton
-
+def _launch(
+    rows: int, n: int, split: bool, splits: int, has_u: bool, stride_u: int, eps: float
+) -> FixedLaunch:
+    """The fixed launch of the row kernel over ``[rows, n]`` (``split``: ``splits`` fp32
+    partials to sum; ``has_u``: a ``u`` of row stride ``stride_u``); its five tensors are the
+    per-call slots."""
     per = rows_per_program(rows)
-    block = triton.next_power_of_2(n)
-    return dict(ROWS=per, BLOCK=block, num_warps=min(16, max(4, per * block // 512)))
+    block = 1 << max(n - 1, 0).bit_length()  # the next power of two
+    return FixedLaunch(
+        _kernels()["layernorm"], (-(-rows // per),),  # (the kernel the caller's key holds)
+        [None, None, None, None, None, rows, n, stride_u, eps, splits], range(5),
+        dict(HAS_U=has_u, SPLIT=split, ROWS=per, BLOCK=block),
+        num_warps=min(16, max(4, per * block // 512)),
+    )  # fmt: skip
 
 
 def _row_layernorm(
@@ -125,25 +130,27 @@ def _row_layernorm(
     x = x.contiguous()  # the kernel indexes rows by the width
     split = x.dim() == 3
     rows, n = x.shape[-2:]
-    y = torch.empty((rows, n), dtype=u.dtype if split else x.dtype, device=x.device)
+    dtype = u.dtype if split else x.dtype
+    y = torch.empty((rows, n), dtype=dtype, device=x.device)
     if rows:
-        uu = x if u is None else u
+        # Everything a launch fixes (a FixedLaunch specialises on its slots' dtypes too).
         stride_u = 0 if u is None else u.stride(0)
-        splits = x.shape[0] if split else 1
-        import triton
-
-        args = _launch_args(rows, n)
-        warps = args.pop("num_warps")
-        _ROW_LAUNCHES(
-            _kernels()["layernorm"], (triton.cdiv(rows, args["ROWS"]),),
-            (x, uu, weight, bias, y, rows, n, stride_u, eps, splits),
-            dict(HAS_U=u is not None, SPLIT=split, **args), num_warps=warps,
-        )  # fmt: skip
+        kernel = _kernels()["layernorm"]  # (re-made when the interpreter is switched)
+        key = (kernel, x.shape, x.dtype, x.device, dtype, stride_u, u is None, weight.dtype,
+               bias.dtype, eps, rows_per_program(rows))  # fmt: skip
+        launch = _ROW_LAUNCHES.get(key)
+        if launch is None:
+            splits = x.shape[0] if split else 1
+            launch = _launch(rows, n, split, splits, u is not None, stride_u, eps)
+            if len(_ROW_LAUNCHES) >= 256:
+                _ROW_LAUNCHES.clear()
+            _ROW_LAUNCHES[key] = launch
+        launch(x, x if u is None else u, weight, bias, y)
     return y
 
 
-# Launches by shape: skips Triton's per-call argument binding.
-_ROW_LAUNCHES = LaunchCache()
+# Launches by everything they fix: a call then costs a dict lookup and the launch itself.
+_ROW_LAUNCHES: dict[tuple, FixedLaunch] = {}
 
 
 def layernorm(
@@ -152,11 +159,10 @@ def layernorm(
     """``LayerNorm(x)`` over the last dim of ``x [rows, n]``."""
     if not _use_triton(x):
         return reference.layernorm(x, weight, bias, eps)
-    return _run_or_fall_back(
-        lambda: _row_layernorm(x, None, weight, bias, eps),
-        lambda: reference.layernorm(x, weight, bias, eps),
-        x,
-    )
+    try:
+        return _row_layernorm(x, None, weight, bias, eps)
+    except Exception as exc:
+        return _fall_back(exc, x, lambda: reference.layernorm(x, weight, bias, eps))
 
 
 def layernorm_mul(
@@ -168,8 +174,7 @@ def layernorm_mul(
         return reference.layernorm_mul(a, u, weight, bias, eps)
     if u.stride(1) != 1:
         raise ValueError(f"u: expected unit column stride, got strides {u.stride()}")
-    return _run_or_fall_back(
-        lambda: _row_layernorm(a, u, weight, bias, eps),
-        lambda: reference.layernorm_mul(a, u, weight, bias, eps),
-        u,
-    )
+    try:
+        return _row_layernorm(a, u, weight, bias, eps)
+    except Exception as exc:
+        return _fall_back(exc, u, lambda: reference.layernorm_mul(a, u, weight, bias, eps))
