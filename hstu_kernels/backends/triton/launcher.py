@@ -16,7 +16,7 @@ not change: Triton specialises on their values (an int of 1, divisibility by 16)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -185,6 +185,18 @@ class LaunchCache:
             launch = FixedLaunch(kernel, grid, fixed, slots, constexprs, **options)
             self._launches[key] = launch
         launch(*(args[i] for i in slots))
+
+    def keyed(self, key: tuple, make: Callable[[], FixedLaunch], *slots: Any) -> None:
+        """Launch the :class:`FixedLaunch` stored under ``key`` (made by ``make()`` the first
+        time) with the per-call ``slots``. For hot call sites: the caller's ``key`` must hold
+        everything the launch fixes (kernel, grid, scalars, constexprs, options and the
+        slots' dtypes), which saves walking the arguments on every call."""
+        launch = self._launches.get(key)
+        if launch is None:
+            if len(self._launches) >= self._limit:
+                self._launches.clear()
+            launch = self._launches[key] = make()
+        launch(*slots)
 
     def clear(self) -> None:
         """Forget every launch (they are remade, and recompiled from Triton's cache, on use)."""

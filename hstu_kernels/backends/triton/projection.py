@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu_kernels import settings
-from hstu_kernels.backends.triton.launcher import LaunchCache, cannot_compile
+from hstu_kernels.backends.triton.launcher import FixedLaunch, LaunchCache, cannot_compile
 from hstu_kernels.backends.triton.timing import eager_ms
 from hstu_kernels.reference.layer import SLOTS, check_projection
 from hstu_kernels.reference.layer import project_silu as reference_project_silu
@@ -199,23 +199,46 @@ def silu_gemm(
     ``append`` (a :class:`~hstu_kernels.types.CacheAppend`): the ``k`` and ``v``
     slots' new history rows are also written into the paged cache, as ``append_kv`` would.
     """
-    import triton
-
     inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
         return out
     h, weight = h.contiguous(), weight.contiguous()  # the kernel assumes unit column strides
     cache_args, page_size, steps = _append_args(append, inner, h)
-    grid = (triton.cdiv(tokens, config.block_m) * (SLOTS * inner // config.block_n),)
-    _LAUNCHES(
-        _kernels()["silu_gemm"], grid, (h, weight, out, tokens, k, inner, *cache_args),
-        dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-             GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0, FAST_SILU=_fast_silu(h),
-             APPEND=append is not None, PAGE_SIZE=page_size, SEARCH_STEPS=steps),
-        num_stages=config.num_stages, num_warps=config.num_warps,
-    )  # fmt: skip
+    kernel = _kernels()["silu_gemm"]
+    fast = _fast_silu(h)
+    key = (kernel, tokens, k, inner, h.dtype, weight.dtype, out.dtype, h.device, config, fast,
+           _append_key(cache_args, page_size, steps))  # fmt: skip
+
+    def make() -> FixedLaunch:
+        grid = (-(-tokens // config.block_m) * (SLOTS * inner // config.block_n),)
+        return FixedLaunch(
+            kernel, grid, (None, None, None, tokens, k, inner, *_append_fixed(cache_args)),
+            _GEMM_SLOTS,
+            dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                 GROUP_M=config.group_m, EVEN_K=k % config.block_k == 0, FAST_SILU=fast,
+                 APPEND=append is not None, PAGE_SIZE=page_size, SEARCH_STEPS=steps),
+            num_stages=config.num_stages, num_warps=config.num_warps,
+        )  # fmt: skip
+
+    _LAUNCHES.keyed(key, make, h, weight, out, *cache_args[:6])
     return out
+
+
+# The GEMM kernels' per-call arguments: h (or its descriptor), weight, out, then the cache
+# append's six tensors (kv_cache, cu_seqlens, num_targets and the page table's three).
+_GEMM_SLOTS = (0, 1, 2, 6, 7, 8, 9, 10, 11)
+
+
+def _append_key(cache_args: tuple, page_size: int, steps: int) -> tuple:
+    """What the cache arguments fix in a launch: the dtypes of their tensors and the scalars
+    (batch and the pool's strides)."""
+    return (*(t.dtype for t in cache_args[:6]), *cache_args[6:], page_size, steps)
+
+
+def _append_fixed(cache_args: tuple) -> tuple:
+    """The cache arguments of a FixedLaunch: its tensors are slots (None here)."""
+    return (None,) * 6 + tuple(cache_args[6:])
 
 
 def _append_args(append: CacheAppend | None, inner: int, h: torch.Tensor) -> tuple:
@@ -256,7 +279,14 @@ def _num_sms(device: torch.device) -> int:
     programs each loop over several tiles)."""
     if device.type != "cuda":
         return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _SMS.get(index)
+    if found is None:
+        found = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return found
+
+
+_SMS: dict[int, int] = {}
 
 
 def tma_unsupported(h: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -297,8 +327,6 @@ def silu_gemm_tma(
     """The persistent TMA kernel: ``SiLU(h @ weight)`` as ``[4, T, inner]``, like
     :func:`silu_gemm` (same contract, ``append`` included), with one program per SM. Raises
     ValueError where :func:`tma_unsupported` says it cannot run."""
-    import triton
-
     inner, out = _checked_out(h, weight, config, out)
     tokens, k = h.shape
     if tokens == 0:
@@ -313,19 +341,42 @@ def silu_gemm_tma(
     descriptor = _tensor_descriptor_class()
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     h_desc = descriptor.from_tensor(h, [bm, bk])
-    w_desc = descriptor.from_tensor(weight, [bk, bn])
+    w_desc = _weight_descriptor(descriptor, weight, [bk, bn])
     out_desc = descriptor.from_tensor(out, [1, bm, bn // 2])
-    tiles = triton.cdiv(tokens, bm) * (SLOTS * inner // bn)
     sms = _num_sms(h.device)
-    _LAUNCHES(
-        _kernels()["silu_gemm_tma"], (min(sms, tiles),),
-        (h_desc, w_desc, out_desc, tokens, k, inner, *cache_args),
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
-             FLATTEN=config.flatten, FAST_SILU=_fast_silu(h), APPEND=append is not None,
-             PAGE_SIZE=page_size, SEARCH_STEPS=steps),
-        num_stages=config.num_stages, num_warps=config.num_warps,
-    )  # fmt: skip
+    kernel = _kernels()["silu_gemm_tma"]
+    fast = _fast_silu(h)
+    key = (kernel, tokens, k, inner, h.dtype, weight.dtype, out.dtype, h.device, config, fast,
+           sms, _append_key(cache_args, page_size, steps))  # fmt: skip
+
+    def make() -> FixedLaunch:
+        tiles = -(-tokens // bm) * (SLOTS * inner // bn)
+        return FixedLaunch(
+            kernel, (min(sms, tiles),),
+            (None, None, None, tokens, k, inner, *_append_fixed(cache_args)), _GEMM_SLOTS,
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m, NUM_SMS=sms,
+                 FLATTEN=config.flatten, FAST_SILU=fast, APPEND=append is not None,
+                 PAGE_SIZE=page_size, SEARCH_STEPS=steps),
+            num_stages=config.num_stages, num_warps=config.num_warps,
+        )  # fmt: skip
+
+    _LAUNCHES.keyed(key, make, h_desc, w_desc, out_desc, *cache_args[:6])
     return out
+
+
+# weight (base, shape, strides, block) -> its descriptor: the model's weights are the same
+# tensors call after call (a descriptor holds its tensor, so a key is never reused by another)
+_WEIGHT_DESCRIPTORS: dict[tuple, object] = {}
+
+
+def _weight_descriptor(descriptor, weight: torch.Tensor, block: list[int]):
+    key = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, *block)
+    found = _WEIGHT_DESCRIPTORS.get(key)
+    if found is None:
+        if len(_WEIGHT_DESCRIPTORS) >= 64:
+            _WEIGHT_DESCRIPTORS.clear()
+        found = _WEIGHT_DESCRIPTORS[key] = descriptor.from_tensor(weight, block)
+    return found
 
 
 def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from hstu_kernels import reference, settings
-from hstu_kernels.backends.triton.launcher import FixedLaunch, cannot_compile
+from hstu_kernels.backends.triton.launcher import FixedLaunch, LaunchCache, cannot_compile
 
 __all__ = ["SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "rows_per_program"]
 
@@ -138,19 +138,16 @@ def _row_layernorm(
         kernel = _kernels()["layernorm"]  # (re-made when the interpreter is switched)
         key = (kernel, x.shape, x.dtype, x.device, dtype, stride_u, u is None, weight.dtype,
                bias.dtype, eps, rows_per_program(rows))  # fmt: skip
-        launch = _ROW_LAUNCHES.get(key)
-        if launch is None:
-            splits = x.shape[0] if split else 1
-            launch = _launch(rows, n, split, splits, u is not None, stride_u, eps)
-            if len(_ROW_LAUNCHES) >= 256:
-                _ROW_LAUNCHES.clear()
-            _ROW_LAUNCHES[key] = launch
-        launch(x, x if u is None else u, weight, bias, y)
+        splits = x.shape[0] if split else 1
+        _ROW_LAUNCHES.keyed(
+            key, lambda: _launch(rows, n, split, splits, u is not None, stride_u, eps),
+            x, x if u is None else u, weight, bias, y,
+        )  # fmt: skip
     return y
 
 
 # Launches by everything they fix: a call then costs a dict lookup and the launch itself.
-_ROW_LAUNCHES: dict[tuple, FixedLaunch] = {}
+_ROW_LAUNCHES = LaunchCache()
 
 
 def layernorm(
