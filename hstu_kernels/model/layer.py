@@ -233,6 +233,17 @@ class HSTULayer(nn.Module):
         ``inplace=True`` accumulates into ``x`` and returns it: no copy of ``x``, but the
         caller's ``x`` is overwritten (use it only for a tensor nobody reads afterwards).
         """
+        return self._finish(x, attn, u, inplace, self._ops(backend))
+
+    def _finish(
+        self,
+        x: torch.Tensor,
+        attn: torch.Tensor,
+        u: torch.Tensor,
+        inplace: bool,
+        ops: layer_ops.LayerKernels,
+    ) -> torch.Tensor:
+        """:meth:`finish` with the layer ops already resolved."""
         inner = self.heads * self.head_dim
         if attn.dim() == 4 and attn.shape[0] == 1:
             attn = attn[0]  # an unsplit output
@@ -240,9 +251,7 @@ class HSTULayer(nn.Module):
             raise TypeError(f"attn: split partials [S, tokens, heads, D] must be fp32, got "
                             f"{attn.dtype}")  # fmt: skip
         a = attn.view(-1, x.shape[0], inner) if attn.dim() == 4 else attn.view(-1, inner)
-        y = self._ops(backend).layernorm_mul(
-            a, u, self.norm_attn_weight, self.norm_attn_bias, self.eps
-        )
+        y = ops.layernorm_mul(a, u, self.norm_attn_weight, self.norm_attn_bias, self.eps)
         if inplace:
             return torch.addmm(x, y, self.out_weight.t(), out=x)
         return torch.addmm(x, y, self.out_weight.t())
@@ -262,7 +271,8 @@ class HSTULayer(nn.Module):
         ``inplace``: the residual overwrites ``x`` (see :meth:`finish`). ``plan``: the
         batch's attention plan (:func:`plan_uncached`; made here if not given, except inside
         ``torch.compile``, which calls the functional op)."""
-        u, q, k, v = self.project(x, backend=backend)
+        ops = self._ops(backend)
+        u, q, k, v = self._project(x, None, None, ops)
         if plan is None and not torch.compiler.is_compiling():
             plan = plan_uncached(
                 meta, heads=self.heads, head_dim=self.head_dim, dtype=x.dtype,
@@ -271,7 +281,7 @@ class HSTULayer(nn.Module):
             )  # fmt: skip
         if plan is not None:
             self._check_plan_alpha(plan.spec.alpha)
-            return self.finish(x, plan.run(q, k, v), u, inplace=inplace, backend=backend)
+            return self._finish(x, plan.run(q, k, v), u, inplace, ops)
         attn = hstu_attention(
             q,
             k,
@@ -284,7 +294,7 @@ class HSTULayer(nn.Module):
             backend=backend,
             validate=validate,
         )
-        return self.finish(x, attn, u, inplace=inplace, backend=backend)
+        return self._finish(x, attn, u, inplace, ops)
 
     def forward_cached(
         self,
@@ -342,10 +352,11 @@ class HSTULayer(nn.Module):
             if fuse
             else None
         )
-        u, q, k, v = self._project(x, append, cache, self._ops(backend))
+        ops = self._ops(backend)
+        u, q, k, v = self._project(x, append, cache, ops)
         # Where the attention splits its KV range, its partials are summed in finish()'s
         # LayerNorm kernel rather than by a kernel of their own.
-        return self.finish(x, attend(q, k, v), u, inplace=inplace, backend=backend)
+        return self._finish(x, attend(q, k, v), u, inplace, ops)
 
     def _check_plan_alpha(self, planned: float) -> None:
         own = 1.0 / math.sqrt(self.head_dim) if self.alpha is None else float(self.alpha)
