@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class TuningCache:
         self._memory: dict[tuple[str, tuple], Any] = {}
         self._volatile: set[tuple[str, tuple]] = set()  # kept in memory only
         self._loaded: set[str] = set()
+        self._pinned: list[Any] = []  # pin(): the value every key resolves to
         _ALL.append(self)
 
     def _path(self, card: str) -> Path | None:
@@ -92,11 +93,33 @@ class TuningCache:
                 continue
 
     def get(self, device: torch.device, key: tuple) -> Any:
-        """The value tuned for ``key`` on ``device``'s card, or ``None``."""
+        """The value tuned for ``key`` on ``device``'s card, or ``None`` (inside
+        :meth:`pin`: the pinned value)."""
         card = _card(device)
         with self._lock:
             self._load(card)
+            if self._pinned:
+                self._memory.setdefault((card, key), self._pinned[-1])
+                self._volatile.add((card, key))
             return self._memory.get((card, key))
+
+    @contextlib.contextmanager
+    def pin(self, value: Any) -> Iterator[None]:
+        """Within the block every key not tuned yet resolves to ``value`` without timing (kept
+        in memory, visible in :meth:`items`, never written to disk); afterwards the keys it
+        resolved are forgotten. For tests and experiments that need one tuner's choice
+        fixed."""
+        with self._lock:
+            before = set(self._memory)
+            self._pinned.append(value)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pinned.pop()
+                for k in set(self._memory) - before:
+                    del self._memory[k]
+                    self._volatile.discard(k)
 
     def put(self, device: torch.device, key: tuple, value: Any, *, persist: bool = True) -> None:
         """Remember ``value`` for ``key`` on ``device``'s card (and write the card's file);

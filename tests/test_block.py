@@ -8,6 +8,8 @@ dispatcher picks on the card (the graph tests need a capturable ``append_kv``: T
 
 from __future__ import annotations
 
+import contextlib
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -288,7 +290,9 @@ def _graph_run(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused_input", ["timed", "forced"])
-def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch, knobs, tmp_path):
+def test_graph_replay_equals_eager_and_spares_the_cache(
+    fused_input, monkeypatch, knobs, tmp_path, request
+):
     """``forced``: the projection with the input LayerNorm and the append fused in, whatever
     the timing says (at these small shapes the separate path may win it)."""
     from hstu_kernels.backends.triton import fusion
@@ -296,7 +300,9 @@ def test_graph_replay_equals_eager_and_spares_the_cache(fused_input, monkeypatch
 
     knobs(tuning_cache=tmp_path)  # no fusion choices from earlier tests or processes
     if fused_input == "forced":
-        monkeypatch.setattr(fusion, "_time", lambda *a: P.GemmConfig(64, 64, 64, 8, 4, 4))
+        stack = contextlib.ExitStack()
+        request.addfinalizer(stack.close)
+        stack.enter_context(fusion.CHOICES.pin(P.GemmConfig(64, 64, 64, 8, 4, 4)))
     histories, targets = [300, 33, 1, 129], [17, 0, 5, 64]
     splits = [[0, 100, 290, 300], [0, 1, 33], [0, 1], [0, 128, 129]]
     _, c_e, _, eager, ref32, ref_lowp, by_e = _graph_run(False, histories, targets, splits)

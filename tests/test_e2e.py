@@ -274,12 +274,12 @@ def test_e2e_failing_mode_keeps_the_others(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the CPU smoke run")
     from bench import e2e
-    from hstu_kernels.model.ranking import HSTURankingModel
+    from hstu_kernels.model import HSTUBlock
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("broken on purpose")
 
-    monkeypatch.setattr(HSTURankingModel, "_score_cached", broken)
+    monkeypatch.setattr(HSTUBlock, "forward_cached", broken)
     path = tmp_path / "r.json"
     with pytest.raises(RuntimeError, match="batch 1 kvcache"):
         e2e.run(quick=True, path=path, batch_sizes=(1,), log=lambda *a: None)

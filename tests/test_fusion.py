@@ -155,10 +155,12 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs, tmp_pat
 
     def run(fused: bool):
         knobs(fused_append=fused, tuning_cache=tmp_path / str(fused))  # fresh choices
-        # fused: every shape's timing picks the first small config
+        # fused: every shape takes the first small config
         monkeypatch.setattr(P, "CONFIGS", (SMALL[0],))
-        monkeypatch.setattr(FU, "_time", lambda *a: SMALL[0])
-        monkeypatch.setattr(FU, "_can_time", lambda x: True)
+        with FU.CHOICES.pin(SMALL[0]):
+            return _run_block()
+
+    def _run_block():
         block = HSTUBlock(
             num_layers=2, hidden=32, heads=1, head_dim=64, scaling_seqlen=64,
             dtype=torch.float16, seed=3, backend="triton",
@@ -170,7 +172,7 @@ def test_layer_cached_path_with_the_fused_projection(monkeypatch, knobs, tmp_pat
             meta = cache.prepare([5, 6], cached, new, tgt)
             x = torch.randn(sum(new) + sum(tgt), 32, generator=gen).half()
             outs.append(block.forward_cached(x, meta, cache))
-        return outs, cache.pool.clone(), FU._CHOICES.items()
+        return outs, cache.pool.clone(), FU.CHOICES.items()
 
     sep_outs, sep_pool, sep_choices = run(False)
     fused_outs, fused_pool, fused_choices = run(True)

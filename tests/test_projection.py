@@ -35,7 +35,7 @@ def _use_interpreter(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(P, "_KERNELS", None)  # re-decorate under the interpreter
     monkeypatch.setattr(P, "_triton_ok", lambda h: True)
-    P._CHOICES.clear()
+    P.CHOICES.clear()
 
 
 def _inputs(tokens, k, inner, dtype, device="cpu", seed=0):
@@ -216,7 +216,7 @@ def test_project_silu_cpu_path(knobs, tmp_path):
     for slot in range(4):
         torch.testing.assert_close(got[slot], want[:, slot * 32 : (slot + 1) * 32])
     assert P.project_silu(h[:0], w).shape == (4, 0, 32)
-    assert not P._CHOICES.items()  # nothing timed or cached without CUDA
+    assert not P.CHOICES.items()  # nothing timed or cached without CUDA
     with pytest.raises(ValueError, match="4 \\* inner"):
         P.project_silu(h, w[:, :30])
     with pytest.raises(ValueError, match="expected \\[T, K\\]"):
@@ -253,7 +253,7 @@ def test_project_silu_chooser_interpreter(dtype, monkeypatch):
     assert_hstu_close(P.project_silu(h, w, choice=P.UNFUSED), ref32, ref_lowp, eps=1e-5)
     assert_hstu_close(P.project_silu(h, w, choice=SMALL_CONFIGS[1]), ref32, ref_lowp, eps=1e-5)
     assert calls[-2:] == ["split", "gemm"]
-    assert not P._BROKEN and not P._CHOICES.items()
+    assert not P._BROKEN and not P.CHOICES.items()
 
 
 # --- the layer and the block ---------------------------------------------------------------
@@ -409,17 +409,17 @@ def test_project_silu_chooser_gpu(knobs, tmp_path):
     h, w = _inputs(3000, 1024, 1024, torch.bfloat16, "cuda")
     ref32, ref_lowp = _refs(h, w)
     assert_hstu_close(P.project_silu(h, w), ref32, ref_lowp, eps=1e-4)
-    assert list(P._CHOICES.items()) == [(4096, 1024, 4096, "torch.bfloat16")]
-    choice = next(iter(P._CHOICES.items().values()))
+    assert list(P.CHOICES.items()) == [(4096, 1024, 4096, "torch.bfloat16")]
+    choice = next(iter(P.CHOICES.items().values()))
     assert choice == P.UNFUSED or choice in P.CONFIGS + P.TMA_CONFIGS
     print("project_silu picks", choice)
     if torch.cuda.get_device_capability()[0] >= 9:  # the TMA kernel is among the candidates
         assert set(P.TMA_CONFIGS) <= set(P._candidates(h, w))
     assert_hstu_close(P.project_silu(h[:2100], w), *_refs(h[:2100], w), eps=1e-4)
-    assert len(P._CHOICES.items()) == 1  # same bucket: timed once
+    assert len(P.CHOICES.items()) == 1  # same bucket: timed once
     # kept on disk: a later process reads the choice back instead of timing
-    P._CHOICES.clear()
-    assert P._CHOICES.get(h.device, (4096, 1024, 4096, "torch.bfloat16")) == choice
+    P.CHOICES.clear()
+    assert P.CHOICES.get(h.device, (4096, 1024, 4096, "torch.bfloat16")) == choice
 
     # unfused path alone
     assert_hstu_close(P.unfused_project_silu(h, w), ref32, ref_lowp, eps=1e-4)
@@ -427,7 +427,7 @@ def test_project_silu_chooser_gpu(knobs, tmp_path):
     # no timing with the switch off
     with hk_settings.override(projection_autotune=False):
         P.project_silu(h[:100], w)
-    assert P._CHOICES.get(h.device, (128, 1024, 4096, "torch.bfloat16")) == P.default_choice(1024)
+    assert P.CHOICES.get(h.device, (128, 1024, 4096, "torch.bfloat16")) == P.default_choice(1024)
 
     # no timing inside a graph capture: the default, not cached
     hs = h[:700].clone()
@@ -438,7 +438,7 @@ def test_project_silu_chooser_gpu(knobs, tmp_path):
         out = P.project_silu(hs, w)
     graph.replay()
     torch.cuda.synchronize()
-    assert (1024, 1024, 4096, "torch.bfloat16") not in P._CHOICES.items()
+    assert (1024, 1024, 4096, "torch.bfloat16") not in P.CHOICES.items()
     assert_hstu_close(out, *_refs(hs, w), eps=1e-4)
 
 
@@ -466,11 +466,32 @@ def test_projection_choices_round_trip_through_the_tuning_cache(knobs, tmp_path)
     choices = [P.UNFUSED, "separate", P.CONFIGS[0], P.TMA_CONFIGS[-1]]
     for i, c in enumerate(choices):
         assert P.decode_choice(P.encode_choice(c)) == c
-        P._CHOICES.put(cpu, (i, 1024, 4096, "torch.bfloat16"), c)
-    P._CHOICES.put(cpu, (99, 1024, 4096, "torch.bfloat16"), P.UNFUSED, persist=False)
+        P.CHOICES.put(cpu, (i, 1024, 4096, "torch.bfloat16"), c)
+    P.CHOICES.put(cpu, (99, 1024, 4096, "torch.bfloat16"), P.UNFUSED, persist=False)
     reset_caches()  # memory gone: what comes back was read from disk
     for i, c in enumerate(choices):
-        assert P._CHOICES.get(cpu, (i, 1024, 4096, "torch.bfloat16")) == c
-    assert P._CHOICES.get(cpu, (99, 1024, 4096, "torch.bfloat16")) is None
+        assert P.CHOICES.get(cpu, (i, 1024, 4096, "torch.bfloat16")) == c
+    assert P.CHOICES.get(cpu, (99, 1024, 4096, "torch.bfloat16")) is None
     with pytest.raises(ValueError):
         P.decode_choice({"name": "fastest"})
+
+
+def test_a_pinned_choice_resolves_untuned_keys_and_leaves_nothing_behind(knobs, tmp_path):
+    """``CHOICES.pin(c)``: keys not tuned yet resolve to ``c`` (visible in ``items()``), a
+    tuned key keeps its value, nothing is written to disk, and afterwards only the tuned key
+    is known."""
+    from hstu_kernels.tuning import reset_caches
+
+    knobs(tuning_cache=tmp_path)
+    cpu = torch.device("cpu")
+    tuned, untuned = (1, 1024, 4096, "torch.bfloat16"), (2, 1024, 4096, "torch.bfloat16")
+    P.CHOICES.put(cpu, tuned, P.UNFUSED)
+    with P.CHOICES.pin(P.CONFIGS[0]):
+        assert P.CHOICES.get(cpu, untuned) == P.CONFIGS[0]
+        assert P.CHOICES.get(cpu, tuned) == P.UNFUSED
+        assert P.CHOICES.items() == {tuned: P.UNFUSED, untuned: P.CONFIGS[0]}
+        P.CHOICES.put(cpu, tuned, P.UNFUSED)  # a write inside the block persists only the tuned
+    assert P.CHOICES.items() == {tuned: P.UNFUSED}
+    assert P.CHOICES.get(cpu, untuned) is None
+    reset_caches()  # from disk: only the tuned key
+    assert P.CHOICES.get(cpu, untuned) is None and P.CHOICES.get(cpu, tuned) == P.UNFUSED

@@ -30,12 +30,13 @@ from hstu_kernels.backends.triton.timing import replayed_ms
 from hstu_kernels.tuning import TuningCache
 from hstu_kernels.types import CacheAppend
 
-__all__ = ["SEPARATE", "project_appending"]
+__all__ = ["CHOICES", "SEPARATE", "project_appending"]
 
 SEPARATE = "separate"  # project_silu, then the caller's append
 
-# shape key -> the winner of its timing, per card (kept on disk like the projection's)
-_CHOICES = TuningCache("projection-append", encode=P.encode_choice, decode=P.decode_choice)
+# shape key -> the winner of its timing, per card (kept on disk like the projection's;
+# CHOICES.pin(choice) fixes it)
+CHOICES = TuningCache("projection-append", encode=P.encode_choice, decode=P.decode_choice)
 
 
 def _enabled() -> bool:
@@ -70,12 +71,12 @@ def project_appending(
     if not (_enabled() and P._triton_ok(h) and P._fused_ok(h)):
         return separate()
     key = _shape_key(h, weight)
-    choice = _CHOICES.get(h.device, key)
+    choice = CHOICES.get(h.device, key)
     if choice is None:
         if not _can_time(h):
             return separate()  # untimed: the path that was there before
         choice = _time(h, weight, append, separate)
-        _CHOICES.put(h.device, key, choice)
+        CHOICES.put(h.device, key, choice)
     if choice == SEPARATE:
         return separate()
     try:
@@ -83,7 +84,7 @@ def project_appending(
     except Exception as exc:
         if P._capturing(h) or not cannot_compile(exc):
             raise
-        _CHOICES.put(h.device, key, SEPARATE, persist=False)
+        CHOICES.put(h.device, key, SEPARATE, persist=False)
         return separate()
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from hstu_kernels.types import CacheAppend
 
 __all__ = [
+    "CHOICES",
     "CONFIGS",
     "TMA_CONFIGS",
     "UNFUSED",
@@ -140,7 +141,7 @@ def decode_choice(data: dict) -> object:
 
 
 # shape key -> the winner of its timing, per card (kept on disk: a later process skips timing)
-_CHOICES = TuningCache("projection", encode=encode_choice, decode=decode_choice)
+CHOICES = TuningCache("projection", encode=encode_choice, decode=decode_choice)
 _BROKEN: list[str] = []  # why Triton was switched off for the projection in this process
 _TMA_BROKEN: list[str] = []  # why the TMA kernel alone was switched off
 
@@ -511,7 +512,7 @@ def _time_candidates(h: torch.Tensor, weight: torch.Tensor) -> dict[Choice, floa
 def _choose(h: torch.Tensor, weight: torch.Tensor) -> Choice:
     """The cached winner for this shape, timing the candidates on first use."""
     key = _shape_key(h, weight)
-    choice = _CHOICES.get(h.device, key)
+    choice = CHOICES.get(h.device, key)
     if choice is not None:
         return choice
     inner = weight.shape[1] // SLOTS
@@ -522,7 +523,7 @@ def _choose(h: torch.Tensor, weight: torch.Tensor) -> Choice:
     else:
         times = _time_candidates(h, weight)
         choice = min(times, key=times.get)
-    _CHOICES.put(h.device, key, choice)
+    CHOICES.put(h.device, key, choice)
     return choice
 
 
@@ -547,7 +548,7 @@ def _project_tma(h: torch.Tensor, weight: torch.Tensor, config: TmaConfig) -> to
             if _capturing(h) or not cannot_compile(exc):
                 raise
             _disable_tma(exc)
-            _CHOICES.put(h.device, _shape_key(h, weight), default_choice(weight.shape[1] // SLOTS),
+            CHOICES.put(h.device, _shape_key(h, weight), default_choice(weight.shape[1] // SLOTS),
                          persist=False)  # fmt: skip
     fallback = default_choice(weight.shape[1] // SLOTS)
     if fallback == UNFUSED:
@@ -582,7 +583,7 @@ def project_silu(
         if _capturing(h) or not cannot_compile(exc):
             raise
         _disable_triton(exc)
-        _CHOICES.put(h.device, _shape_key(h, weight), UNFUSED, persist=False)
+        CHOICES.put(h.device, _shape_key(h, weight), UNFUSED, persist=False)
         return unfused_project_silu(h, weight)
 
 
