@@ -439,21 +439,24 @@ def test_block_on_triton_equals_the_reference_cpu():
         assert_hstu_close(g, w, w, eps=1e-5)
 
 
-def test_a_switched_off_fast_path_shows_in_explain(monkeypatch):
+def test_a_switched_off_fast_path_shows_in_explain(monkeypatch, request):
     """A Triton LayerNorm that did not build (here: injected) switches its kernels off for
     the process, with one warning, and explain() says so for the layer ops."""
     import hstu_kernels as hk
     from hstu_kernels.backends.triton import rows
 
     _assert_interpreter()
-    monkeypatch.setattr(rows, "_BROKEN", [])
+    request.addfinalizer(rows.reset)  # the kernels back on for the tests after this one
 
-    def broken(*args, **kwargs):
-        from triton.compiler.errors import CompilationError
+    from hstu_kernels.backends.triton.launcher import LaunchCache
 
-        raise CompilationError("src", None, "injected")
+    class Broken(LaunchCache):
+        def keyed(self, *args, **kwargs):
+            from triton.compiler.errors import CompilationError
 
-    monkeypatch.setattr(rows, "_row_layernorm", broken)
+            raise CompilationError("src", None, "injected")
+
+    monkeypatch.setattr(rows, "LAUNCHES", Broken())
     x, w, b = torch.randn(5, 24), torch.randn(24), torch.randn(24)
     with pytest.warns(RuntimeWarning, match="row kernels disabled"):
         got = rows.layernorm(x, w, b, 1e-6)

@@ -17,7 +17,7 @@ import torch
 from hstu_kernels import reference, settings
 from hstu_kernels.backends.triton.launcher import FixedLaunch, LaunchCache, cannot_compile
 
-__all__ = ["SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "rows_per_program"]
+__all__ = ["LAUNCHES", "SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "reset", "rows_per_program"]
 
 _KERNELS: dict | None = None
 # Rows per program of the row kernels: one while the grid is small (a few thousand rows), for
@@ -139,7 +139,7 @@ def _row_layernorm(
         key = (kernel, x.shape, x.dtype, x.device, dtype, stride_u, u is None, weight.dtype,
                bias.dtype, eps, rows_per_program(rows))  # fmt: skip
         splits = x.shape[0] if split else 1
-        _ROW_LAUNCHES.keyed(
+        LAUNCHES.keyed(
             key, lambda: _launch(rows, n, split, splits, u is not None, stride_u, eps),
             x, x if u is None else u, weight, bias, y,
         )  # fmt: skip
@@ -147,7 +147,14 @@ def _row_layernorm(
 
 
 # Launches by everything they fix: a call then costs a dict lookup and the launch itself.
-_ROW_LAUNCHES = LaunchCache()
+LAUNCHES = LaunchCache()
+
+
+def reset() -> None:
+    """Switch the row kernels back on (after a failure switched them off) and forget their
+    launches."""
+    _BROKEN.clear()
+    LAUNCHES.clear()
 
 
 def layernorm(
