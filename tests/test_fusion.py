@@ -105,7 +105,7 @@ def test_append_edges(dtype):
 )
 def test_append_random(batch, data, config, k):
     _interpreter_or_gpu()
-    P._KERNELS = None  # hypothesis forbids function-scoped fixtures: reset by hand
+    P.reset()  # hypothesis forbids function-scoped fixtures: reset by hand
     try:
         new = data.draw(st.lists(st.integers(0, 40), min_size=batch, max_size=batch))
         tgt = data.draw(st.lists(st.integers(0, 6), min_size=batch, max_size=batch))
@@ -115,7 +115,7 @@ def test_append_random(batch, data, config, k):
             tgt[0] = 1
         _check(new, tgt, cached, k, 2, 16, 16, torch.float16, config, batch * 100 + k)
     finally:
-        P._KERNELS = None
+        P.reset()
 
 
 def test_append_rejects_a_cache_it_cannot_write():

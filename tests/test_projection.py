@@ -33,8 +33,7 @@ def _use_interpreter(monkeypatch) -> None:
 
     assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(P, "_KERNELS", None)  # re-decorate under the interpreter
-    monkeypatch.setattr(P, "_triton_ok", lambda h: True)
+    P.reset()  # decorate the kernels again under the interpreter
     P.CHOICES.clear()
 
 
@@ -81,11 +80,11 @@ def test_silu_gemm_interpreter_random(tokens, k, inner, config):
     import triton.language as tl
 
     assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
-    P._KERNELS = None  # hypothesis forbids function-scoped fixtures: reset by hand
+    P.reset()  # hypothesis forbids function-scoped fixtures: reset by hand
     try:
         _check_fused(tokens, k, inner, torch.float16, config)
     finally:
-        P._KERNELS = None
+        P.reset()
 
 
 def _skip_without_descriptors() -> None:
@@ -140,14 +139,15 @@ def test_tma_unsupported_reasons(monkeypatch):
     assert "triton >= 3.4" in P.tma_unsupported(h, w)
 
 
-def test_project_silu_tma_choice_and_fallbacks(monkeypatch):
+def test_project_silu_tma_choice_and_fallbacks(monkeypatch, request):
     """A TMA choice runs the TMA kernel; on a tensor TMA cannot take, or after the kernel
     failed, the pointer kernel does the work: the layer never stops on TMA."""
     _use_interpreter(monkeypatch)
     _skip_without_descriptors()
     monkeypatch.setattr(P, "CONFIGS", SMALL_CONFIGS)
     monkeypatch.setattr(P, "TMA_CONFIGS", SMALL_TMA_CONFIGS)
-    monkeypatch.setattr(P, "_TMA_BROKEN", [])
+    P.reset()
+    request.addfinalizer(P.reset)  # the TMA kernel back on for the tests after this one
     calls = []
     real_tma, real_gemm = P.silu_gemm_tma, P.silu_gemm
     monkeypatch.setattr(P, "silu_gemm_tma", lambda *a, **kw: calls.append("tma") or real_tma(*a))

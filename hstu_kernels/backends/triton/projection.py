@@ -58,6 +58,7 @@ __all__ = [
     "silu_gemm_tma",
     "silu_split",
     "tma_unsupported",
+    "reset",
     "unfused_project_silu",
 ]
 
@@ -144,6 +145,18 @@ def decode_choice(data: dict) -> object:
 CHOICES = TuningCache("projection", encode=encode_choice, decode=decode_choice)
 _BROKEN: list[str] = []  # why Triton was switched off for the projection in this process
 _TMA_BROKEN: list[str] = []  # why the TMA kernel alone was switched off
+
+
+def reset() -> None:
+    """Switch the projection's Triton kernels (and its TMA kernel) back on after a failure
+    switched them off, and decorate them again on next use (which picks up a change of
+    ``TRITON_INTERPRET``); the tuned choices stay."""
+    global _KERNELS
+    _BROKEN.clear()
+    _TMA_BROKEN.clear()
+    _KERNELS = None
+    _LAUNCHES.clear()
+    _WEIGHT_DESCRIPTORS.clear()
 
 
 def _kernels() -> dict:
