@@ -32,7 +32,6 @@ def _use_interpreter(monkeypatch) -> None:
     import triton.language as tl
 
     assert type(tl.sum).__name__ == "InterpretedFunction", "Triton imported before conftest"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     P.reset()  # decorate the kernels again under the interpreter
     P.CHOICES.clear()
 
