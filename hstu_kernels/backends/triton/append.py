@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hstu_kernels.backends.triton.launcher import FixedLaunch
+from hstu_kernels.backends.triton.launcher import FixedLaunch, cdiv, next_power_of_2
 from hstu_kernels.types import PageTable
 
 
@@ -106,7 +106,7 @@ class AppendLaunch:
                       page_table.last_page_len)  # fmt: skip
         self._batch, self._page_size = batch, page_size
         self._width = width = heads * head_dim
-        self._block_c = min(triton.next_power_of_2(width), 1024)
+        self._block_c = min(next_power_of_2(width), 1024)
         self._block_r = max(1, 4096 // self._block_c)
         self._by_rows: dict[int, FixedLaunch] = {}
         if rows is not None:
@@ -122,7 +122,7 @@ class AppendLaunch:
             ]  # fmt: skip
             constexprs = dict(PAGE_SIZE=ps, SEARCH_STEPS=max(1, self._batch.bit_length()),
                               BLOCK_R=self._block_r, BLOCK_C=self._block_c)  # fmt: skip
-            grid = (triton.cdiv(total, self._block_r),)
+            grid = (cdiv(total, self._block_r),)
             found = FixedLaunch(_append_kv_kernel, grid, args, (0, 1, 2), constexprs, num_warps=4)
             self._by_rows[total] = found
         return found

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from hstu_kernels import split_kv
 from hstu_kernels.backends.triton.config import Config
-from hstu_kernels.backends.triton.launcher import FixedLaunch
+from hstu_kernels.backends.triton.launcher import FixedLaunch, cdiv
 from hstu_kernels.dispatch import sm_count
 
 LOG2E = math.log2(math.e)
@@ -510,7 +510,7 @@ def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr):
 
 def grid_programs(batch: int, heads: int, max_seqlen: int, block_m: int) -> int:
     """Programs of one split of the grid (some exit at once for short sequences)."""
-    return batch * heads * triton.cdiv(max(max_seqlen, 1), block_m)
+    return batch * heads * cdiv(max(max_seqlen, 1), block_m)
 
 
 def choose_splits(programs: int, kv_tiles: int, device: torch.device, causal: bool) -> int:
@@ -591,12 +591,12 @@ class AttentionLaunch:
             page_size = 16  # unused
             meta = (cu_seqlens, cu_seqlens, cu_seqlens)
             strides = (0, 0, 0)
-        num_m_tiles = triton.cdiv(max(max_seqlen, 1), config.block_m)
+        num_m_tiles = cdiv(max(max_seqlen, 1), config.block_m)
         programs = batch * heads * num_m_tiles
         # The longest KV range in key tiles, from shapes only (no sync): the mean paged
         # history, or the longest jagged sequence.
         keys = page_table.page_ids.numel() * page_size // max(batch, 1) if paged else max_seqlen
-        kv_tiles = triton.cdiv(max(keys, 1), config.block_n)
+        kv_tiles = cdiv(max(keys, 1), config.block_n)
         if config.stream_k:
             # One program per SM over programs * kv_tiles work units; a tile's pieces are at
             # most the programs a run of kv_tiles units can touch.
@@ -609,9 +609,9 @@ class AttentionLaunch:
             splits = config.splits or choose_splits(programs, kv_tiles, device, causal=not paged)
             fixup = splits > 1 and not paged
             # Fixed-length chunks (jagged): as many as the longest tile needs.
-            chunk_tiles = triton.cdiv(kv_tiles, splits)
+            chunk_tiles = cdiv(kv_tiles, splits)
             if fixup:
-                splits = triton.cdiv(kv_tiles, chunk_tiles)
+                splits = cdiv(kv_tiles, chunk_tiles)
             grid = (batch * heads, num_m_tiles, splits)
         self.splits = splits
         self._ticketed = (fixup or config.stream_k) and splits > 1
@@ -661,7 +661,7 @@ class AttentionLaunch:
     def _sum_launcher(self, numel: int) -> FixedLaunch:
         block = 1024
         return FixedLaunch(
-            _sum_splits_kernel, (triton.cdiv(numel, block),), [None, None, numel, self.splits],
+            _sum_splits_kernel, (cdiv(numel, block),), [None, None, numel, self.splits],
             (0, 1), {"BLOCK": block}, num_warps=4,
         )  # fmt: skip
 

@@ -21,7 +21,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["FixedLaunch", "LaunchCache", "cannot_compile"]
+__all__ = ["FixedLaunch", "LaunchCache", "cannot_compile", "cdiv", "next_power_of_2"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (plain ints: newer Tritons make ``triton.cdiv`` a
+    constexpr function, a few µs per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def cannot_compile(exc: BaseException) -> bool:

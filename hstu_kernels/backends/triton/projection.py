@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from hstu_kernels import settings
-from hstu_kernels.backends.triton.launcher import FixedLaunch, LaunchCache, cannot_compile
+from hstu_kernels.backends.triton.launcher import (
+    FixedLaunch,
+    LaunchCache,
+    cannot_compile,
+    cdiv,
+    next_power_of_2,
+)
 from hstu_kernels.backends.triton.timing import eager_ms
 from hstu_kernels.reference.layer import SLOTS, check_projection
 from hstu_kernels.reference.layer import project_silu as reference_project_silu
@@ -225,7 +231,7 @@ def silu_gemm(
            _append_key(cache_args, page_size, steps))  # fmt: skip
 
     def make() -> FixedLaunch:
-        grid = (-(-tokens // config.block_m) * (SLOTS * inner // config.block_n),)
+        grid = (cdiv(tokens, config.block_m) * (SLOTS * inner // config.block_n),)
         return FixedLaunch(
             kernel, grid, (None, None, None, tokens, k, inner, *_append_fixed(cache_args)),
             _GEMM_SLOTS,
@@ -364,7 +370,7 @@ def silu_gemm_tma(
            sms, _append_key(cache_args, page_size, steps))  # fmt: skip
 
     def make() -> FixedLaunch:
-        tiles = -(-tokens // bm) * (SLOTS * inner // bn)
+        tiles = cdiv(tokens, bm) * (SLOTS * inner // bn)
         return FixedLaunch(
             kernel, (min(sms, tiles),),
             (None, None, None, tokens, k, inner, *_append_fixed(cache_args)), _GEMM_SLOTS,
@@ -396,17 +402,15 @@ def _weight_descriptor(descriptor, weight: torch.Tensor, block: list[int]):
 def silu_split(uvqk: torch.Tensor, inner: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The SiLU/split pass (Triton): SiLU of ``uvqk [rows, 4 * inner]`` (unit column stride,
     any row stride) as a contiguous ``[4, rows, inner]``. Writes into ``out`` if given."""
-    import triton
-
     rows = uvqk.shape[0]
     if uvqk.dim() != 2 or uvqk.shape[1] != SLOTS * inner or uvqk.stride(1) != 1:
         raise ValueError(f"uvqk: expected [rows, {SLOTS * inner}] with unit column stride")
     out = _empty_out(uvqk, inner) if out is None else out
     if rows:
-        block = triton.next_power_of_2(inner)
+        block = next_power_of_2(inner)
         warps = min(16, max(4, SPLIT_ROWS * block // 512))
         _LAUNCHES(
-            _kernels()["silu_split"], (triton.cdiv(rows, SPLIT_ROWS), SLOTS),
+            _kernels()["silu_split"], (cdiv(rows, SPLIT_ROWS), SLOTS),
             (uvqk, out, rows, inner, uvqk.stride(0)), dict(ROWS=SPLIT_ROWS, BLOCK=block),
             num_warps=warps,
         )  # fmt: skip

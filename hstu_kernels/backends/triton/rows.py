@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 
 from hstu_kernels import reference, settings
-from hstu_kernels.backends.triton.launcher import FixedLaunch, LaunchCache, cannot_compile
+from hstu_kernels.backends.triton.launcher import (
+    FixedLaunch,
+    LaunchCache,
+    cannot_compile,
+    cdiv,
+    next_power_of_2,
+)
 
 __all__ = ["LAUNCHES", "SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "reset", "rows_per_program"]
 
@@ -113,9 +119,9 @@ def _launch(
     partials to sum; ``has_u``: a ``u`` of row stride ``stride_u``); its five tensors are the
     per-call slots."""
     per = rows_per_program(rows)
-    block = 1 << max(n - 1, 0).bit_length()  # the next power of two
+    block = next_power_of_2(n)
     return FixedLaunch(
-        _kernels()["layernorm"], (-(-rows // per),),  # (the kernel the caller's key holds)
+        _kernels()["layernorm"], (cdiv(rows, per),),  # (the kernel the caller's key holds)
         [None, None, None, None, None, rows, n, stride_u, eps, splits], range(5),
         dict(HAS_U=has_u, SPLIT=split, ROWS=per, BLOCK=block),
         num_warps=min(16, max(4, per * block // 512)),
