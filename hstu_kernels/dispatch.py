@@ -83,7 +83,8 @@ class Backend:
     ``archs``/``head_dims``/``page_sizes`` of ``None`` mean "any". ``priority`` maps an arch to
     a rank (higher wins); the key ``"*"`` is the default rank. ``probe(arch)`` returns ``None``
     when the backend can run on that arch here, else the reason it cannot (toolkit missing,
-    no GPU, ...). ``ops`` maps an op name to its implementation:
+    no GPU, ...). ``ops`` maps an op name to its implementation, called positionally as the
+    protocols of :mod:`hstu_kernels.op_signatures` say (checked at registration):
 
     - ``jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out) -> None``
     - ``paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q,
@@ -147,6 +148,10 @@ class Backend:
         bad = sorted(set(self.features) - set(FEATURES))
         if bad:
             raise ValueError(f"{self.name}: features {bad} are not features {FEATURES}")
+        from hstu_kernels.op_signatures import check_implementation
+
+        for op, fn in self.ops.items():
+            check_implementation(self.name, op, fn)
 
     def rank(self, arch: str) -> int:
         return self.priority.get(arch, self.priority.get("*", 0))

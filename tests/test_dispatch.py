@@ -11,7 +11,21 @@ from hstu_kernels.dispatch import Backend, BackendError, Registry, Request, devi
 ALL_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32})
 LOWP = frozenset({torch.bfloat16, torch.float16})
 GPU_ARCHS = frozenset({"sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120"})
-OPS = {"jagged": None, "paged": None, "append_kv": None}
+
+
+def _jagged_stub(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
+    raise AssertionError("the fake registries are only asked to choose")
+
+
+def _paged_stub(q, k_new, v_new, kv_cache, page_table, cu_q, num_targets, max_q, spec, out):
+    raise AssertionError("the fake registries are only asked to choose")
+
+
+def _append_stub(kv_cache, page_table, k, v, cu_seqlens, num_targets):
+    raise AssertionError("the fake registries are only asked to choose")
+
+
+OPS = {"jagged": _jagged_stub, "paged": _paged_stub, "append_kv": _append_stub}
 
 
 def fake_registry(unavailable: dict[str, str] | None = None) -> Registry:
@@ -44,7 +58,7 @@ def fake_registry(unavailable: dict[str, str] | None = None) -> Registry:
             ),
             Backend(
                 "cutedsl-ampere",
-                {"jagged": None, "paged": None},
+                {"jagged": _jagged_stub, "paged": _paged_stub},
                 LOWP,
                 archs=GPU_ARCHS,
                 head_dims=frozenset({64, 128, 256}),
@@ -54,7 +68,7 @@ def fake_registry(unavailable: dict[str, str] | None = None) -> Registry:
             ),
             Backend(
                 "cutedsl-blackwell",
-                {"jagged": None, "paged": None},
+                {"jagged": _jagged_stub, "paged": _paged_stub},
                 LOWP,
                 archs=frozenset({"sm_100", "sm_103"}),
                 head_dims=frozenset({64, 128}),
@@ -263,9 +277,9 @@ def _unverified(name: str, paged_op, calls: list, base: str = "reference") -> Ba
 
     real = registry().backends[base].ops
 
-    def paged(*args):
+    def paged(q, k_new, v_new, kv_cache, page_table, cu_q, num_targets, max_q, spec, out):
         calls.append(name)
-        paged_op(real, *args)
+        paged_op(real, q, k_new, v_new, kv_cache, page_table, cu_q, num_targets, max_q, spec, out)
 
     ops = {"paged": paged, "jagged": real["jagged"]}
     return Backend(name, ops, ALL_DTYPES, page_sizes=frozenset({16, 32}),
@@ -336,3 +350,14 @@ def test_a_backend_declaration_that_could_only_fail_later_is_refused():
         Backend("half", {"jagged": noop}, ALL_DTYPES, planners={"paged": lambda b: None})
     with pytest.raises(ValueError, match="are not features"):
         Backend("masks", {"jagged": noop}, ALL_DTYPES, features=frozenset({"sliding"}))
+    # an implementation that cannot take the op's positional arguments
+    with pytest.raises(TypeError, match=r"'paged' takes \(q, k, v\).* 10 positional"):
+        Backend("short", {"paged": lambda q, k, v: None}, ALL_DTYPES)
+    with pytest.raises(TypeError, match="takes \\*args"):
+        Backend("forwarding", {"layernorm": lambda *args: None}, ALL_DTYPES)
+    with pytest.raises(TypeError, match="not callable"):
+        Backend("none", {"jagged": None}, ALL_DTYPES)
+    with pytest.raises(TypeError, match="6 positional"):
+        Backend("kw", {"append_kv": lambda kv, pt, k, v, cu, nt, *, extra: None}, ALL_DTYPES)
+    # extra parameters with defaults are fine
+    Backend("extra", {"project_silu": lambda h, w, choice=None: None}, ALL_DTYPES)

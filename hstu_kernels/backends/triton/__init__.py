@@ -42,40 +42,47 @@ def probe(arch: str) -> str | None:
     return None
 
 
-def _jagged(*args):
+# The registered ops import the kernels on first call (importing the backend stays cheap).
+
+
+def _jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
     from hstu_kernels.backends.triton import ops
 
-    ops.jagged(*args)
+    ops.jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out)
 
 
-def _paged(*args):
+def _paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec,
+           out):  # fmt: skip
     from hstu_kernels.backends.triton import ops
 
-    ops.paged(*args)
+    ops.paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q,
+              spec, out)  # fmt: skip
 
 
-def _paged_partials(*args):
+def _paged_partials(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets,
+                    max_seqlen_q, spec):  # fmt: skip
     from hstu_kernels.backends.triton import ops
 
-    return ops.paged_partials(*args)
+    return ops.paged_partials(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets,
+                              max_seqlen_q, spec)  # fmt: skip
 
 
-def _append_kv(*args):
+def _append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets):
     from hstu_kernels.backends.triton import ops
 
-    ops.append_kv(*args)
+    ops.append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets)
 
 
-def _layernorm(*args):
+def _layernorm(x, weight, bias, eps):
     from hstu_kernels.backends.triton import rows
 
-    return rows.layernorm(*args)
+    return rows.layernorm(x, weight, bias, eps)
 
 
-def _layernorm_mul(*args):
+def _layernorm_mul(a, u, weight, bias, eps):
     from hstu_kernels.backends.triton import rows
 
-    return rows.layernorm_mul(*args)
+    return rows.layernorm_mul(a, u, weight, bias, eps)
 
 
 def _project_silu(h, weight):
