@@ -7,6 +7,8 @@ wrong); ``gpu`` tests run every tile config in bf16 at the profiled shapes.
 
 from __future__ import annotations
 
+import contextlib
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -87,7 +89,7 @@ def test_silu_gemm_interpreter_random(tokens, k, inner, config):
 
 
 def _skip_without_descriptors() -> None:
-    if P._tensor_descriptor_class() is None:
+    if P.tensor_descriptor_class() is None:
         pytest.skip("this triton has no triton.tools.tensor_descriptor (triton < 3.4)")
 
 
@@ -134,7 +136,7 @@ def test_tma_unsupported_reasons(monkeypatch):
         P.silu_gemm_tma(*_inputs(4, 32, 48, torch.float16), SMALL_TMA_CONFIGS[0])
     with hk_settings.override(triton_interpret=False):
         assert P.tma_unsupported(h, w) == "not a CUDA tensor"
-    monkeypatch.setattr(P, "_tensor_descriptor_class", lambda: None)
+    monkeypatch.setattr(P, "tensor_descriptor_class", lambda: None)
     assert "triton >= 3.4" in P.tma_unsupported(h, w)
 
 
@@ -263,7 +265,7 @@ def _block(num_layers=3, dtype=torch.float32, device="cpu", heads=2, head_dim=16
                      device=device, seed=5, **kw)  # fmt: skip
 
 
-def test_block_with_fused_projection_equals_torch_ops_cpu(monkeypatch):
+def test_block_with_fused_projection_equals_torch_ops_cpu(monkeypatch, request):
     """The block on the Triton backend, fused projection included (interpreter; K=24 is not
     a multiple of BLOCK_K), computes what the reference's torch ops do, uncached and cached."""
     block = _block(heads=1, head_dim=64)
@@ -275,7 +277,9 @@ def test_block_with_fused_projection_equals_torch_ops_cpu(monkeypatch):
 
     _use_interpreter(monkeypatch)
     monkeypatch.setattr(P, "CONFIGS", SMALL_CONFIGS)
-    monkeypatch.setattr(P, "_fused_ok", lambda h: True)  # fp32 through the kernel too
+    stack = contextlib.ExitStack()
+    request.addfinalizer(stack.close)
+    stack.enter_context(P.CHOICES.pin(SMALL_CONFIGS[0]))  # fp32 through the kernel too
     calls = []
     real = P.silu_gemm
     monkeypatch.setattr(P, "silu_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))

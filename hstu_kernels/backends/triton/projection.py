@@ -65,6 +65,7 @@ __all__ = [
     "silu_split",
     "tma_unsupported",
     "reset",
+    "tensor_descriptor_class",
     "unfused_project_silu",
 ]
 
@@ -275,7 +276,7 @@ def _append_args(append: CacheAppend | None, inner: int, h: torch.Tensor) -> tup
     return cache_args, kv.shape[2], max(1, append.batch.bit_length())
 
 
-def _tensor_descriptor_class():
+def tensor_descriptor_class():
     """``triton.tools.tensor_descriptor.TensorDescriptor`` (triton >= 3.4), or None."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -315,7 +316,7 @@ def tma_unsupported(h: torch.Tensor, weight: torch.Tensor) -> str | None:
     base pointers on 16 bytes and row strides that are multiples of 16 bytes."""
     if _TMA_BROKEN:
         return f"switched off earlier ({_TMA_BROKEN[0]})"
-    if _tensor_descriptor_class() is None:
+    if tensor_descriptor_class() is None:
         return "triton has no triton.tools.tensor_descriptor (needs triton >= 3.4)"
     if h.device.type == "cuda":
         if torch.cuda.get_device_capability(h.device)[0] < 9:
@@ -358,7 +359,7 @@ def silu_gemm_tma(
     if why:
         raise ValueError(f"silu_gemm_tma: {why}")
     cache_args, page_size, steps = _append_args(append, inner, h)
-    descriptor = _tensor_descriptor_class()
+    descriptor = tensor_descriptor_class()
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     h_desc = descriptor.from_tensor(h, [bm, bk])
     w_desc = _weight_descriptor(descriptor, weight, [bk, bn])
@@ -544,6 +545,11 @@ def _choose(h: torch.Tensor, weight: torch.Tensor) -> Choice:
     return choice
 
 
+def _recorded(h: torch.Tensor, weight: torch.Tensor) -> Choice:
+    """The recorded (or pinned) choice for this shape, else the unfused path; never times."""
+    return CHOICES.get(h.device, _shape_key(h, weight)) or UNFUSED
+
+
 def _disable_tma(exc: Exception) -> None:
     """Say once why the TMA kernel failed here; the pointer kernel stays on."""
     _TMA_BROKEN.append(f"{type(exc).__name__}: {exc}")
@@ -589,7 +595,8 @@ def project_silu(
     if not _triton_ok(h):
         return reference_project_silu(h, weight)
     if choice is None:
-        choice = _choose(h, weight) if _fused_ok(h) else UNFUSED
+        # fp32 is never timed (it stays on cuBLAS) but obeys a pinned choice
+        choice = _choose(h, weight) if _fused_ok(h) else _recorded(h, weight)
     if choice == UNFUSED or not choice.fits(inner):
         return unfused_project_silu(h, weight)
     try:
