@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hstu_kernels import settings
+from hstu_kernels.types import check_device
 
 __all__ = [
     "Backend",
@@ -428,7 +429,7 @@ def explain(
     if arch is None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        arch = device_arch(torch.device(device))
+        arch = device_arch(check_device("device", device))
     if op == "paged" and page_size is None:
         page_size = 32
     features = set()

@@ -61,6 +61,16 @@ class Settings:
     cutedsl_tile: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise TypeError(f"{f.name}: expected a bool, got {value!r}")
+            if f.type == "str" and not isinstance(value, str):
+                raise TypeError(f"{f.name}: expected a str, got {value!r}")
+            if f.type == "Path | None" and not isinstance(value, (Path, type(None))):
+                if not isinstance(value, str):
+                    raise TypeError(f"{f.name}: expected a path or None, got {value!r}")
+                object.__setattr__(self, f.name, Path(value))
         if self.cutedsl_silu not in (None, "tanh", "exp"):
             raise ValueError(
                 f"cutedsl_silu: expected 'tanh', 'exp' or None, got {self.cutedsl_silu!r}"

@@ -41,7 +41,8 @@ class PageTable:
     ``page_size``: the page size the table was built for, if known (:meth:`from_lists` and
     the KV cache manager set it); the ops then refuse a cache of another page size, which
     would read the wrong histories. Construction checks the three tensors' types, shapes and
-    devices (not their values: that costs a sync, and the ops do it).
+    devices, and their values too when they live on the CPU (free there); device tables' values
+    are checked by the ops (``validate=True``), where reading them costs the call's one sync.
     """
 
     page_indptr: torch.Tensor
@@ -77,6 +78,35 @@ class PageTable:
         if self.page_size is not None and not is_page_size(self.page_size):
             raise ValueError(
                 f"page_size: expected a power-of-two int or None, got {self.page_size!r}"
+            )
+        if self.device.type == "cpu":
+            self._check_values()
+
+    def _check_values(self) -> None:
+        indptr, ids, last = self.page_indptr, self.page_ids, self.last_page_len
+        if int(indptr[0]) != 0:
+            raise ValueError(f"page_table.page_indptr: expected [0] == 0, got {int(indptr[0])}")
+        owned = indptr.diff()
+        if owned.numel() and int(owned.min()) < 1:
+            b = int((owned < 1).nonzero()[0])
+            raise ValueError(
+                "page_table.page_indptr: expected every sequence to own >= 1 page, "
+                f"sequence {b} owns {int(owned[b])}"
+            )
+        if int(indptr[-1]) != ids.shape[0]:
+            raise ValueError(
+                f"page_table.page_indptr: expected [-1] == len(page_ids) = {ids.shape[0]}, "
+                f"got {int(indptr[-1])}"
+            )
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"page_table.page_ids: expected ids >= 0, got {int(ids.min())}")
+        top = self.page_size if self.page_size is not None else None
+        bad = (last < 1) if top is None else ((last < 1) | (last > top))
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            expect = "1..page_size" if top is None else f"1..{top} (page size)"
+            raise ValueError(
+                f"page_table.last_page_len: expected {expect}, got {int(last[b])} for sequence {b}"
             )
 
     @property
@@ -115,6 +145,7 @@ class PageTable:
         """
         if not is_page_size(page_size):
             raise ValueError(f"page_size: expected a power-of-two int, got {page_size!r}")
+        device = check_device("device", device)
         if len(pages) != len(history_lengths):
             raise ValueError(
                 f"pages: expected one page list per sequence ({len(history_lengths)}), "
@@ -144,6 +175,24 @@ class PageTable:
         return cls(i32(indptr), i32(flat), i32(last), page_size)
 
 
+def check_device(name: str, value: object) -> torch.device:
+    """``value`` as a ``torch.device`` of a type this library runs on (``cpu``, ``cuda``), or
+    ``ValueError``/``TypeError`` naming ``name``."""
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name}: expected a torch.device or a device string, got {value!r}")
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}: expected 'cpu' or 'cuda[:N]', got {value!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a cpu or cuda device, got {value!r}")
+    return device
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """The scalar parameters of one HSTU attention call (DESIGN.md §1), already resolved.
@@ -155,6 +204,20 @@ class AttentionSpec:
     scaling_seqlen: int
     num_contexts: int = 0
     max_attn_len: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not (math.isfinite(self.alpha))
+        ):
+            raise TypeError(f"alpha: expected a finite float, got {self.alpha!r}")
+        if not _is_int(self.scaling_seqlen) or self.scaling_seqlen < 1:
+            raise ValueError(f"scaling_seqlen: expected an int >= 1, got {self.scaling_seqlen!r}")
+        for name in ("num_contexts", "max_attn_len"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
 
     @property
     def features(self) -> frozenset[str]:
@@ -185,6 +248,31 @@ class BatchLayout:
     num_targets: tuple[int, ...]
     history_lengths: tuple[int, ...] | None = None
     page_id_range: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        def ints(name: str, v: object) -> None:
+            if not isinstance(v, tuple) or not all(_is_int(x) and x >= 0 for x in v):
+                raise TypeError(f"{name}: expected a tuple of ints >= 0, got {v!r}")
+
+        ints("query_lengths", self.query_lengths)
+        ints("num_targets", self.num_targets)
+        if len(self.num_targets) != len(self.query_lengths):
+            raise ValueError(
+                f"num_targets: expected {len(self.query_lengths)} entries (one per sequence), "
+                f"got {len(self.num_targets)}"
+            )
+        if self.history_lengths is not None:
+            ints("history_lengths", self.history_lengths)
+            if len(self.history_lengths) != len(self.query_lengths):
+                raise ValueError(
+                    f"history_lengths: expected {len(self.query_lengths)} entries, got "
+                    f"{len(self.history_lengths)}"
+                )
+        r = self.page_id_range
+        if r is not None and not (
+            isinstance(r, tuple) and len(r) == 2 and all(_is_int(x) for x in r)
+        ):
+            raise TypeError(f"page_id_range: expected (lowest, highest) ints, got {r!r}")
 
     @property
     def batch_size(self) -> int:

@@ -389,7 +389,7 @@ def test_manager_arguments_get_named_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             KVCacheConfig(**(base | {"device": "cuda"}))
-    with pytest.raises(ValueError, match="device: expected a torch device"):
+    with pytest.raises(ValueError, match=r"device: expected .cpu. or .cuda"):
         KVCacheConfig(**(base | {"device": "gpu0"}))
     cache = KVCacheManager(KVCacheConfig(**base))
     for bad in (-1, 2, 99, 1.0, True):
@@ -397,6 +397,13 @@ def test_manager_arguments_get_named_errors():
             cache.layer_cache(bad)
         with pytest.raises(IndexError, match=r"layer: expected an int in 0\.\.1"):
             cache.wait_layer(bad)
+    with pytest.raises(ValueError, match=r"device: expected a cpu or cuda"):
+        KVCacheConfig(**(base | {"device": "xla"}))
+    cache.prepare([7], [0], [5], [0])
+    before = (cache.users, cache.user_pages(7), cache.location(7))
+    with pytest.raises(TypeError, match="offload: expected a bool"):
+        cache.evict(7, offload="no")
+    assert (cache.users, cache.user_pages(7), cache.location(7)) == before
 
 
 def test_explain_arguments_get_named_errors():

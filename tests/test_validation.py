@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,10 +30,15 @@ def paged_args(case):
 
 
 def table(case, **changes):
+    """The case's table with ``changes``, as a device table would reach an op: construction
+    reads a CPU table's values, a device table's it does not, so the changed fields are set
+    after construction to exercise the ops' own value checks."""
     t = case.page_table
     fields = dict(page_indptr=t.page_indptr, page_ids=t.page_ids, last_page_len=t.last_page_len)
-    fields.update(changes)
-    return hk.PageTable(**fields)
+    out = hk.PageTable(**fields)
+    for name, value in changes.items():
+        object.__setattr__(out, name, value)
+    return out
 
 
 def i32(*xs):
@@ -144,7 +150,11 @@ PAGED_CASES = [
     ),
     (
         "table batch",
-        lambda c: {"page_table": table(c, page_indptr=i32(0, 3), last_page_len=i32(8))},
+        lambda c: {
+            "page_table": table(
+                c, page_indptr=i32(0, c.page_table.page_ids.shape[0]), last_page_len=i32(8)
+            )
+        },
         ValueError,
         r"page_table\.page_indptr: expected shape \[3\]",
     ),
@@ -261,6 +271,26 @@ def test_paged_validation_errors(case, change, exc, pattern):
     args.update(change(case))
     with pytest.raises(exc, match=pattern):
         hk.paged_hstu_attention(**args)
+
+
+CPU_TABLE_CASES = [
+    ("indptr first", dict(page_indptr=i32(1, 3, 5)), r"page_indptr: expected \[0\] == 0"),
+    ("zero pages", dict(page_indptr=i32(0, 0, 5)), r"sequence 0 owns 0"),
+    ("indptr end", dict(page_indptr=i32(0, 2, 4)), r"\[-1\] == len\(page_ids\) = 5"),
+    ("page id negative", dict(page_ids=i32(1, 2, -5, 4, 5)), r"page_ids: expected ids >= 0"),
+    ("last page len 0", dict(last_page_len=i32(0, 3)), r"last_page_len: expected 1\.\.16"),
+    ("last page len big", dict(last_page_len=i32(3, 17)), r"last_page_len: expected 1\.\.16"),
+]
+
+
+@pytest.mark.parametrize(
+    "fields,pattern", [c[1:] for c in CPU_TABLE_CASES], ids=[c[0] for c in CPU_TABLE_CASES]
+)
+def test_cpu_page_table_values_are_checked_at_construction(fields, pattern):
+    good = dict(page_indptr=i32(0, 2, 5), page_ids=i32(1, 2, 3, 4, 5), last_page_len=i32(3, 9))
+    hk.PageTable(**good, page_size=16)
+    with pytest.raises(ValueError, match=pattern):
+        hk.PageTable(**(good | fields), page_size=16)
 
 
 def test_paged_valid_call_passes(case):
@@ -423,3 +453,36 @@ def test_out_sharing_memory_with_an_input_is_refused(case):
         hk.hstu_attention(q, k, v, case.cu_full, num_targets=case.num_targets, out=k)
     with pytest.raises(TypeError, match="validate: expected a bool"):
         hk.paged_hstu_attention(**args, validate="yes")
+
+
+VALUE_TYPE_CASES = [
+    ("alpha nan", lambda: hk.AttentionSpec(float("nan"), 64), TypeError, r"alpha: expected a finite"),
+    ("alpha str", lambda: hk.AttentionSpec("0.1", 64), TypeError, r"alpha: expected a finite"),
+    ("scaling 0", lambda: hk.AttentionSpec(0.1, 0), ValueError, r"scaling_seqlen: expected an int >= 1"),
+    ("contexts -1", lambda: hk.AttentionSpec(0.1, 8, -1), ValueError, r"num_contexts: expected"),
+    ("window float", lambda: hk.AttentionSpec(0.1, 8, 0, 2.5), ValueError, r"max_attn_len: expected"),
+    ("layout list", lambda: hk.BatchLayout([3], (0,)), TypeError, r"query_lengths: expected a tuple"),
+    ("layout negative", lambda: hk.BatchLayout((3,), (-1,)), TypeError, r"num_targets: expected a tuple"),
+    ("layout lengths", lambda: hk.BatchLayout((3, 4), (0,)), ValueError, r"num_targets: expected 2 entries"),
+    ("layout histories", lambda: hk.BatchLayout((3,), (0,), (1, 2)), ValueError, r"history_lengths: expected 1"),
+    ("layout id range", lambda: hk.BatchLayout((3,), (0,), (5,), (1,)), TypeError, r"page_id_range"),
+    ("settings bool", lambda: hk.settings.Settings(fused_layernorm="no"), TypeError, r"fused_layernorm: expected a bool"),
+    ("settings str", lambda: hk.settings.Settings(backend=3), TypeError, r"backend: expected a str"),
+    ("settings path", lambda: hk.settings.Settings(tuning_cache=3), TypeError, r"tuning_cache: expected a path"),
+    ("device xla", lambda: hk.PageTable.from_lists([[1]], [5], 16, device="xla"), ValueError, r"device: expected a cpu or cuda"),
+    ("device int", lambda: hk.explain(device=0), TypeError, r"device: expected a torch.device"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make,exc,pattern", [c[1:] for c in VALUE_TYPE_CASES], ids=[c[0] for c in VALUE_TYPE_CASES]
+)
+def test_value_types_and_settings_refuse_bad_fields(make, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        make()
+
+
+def test_settings_take_a_path_as_a_string():
+    assert hk.settings.Settings(tuning_cache="/tmp/x").tuning_cache == Path("/tmp/x")
+    assert hk.AttentionSpec(0.5, 64).features == frozenset()
+    assert hk.BatchLayout((3, 4), (1, 0), (5, 6), (1, 2)).batch_size == 2

@@ -28,6 +28,7 @@ import torch
 from hstu_kernels.kvcache.allocator import PageAllocator
 from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata, check_padding
 from hstu_kernels.kvcache.transfer import TransferEngine
+from hstu_kernels.types import check_device
 
 __all__ = ["CacheSnapshot", "KVCacheConfig", "KVCacheError", "KVCacheManager"]
 
@@ -76,10 +77,7 @@ class KVCacheConfig:
             raise TypeError(
                 f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {self.dtype!r}"
             )
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: expected a torch device, got {self.device!r}") from exc
+        device = check_device("device", self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 "device: 'cuda' (the default) but this machine has no CUDA GPU; pass device='cpu'"
@@ -495,6 +493,8 @@ class KVCacheManager:
     def evict(self, user_id: Hashable, *, offload: bool = True) -> None:
         """Move a resident user's pages to the host pool (or drop them if ``offload`` is
         false or the host pool cannot hold them)."""
+        if not isinstance(offload, bool):
+            raise TypeError(f"offload: expected a bool, got {offload!r}")
         u = self._users.get(user_id)
         if u is None or not u.on_gpu:
             raise KVCacheError(f"user_id: {user_id!r} has no pages on the device")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hstu_kernels.types import BatchLayout, PageTable
+from hstu_kernels.types import BatchLayout, PageTable, check_device
 
 __all__ = [
     "BatchMetadata",
@@ -74,7 +74,7 @@ def build_jagged_metadata(
     device: torch.device | str,
 ) -> JaggedMetadata:
     """Metadata of a batch of whole sequences, ``H_b`` history + ``T_b`` target tokens each."""
-    device = torch.device(device)
+    device = check_device("device", device)
     hist, tgt = _int_list("history_lengths", history_lengths), _int_list("num_targets", num_targets)
     if len(hist) != len(tgt) or not hist:
         raise ValueError(
@@ -267,7 +267,7 @@ def build_paged_metadata(
     layout depends only on the bucket. ``out``: a device int32 buffer to copy into (a graph's
     static input); its leading ``paged_layout_size(...)`` entries are used.
     """
-    device = torch.device(device)
+    device = check_device("device", device)
     cached = _int_list("cached_lengths", cached_lengths)
     new = _int_list("new_lengths", new_lengths)
     tgt = _int_list("num_targets", num_targets)

@@ -171,6 +171,11 @@ class HSTUBlock(nn.Module):
         ``plans``: the batch's plans (:meth:`plan_cached`); made here if not given (one set for
         every layer, from ``meta.layout``: no sync), except inside ``torch.compile``.
         Returns the last layer's output, or every layer's if ``return_all``.
+
+        ``cache.prepare`` already recorded the batch's new lengths: if this call raises, the
+        cache holds lengths whose K/V were never written. Take ``cache.snapshot()`` before
+        ``prepare`` and ``cache.rollback(...)`` on failure (the ranking model does this). A call
+        refused by its argument checks writes nothing.
         """
         self._check_x(x, meta.num_tokens)
         if cache.config.num_layers != self.num_layers:
