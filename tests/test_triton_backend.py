@@ -504,3 +504,51 @@ def test_launch_cache_takes_a_tma_descriptor_in_its_first_slot() -> None:
         assert args[0] is desc and args[1] == 5 and args[2] is out
         assert kw == {"BLOCK": 4, "num_warps": 4} and grid == (2, 1, 1)
     assert len(seen) == 3
+
+
+def test_launch_specialisation_is_at_least_as_fine_as_tritons() -> None:
+    """Launches share a compiled kernel only when Triton would compile them alike: ints
+    differing in being 1, a multiple of 16 or their width, tensors in dtype or alignment,
+    any constexpr or option, get distinct keys; an unknown argument kind gets none."""
+    from hstu_kernels.backends.triton.launcher import specialisation
+
+    def key(*args, c=None, **options):
+        return specialisation("k", args, c or {"B": 4}, options or {"num_warps": 4})
+
+    x = torch.zeros(16)
+    assert key(5, 2.0, x) == key(7, 3.5, torch.zeros(16))
+    distinct = [
+        key(1, 2.0, x), key(16, 2.0, x), key(2**40, 2.0, x), key(5, 2.0, x[1:]),
+        key(5, 2.0, x.half()), key(5, 2.0, x, c={"B": 8}), key(5, 2.0, x, num_warps=8),
+        key(5, True, x), key(5, None, x),
+    ]  # fmt: skip
+    assert len({key(5, 2.0, x), *distinct}) == len(distinct) + 1
+    assert key(5, object(), x) is None
+    assert key(5, 2.0, x, c={"B": [1]}) is None  # unhashable constexpr
+
+
+@gpu
+def test_new_launches_of_a_compiled_kernel_share_it_gpu() -> None:
+    """A second plan's launch with other scalar values of the same specialisation reuses the
+    compiled kernel (no new table entry) and computes with its own values."""
+    import triton
+    import triton.language as tl
+
+    from hstu_kernels.backends.triton import launcher
+
+    @triton.jit
+    def add(x, out, n, value, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out + i, tl.load(x + i, mask=i < n) + value, mask=i < n)
+
+    launcher.reset_compiled()
+    x = torch.arange(64, dtype=torch.float32, device="cuda")
+    outs = []
+    for n, value in ((40, 2.0), (56, 5.0), (40, 7.0)):
+        out = torch.full_like(x, float("nan"))
+        launcher.FixedLaunch(add, (1,), [None, None, n, value], (0, 1), {"BLOCK": 64})(x, out)
+        outs.append((n, value, out))
+    assert len(launcher.COMPILED) == 1
+    for n, value, out in outs:
+        torch.testing.assert_close(out[:n], x[:n] + value, rtol=0, atol=0)
+        assert out[n:].isnan().all()

@@ -12,6 +12,11 @@ descriptor, whose specialisation (its block shape) the plan fixes.
 
 Every other argument (ints, floats, tensors that do not change) is part of the launch and must
 not change: Triton specialises on their values (an int of 1, divisibility by 16).
+
+Plans are made per batch, so a new :class:`FixedLaunch` of a kernel already compiled is
+common: its first call finds the compiled kernel in a process-wide table keyed by what Triton
+specialises on (:func:`specialisation`, at least as fine as Triton's own key), not through
+``kernel[grid]``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["FixedLaunch", "LaunchCache", "cannot_compile", "cdiv", "next_power_of_2"]
+__all__ = [
+    "FixedLaunch",
+    "LaunchCache",
+    "cannot_compile",
+    "cdiv",
+    "next_power_of_2",
+    "reset_compiled",
+    "specialisation",
+    "COMPILED",
+]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -122,7 +136,16 @@ class FixedLaunch:
         self._slow(args, tensors)
 
     def _slow(self, args: list[Any], tensors: Sequence[torch.Tensor]) -> None:
-        """Through ``kernel[grid]``; the first time, keep what the direct launch needs."""
+        """Through ``kernel[grid]`` (or a kernel compiled for another launch with the same
+        specialisation); the first time, keep what the direct launch needs."""
+        key = None
+        if self._compiled is None:
+            key = specialisation(self._kernel, args, self._constexprs, self._options)
+            found = COMPILED.get(key) if key is not None else None
+            if found is not None and _direct_launch_possible(found[0], tensors):
+                self._adopt(found[0], found[1], tensors)
+                self(*tensors)
+                return
         compiled = self._kernel[self._grid](*args, **self._constexprs, **self._options)
         if self._compiled is not None or not _direct_launch_possible(compiled, tensors):
             return
@@ -130,13 +153,72 @@ class FixedLaunch:
         rest = names[len(args) :]
         if set(rest) != set(self._constexprs):
             return  # constexprs not all trailing: stay on the slow path
-        self._tail = [self._constexprs[n] for n in rest]
+        tail = [self._constexprs[n] for n in rest]
+        self._adopt(compiled, tail, tensors)
+        if key is not None:
+            if len(COMPILED) >= COMPILED_LIMIT:
+                COMPILED.clear()
+            COMPILED[key] = (compiled, tail)
+
+    def _adopt(self, compiled: Any, tail: list[Any], tensors: Sequence[Any]) -> None:
+        self._tail = tail
         # a tensor descriptor (TMA) is specialised by its block, not its base: no check
         self._aligned = tuple(
             isinstance(t, torch.Tensor) and t.data_ptr() % 16 == 0 for t in tensors
         )
         self._device = _device_of(tensors[0]).index
         self._compiled = compiled
+
+
+# Compiled kernels by specialisation, shared by every FixedLaunch of the process.
+COMPILED: dict[tuple, tuple[Any, list[Any]]] = {}
+COMPILED_LIMIT = 512
+
+
+def reset_compiled() -> None:
+    """Forget the compiled kernels shared between launches (they are found again through
+    ``kernel[grid]``, from Triton's caches)."""
+    COMPILED.clear()
+
+
+def _arg_specialisation(a: Any) -> Any:
+    cls = a.__class__
+    if cls is bool or cls is float or a is None:
+        return (cls, a) if a is None or cls is bool else cls
+    if cls is int:
+        # Triton: the value 1 becomes a constant, a multiple of 16 is marked divisible, the
+        # range picks i32/i64/u64.
+        width = 0 if -(2**31) <= a < 2**31 else (1 if a < 2**63 else 2)
+        return (int, a == 1, a % 16 == 0, width)
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.device, a.data_ptr() % 16 == 0)
+    base = getattr(a, "base", None)
+    described = all(hasattr(a, n) for n in ("block_shape", "shape", "strides"))
+    if isinstance(base, torch.Tensor) and described:  # a TMA descriptor
+        return (
+            base.dtype, base.device, base.data_ptr() % 16 == 0, tuple(a.block_shape),
+            tuple(a.shape), tuple(a.strides), getattr(a, "padding", None),
+        )  # fmt: skip
+    return None  # unknown: not shared
+
+
+def specialisation(
+    kernel: Any, args: Sequence[Any], constexprs: dict[str, Any], options: dict[str, Any]
+) -> tuple | None:
+    """A key at least as fine as the one Triton compiles by, or None if an argument's kind
+    is not known here (the launch then compiles, or finds its kernel, through Triton)."""
+    parts = []
+    for a in args:
+        spec = _arg_specialisation(a)
+        if spec is None:
+            return None
+        parts.append(spec)
+    key = (kernel, tuple(parts), tuple(constexprs.items()), tuple(options.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _device_of(slot: Any) -> torch.device:
