@@ -418,6 +418,9 @@ def explain(
             raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype, got {dtype!r}")
+    if not isinstance(partials, bool):
+        raise TypeError(f"partials: expected a bool, got {partials!r}")
+    check_backend_name(backend)
     for name, v in (("num_contexts", num_contexts), ("max_attn_len", max_attn_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")

@@ -87,6 +87,12 @@ class Settings:
             )
         if not self.backend:
             raise ValueError("backend: expected 'auto' or a backend name, got ''")
+        tile = self.cutedsl_tile
+        if tile is not None and not (
+            isinstance(tile, tuple) and len(tile) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in tile)
+        ):  # fmt: skip
+            raise ValueError(f"cutedsl_tile: expected (BM, BN, threads) ints > 0, got {tile!r}")
 
 
 def _flag(env: dict[str, str], name: str, default: bool) -> bool:
@@ -185,7 +191,12 @@ def configure(**changes: object) -> Settings:
     unknown = sorted(set(changes) - known)
     if unknown:
         raise TypeError(f"settings: unknown {unknown}; known: {sorted(known)}")
-    return _set(dataclasses.replace(get(), **changes))
+    new = dataclasses.replace(get(), **changes)
+    if "backend" in changes:
+        from hstu_kernels.dispatch import check_backend_name  # settings is imported first
+
+        check_backend_name(new.backend)
+    return _set(new)
 
 
 @contextlib.contextmanager

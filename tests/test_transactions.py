@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hstu_kernels.kvcache import KVCacheConfig, KVCacheError, KVCacheManager
-from hstu_kernels.model.ranking import HSTURankingModel, RankingConfig
+from hstu_kernels.model.ranking import HSTURankingModel, RankingConfig, RankingHead, pack_requests
 from hstu_kernels.model.requests import RequestBatch, SyntheticRequests
 from hstu_kernels.testing import assert_hstu_close
 
@@ -183,6 +183,9 @@ def test_a_failed_request_that_evicted_keeps_every_user_correct(device, monkeypa
         ("history_items", None, r"history_items: expected ids in 0\.\.999"),
         ("history_actions", None, r"history_actions: expected ids in 0\.\.7"),
         ("candidates", torch.tensor([0.0, 1.0]), "candidates: expected an int64 or int32 tensor"),
+        ("candidates", torch.tensor([[0, 1]]), r"candidates: expected a 1-D tensor on the CPU"),
+        ("history_items", torch.zeros(3, dtype=torch.int64, device="meta"), "on the CPU"),
+        ("history_actions", torch.zeros(2, dtype=torch.int64), "expected one per history item"),
     ],
 )
 def test_ids_outside_the_tables_are_refused_before_the_cache_changes(field, value, pattern):
@@ -302,10 +305,32 @@ def test_named_errors_for_kept_and_late_arguments():
         HSTUBlock(2, 24, 2, 16, scaling_seqlen=64, eps=-1.0)
     with pytest.raises(ValueError, match="page_size: expected a power of two"):
         RankingConfig.tiny(page_size=24)
-    with pytest.raises(TypeError, match="settings: unknown"):
-        import hstu_kernels as hk
+    with pytest.raises(TypeError, match=r"dtype: expected torch\.bfloat16"):
+        HSTUBlock(2, 24, 2, 16, scaling_seqlen=64, dtype=torch.int32)
+    with pytest.raises(TypeError, match="alpha: expected a finite float"):
+        HSTUBlock(2, 24, 2, 16, scaling_seqlen=64, alpha="0.1")
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        RankingConfig.tiny(seed="7")
+    with pytest.raises(ValueError, match="hidden: expected a positive int"):
+        RankingHead(0, 1)
+    with pytest.raises(ValueError, match="num_actions: expected a positive int"):
+        pack_requests(_batches(_model(), [0])[0], 0)
+    with pytest.raises(TypeError, match="batch: expected a RequestBatch"):
+        pack_requests([], 3)
+    import hstu_kernels as hk
 
+    with pytest.raises(TypeError, match="settings: unknown"):
         hk.settings.configure(no_such_knob=1)
+    before = hk.settings.get()
+    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
+        hk.settings.configure(backend="nonexistent")
+    with pytest.raises(ValueError, match="cutedsl_tile: expected"):
+        hk.settings.configure(cutedsl_tile=(1, 2))
+    assert hk.settings.get() == before
+    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
+        hk.explain("paged", backend="nonexistent")
+    with pytest.raises(TypeError, match="partials: expected a bool"):
+        hk.explain("paged", partials="yes")
 
 
 def test_a_request_with_an_impossible_new_count_is_refused_before_the_cache_changes():

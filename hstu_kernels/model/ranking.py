@@ -7,7 +7,8 @@ of three modes (:data:`MODES`):
   is embedded and run through the block (jagged attention over whole sequences);
 - ``"kvcache"``: only the history tokens the KV cache does not hold yet (and the candidates)
   are embedded and computed; the block appends their K/V and attends over the cached history;
-- ``"kvcache+graphs"``: as ``"kvcache"``, with the block replayed from CUDA graphs.
+- ``"kvcache+graphs"``: as ``"kvcache"``, with the block replayed from CUDA graphs (on a CPU
+  model, which has no graphs, it runs the block eagerly: the same as ``"kvcache"``).
 
 All three give the same scores up to rounding (the block's ``scaling_seqlen`` is a model
 constant, so cached and recomputed attention agree). In the cached modes the cache's
@@ -31,6 +32,7 @@ from hstu_kernels.kvcache.metadata import build_jagged_metadata
 from hstu_kernels.model.block import HSTUBlock
 from hstu_kernels.model.embeddings import EmbeddingLookup, TorchEmbeddings
 from hstu_kernels.model.graphs import CachedBlockGraphs
+from hstu_kernels.model.layer import check_model_dtype
 from hstu_kernels.model.requests import RequestBatch
 
 __all__ = [
@@ -87,6 +89,8 @@ class RankingConfig:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {self.dtype!r}")
         check_backend_name(self.backend)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed: expected an int, got {self.seed!r}")
 
     @property
     def scaling_seqlen(self) -> int:
@@ -173,6 +177,10 @@ def pack_requests(
     the whole history is computed, as the baseline does); ``cached[b] == H_b`` leaves only the
     candidates to compute.
     """
+    if not isinstance(batch, RequestBatch):
+        raise TypeError(f"batch: expected a RequestBatch, got {type(batch).__name__}")
+    if not isinstance(num_actions, int) or isinstance(num_actions, bool) or num_actions < 1:
+        raise ValueError(f"num_actions: expected a positive int, got {num_actions!r}")
     reqs = batch.requests
     cached = [0] * len(reqs) if cached is None else list(cached)
     if len(cached) != len(reqs):
@@ -222,6 +230,10 @@ class RankingHead(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        for name, v in (("hidden", hidden), ("num_tasks", num_tasks), ("inner", inner or 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        check_model_dtype(dtype)
         inner = inner or max(hidden // 2, 1)
         kw = dict(dtype=dtype, device=device)
         self.norm = nn.LayerNorm(hidden, **kw)
@@ -320,6 +332,27 @@ class HSTURankingModel(nn.Module):
         if len(set(users)) != len(users):
             raise ValueError(f"batch: a user appears twice ({users})")
         for r in batch.requests:
+            fields = (
+                ("history_items", r.history_items, c.num_items),
+                ("history_actions", r.history_actions, c.num_actions),
+                ("candidates", r.candidates, c.num_items),
+            )
+            for name, ids, _ in fields:
+                if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+                    raise TypeError(
+                        f"batch: user {r.user_id}'s {name}: expected an int64 or int32 tensor, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}"
+                    )
+                if ids.dim() != 1 or ids.device.type != "cpu":
+                    raise ValueError(
+                        f"batch: user {r.user_id}'s {name}: expected a 1-D tensor on the CPU, got "
+                        f"shape {tuple(ids.shape)} on {ids.device}"
+                    )
+            if r.history_actions.shape != r.history_items.shape:
+                raise ValueError(
+                    f"batch: user {r.user_id}'s history_actions: expected one per history item "
+                    f"({r.history}), got {r.history_actions.shape[0]}"
+                )
             if not isinstance(r.new, int) or isinstance(r.new, bool) or not 0 <= r.new <= r.history:
                 raise ValueError(
                     f"batch: user {r.user_id}'s new: expected an int in 0..{r.history} (its "
@@ -332,16 +365,7 @@ class HSTURankingModel(nn.Module):
                 )
             # Ids outside the tables would fail inside the embedding lookup, after the cache
             # was prepared; the candidate action id is reserved for candidates.
-            for name, ids, size in (
-                ("history_items", r.history_items, c.num_items),
-                ("history_actions", r.history_actions, c.num_actions),
-                ("candidates", r.candidates, c.num_items),
-            ):
-                if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-                    raise TypeError(
-                        f"batch: user {r.user_id}'s {name}: expected an int64 or int32 tensor, got "
-                        f"{getattr(ids, 'dtype', type(ids).__name__)}"
-                    )
+            for name, ids, size in fields:
                 if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < size:
                     raise ValueError(
                         f"batch: user {r.user_id}'s {name}: expected ids in 0..{size - 1}, got "
