@@ -175,32 +175,50 @@ def make_paged_case(
     )
 
 
-def check_paged_backend(case: PagedCase, dtype: torch.dtype, backend: str) -> None:
+def check_paged_backend(
+    case: PagedCase,
+    dtype: torch.dtype,
+    backend: str,
+    num_contexts: int = 0,
+    max_attn_len: int = 0,
+) -> None:
     """Run ``paged_hstu_attention`` on ``backend`` in ``dtype`` over ``case`` (output poisoned
     first) and assert the DESIGN.md §5 rule against the rows of the full jagged reference."""
     from hstu_kernels.ops import paged_hstu_attention
 
-    ref32 = case.reference_full(torch.float32)[case.rows]
-    ref_lowp = case.reference_full(dtype)[case.rows]
+    mask = (num_contexts, max_attn_len)
+    ref32 = case.reference_full(torch.float32, *mask)[case.rows]
+    ref_lowp = case.reference_full(dtype, *mask)[case.rows]
     q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
     out = paged_hstu_attention(
         q, k_new, v_new, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
         scaling_seqlen=case.max_total, backend=backend, out=poisoned_like(q),
+        num_contexts=num_contexts, max_attn_len=max_attn_len,
     )  # fmt: skip
     assert_hstu_close(out, ref32, ref_lowp)
 
 
-def check_jagged_backend(case: PagedCase, dtype: torch.dtype, backend: str) -> None:
+def check_jagged_backend(
+    case: PagedCase,
+    dtype: torch.dtype,
+    backend: str,
+    num_contexts: int = 0,
+    max_attn_len: int = 0,
+) -> None:
     """Run ``hstu_attention`` on ``backend`` in ``dtype`` over the whole sequences of ``case``
     (output poisoned first) and assert the DESIGN.md §5 rule against the reference."""
     from hstu_kernels.ops import hstu_attention
 
+    mask = (num_contexts, max_attn_len)
     q, k, v = (t.to(dtype) for t in (case.q_full, case.k_full, case.v_full))
     out = hstu_attention(
         q, k, v, case.cu_full, num_targets=case.num_targets, backend=backend,
-        out=poisoned_like(q),
+        scaling_seqlen=case.max_total, out=poisoned_like(q), num_contexts=num_contexts,
+        max_attn_len=max_attn_len,
     )  # fmt: skip
-    assert_hstu_close(out, case.reference_full(torch.float32), case.reference_full(dtype))
+    assert_hstu_close(
+        out, case.reference_full(torch.float32, *mask), case.reference_full(dtype, *mask)
+    )
 
 
 def check_all_target_jagged(backend: str, head_dim: int, device: str = "cuda") -> None:

@@ -70,12 +70,24 @@ def _case(shape, page_size, heads, head_dim, device, seed) -> PagedCase:
     )  # fmt: skip
 
 
-def _check_paged(case: PagedCase, dtype: torch.dtype, backend: str = "triton") -> None:
-    check_paged_backend(case, dtype, backend)
+def _check_paged(
+    case: PagedCase, dtype: torch.dtype, backend: str = "triton", mask: tuple[int, int] = (0, 0)
+) -> None:
+    check_paged_backend(case, dtype, backend, *mask)
 
 
-def _check_jagged(case: PagedCase, dtype: torch.dtype) -> None:
-    check_jagged_backend(case, dtype, "triton")
+def _check_jagged(case: PagedCase, dtype: torch.dtype, mask: tuple[int, int] = (0, 0)) -> None:
+    check_jagged_backend(case, dtype, "triton", *mask)
+
+
+@st.composite
+def masks(draw, shape) -> tuple[int, int]:
+    """(num_contexts, max_attn_len): contexts up to the shortest history, windows from one
+    key to longer than any history (0: off)."""
+    histories = shape[0]
+    contexts = draw(st.sampled_from([0, 0, 1, min(histories)]) | st.integers(0, min(histories)))
+    window = draw(st.sampled_from([0, 1, 16, 4096]) | st.integers(1, max(histories) + 2))
+    return contexts, window
 
 
 def _check_append(case: PagedCase, dtype: torch.dtype) -> None:
@@ -135,6 +147,21 @@ def test_weights_rounded_as_the_reference_interpreter():
     _check_paged(_case(([9], [1], [9]), 16, 1, 128, "cpu", 13), torch.float16)
 
 
+@cpu_only
+@given(
+    data=st.data(),
+    shape=batches(max_history=70, max_targets=9),
+    page_size=st.sampled_from([16, 32]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_contexts_and_window_parity_interpreter(data, shape, page_size, dtype, seed):
+    mask = data.draw(masks(shape))
+    case = _case(shape, page_size, 2, 64, "cpu", seed)
+    _check_paged(case, dtype, mask=mask)
+    _check_jagged(case, dtype, mask=mask)
+
+
 # Tile shapes the default config does not reach: tiles wider than a page (one page lookup per
 # key), query tiles narrower than key tiles, and the split-KV path with its reduction pass.
 _CONFIGS = [
@@ -149,15 +176,23 @@ _CONFIGS = [
 ]
 
 
+_MASKS = [(0, 0), (1, 0), (0, 9), (1, 40)]  # (num_contexts, max_attn_len)
+
+
 @cpu_only
+@pytest.mark.parametrize("mask", _MASKS, ids=str)
 @pytest.mark.parametrize("config", _CONFIGS, ids=str)
 @pytest.mark.parametrize("paged", [True, False])
-def test_tile_configs_interpreter(config, paged):
+def test_tile_configs_interpreter(config, paged, mask):
+    _check_tile_config(config, paged, mask)
+
+
+def _check_tile_config(config: Config, paged: bool, mask: tuple[int, int]) -> None:
     case = make_paged_case(
         [37, 5, 64, 1], [10, 5, 17, 1], [3, 0, 7, 2], page_size=16, heads=2, head_dim=64, seed=3
     )
     dtype = torch.float16
-    spec = case.spec()
+    spec = case.spec(*mask)
     if paged:
         q, k, v, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
         cu, table, rows = case.cu_q, case.page_table, case.rows
@@ -168,10 +203,12 @@ def test_tile_configs_interpreter(config, paged):
     max_len = int((cu[1:] - cu[:-1]).max())
     tri_attn.launch(
         q, k, v, cu, case.num_targets, max_len, spec.alpha, spec.scaling_seqlen, out, config,
-        kv_cache=kv, page_table=table,
+        kv_cache=kv, page_table=table, num_contexts=mask[0], max_attn_len=mask[1],
     )  # fmt: skip
     assert_hstu_close(
-        out, case.reference_full(torch.float32)[rows], case.reference_full(dtype)[rows]
+        out,
+        case.reference_full(torch.float32, *mask)[rows],
+        case.reference_full(dtype, *mask)[rows],
     )
 
 
@@ -180,11 +217,12 @@ def test_tile_configs_interpreter(config, paged):
 @pytest.mark.parametrize("config", [Config(16, 16, 4, 1, stream_k=True),
                                     Config(32, 32, 4, 1, stream_k=True)], ids=str)  # fmt: skip
 @pytest.mark.parametrize("paged", [True, False])
-def test_stream_k_interpreter(monkeypatch, sms, config, paged):
+@pytest.mark.parametrize("mask", [(0, 0), (1, 9)], ids=str)
+def test_stream_k_interpreter(monkeypatch, sms, config, paged, mask):
     # "SMs" that do not divide the work, so programs' shares end inside tiles: tiles of
     # 1, 2 and more pieces, pieces with no keys at all, and sequences of unequal history.
     monkeypatch.setattr(tri_attn, "sm_count", lambda device: sms)
-    test_tile_configs_interpreter(config, paged)
+    _check_tile_config(config, paged, mask)
 
 
 def _check_partials(monkeypatch, config: Config, device: str, dtype: torch.dtype) -> None:
@@ -268,10 +306,11 @@ def test_choose_splits_on_an_h100_sized_grid(monkeypatch):
 
 def test_registered_and_declares_what_it_lacks():
     backend = registry().backends["triton"]
-    assert backend.features == frozenset()
-    exp = hk.explain("paged", dtype=torch.float16, head_dim=64, max_attn_len=8, arch="sm_89",
-                     backend="triton")  # fmt: skip
-    assert exp.choice is None and "window" in str(exp)
+    assert backend.features == frozenset({"contexts", "window"})
+    for op in ("paged", "jagged"):
+        exp = hk.explain(op, dtype=torch.float16, head_dim=64, num_contexts=4, max_attn_len=8,
+                         arch="sm_89", backend="triton")  # fmt: skip
+        assert exp.choice == "triton", str(exp)
     exp = hk.explain("paged", dtype=torch.float16, head_dim=96, arch="sm_89", backend="triton")
     assert exp.choice is None and "head dim 96" in str(exp)
     assert hk.explain("paged", head_dim=256, page_size=32, arch="sm_89").choice == "triton"
@@ -323,6 +362,22 @@ gpu = pytest.mark.gpu
 )
 def test_paged_parity_gpu(shape, page_size, head_dim, heads, dtype, seed):
     _check_paged(_case(shape, page_size, heads, head_dim, "cuda", seed), dtype)
+
+
+@gpu
+@given(
+    data=st.data(),
+    shape=batches(max_history=600, max_targets=40, max_batch=4),
+    page_size=st.sampled_from([16, 32, 64]),
+    head_dim=st.sampled_from([64, 128, 256]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_contexts_and_window_parity_gpu(data, shape, page_size, head_dim, dtype, seed):
+    mask = data.draw(masks(shape))
+    case = _case(shape, page_size, 2, head_dim, "cuda", seed)
+    _check_paged(case, dtype, mask=mask)
+    _check_jagged(case, dtype, mask=mask)
 
 
 @gpu

@@ -6,9 +6,9 @@ The default on Ampere/Ada GPUs (head dims 64/128/256, pages of 16..256 tokens) a
 on Hopper. Registering it imports nothing from Triton: the kernels are imported on the first
 call, so discovery works where Triton is missing. On a CPU the backend serves only when
 ``TRITON_INTERPRET=1`` (the Triton interpreter, for tests), and then with the lowest priority.
-Mask features ``num_contexts`` and ``max_attn_len`` are not implemented (declared, so
-``auto`` sends such calls to a backend that has them, and forcing this one refuses them with
-a clear reason).
+The mask features ``num_contexts`` (a contextual prefix) and ``max_attn_len`` (a local
+window) are served by both attention ops: a query tile visits only the key tiles inside its
+rows' windows.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ register(
         dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
         head_dims=frozenset({64, 128, 256}),
         page_sizes=frozenset(2**i for i in range(4, 9)),
-        features=frozenset(),
+        features=frozenset({"contexts", "window"}),
         # The Ampere/Ada default, and on Hopper too: measured faster than cutedsl-ampere (10)
         # on an H100 in every bench case (bench/results/h100-80gb-hbm3.json). On Blackwell a
         # fallback below the DSL kernels (unmeasured); on the CPU interpreter below the

@@ -134,13 +134,18 @@ def _history_tile(
     neg_alpha_log2e,
     offs_n,
     offs_d,
+    row_lo,
+    row_ctx,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_SILU: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     TMA: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
-    """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` (at ``rows``) into ``acc``."""
+    """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` (at ``rows``) into ``acc``.
+    ``WINDOWED``: each row sees keys from ``row_lo`` on, and a context row (``row_ctx``) the
+    whole history."""
     j = n + offs_n
     if TMA:
         # One tensor-memory copy per operand. Past the history, the key's weight is masked
@@ -162,7 +167,11 @@ def _history_tile(
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     w = _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU)
     if MASKED:
-        valid = (j[None, :] <= pos[:, None]) & (j < H)[None, :]
+        if WINDOWED:
+            valid = (j[None, :] <= pos[:, None]) | row_ctx[:, None]
+            valid = valid & (j[None, :] >= row_lo[:, None]) & (j < H)[None, :]
+        else:
+            valid = (j[None, :] <= pos[:, None]) & (j < H)[None, :]
         w = tl.where(valid, w, 0.0)
     return tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
@@ -189,6 +198,8 @@ def _history_range(
     neg_alpha_log2e,
     offs_n,
     offs_d,
+    row_lo,
+    row_ctx,
     MASKED: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -197,6 +208,7 @@ def _history_range(
     FAST_SILU: tl.constexpr,
     PREFETCH: tl.constexpr,
     TMA: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     """Accumulate history key tiles ``lo, lo+BLOCK_N, .. < hi``.
 
@@ -215,8 +227,8 @@ def _history_range(
             )  # fmt: skip
             acc = _history_tile(
                 acc, q, n, rows, pos, H, K_BASE, V_BASE, KV_DESC, desc_col, alpha,
-                neg_alpha_log2e, offs_n, offs_d, MASKED, DOT_PRECISION, FAST_SILU, PAGE_SIZE,
-                TMA,
+                neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, MASKED, DOT_PRECISION,
+                FAST_SILU, PAGE_SIZE, TMA, WINDOWED,
             )  # fmt: skip
             rows = rows_next
     else:
@@ -227,8 +239,8 @@ def _history_range(
             )  # fmt: skip
             acc = _history_tile(
                 acc, q, n, rows, pos, H, K_BASE, V_BASE, KV_DESC, desc_col, alpha,
-                neg_alpha_log2e, offs_n, offs_d, MASKED, DOT_PRECISION, FAST_SILU, PAGE_SIZE,
-                TMA,
+                neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, MASKED, DOT_PRECISION,
+                FAST_SILU, PAGE_SIZE, TMA, WINDOWED,
             )  # fmt: skip
     return acc
 
@@ -266,6 +278,8 @@ def _attend_tile(
     num_heads,
     num_m_tiles,
     chunk_tiles,
+    num_contexts,
+    max_attn_len,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -278,6 +292,7 @@ def _attend_tile(
     FIXUP_ROWS: tl.constexpr,
     STREAM_K: tl.constexpr,
     TMA: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     """Query tile ``m_tile`` of (sequence, head) ``pid_hb``: piece ``split`` of ``splits``.
 
@@ -304,17 +319,33 @@ def _attend_tile(
         H = N
     shift = H - N  # position of query row 0
 
-    # History keys [0, hi): up to the tile's last position, never past the history.
+    # History keys [k0, hi): up to the tile's last position, never past the history.
     hi = tl.minimum(shift + m0 + BLOCK_M, H)
-    # Tiles below full_end are valid for every row of the tile: no mask needed.
+    k0 = 0
+    lo_full = 0
+    if WINDOWED:
+        # DESIGN.md §1 on clamped ids: a row at P = min(p, H) sees keys from P - W on, or from
+        # 0 while its window still reaches the contexts (P - W < C); a context row (p < C) sees
+        # the whole history. Both bounds grow with P, so the tile's first row sets its range's
+        # start and its last row where every row's window has begun.
+        p_first = tl.minimum(shift + m0, H)
+        p_last = tl.minimum(shift + tl.minimum(m0 + BLOCK_M, Lq) - 1, H)
+        lo_first = p_first - max_attn_len
+        lo_first = tl.where((max_attn_len > 0) & (lo_first >= num_contexts), lo_first, 0)
+        lo_last = p_last - max_attn_len
+        lo_last = tl.where((max_attn_len > 0) & (lo_last >= num_contexts), lo_last, 0)
+        k0 = (lo_first // BLOCK_N) * BLOCK_N
+        lo_full = tl.cdiv(lo_last, BLOCK_N) * BLOCK_N
+        hi = tl.where(shift + m0 < num_contexts, H, hi)
+    # Tiles in [lo_full, full_end) are valid for every row of the tile: no mask needed.
     full_end = (tl.minimum(shift + m0 + 1, H) // BLOCK_N) * BLOCK_N
-    n_tiles = tl.cdiv(hi, BLOCK_N)
+    n_tiles = tl.cdiv(hi - k0, BLOCK_N)
     if STREAM_K:
         # The piece's share of the tile's units, scaled onto its real key tiles (the host
         # sized every tile alike; a longer or shorter history just scales).
         n_chunks = splits
-        lo = ((unit_lo * n_tiles) // units) * BLOCK_N
-        end = ((unit_hi * n_tiles) // units) * BLOCK_N
+        lo = k0 + ((unit_lo * n_tiles) // units) * BLOCK_N
+        end = k0 + ((unit_hi * n_tiles) // units) * BLOCK_N
         last_piece = unit_hi == units
     else:
         if FIXUP:
@@ -328,8 +359,8 @@ def _attend_tile(
             # Even chunks; every split writes its partial (zeros when its chunk is empty).
             per_split = tl.cdiv(n_tiles, splits)
             n_chunks = splits
-        lo = split * per_split * BLOCK_N
-        end = tl.minimum((split + 1) * per_split, n_tiles) * BLOCK_N
+        lo = k0 + split * per_split * BLOCK_N
+        end = k0 + tl.minimum((split + 1) * per_split, n_tiles) * BLOCK_N
         last_piece = split == n_chunks - 1
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -344,6 +375,13 @@ def _attend_tile(
     )
     pos = shift + offs_m
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row_ctx = pos < 0  # no context rows
+    row_lo = pos * 0
+    if WINDOWED:
+        p_row = tl.minimum(pos, H)
+        row_lo = p_row - max_attn_len
+        row_lo = tl.where((max_attn_len > 0) & (row_lo >= num_contexts), row_lo, 0)
+        row_ctx = pos < num_contexts
 
     if PAGED:
         k_base = KV + h * HEAD_DIM
@@ -352,17 +390,26 @@ def _attend_tile(
         k_base = K
         v_base = V
     desc_col = h * HEAD_DIM
+    if WINDOWED:
+        # Keys below every row's window start: masked.
+        acc = _history_range(
+            acc, q, lo, tl.minimum(end, lo_full), pos, H, k_base, v_base, KV_DESC, desc_col,
+            PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
+            neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, True, PAGED, PAGE_SIZE, BLOCK_N,
+            DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED,
+        )  # fmt: skip
+        lo = tl.maximum(lo, lo_full)
     acc = _history_range(
         acc, q, lo, tl.minimum(end, full_end), pos, H, k_base, v_base, KV_DESC, desc_col,
         PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
-        neg_alpha_log2e, offs_n, offs_d, False, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
-        FAST_SILU, PREFETCH, TMA,
+        neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, False, PAGED, PAGE_SIZE, BLOCK_N,
+        DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED,
     )  # fmt: skip
     acc = _history_range(
         acc, q, tl.maximum(lo, full_end), end, pos, H, k_base, v_base, KV_DESC, desc_col,
         PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
-        neg_alpha_log2e, offs_n, offs_d, True, PAGED, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
-        FAST_SILU, PREFETCH, TMA,
+        neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, True, PAGED, PAGE_SIZE, BLOCK_N,
+        DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED,
     )  # fmt: skip
 
     # Target keys: each target row sees only itself, so visit only this tile's own targets.
@@ -438,6 +485,8 @@ def _hstu_fwd_kernel(
     chunk_tiles,
     num_tiles,
     units,
+    num_contexts,
+    max_attn_len,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -450,6 +499,7 @@ def _hstu_fwd_kernel(
     FIXUP_ROWS: tl.constexpr,
     STREAM_K: tl.constexpr,
     TMA: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     if STREAM_K:
         # A 1-d grid of P programs shares the num_tiles * units work units evenly: program p
@@ -491,9 +541,9 @@ def _hstu_fwd_kernel(
             Q, K, V, KV, KV_DESC, PAGE_IDS, PAGE_INDPTR, LAST_LEN, CU, NUM_TARGETS, OUT, WS,
             TICKETS,
             stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
-            neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, HEAD_DIM,
-            BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU, PREFETCH, FIXUP,
-            FIXUP_ROWS, STREAM_K, TMA,
+            neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, num_contexts,
+            max_attn_len, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU,
+            PREFETCH, FIXUP, FIXUP_ROWS, STREAM_K, TMA, WINDOWED,
         )  # fmt: skip
 
 
@@ -570,6 +620,8 @@ class AttentionLaunch:
         page_table=None,
         page_size: int | None = None,
         fast_silu: bool | None = None,
+        num_contexts: int = 0,
+        max_attn_len: int = 0,
     ) -> None:
         if head_dim & (head_dim - 1) or head_dim < 16:
             raise ValueError(f"q: head_dim must be a power of two >= 16 for Triton, got {head_dim}")
@@ -597,6 +649,11 @@ class AttentionLaunch:
         # history, or the longest jagged sequence.
         keys = page_table.page_ids.numel() * page_size // max(batch, 1) if paged else max_seqlen
         kv_tiles = cdiv(max(keys, 1), config.block_n)
+        windowed = bool(num_contexts or max_attn_len)
+        if max_attn_len and not num_contexts:
+            # A tile's keys span at most its rows plus the window (without contexts, whose
+            # rows see the whole history): the jagged split's fixed chunks rely on this bound.
+            kv_tiles = min(kv_tiles, cdiv(max_attn_len + config.block_m, config.block_n) + 1)
         if config.stream_k:
             # One program per SM over programs * kv_tiles work units; a tile's pieces are at
             # most the programs a run of kv_tiles units can touch.
@@ -627,13 +684,13 @@ class AttentionLaunch:
         args = [
             None, None, None, None, None, *meta, cu_seqlens, num_targets, None, None, None,
             heads * head_dim, *strides, None, alpha, -alpha * LOG2E, 1.0 / scaling_seqlen,
-            heads, num_m_tiles, chunk_tiles, programs, kv_tiles,
+            heads, num_m_tiles, chunk_tiles, programs, kv_tiles, num_contexts, max_attn_len,
         ]  # fmt: skip
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision, FAST_SILU=fast_silu,
             PREFETCH=config.prefetch, FIXUP=fixup, FIXUP_ROWS=min(config.block_m, 32),
-            STREAM_K=config.stream_k, TMA=self._tma,
+            STREAM_K=config.stream_k, TMA=self._tma, WINDOWED=windowed,
         )  # fmt: skip
         self._fixed = (args, constexprs, config.num_warps, config.num_stages, grid)
         # (main, sum) launches by row count: one, unless the plan did not know the rows
@@ -727,6 +784,8 @@ def launch(
     page_table=None,
     fast_silu: bool | None = None,
     sum_splits: bool = True,
+    num_contexts: int = 0,
+    max_attn_len: int = 0,
 ) -> torch.Tensor | None:
     """Plan and run one attention launch with ``config`` (see :class:`AttentionLaunch`);
     paged when ``kv_cache`` is given. ``k``/``v`` are the whole sequences (jagged) or
@@ -738,5 +797,6 @@ def launch(
         cu_seqlens=cu_seqlens, num_targets=num_targets, max_seqlen=max_seqlen, alpha=alpha,
         scaling_seqlen=scaling_seqlen, page_table=page_table,
         page_size=None if kv_cache is None else kv_cache.shape[2], fast_silu=fast_silu,
+        num_contexts=num_contexts, max_attn_len=max_attn_len,
     )  # fmt: skip
     return planned(q, k, v, kv_cache, out, sum_splits)

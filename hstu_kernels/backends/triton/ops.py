@@ -118,6 +118,7 @@ class _PlannedAttention:
             device=b.device, cu_seqlens=b.cu_seqlens, num_targets=b.num_targets,
             max_seqlen=b.max_seqlen, alpha=b.spec.alpha, scaling_seqlen=b.spec.scaling_seqlen,
             page_table=b.page_table, page_size=self.page_size,
+            num_contexts=b.spec.num_contexts, max_attn_len=b.spec.max_attn_len,
         )  # fmt: skip
 
     def __call__(self, q, k, v, kv_cache, out, sum_splits: bool = True) -> torch.Tensor | None:
@@ -133,28 +134,20 @@ class _PlannedAttention:
         return launch(q, k, v, kv_cache, out, sum_splits)
 
 
-def _refuse_mask_features(spec: AttentionSpec) -> None:
-    if spec.num_contexts or spec.max_attn_len:
-        raise ValueError("triton: num_contexts/max_attn_len are not supported (use backend='auto')")
-
-
 def plan_jagged(b: PlannedBatch) -> Callable:
     """The ``jagged`` planner: ``run(q, k, v, out)``."""
-    _refuse_mask_features(b.spec)
     attention = _PlannedAttention(b)
     return lambda q, k, v, out: attention(q, k, v, None, out)
 
 
 def plan_paged(b: PlannedBatch) -> Callable:
     """The ``paged`` planner: ``run(q, k_new, v_new, kv_cache, out)``."""
-    _refuse_mask_features(b.spec)
     return _PlannedAttention(b)
 
 
 def plan_paged_partials(b: PlannedBatch) -> Callable:
     """The ``paged_partials`` planner: ``run(q, k_new, v_new, kv_cache)`` returns an even KV
     split's fp32 partials ``[S, *q.shape]``, unsummed, else the output in ``q``'s dtype."""
-    _refuse_mask_features(b.spec)
     attention = _PlannedAttention(b)
 
     def run(q, k_new, v_new, kv_cache) -> torch.Tensor:
