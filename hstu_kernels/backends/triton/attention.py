@@ -532,6 +532,13 @@ def _hstu_fwd_kernel(
             # down, so the longest programs start first and the short ones fill the tail.
             pid_hb = tl.program_id(0)
             m_tile = num_m_tiles - 1 - tl.program_id(1)
+            if WINDOWED:
+                # Context rows see the whole history, so tile 0 is among the longest: it
+                # starts first (then the others, last down).
+                pid1 = tl.program_id(1)
+                m_tile = tl.where(
+                    num_contexts > 0, tl.where(pid1 == 0, 0, num_m_tiles - pid1), m_tile
+                )
             split = tl.program_id(2)
             splits = tl.num_programs(2)  # a launch value: no recompile per split count
             unit_lo = 0
