@@ -40,16 +40,31 @@ class Case:
     targets: int
     new: int  # new history rows (delta); == history for jagged
     page_size: int = 32
+    contexts: int = 0  # num_contexts C
+    window: int = 0  # max_attn_len W
 
     @property
     def name(self) -> str:
-        return f"{self.kind} B={self.batch} h={self.heads} D={self.head_dim}"
+        mask = f" C={self.contexts} W={self.window}" if self.contexts or self.window else ""
+        return f"{self.kind} B={self.batch} h={self.heads} D={self.head_dim}{mask}"
+
+    def _window_start(self, p: int) -> int:
+        """The first history key a row at ``P = min(p, H)`` sees (DESIGN.md §1 on ids)."""
+        P, w = min(p, self.history), self.window
+        return P - w if w and P - w >= self.contexts else 0
 
     def pairs(self) -> int:
         """Valid (query, key) pairs of the HSTU mask (DESIGN.md §1), whole batch, one head."""
         h, n, t = self.history, self.new, self.targets
-        history_rows = n * (2 * h - n + 1) // 2  # row at position p sees p + 1 keys
-        return self.batch * (history_rows + t * (h + 1))  # targets: all history + themselves
+        if not (self.contexts or self.window):
+            history_rows = n * (2 * h - n + 1) // 2  # row at position p sees p + 1 keys
+            return self.batch * (history_rows + t * (h + 1))  # targets: all history + themselves
+        total = 0
+        for p in range(h - n, h):  # history rows up to themselves; context rows: all history
+            last = h - 1 if p < self.contexts else p
+            total += last - self._window_start(p) + 1
+        total += t * (h - self._window_start(h) + 1)  # targets: their window and themselves
+        return self.batch * total
 
     def flops(self) -> float:
         return 4.0 * self.heads * self.head_dim * self.pairs()
@@ -67,13 +82,23 @@ def full_cases() -> list[Case]:
         Case("delta", 8, 4, 256, h, t, 128),
         Case("delta", 8, 8, 128, h, t, 128),
         Case("delta", 1, 4, 256, h, t, 128),
+        # contextual prefix and local window (the published HSTU models' options)
+        *(
+            Case(kind, 8, 4, 256, h, t, h if kind == "jagged" else 128, contexts=c, window=w)
+            for kind in ("jagged", "delta")
+            for c, w in ((0, 1024), (32, 0), (32, 1024))
+        ),
     ]
 
 
 def quick_cases(gpu: bool) -> list[Case]:
     if gpu:
         return [Case("jagged", 2, 2, 128, 1024, 64, 1024), Case("delta", 2, 2, 128, 1024, 64, 32)]
-    return [Case("jagged", 2, 2, 64, 96, 8, 96), Case("delta", 2, 2, 64, 96, 8, 16, 16)]
+    return [
+        Case("jagged", 2, 2, 64, 96, 8, 96),
+        Case("delta", 2, 2, 64, 96, 8, 16, 16),
+        Case("delta", 2, 2, 64, 96, 8, 16, 16, contexts=3, window=20),
+    ]
 
 
 def _bench(fn, quick: bool) -> float:
@@ -141,6 +166,24 @@ def _sdpa_peer(case: Case, dtype: torch.dtype, device: str):
     q = torch.randn(shape_q, device=device, dtype=dtype, generator=g)
     k = torch.randn(shape_k, device=device, dtype=dtype, generator=g)
     v = torch.randn(shape_k, device=device, dtype=dtype, generator=g)
+    if case.contexts or case.window:
+        # The HSTU mask itself, as a boolean band (SDPA has no window option): the
+        # memory-efficient backend takes an explicit mask, flash does not.
+        p = torch.arange(total - rows, total, device=device)[:, None]
+        j = torch.arange(total, device=device)[None, :]
+        h, c, w = case.history, case.contexts, case.window
+        pc = torch.clamp(p, max=h)
+        start = torch.where((w > 0) & (pc - w >= c), pc - w, torch.zeros_like(pc))
+        last = torch.where(p < c, torch.full_like(p, h - 1), torch.clamp(p, max=h - 1))
+        band = ((j >= start) & (j <= last)) | (j == p)
+        mask, note = band, "HSTU mask (explicit, memory-efficient backend)"
+        pairs = case.batch * int(band.sum())
+
+        def masked():
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                return sdpa(q, k, v, attn_mask=mask)
+
+        return masked, 4.0 * case.heads * case.head_dim * pairs, note
     if rows == total:
         mask, note = None, "causal"
         pairs = case.batch * total * (total + 1) // 2
@@ -176,12 +219,14 @@ def _call(case: Case, pc, backend: str):
         return lambda: hk.hstu_attention(
             pc.q_full, pc.k_full, pc.v_full, pc.cu_full, num_targets=pc.num_targets,
             scaling_seqlen=scaling, max_seqlen=scaling, backend=backend, validate=False, out=out,
+            num_contexts=case.contexts, max_attn_len=case.window,
         )  # fmt: skip
     out = torch.empty_like(pc.q)
     return lambda: hk.paged_hstu_attention(
         pc.q, pc.k_new, pc.v_new, pc.kv_cache, pc.page_table, pc.cu_q,
         num_targets=pc.num_targets, scaling_seqlen=scaling,
         max_seqlen_q=case.new + case.targets, backend=backend, validate=False, out=out,
+        num_contexts=case.contexts, max_attn_len=case.window,
     )  # fmt: skip
 
 
@@ -195,7 +240,10 @@ def _backends_for(
     op = "jagged" if case.kind == "jagged" else "paged"
     page = case.page_size if op == "paged" else None
     arch = device_arch(torch.device(device))
-    request = Request(op, arch, dtype, case.head_dim, page)
+    features = frozenset(
+        name for name, on in (("contexts", case.contexts), ("window", case.window)) if on
+    )
+    request = Request(op, arch, dtype, case.head_dim, page, features)
     names, skipped = [], {}
     for name, backend in registry().backends.items():
         why = backend.refusal(request)
@@ -221,6 +269,10 @@ def _entry(case: Case, impl: str, ms: float, flops: float, ceilings: dict, dtype
         "time_ms": round(ms, 5),
         "tflops": round(flops / (ms * 1e-3) / 1e12, 1),
     }
+    if case.contexts:
+        e["num_contexts"] = case.contexts
+    if case.window:
+        e["max_attn_len"] = case.window
     if case.kind == "delta":
         e["page_size"] = case.page_size
         e["cached"] = case.history - case.new

@@ -34,6 +34,8 @@ def _case_label(e: dict[str, Any]) -> str:
         shape.append(f"B={e['batch']}")
     if "heads" in e and "head_dim" in e:
         shape.append(f"{e['heads']}x{e['head_dim']}")
+    if e.get("num_contexts") or e.get("max_attn_len"):
+        shape.append(f"C={e.get('num_contexts', 0)} W={e.get('max_attn_len', 0)}")
     return " ".join([label, *shape]).strip() or "?"
 
 

@@ -28,6 +28,8 @@ COLUMNS = (
     ("history", "history"),
     ("cached", "cached"),
     ("targets", "targets"),
+    ("num_contexts", "C"),
+    ("max_attn_len", "W"),
     ("batches", "batches"),
     ("time_ms", "time (ms)"),
     ("tflops", "TFLOP/s"),

@@ -285,3 +285,31 @@ def test_e2e_failing_mode_keeps_the_others(tmp_path, monkeypatch):
         e2e.run(quick=True, path=path, batch_sizes=(1,), log=lambda *a: None)
     written = json.loads(path.read_text())["results"]
     assert [r["impl"] for r in written] == ["baseline"]
+
+
+@pytest.mark.parametrize(
+    "history,new,targets,contexts,window",
+    [(50, 50, 5, 0, 0), (50, 50, 5, 3, 0), (50, 50, 5, 0, 7), (50, 20, 5, 3, 7),
+     (50, 50, 5, 3, 60), (40, 10, 0, 40, 1), (40, 1, 3, 2, 39)],
+)  # fmt: skip
+def test_kernel_bench_counts_the_pairs_of_the_mask(history, new, targets, contexts, window):
+    """The kernel bench's FLOP count: the valid pairs of the DESIGN.md section 1 rule on
+    clamped ids, counted pair by pair here."""
+    from bench.kernels import Case
+
+    def ids(p: int) -> int:
+        if contexts == 0:
+            return min(p, history)
+        return min(max(p - contexts + 1, 0), history - contexts + 1)
+
+    valid = 0
+    for p in range(history - new, history + targets):
+        for j in range(history + targets):
+            d = ids(p) - ids(j)
+            valid += (
+                p == j
+                or (d > 0 and (window == 0 or d <= window))
+                or (contexts > 0 and ids(p) == 0 and ids(j) < ids(history))
+            )
+    case = Case("jagged", 2, 1, 64, history, targets, new, contexts=contexts, window=window)
+    assert case.pairs() == 2 * valid
