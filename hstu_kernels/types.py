@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -14,6 +15,12 @@ __all__ = [
     "CacheAppend",
     "PageTable",
     "PlannedBatch",
+    "STORAGE_DTYPES",
+    "check_device",
+    "check_page_table_values",
+    "check_storage_dtype",
+    "is_finite_real",
+    "is_int",
     "is_page_size",
 ]
 
@@ -83,31 +90,12 @@ class PageTable:
             self._check_values()
 
     def _check_values(self) -> None:
-        indptr, ids, last = self.page_indptr, self.page_ids, self.last_page_len
-        if int(indptr[0]) != 0:
-            raise ValueError(f"page_table.page_indptr: expected [0] == 0, got {int(indptr[0])}")
-        owned = indptr.diff()
-        if owned.numel() and int(owned.min()) < 1:
-            b = int((owned < 1).nonzero()[0])
-            raise ValueError(
-                "page_table.page_indptr: expected every sequence to own >= 1 page, "
-                f"sequence {b} owns {int(owned[b])}"
-            )
-        if int(indptr[-1]) != ids.shape[0]:
-            raise ValueError(
-                f"page_table.page_indptr: expected [-1] == len(page_ids) = {ids.shape[0]}, "
-                f"got {int(indptr[-1])}"
-            )
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError(f"page_table.page_ids: expected ids >= 0, got {int(ids.min())}")
-        top = self.page_size if self.page_size is not None else None
-        bad = (last < 1) if top is None else ((last < 1) | (last > top))
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0])
-            expect = "1..page_size" if top is None else f"1..{top} (page size)"
-            raise ValueError(
-                f"page_table.last_page_len: expected {expect}, got {int(last[b])} for sequence {b}"
-            )
+        ids = self.page_ids.numpy()
+        check_page_table_values(
+            self.page_indptr.numpy(), ids.shape[0], self.last_page_len.numpy(), self.page_size
+        )
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"page_table.page_ids: expected ids >= 0, got {ids.min()}")
 
     @property
     def batch_size(self) -> int:
@@ -189,8 +177,55 @@ def check_device(name: str, value: object) -> torch.device:
     return device
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
+    """An int, not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_finite_real(v: object) -> bool:
+    """An int or float (not a bool), finite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_storage_dtype(dtype: object) -> torch.dtype:
+    """``dtype`` if activations and the KV cache may be held in it (bf16, fp16, fp32), else a
+    ``TypeError``."""
+    if dtype not in STORAGE_DTYPES:
+        raise TypeError(
+            f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}"
+        )
+    return dtype
+
+
+def check_page_table_values(
+    indptr: np.ndarray, num_ids: int, last: np.ndarray, page_size: int | None
+) -> None:
+    """The values of a page table (host arrays): offsets from 0 to ``num_ids``, at least one
+    page per sequence, ``last_page_len`` in ``1..page_size``; a named ``ValueError`` if not."""
+    if indptr[0] != 0:
+        raise ValueError(f"page_table.page_indptr: expected [0] == 0, got {indptr[0]}")
+    owned = np.diff(indptr)
+    bad = np.flatnonzero(owned < 1)
+    if bad.size:
+        raise ValueError(
+            "page_table.page_indptr: expected every sequence to own >= 1 page, "
+            f"sequence {bad[0]} owns {owned[bad[0]]}"
+        )
+    if indptr[-1] != num_ids:
+        raise ValueError(
+            f"page_table.page_indptr: expected [-1] == len(page_ids) = {num_ids}, got {indptr[-1]}"
+        )
+    out_of_range = last < 1 if page_size is None else (last < 1) | (last > page_size)
+    bad = np.flatnonzero(out_of_range)
+    if bad.size:
+        b = int(bad[0])
+        expect = "1..page_size" if page_size is None else f"1..{page_size} (page size)"
+        raise ValueError(
+            f"page_table.last_page_len: expected {expect}, got {last[b]} for sequence {b}"
+        )
 
 
 @dataclass(frozen=True)
@@ -206,17 +241,13 @@ class AttentionSpec:
     max_attn_len: int = 0
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not (math.isfinite(self.alpha))
-        ):
+        if not is_finite_real(self.alpha):
             raise TypeError(f"alpha: expected a finite float, got {self.alpha!r}")
-        if not _is_int(self.scaling_seqlen) or self.scaling_seqlen < 1:
+        if not is_int(self.scaling_seqlen) or self.scaling_seqlen < 1:
             raise ValueError(f"scaling_seqlen: expected an int >= 1, got {self.scaling_seqlen!r}")
         for name in ("num_contexts", "max_attn_len"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 0:
+            if not is_int(v) or v < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
 
     @property
@@ -251,7 +282,7 @@ class BatchLayout:
 
     def __post_init__(self) -> None:
         def ints(name: str, v: object) -> None:
-            if not isinstance(v, tuple) or not all(_is_int(x) and x >= 0 for x in v):
+            if not isinstance(v, tuple) or not all(is_int(x) and x >= 0 for x in v):
                 raise TypeError(f"{name}: expected a tuple of ints >= 0, got {v!r}")
 
         ints("query_lengths", self.query_lengths)
@@ -270,7 +301,7 @@ class BatchLayout:
                 )
         r = self.page_id_range
         if r is not None and not (
-            isinstance(r, tuple) and len(r) == 2 and all(_is_int(x) for x in r)
+            isinstance(r, tuple) and len(r) == 2 and all(is_int(x) for x in r)
         ):
             raise TypeError(f"page_id_range: expected (lowest, highest) ints, got {r!r}")
 

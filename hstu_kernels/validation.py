@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hstu_kernels.types import BatchLayout, PageTable
+from hstu_kernels.types import BatchLayout, PageTable, check_page_table_values
 
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -225,26 +225,7 @@ def layout_of(
     npages = np.diff(indptr)
     histories = (npages - 1) * page_size + last
     if check:
-        if indptr[0] != 0:
-            raise ValueError(f"page_table.page_indptr: expected [0] == 0, got {indptr[0]}")
-        bad = np.flatnonzero(npages < 1)
-        if bad.size:
-            raise ValueError(
-                "page_table.page_indptr: expected every sequence to own >= 1 page, "
-                f"sequence {bad[0]} owns {npages[bad[0]]}"
-            )
-        if indptr[-1] != ids.shape[0]:
-            raise ValueError(
-                f"page_table.page_indptr: expected [-1] == len(page_ids) = {ids.shape[0]}, "
-                f"got {indptr[-1]}"
-            )
-        bad = np.flatnonzero((last < 1) | (last > page_size))
-        if bad.size:
-            b = int(bad[0])
-            raise ValueError(
-                f"page_table.last_page_len: expected 1..{page_size} (page size), "
-                f"got {last[b]} for sequence {b}"
-            )
+        check_page_table_values(indptr, ids.shape[0], last, page_size)
     id_range = (int(ids.min()), int(ids.max())) if ids.size else None
     layout = BatchLayout(
         tuple(lengths.tolist()), tuple(targets.tolist()), tuple(histories.tolist()), id_range

@@ -28,7 +28,7 @@ import torch
 from hstu_kernels.kvcache.allocator import PageAllocator
 from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata, check_padding
 from hstu_kernels.kvcache.transfer import TransferEngine
-from hstu_kernels.types import check_device
+from hstu_kernels.types import check_device, check_storage_dtype
 
 __all__ = ["CacheSnapshot", "KVCacheConfig", "KVCacheError", "KVCacheManager"]
 
@@ -73,10 +73,7 @@ class KVCacheConfig:
             raise ValueError(f"page_size: expected a power of two, got {self.page_size}")
         if not isinstance(self.host_pages, int) or self.host_pages < 0:
             raise ValueError(f"host_pages: expected an int >= 0, got {self.host_pages!r}")
-        if self.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise TypeError(
-                f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {self.dtype!r}"
-            )
+        check_storage_dtype(self.dtype)
         device = check_device("device", self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(

@@ -8,13 +8,8 @@ from torch import nn
 from hstu_kernels.dispatch import check_backend_name
 from hstu_kernels.kvcache.manager import KVCacheConfig, KVCacheManager
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
-from hstu_kernels.model.layer import (
-    CachedPlans,
-    HSTULayer,
-    check_model_dtype,
-    plan_cached,
-    plan_uncached,
-)
+from hstu_kernels.model.layer import CachedPlans, HSTULayer, plan_cached, plan_uncached
+from hstu_kernels.types import check_storage_dtype, is_int
 
 __all__ = ["HSTUBlock"]
 
@@ -62,8 +57,8 @@ class HSTUBlock(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_model_dtype(dtype)
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        check_storage_dtype(dtype)
+        if not is_int(num_layers) or num_layers < 1:
             raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
         if (
             not isinstance(scaling_seqlen, int)

@@ -45,7 +45,7 @@ from hstu_kernels.plan import (
     plan_jagged_attention,
     plan_paged_attention,
 )
-from hstu_kernels.types import CacheAppend
+from hstu_kernels.types import CacheAppend, check_storage_dtype, is_finite_real, is_int
 
 __all__ = [
     "CachedPlans",
@@ -105,18 +105,6 @@ def _append_backend(backend: str, meta: BatchMetadata, head_dim: int, dtype: tor
     return registry().select(request, "auto", env_override=False).name
 
 
-MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def check_model_dtype(dtype: object) -> torch.dtype:
-    """``dtype`` if the model's layers take it (bf16, fp16, fp32), else a ``TypeError``."""
-    if dtype not in MODEL_DTYPES:
-        raise TypeError(
-            f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}"
-        )
-    return dtype
-
-
 def plan_uncached(
     meta: JaggedMetadata,
     *,
@@ -168,13 +156,10 @@ class HSTULayer(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
             raise ValueError(f"eps: expected a float in (0, 1), got {eps!r}")
-        if alpha is not None and (
-            not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
-            or not math.isfinite(alpha)
-        ):  # fmt: skip
+        if alpha is not None and not is_finite_real(alpha):
             raise TypeError(f"alpha: expected a finite float or None, got {alpha!r}")
-        check_model_dtype(dtype)
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        check_storage_dtype(dtype)
+        if not is_int(seed):
             raise TypeError(f"seed: expected an int, got {seed!r}")
         self.hidden, self.heads, self.head_dim = hidden, heads, head_dim
         self.alpha = alpha

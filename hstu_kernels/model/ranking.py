@@ -32,8 +32,8 @@ from hstu_kernels.kvcache.metadata import build_jagged_metadata
 from hstu_kernels.model.block import HSTUBlock
 from hstu_kernels.model.embeddings import EmbeddingLookup, TorchEmbeddings
 from hstu_kernels.model.graphs import CachedBlockGraphs
-from hstu_kernels.model.layer import check_model_dtype
 from hstu_kernels.model.requests import RequestBatch
+from hstu_kernels.types import check_storage_dtype, is_int
 
 __all__ = [
     "MODES",
@@ -89,7 +89,7 @@ class RankingConfig:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {self.dtype!r}")
         check_backend_name(self.backend)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_int(self.seed):
             raise TypeError(f"seed: expected an int, got {self.seed!r}")
 
     @property
@@ -179,7 +179,7 @@ def pack_requests(
     """
     if not isinstance(batch, RequestBatch):
         raise TypeError(f"batch: expected a RequestBatch, got {type(batch).__name__}")
-    if not isinstance(num_actions, int) or isinstance(num_actions, bool) or num_actions < 1:
+    if not is_int(num_actions) or num_actions < 1:
         raise ValueError(f"num_actions: expected a positive int, got {num_actions!r}")
     reqs = batch.requests
     cached = [0] * len(reqs) if cached is None else list(cached)
@@ -231,9 +231,9 @@ class RankingHead(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("hidden", hidden), ("num_tasks", num_tasks), ("inner", inner or 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        check_model_dtype(dtype)
+        check_storage_dtype(dtype)
         inner = inner or max(hidden // 2, 1)
         kw = dict(dtype=dtype, device=device)
         self.norm = nn.LayerNorm(hidden, **kw)

@@ -67,6 +67,15 @@ def _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU: tl.constexpr):
 
 
 @triton.jit
+def _window_start(p, H, num_contexts, max_attn_len):
+    """The first history key a row at position ``p`` sees (DESIGN.md §1 on clamped ids): at
+    ``P = min(p, H)``, ``P - W``, or 0 while its window still reaches the contexts (``P - W <
+    C``, or no window). It grows with ``p``."""
+    start = tl.minimum(p, H) - max_attn_len
+    return tl.where((max_attn_len > 0) & (start >= num_contexts), start, 0)
+
+
+@triton.jit
 def _key_rows(
     PAGE_IDS,
     page_start,
@@ -324,16 +333,12 @@ def _attend_tile(
     k0 = 0
     lo_full = 0
     if WINDOWED:
-        # DESIGN.md §1 on clamped ids: a row at P = min(p, H) sees keys from P - W on, or from
-        # 0 while its window still reaches the contexts (P - W < C); a context row (p < C) sees
-        # the whole history. Both bounds grow with P, so the tile's first row sets its range's
+        # A row's keys start at its window start and a context row (p < C) sees the whole
+        # history. Window starts grow with the row, so the tile's first row sets its range's
         # start and its last row where every row's window has begun.
-        p_first = tl.minimum(shift + m0, H)
-        p_last = tl.minimum(shift + tl.minimum(m0 + BLOCK_M, Lq) - 1, H)
-        lo_first = p_first - max_attn_len
-        lo_first = tl.where((max_attn_len > 0) & (lo_first >= num_contexts), lo_first, 0)
-        lo_last = p_last - max_attn_len
-        lo_last = tl.where((max_attn_len > 0) & (lo_last >= num_contexts), lo_last, 0)
+        lo_first = _window_start(shift + m0, H, num_contexts, max_attn_len)
+        p_last = shift + tl.minimum(m0 + BLOCK_M, Lq) - 1
+        lo_last = _window_start(p_last, H, num_contexts, max_attn_len)
         k0 = (lo_first // BLOCK_N) * BLOCK_N
         lo_full = tl.cdiv(lo_last, BLOCK_N) * BLOCK_N
         hi = tl.where(shift + m0 < num_contexts, H, hi)
@@ -378,9 +383,7 @@ def _attend_tile(
     row_ctx = pos < 0  # no context rows
     row_lo = pos * 0
     if WINDOWED:
-        p_row = tl.minimum(pos, H)
-        row_lo = p_row - max_attn_len
-        row_lo = tl.where((max_attn_len > 0) & (row_lo >= num_contexts), row_lo, 0)
+        row_lo = _window_start(pos, H, num_contexts, max_attn_len)
         row_ctx = pos < num_contexts
 
     if PAGED:

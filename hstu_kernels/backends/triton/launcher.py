@@ -139,7 +139,7 @@ class FixedLaunch:
         """Through ``kernel[grid]`` (or a kernel compiled for another launch with the same
         specialisation); the first time, keep what the direct launch needs."""
         key = None
-        if self._compiled is None:
+        if self._compiled is None and tensors and _device_of(tensors[0]).type == "cuda":
             key = specialisation(self._kernel, args, self._constexprs, self._options)
             found = COMPILED.get(key) if key is not None else None
             if found is not None and _direct_launch_possible(found[0], tensors):
@@ -183,8 +183,10 @@ def reset_compiled() -> None:
 
 def _arg_specialisation(a: Any) -> Any:
     cls = a.__class__
-    if cls is bool or cls is float or a is None:
-        return (cls, a) if a is None or cls is bool else cls
+    if a is None or cls is bool:  # constants
+        return (cls, a)
+    if cls is float:
+        return cls
     if cls is int:
         # Triton: the value 1 becomes a constant, a multiple of 16 is marked divisible, the
         # range picks i32/i64/u64.
