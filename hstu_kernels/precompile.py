@@ -2,7 +2,8 @@
 
 For the current GPU's arch it compiles, in parallel processes, every variant of the CUTLASS DSL
 kernels the dispatcher defaults to there (Hopper: the wgmma kernel; Blackwell: the tcgen05
-kernel; elsewhere: none, Triton is the default) for the given dtypes and head dims, into the
+kernel; elsewhere: none, Triton is the default) for the given dtypes and head dims (with and
+without contexts/window where that is a variant of its own), into the
 DSL's disk cache (``settings.cutedsl_cache``), and runs one small call of each Triton kernel per
 dtype and head dim, which fills Triton's own cache. A later process then loads its kernels in
 milliseconds instead of compiling them (seconds each). ``--arch`` compiles the DSL kernels for
@@ -24,13 +25,15 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # arch -> the DSL backends the dispatcher defaults to there
 DEFAULT_DSL = {"sm_90": ("cutedsl-hopper",), "sm_100": ("cutedsl-blackwell",),
                "sm_103": ("cutedsl-blackwell",)}  # fmt: skip
+# DSL backends with a separately compiled contexts/window variant
+WINDOWED = ("cutedsl-hopper",)
 HEAD_DIMS = {"cutedsl-hopper": (64, 128, 256), "cutedsl-blackwell": (64, 128),
              "cutedsl-ampere": (64, 128, 256)}  # fmt: skip
 
 
-def _compile(job: tuple[str, str, str, int, bool]) -> tuple[str, float, str]:
+def _compile(job: tuple[str, str, str, int, bool, bool]) -> tuple[str, float, str]:
     """One DSL variant into the disk cache: ``(label, seconds, "compile" | "disk")``."""
-    backend, arch, dtype, head_dim, paged = job
+    backend, arch, dtype, head_dim, paged, windowed = job
     from hstu_kernels.backends.cutedsl import compile as cc
 
     cc.clear_memory_cache()
@@ -40,7 +43,8 @@ def _compile(job: tuple[str, str, str, int, bool]) -> tuple[str, float, str]:
         from hstu_kernels.backends.cutedsl import tma_variants
 
         family = backend.removeprefix("cutedsl-")
-        tma_variants.get_kernel(family, arch, torch_dtype, head_dim, paged=paged)
+        tma_variants.get_kernel(family, arch, torch_dtype, head_dim, paged=paged,
+                                windowed=windowed)  # fmt: skip
     else:
         from hstu_kernels.backends.cutedsl import ampere
 
@@ -48,17 +52,19 @@ def _compile(job: tuple[str, str, str, int, bool]) -> tuple[str, float, str]:
             ampere.get_kernel(arch, torch_dtype, head_dim, 32 if paged else 0, paged, split)
     sources = {s["source"] for s in cc.compile_stats().values()}
     label = f"{backend} {arch} {dtype} D={head_dim} {'paged' if paged else 'jagged'}"
+    label += " contexts/window" if windowed else ""
     return label, time.perf_counter() - start, "/".join(sorted(sources))
 
 
 def dsl_jobs(arch: str, backends: list[str], dtypes: list[str], head_dims: list[int] | None):
     return [
-        (b, arch, dt, d, paged)
+        (b, arch, dt, d, paged, windowed)
         for b in backends
         for dt in dtypes
         for d in (head_dims or HEAD_DIMS[b])
         if d in HEAD_DIMS[b]
         for paged in (True, False)
+        for windowed in ((False, True) if b in WINDOWED else (False,))
     ]
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-__all__ = ["MAX_SPLITS", "SPLIT_OVERHEAD_TILES", "choose_splits"]
+__all__ = ["MAX_SPLITS", "SPLIT_OVERHEAD_TILES", "choose_splits", "window_kv_tiles"]
 
 MAX_SPLITS = 16
 # One more program of a query tile costs about this many key tiles of work (~1.5 at D=256 by
@@ -33,6 +33,17 @@ MAX_SPLITS = 16
 SPLIT_OVERHEAD_TILES = 2.0
 
 Rule = Literal["fill", "waves", "share"]
+
+
+def window_kv_tiles(
+    kv_tiles: int, num_contexts: int, max_attn_len: int, block_m: int, block_n: int
+) -> int:
+    """The longest key range in ``block_n``-key tiles of a ``block_m``-row query tile, given
+    the longest without a window (``kv_tiles``): with a window W and no contexts (whose rows
+    see the whole history) a tile's keys span at most its rows plus W."""
+    if not max_attn_len or num_contexts:
+        return kv_tiles
+    return min(kv_tiles, -(-(max_attn_len + block_m) // block_n) + 1)
 
 
 def choose_splits(

@@ -52,6 +52,42 @@ def test_tile_walk_matches_mask(block_m, block_n, history, targets):
                     assert kind == "full", (p0, p1, n)
 
 
+@pytest.mark.parametrize("block_m,block_n", [(128, 64), (128, 32), (16, 16)])
+@pytest.mark.parametrize(
+    "history,targets,contexts,window",
+    [(1, 0, 0, 1), (1, 3, 1, 0), (70, 5, 0, 1), (70, 5, 3, 16), (200, 37, 0, 40),
+     (200, 37, 32, 0), (200, 0, 7, 300), (257, 9, 64, 64)],
+)  # fmt: skip
+def test_window_tile_walk_matches_mask(block_m, block_n, history, targets, contexts, window):
+    """With contexts/window, a q-tile's history tiles ``[first, end)`` are exactly those with a
+    kept pair, and a tile called full has every pair kept (the mask of DESIGN.md §1)."""
+    total = history + targets
+    mask = hstu_mask(history, total, contexts, window)[:, :history]
+    for p in range(total):
+        for j in range(history):
+            assert bool(mask[p, j]) == hc.window_keep(p, j, history, contexts, window), (p, j)
+    for new in sorted({1, history // 2 or 1, history}):
+        for p0 in range(history - new, total, block_m):
+            p1 = min(p0 + block_m, total)
+            first, end = hc.window_tile_range(p0, p1, history, contexts, window, block_n)
+            for n in range(-(-history // block_n)):
+                sub = mask[p0:p1, n * block_n : (n + 1) * block_n]
+                assert (first <= n < end) == bool(sub.any()), (p0, p1, n, first, end)
+                full = hc.window_tile_is_full(n, block_n, p0, p1 - 1, history, contexts, window)
+                if first <= n < end and full:
+                    assert bool(sub.all()) and (n + 1) * block_n <= history, (p0, p1, n)
+
+
+@pytest.mark.parametrize("num_m_blocks", [1, 2, 5, 34])
+@pytest.mark.parametrize("contexts", [0, 1, 128, 129, 10_000])
+def test_contexts_first_order(num_m_blocks, contexts):
+    """The q-tiles with context rows launch first, then the rest longest first."""
+    order = [hc.contexts_first(m, num_m_blocks, contexts, 128) for m in
+             range(num_m_blocks - 1, -1, -1)]  # fmt: skip
+    k = min(-(-contexts // 128), num_m_blocks)
+    assert order == list(range(k)) + list(range(num_m_blocks - 1, k - 1, -1))
+
+
 def test_sequence_info_paged_and_jagged():
     cu, nt = [0, 7, 12], [3, 0]
     jag = hc.sequence_info(1, cu, nt)

@@ -27,6 +27,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import masks
 
 import hstu_kernels as hk
 from hstu_kernels import settings as hk_settings
@@ -44,14 +45,17 @@ from hstu_kernels.testing import (
 BACKEND = "cutedsl-hopper"
 PAGE = 32
 JAGGED_TILE = 64
-VARIANTS = [(torch.bfloat16, d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
-    (torch.float16, 256, paged) for paged in (False, True)
-]
+# (dtype, head dim, paged, windowed: with contexts/window)
+VARIANTS = [(torch.bfloat16, d, paged, False) for d in (64, 128, 256) for paged in (False, True)]
+VARIANTS += [(torch.float16, 256, paged, False) for paged in (False, True)]
+VARIANTS += [(torch.bfloat16, 256, paged, True) for paged in (False, True)]
+VARIANTS += [(torch.float16, 64, False, True)]
 
 
 def _id(v) -> str:
-    dtype, d, paged = v
-    return f"{str(dtype).removeprefix('torch.')}-d{d}-{'paged' if paged else 'jagged'}"
+    dtype, d, paged, windowed = v
+    kind = "paged" if paged else "jagged"
+    return f"{str(dtype).removeprefix('torch.')}-d{d}-{kind}{'-windowed' if windowed else ''}"
 
 
 # ---------------------------------------------------------------- dispatch (CPU, no DSL)
@@ -77,6 +81,17 @@ def test_what_it_declares():
         .reasons[BACKEND]
         .startswith("arch sm_89 not in")
     )
+
+
+def test_serves_contexts_and_window():
+    """Both features: auto sends such calls here on sm_90 (not to triton or the reference)."""
+    for op, kw in (("paged", {"page_size": PAGE}), ("jagged", {})):
+        for mask in (
+            {"num_contexts": 4},
+            {"max_attn_len": 100},
+            {"num_contexts": 1, "max_attn_len": 7},
+        ):
+            assert explain(op, arch="sm_90", head_dim=256, **kw, **mask).choice == BACKEND
 
 
 def test_registration_does_not_import_the_dsl():
@@ -113,8 +128,8 @@ def _ptx(variant) -> str:
         from hstu_kernels.backends.cutedsl import compile as cc
         from hstu_kernels.backends.cutedsl import hopper
 
-        dtype, d, paged = variant
-        host_fn, _, fake_args = hopper.build_variant("sm_90a", dtype, d, paged)
+        dtype, d, paged, windowed = variant
+        host_fn, _, fake_args = hopper.build_variant("sm_90a", dtype, d, paged, windowed)
         _PTX[variant] = cc.ptx_of(host_fn, fake_args(), arch="sm_90a")
     return _PTX[variant]
 
@@ -130,7 +145,7 @@ def test_ptx_targets_sm90a(compiled):
 
 
 def test_ptx_uses_wgmma_for_both_gemms(compiled):
-    (dtype, d, paged), ptx = compiled
+    (dtype, d, paged, _), ptx = compiled
     kind = "bf16.bf16" if dtype == torch.bfloat16 else "f16.f16"
     tile = PAGE if paged else JAGGED_TILE  # keys per tile: a page, or 64 (jagged)
     qk = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{tile}k16\.f32\.{kind}", ptx)
@@ -161,14 +176,14 @@ def test_ptx_loads_through_tma(compiled):
 
 
 def test_ptx_silu_form_follows_the_dtype(compiled):
-    (dtype, _, _), ptx = compiled
+    (dtype, _, _, _), ptx = compiled
     assert ("tanh.approx.f32" in ptx) == (dtype == torch.bfloat16)
     if dtype == torch.float16:
         assert "ex2.approx" in ptx
 
 
 def test_ptx_paged_zeroes_the_page_tail(compiled):
-    (_, _, paged), ptx = compiled
+    (_, _, paged, _), ptx = compiled
     # The consumers' named barrier after zeroing a last page's tail (barrier 1, 256 threads).
     assert bool(re.search(r"bar\.sync\s+1,\s*256;", ptx)) == paged
     assert ("fence.proxy.async.shared::cta" in ptx) or not paged
@@ -320,6 +335,39 @@ def test_split_kv_parity(shape, variant, heads, seed, splits):
     with _forced_splits(splits):
         check_paged_backend(case, dtype, BACKEND)
         check_jagged_backend(case, dtype, BACKEND)
+
+
+@pytest.mark.gpu
+@hopper_only
+@given(data=st.data(), shape=batches(), variant=st.sampled_from(GPU_VARIANTS),
+       heads=st.integers(1, 3), seed=st.integers(0, 2**16),
+       splits=st.sampled_from([None, None, 2, 5]))  # fmt: skip
+def test_contexts_and_window_parity(data, shape, variant, heads, seed, splits):
+    """Contexts up to the shortest history and windows from one key to past the history,
+    with targets, page and tile edges; unsplit (the kernel's own choice) and forced splits."""
+    dtype, head_dim = variant
+    mask = data.draw(masks(shape))
+    case = _case(shape, heads, head_dim, seed)
+    with _forced_splits(splits):
+        check_paged_backend(case, dtype, BACKEND, *mask)
+        check_jagged_backend(case, dtype, BACKEND, *mask)
+
+
+@pytest.mark.gpu
+@hopper_only
+def test_contexts_and_window_edges():
+    """Windows of one key, of one page, one past a page and longer than the history; contexts
+    covering a whole short history; long histories split in 2 and 7."""
+    one_token = ([1, 33, 1000, 4000], [1, 33, 100, 129], [0, 31, 1, 300])
+    longer = ([33, 100, 4000], [33, 1, 129], [0, 5, 300])
+    cases = [(one_token, m) for m in ((0, 1), (0, 32), (0, 33), (1, 5000), (1, 0), (0, 1024))]
+    cases += [(longer, m) for m in ((33, 64), (33, 0), (32, 1024))]
+    for shape, mask in cases:
+        case = _case(shape, 2, 256, 3)
+        for splits in (None, 2, 7):
+            with _forced_splits(splits):
+                check_paged_backend(case, torch.bfloat16, BACKEND, *mask)
+                check_jagged_backend(case, torch.bfloat16, BACKEND, *mask)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ _ON_GPU = torch.cuda.is_available()  # without a GPU, conftest switches the inte
 import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from strategies import masks  # noqa: E402
 
 import hstu_kernels as hk  # noqa: E402
 from hstu_kernels import reference  # noqa: E402
@@ -78,16 +79,6 @@ def _check_paged(
 
 def _check_jagged(case: PagedCase, dtype: torch.dtype, mask: tuple[int, int] = (0, 0)) -> None:
     check_jagged_backend(case, dtype, "triton", *mask)
-
-
-@st.composite
-def masks(draw, shape) -> tuple[int, int]:
-    """(num_contexts, max_attn_len): contexts up to the shortest history, windows from one
-    key to longer than any history (0: off)."""
-    histories = shape[0]
-    contexts = draw(st.sampled_from([0, 0, 1, min(histories)]) | st.integers(0, min(histories)))
-    window = draw(st.sampled_from([0, 1, 16, 4096]) | st.integers(1, max(histories) + 2))
-    return contexts, window
 
 
 def _check_append(case: PagedCase, dtype: torch.dtype) -> None:

@@ -1,8 +1,8 @@
 """Backend "cutedsl-hopper": the warp-specialised wgmma + TMA HSTU kernel (``cutedsl/hopper.py``).
 
 Serves jagged and paged (delta) HSTU attention on sm_90 in bf16/fp16, head dims 64/128/256,
-pages of exactly 32 tokens (one page = one 32-key tile), causal + targets (no contexts/window),
-no ``append_kv``.
+pages of exactly 32 tokens (one page = one 32-key tile), causal + targets, contexts and window
+(a separately compiled variant), no ``append_kv``.
 
 Status: compiled for sm_90a in CI (tests/test_cutedsl_hopper.py) and run on H100s (its GPU
 tests, docs/hopper.md). On sm_90 it ranks above triton, but declines (``declines``)
@@ -55,15 +55,20 @@ def _probe(arch: str) -> str | None:
 
 
 def _split_kv(
-    device: torch.device, batch: int, heads: int, max_seqlen_q: int, mean_pages: int | None
-) -> tuple[int, int, int]:
+    device: torch.device, batch: int, heads: int, max_seqlen_q: int, mean_pages: int | None,
+    window: int = 0,
+) -> tuple[int, int, int]:  # fmt: skip
     """The kernel's split-KV choice ``(splits, chunk_tiles, tiles)``. The key range in the
     op's tiles: ``mean_pages`` (paged: one page per tile), or the longest sequence in
-    ``jagged_tile_n()``-key tiles (jagged: ``None``)."""
+    ``jagged_tile_n()``-key tiles (jagged: ``None``); a ``window`` W bounds it by the tiles a
+    128-row q-tile's windows span."""
     from hstu_kernels.backends.cutedsl.split_kv import jagged_tile_n, split_layout
+    from hstu_kernels.split_kv import window_kv_tiles
 
     paged = mean_pages is not None
-    kv_tiles = mean_pages if paged else -(-max(max_seqlen_q, 1) // jagged_tile_n())
+    tile_n = PAGE_SIZE if paged else jagged_tile_n()
+    kv_tiles = mean_pages if paged else -(-max(max_seqlen_q, 1) // tile_n)
+    kv_tiles = window_kv_tiles(kv_tiles, 0, window, 128, tile_n)
     return split_layout(device, batch, heads, max_seqlen_q, kv_tiles, block_m=128, causal=not paged)
 
 
@@ -87,7 +92,7 @@ def _declines(request) -> str | None:
     return f"~{tiles} query tiles < {least}: triton measured faster on small grids"
 
 
-_OPS, _PLANNERS = make_ops(NAME, "hopper", split_kv=_split_kv)
+_OPS, _PLANNERS = make_ops(NAME, "hopper", split_kv=_split_kv, mask_features=True)
 
 
 register(
@@ -99,7 +104,7 @@ register(
         archs=ARCHS,
         head_dims=HEAD_DIMS,
         page_sizes=PAGE_SIZES,
-        features=frozenset(),
+        features=frozenset({"contexts", "window"}),
         priority={"sm_90": PRIORITY, "*": 0},
         probe=_probe,
         declines=_declines,

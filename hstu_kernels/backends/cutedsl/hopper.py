@@ -73,8 +73,17 @@ class SplitKV(NamedTuple):
     unsummed: Int32  # nonzero: every split writes its partial, nobody sums (the caller does)
 
 
+class Window(NamedTuple):
+    """Contexts/window of a ``windowed`` variant: what a q-tile's masks need beyond ``seq``."""
+
+    num_contexts: Int32  # C
+    max_attn_len: Int32  # W
+    p_last: Int32  # position of the q-tile's last query row (the latest window start)
+
+
 class HopperHstuForward:
-    """One compiled variant: dtype (``cutlass.BFloat16``/``Float16``), head dim, jagged/paged."""
+    """One compiled variant: dtype (``cutlass.BFloat16``/``Float16``), head dim, jagged/paged,
+    with or without contexts/window (``windowed``)."""
 
     def __init__(
         self,
@@ -84,6 +93,7 @@ class HopperHstuForward:
         fast_tanh: bool = False,
         pingpong: bool = True,
         tile_n: int | None = None,
+        windowed: bool = False,
     ) -> None:
         if head_dim not in (64, 128, 256):
             raise ValueError(f"head_dim: expected 64, 128 or 256, got {head_dim}")
@@ -97,6 +107,10 @@ class HopperHstuForward:
         # run freely (2 % slower on an H100, docs/hopper.md).
         self.pingpong = pingpong
         self.tile_n = tile_n or (PAGE_SIZE if paged else JAGGED_TILE_N)
+        # Contexts/window (the kernel's num_contexts and max_attn_len arguments): each q-tile
+        # walks only the history tiles of its rows' windows, and masks by the window rule.
+        # Off: those arguments are ignored and the kernel is the plain causal one.
+        self.windowed = windowed
         if paged and self.tile_n != PAGE_SIZE:
             raise ValueError(f"tile_n: the paged op's key tile is one page ({PAGE_SIZE})")
         self.qk_tiler = (TILE_M, self.tile_n, head_dim)  # (M, N, K) of S = Q K^T
@@ -113,17 +127,19 @@ class HopperHstuForward:
         self, q: cute.Tensor, k: cute.Tensor, v: cute.Tensor, out: cute.Tensor,
         cu_seqlens: cute.Tensor, num_targets: cute.Tensor, max_seqlen: Int32, alpha: Float32,
         inv_scaling: Float32, partials: cute.Tensor, tickets: cute.Tensor, chunk_tiles: Int32,
-        unsummed: Int32, stream,
+        unsummed: Int32, num_contexts: Int32, max_attn_len: Int32, stream,
     ):  # fmt: skip
         """Whole sequences: ``q, k, v, out [sum L_b, heads, D]``. Split-KV arguments: see
-        :meth:`_launch`."""
+        :meth:`_launch`; ``num_contexts``/``max_attn_len``: read by a ``windowed`` variant
+        only."""
         self._launch(
             q,
             tma_views.jagged_tma_view(q, max_seqlen, mn_major=False),
             tma_views.jagged_tma_view(k, max_seqlen, mn_major=False),
             tma_views.jagged_tma_view(v, max_seqlen, mn_major=True),
             k, v, out, cu_seqlens, num_targets, None, None, None, max_seqlen, alpha,
-            inv_scaling, partials, tickets, chunk_tiles, unsummed, stream,
+            inv_scaling, partials, tickets, chunk_tiles, unsummed, num_contexts, max_attn_len,
+            stream,
         )  # fmt: skip
 
     @cute.jit
@@ -132,17 +148,20 @@ class HopperHstuForward:
         out: cute.Tensor, cu_seqlens_q: cute.Tensor, num_targets: cute.Tensor,
         page_indptr: cute.Tensor, page_ids: cute.Tensor, last_page_len: cute.Tensor,
         max_seqlen_q: Int32, alpha: Float32, inv_scaling: Float32, partials: cute.Tensor,
-        tickets: cute.Tensor, chunk_tiles: Int32, unsummed: Int32, stream,
+        tickets: cute.Tensor, chunk_tiles: Int32, unsummed: Int32, num_contexts: Int32,
+        max_attn_len: Int32, stream,
     ):  # fmt: skip
         """New history + target rows over a paged cache ``kv_cache [pages, 2, 32, heads, D]``
-        (one page per key tile). Split-KV arguments: see :meth:`_launch`."""
+        (one page per key tile). Split-KV arguments: see :meth:`_launch`; ``num_contexts``/
+        ``max_attn_len``: read by a ``windowed`` variant only."""
         self._launch(
             q,
             tma_views.jagged_tma_view(q, max_seqlen_q, mn_major=False),
             tma_views.page_tma_view(kv_cache, 0, mn_major=False),
             tma_views.page_tma_view(kv_cache, 1, mn_major=True),
             k_new, v_new, out, cu_seqlens_q, num_targets, page_indptr, page_ids, last_page_len,
-            max_seqlen_q, alpha, inv_scaling, partials, tickets, chunk_tiles, unsummed, stream,
+            max_seqlen_q, alpha, inv_scaling, partials, tickets, chunk_tiles, unsummed,
+            num_contexts, max_attn_len, stream,
         )  # fmt: skip
 
     def _mmas(self):
@@ -163,10 +182,12 @@ class HopperHstuForward:
     def _launch(
         self, q, q_view, k_view, v_view, k_self, v_self, out, cu_seqlens_q, num_targets,
         page_indptr, page_ids, last_page_len, pad: Int32, alpha: Float32, inv_scaling: Float32,
-        partials, tickets, chunk_tiles: Int32, unsummed: Int32, stream,
+        partials, tickets, chunk_tiles: Int32, unsummed: Int32, num_contexts: Int32,
+        max_attn_len: Int32, stream,
     ):  # fmt: skip
         """Split-KV: the grid has ``S = partials.shape[0]`` CTAs per query tile; split ``s``
-        walks the tile's history key tiles ``[s c, (s + 1) c)`` with ``c = max(chunk_tiles,
+        walks the tile's history key tiles ``[f + s c, f + (s + 1) c)`` (``f``: the tile's first
+        history key tile, 0 unless ``windowed``) with ``c = max(chunk_tiles,
         ceil(n / S))`` for a tile of ``n`` key tiles (``chunk_tiles = 0``: equal parts). A
         tile walked by more than one split writes fp32 ``partials [S, rows, heads, D]``, and
         the split that finishes last (``tickets``: int32, one per query tile, zero before the
@@ -217,7 +238,8 @@ class HopperHstuForward:
             qk_mma, pv_mma, tma_q, q_tma, tma_k, k_tma, tma_v, v_tma,
             q, k_self, v_self, out, cu_seqlens_q, num_targets,
             page_indptr, page_ids, last_page_len, pad, alpha, inv_scaling,
-            partials, tickets, chunk_tiles, unsummed, q_smem, k_smem, v_smem,
+            partials, tickets, chunk_tiles, unsummed, num_contexts, max_attn_len,
+            q_smem, k_smem, v_smem,
         ).launch(grid=grid, block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=1)  # fmt: skip
 
     # ------------------------------------------------------------------ device side
@@ -249,6 +271,8 @@ class HopperHstuForward:
         tickets: cute.Tensor,
         chunk_tiles: Int32,
         unsummed: Int32,
+        num_contexts: Int32,
+        max_attn_len: Int32,
         q_smem: cute.ComposedLayout,
         k_smem: cute.ComposedLayout,
         v_smem: cute.ComposedLayout,
@@ -262,6 +286,8 @@ class HopperHstuForward:
             (pad + TILE_M - 1) // TILE_M,
         )
         m_block, head, b, split = hc.lpt_tile(bx, batch, heads, num_splits, m_blocks)
+        if cutlass.const_expr(self.windowed):
+            m_block = hc.contexts_first(m_block, m_blocks, num_contexts, TILE_M)
 
         seq = hc.sequence_info(
             b, cu_seqlens_q, num_targets, page_indptr, last_page_len,
@@ -272,10 +298,19 @@ class HopperHstuForward:
             p0 = seq.q_pos0 + row0
             p1 = seq.q_pos0 + cutlass.min(seq.q_len, row0 + TILE_M)
             # History tiles only: target keys enter through the epilogue's self term.
-            _, n_kv, _ = hc.kv_tile_range(p0, p1, seq.history, seq.total, self.tile_n)
-            chunk = cutlass.max(cutlass.max(chunk_tiles, (n_kv + num_splits - 1) // num_splits), 1)
-            pieces = cutlass.max((n_kv + chunk - 1) // chunk, 1)  # splits with work here
-            kv_begin = split * chunk
+            window = None
+            if cutlass.const_expr(self.windowed):
+                kv_first, n_kv = hc.window_tile_range(
+                    p0, p1, seq.history, num_contexts, max_attn_len, self.tile_n
+                )
+                window = Window(num_contexts, max_attn_len, p1 - 1)
+            else:
+                kv_first = 0
+                _, n_kv, _ = hc.kv_tile_range(p0, p1, seq.history, seq.total, self.tile_n)
+            span = n_kv - kv_first
+            chunk = cutlass.max(cutlass.max(chunk_tiles, (span + num_splits - 1) // num_splits), 1)
+            pieces = cutlass.max((span + chunk - 1) // chunk, 1)  # splits with work here
+            kv_begin = kv_first + split * chunk
             kv_end = cutlass.min(n_kv, kv_begin + chunk)
             ticket = (b * heads + head) * m_blocks + m_block
             split_kv = SplitKV(split, pieces, partials, tickets, ticket, unsummed)
@@ -283,7 +318,7 @@ class HopperHstuForward:
                 self._tile(
                     warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self,
                     out, seq, page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha,
-                    inv_scaling, split_kv, q_smem, k_smem, v_smem,
+                    inv_scaling, split_kv, window, q_smem, k_smem, v_smem,
                 )  # fmt: skip
             elif unsummed != 0:
                 # No keys for this split here, but the caller sums every split's partial.
@@ -297,7 +332,7 @@ class HopperHstuForward:
     def _tile(
         self, warp, tma_q, mQ, tma_k, mK, tma_v, mV, qk_mma, pv_mma, q, k_self, v_self, out, seq,
         page_ids, m_block, row0, p0, pad, head, kv_begin, kv_end, alpha, inv_scaling, split_kv,
-        q_smem, k_smem, v_smem,
+        window, q_smem, k_smem, v_smem,
     ):  # fmt: skip
         """One CTA's work: the query tile's history key tiles ``[kv_begin, kv_end)``."""
         if warp == PRODUCER_WARP:
@@ -338,6 +373,7 @@ class HopperHstuForward:
             self.consumer_role(
                 qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
                 seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sTicket,
+                window,
             )  # fmt: skip
 
     # ------------------------------------------------------------------ roles
@@ -377,7 +413,7 @@ class HopperHstuForward:
     @cute.jit
     def consumer_role(
         self, qk_mma, pv_mma, sQ, sK, sV, q_cons, k_cons, v_cons, q, k_self, v_self, out,
-        seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sTicket,
+        seq, row0, p0, head, kv_begin, kv_end, alpha, inv_scaling, split_kv, sTicket, window,
     ):  # fmt: skip
         """One warpgroup's 64 rows: the key-tile loop over ``[kv_begin, kv_end)``, then the
         epilogue."""
@@ -413,7 +449,7 @@ class HopperHstuForward:
             self._hand_over(1 - wg)
             warpgroup.wait_group(0)
             k_h.release()
-            self._scores_to_p(acc_S, rP, cS_mn, seq, p0, kv_begin, alpha, inv_scaling)
+            self._scores_to_p(acc_S, rP, cS_mn, seq, p0, kv_begin, alpha, inv_scaling, window)
             for i in cutlass.range(kv_begin + 1, kv_end, unroll=1):
                 k_h = k_cons.wait_and_advance()
                 self._zero_tail(sK, k_h.index, None, 0, seq, i, tidx)
@@ -424,7 +460,9 @@ class HopperHstuForward:
                 self._hand_over(1 - wg)
                 warpgroup.wait_group(1)  # S_i is ready; P_{i-1} V_{i-1} may still run
                 k_h.release()
-                self._scores_to_p(acc_S, rP, cS_mn, seq, p0, i, alpha, inv_scaling, wait=True)
+                self._scores_to_p(
+                    acc_S, rP, cS_mn, seq, p0, i, alpha, inv_scaling, window, wait=True
+                )
                 v_h.release()
             v_h = v_cons.wait_and_advance()
             self._zero_tail(None, 0, sV, v_h.index, seq, kv_end - 1, tidx)
@@ -542,12 +580,19 @@ class HopperHstuForward:
 
     @cute.jit
     def _scores_to_p(
-        self, acc_S, rP, cS_mn, seq, p0, i, alpha, inv_scaling, wait: cutlass.Constexpr = False
-    ):
+        self, acc_S, rP, cS_mn, seq, p0, i, alpha, inv_scaling, window,
+        wait: cutlass.Constexpr = False,
+    ):  # fmt: skip
         """S of history tile ``i`` -> P = silu(alpha S) / scaling_seqlen in ``rP`` (masked where
-        the tile needs it). ``wait``: the previous P V may still read ``rP``; wait for it
-        before the conversion overwrites ``rP`` (the SiLU before it runs under that MMA)."""
-        if not hc.tile_is_full(i, self.tile_n, p0, seq.history):
+        the tile needs it; ``window``: by the contexts/window rule). ``wait``: the previous P V
+        may still read ``rP``; wait for it before the conversion overwrites ``rP`` (the SiLU
+        before it runs under that MMA)."""
+        if cutlass.const_expr(self.windowed):
+            C, W = window.num_contexts, window.max_attn_len
+            full = hc.window_tile_is_full(i, self.tile_n, p0, window.p_last, seq.history, C, W)
+            if not full:
+                hc.mask_tile_window_(_mn_view(acc_S), cS_mn, p0, i * self.tile_n, seq.history, C, W)
+        elif not hc.tile_is_full(i, self.tile_n, p0, seq.history):
             hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * self.tile_n, seq.history)
         hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)
         if cutlass.const_expr(wait):
@@ -630,25 +675,27 @@ def _acc_to_a_operand(acc_layout: cute.Layout) -> cute.Layout:
     )
 
 
-def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool):
+def build_variant(arch: str, torch_dtype, head_dim: int, paged: bool, windowed: bool = False):
     """``(host_fn, variant, fake_args)`` of one variant (:func:`tma_variants.variant`): the
     arguments of ``compile.fake_attention_args`` with the split-KV ``partials, tickets,
-    chunk_tiles, unsummed`` before the stream (:meth:`HopperHstuForward._launch`). Loaded or
-    compiled through :func:`tma_variants.get_kernel`."""
+    chunk_tiles, unsummed`` and the mask's ``num_contexts, max_attn_len`` before the stream
+    (:meth:`HopperHstuForward._launch`). Loaded or compiled through
+    :func:`tma_variants.get_kernel`."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
     dtype = cc.cutlass_dtype(torch_dtype)
-    variant = tma_variants.variant("hopper", torch_dtype, head_dim, paged)
+    variant = tma_variants.variant("hopper", torch_dtype, head_dim, paged, windowed)
     kernel = HopperHstuForward(
         dtype, head_dim, paged, fast_tanh=variant["silu"] == "tanh",
-        pingpong=variant["pingpong"], tile_n=variant["tile_n"],
+        pingpong=variant["pingpong"], tile_n=variant["tile_n"], windowed=variant["windowed"],
     )  # fmt: skip
 
     def fake_args():
         *args, stream = cc.fake_attention_args(dtype, head_dim, paged=paged, page_size=PAGE_SIZE)
         partials = cc.fake_tensor(cutlass.Float32, (None, None, None, head_dim))
         tickets = cc.fake_tensor(cutlass.Int32, (None,), align=4)
-        return (*args, partials, tickets, cutlass.Int32(0), cutlass.Int32(0), stream)
+        ints = (cutlass.Int32(0) for _ in range(4))  # chunk_tiles, unsummed, C, W
+        return (*args, partials, tickets, *ints, stream)
 
     host_fn = kernel.paged if paged else kernel.jagged
     return host_fn, variant, fake_args

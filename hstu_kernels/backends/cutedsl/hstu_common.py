@@ -33,18 +33,24 @@ from typing import Any, NamedTuple
 __all__ = [
     "SeqInfo",
     "classify_tile",
+    "contexts_first",
     "grid_shape",
     "keep",
     "kv_tile_at",
     "kv_tile_range",
     "kv_key_source",
     "mask_tile_",
+    "mask_tile_window_",
     "page_slot",
     "schedule_tile",
     "sequence_info",
     "silu_scale_",
     "split_range",
     "tile_is_full",
+    "window_keep",
+    "window_start",
+    "window_tile_is_full",
+    "window_tile_range",
 ]
 
 LOG2_E = 1.4426950408889634
@@ -141,6 +147,16 @@ def lpt_tile(block: Any, batch: Any, heads: Any, splits: Any, num_m_blocks: Any)
     return num_m_blocks - 1 - rest // batch, head, rest % batch, split
 
 
+def contexts_first(m_block: Any, num_m_blocks: Any, num_contexts: Any, block_m: int) -> Any:
+    """The q-tile to run in place of :func:`lpt_tile`'s ``m_block`` with a contextual prefix:
+    the q-tiles holding context rows (the first ``ceil(C / block_m)``; their rows see the whole
+    history, so they are as long as the longest tile) first, then the rest longest first. A
+    permutation of ``0 .. num_m_blocks - 1``; the identity when ``C = 0``."""
+    k = _min((num_contexts + block_m - 1) // block_m, num_m_blocks)
+    order = num_m_blocks - 1 - m_block  # 0: launched first
+    return _as_int(order < k) * order + _as_int(order >= k) * (num_m_blocks - 1 - order + k)
+
+
 def kv_tile_range(p0: Any, p1: Any, history: Any, total: Any, block_n: int) -> tuple:
     """The KV tiles of the q-tile with query positions ``[p0, p1)`` (``p1 > p0``).
 
@@ -174,6 +190,47 @@ def tile_is_full(n_block: Any, block_n: int, p0: Any, history: Any) -> Any:
     return (last_key <= p0) & (last_key < history)
 
 
+def window_start(p: Any, history: Any, num_contexts: Any, max_attn_len: Any) -> Any:
+    """The first history key a query at position ``p`` sees with contexts/window (DESIGN.md §1
+    on clamped ids): ``min(p, H) - W``, or 0 while the window still reaches the contexts
+    (``min(p, H) - W < C``) or there is no window (``W = 0``). It never decreases with ``p``."""
+    start = _min(p, history) - max_attn_len
+    return _as_int((max_attn_len > 0) & (start >= num_contexts)) * start
+
+
+def window_keep(p: Any, j: Any, history: Any, num_contexts: Any, max_attn_len: Any) -> Any:
+    """Whether query ``p`` sees *history* key ``j`` with contexts/window: causal from its
+    :func:`window_start` on, a context row (``p < C``) the whole history. (A target row's own
+    key is not a history key; it always sees it.)"""
+    seen = (j <= p) | (p < num_contexts)
+    return seen & (j >= window_start(p, history, num_contexts, max_attn_len)) & (j < history)
+
+
+def window_tile_range(
+    p0: Any, p1: Any, history: Any, num_contexts: Any, max_attn_len: Any, block_n: int
+) -> tuple:
+    """``(first, end)``: the history key tiles ``[first, end)`` the q-tile with query
+    positions ``[p0, p1)`` visits with contexts/window. They start at the first row's window
+    (later rows' windows start no earlier) and end at the last history key of the last row, or
+    at the end of the history for a q-tile holding a context row (``p0 < C``). Every other
+    history tile has no key any row of the q-tile sees."""
+    first = window_start(p0, history, num_contexts, max_attn_len) // block_n
+    last = _min(history, p1)  # keys before it: the causal end of the q-tile's rows
+    last = last + _as_int(p0 < num_contexts) * (history - last)
+    return first, _max((last + block_n - 1) // block_n, first)
+
+
+def window_tile_is_full(
+    n_block: Any, block_n: int, p0: Any, p_last: Any, history: Any, num_contexts: Any,
+    max_attn_len: Any,
+) -> Any:  # fmt: skip
+    """True when every pair of q-tile rows ``[p0, p_last]`` x history tile ``n_block`` is kept
+    by :func:`window_keep`: :func:`tile_is_full`, and the tile starts at or after the last
+    row's window start (the latest of the q-tile's)."""
+    start = window_start(p_last, history, num_contexts, max_attn_len)
+    return tile_is_full(n_block, block_n, p0, history) & (n_block * block_n >= start)
+
+
 def keep(p: Any, j: Any, history: Any) -> Any:
     """The HSTU mask (contexts/window absent): causal history, targets see history + self."""
     return ((j <= p) & (j < history)) | (j == p)
@@ -189,6 +246,23 @@ def classify_tile(p0: int, p1: int, j0: int, j1: int, history: int, total: int) 
     if all(pairs) and j1 <= total:
         return "full"
     return "partial"
+
+
+def mask_tile_window_(
+    acc_mn: Any, coords_mn: Any, p_base: Any, j_base: Any, history: Any, num_contexts: Any,
+    max_attn_len: Any,
+) -> None:  # fmt: skip
+    """:func:`mask_tile_` with contexts/window: zero what :func:`window_keep` drops (history
+    keys only)."""
+    import cutlass
+    import cutlass.cute as cute
+
+    for r in range(cute.size(acc_mn, mode=[0])):
+        p = p_base + coords_mn[r, 0][0]
+        for c in range(cute.size(acc_mn, mode=[1])):
+            j = j_base + coords_mn[0, c][1]
+            kept = window_keep(p, j, history, num_contexts, max_attn_len)
+            acc_mn[r, c] = cutlass.select_(kept, acc_mn[r, c], cutlass.Float32(0.0))
 
 
 def page_slot(j: Any, page_size: int) -> tuple:

@@ -15,51 +15,64 @@ from hstu_kernels.types import PlannedBatch
 
 __all__ = ["make_ops"]
 
-# split_kv(device, batch, heads, max_seqlen_q, mean_pages) -> (splits, chunk_tiles, tiles)
-SplitKV = Callable[[torch.device, int, int, int, "int | None"], tuple[int, int, int]]
+# split_kv(device, batch, heads, max_seqlen_q, mean_pages, window) -> (splits, chunk_tiles, tiles)
+SplitKV = Callable[[torch.device, int, int, int, "int | None", int], tuple[int, int, int]]
 
 
 def make_ops(
     backend: str,
     family: str,
     split_kv: SplitKV | None = None,
+    mask_features: bool = False,
 ) -> tuple[dict[str, Callable], dict[str, Callable]]:
     """``(ops, planners)`` for a backend running the TMA kernel ``family`` (``"hopper"``,
     ``"blackwell"``: :mod:`tma_variants`); the paged op takes pages of exactly that family's
     page size (one page per key tile).
 
-    ``split_kv(device, batch, heads, max_seqlen_q, mean_pages)``, if given, is the kernel's
-    split-KV choice ``(splits, chunk_tiles, tiles)``: the kernel then takes ``partials,
-    tickets, chunk_tiles, unsummed`` after ``inv_scaling``; ``mean_pages`` is the mean cached
-    history in pages (from shapes only, no sync), ``None`` for the jagged op (its key range is
-    ``max_seqlen_q``). With it there is a ``paged_partials`` op too (the fp32 partials of a
-    split call, unsummed, else the output)."""
+    ``split_kv(device, batch, heads, max_seqlen_q, mean_pages, window)``, if given, is the
+    kernel's split-KV choice ``(splits, chunk_tiles, tiles)``: the kernel then takes
+    ``partials, tickets, chunk_tiles, unsummed`` after ``inv_scaling``; ``mean_pages`` is the
+    mean cached history in pages (from shapes only, no sync), ``None`` for the jagged op (its
+    key range is ``max_seqlen_q``); ``window`` is the window W bounding every q-tile's key range
+    (0: none). With it there is a ``paged_partials`` op too (the fp32 partials of a
+    split call, unsummed, else the output).
+
+    ``mask_features``: the kernel has contexts/window (a ``windowed`` variant for calls with
+    them) and takes ``num_contexts, max_attn_len`` after the split-KV arguments; without it
+    such calls are refused."""
     from hstu_kernels.backends.cutedsl import compile as cc
     from hstu_kernels.backends.cutedsl import tma_variants
 
     page_size = tma_variants.FAMILIES[family][2]
 
+    def windowed(b: PlannedBatch) -> bool:
+        return bool(b.spec.num_contexts or b.spec.max_attn_len)
+
     def kernel(b: PlannedBatch, paged: bool):
         from hstu_kernels.dispatch import device_arch
 
         return tma_variants.get_kernel(family, device_arch(b.device), b.dtype, b.head_dim,
-                                       paged=paged)  # fmt: skip
+                                       paged=paged, windowed=windowed(b))  # fmt: skip
 
     def split_args(b: PlannedBatch, mean_pages: int | None, unsummed: bool):
         """``(run-time partials shape or None, fixed args after inv_scaling)``."""
+        mask = (int(b.spec.num_contexts), int(b.spec.max_attn_len)) if mask_features else ()
         if split_kv is None:
-            return None, ()
+            return None, mask
+        # A window without contexts bounds every q-tile's key range (contexts do not: their
+        # q-tiles walk the whole history).
+        window = 0 if b.spec.num_contexts else int(b.spec.max_attn_len)
         splits, chunk_tiles, tiles = split_kv(b.device, b.batch, b.heads, b.max_seqlen,
-                                              mean_pages)  # fmt: skip
+                                              mean_pages, window)  # fmt: skip
         ticket_dummy = torch.empty((1,), dtype=torch.int32, device=b.device)
         if splits == 1:
             stand_in = torch.empty((1, 1, 1, b.head_dim), dtype=torch.float32, device=b.device)
-            return None, (stand_in, ticket_dummy, 0, 0)
+            return None, (stand_in, ticket_dummy, 0, 0, *mask)
         # The plan owns the tickets; each run zeroes them (``run_split`` below) rather than
         # trusting the previous launch to have left them at zero.
         tickets = ticket_dummy if unsummed else torch.zeros((tiles,), dtype=torch.int32,
                                                             device=b.device)  # fmt: skip
-        return splits, (None, tickets, chunk_tiles, int(unsummed))
+        return splits, (None, tickets, chunk_tiles, int(unsummed), *mask)
 
     def run_split(fn, splits: int, extra: tuple, q: torch.Tensor, *args) -> torch.Tensor:
         """Launch a split call: fresh fp32 partials, the tickets zeroed; returns the
@@ -72,7 +85,8 @@ def make_ops(
         return partials
 
     def refuse(b: PlannedBatch) -> None:
-        cc.refuse_mask_features(backend, b.spec)
+        if not mask_features:
+            cc.refuse_mask_features(backend, b.spec)
 
     def plan_jagged(b: PlannedBatch) -> Callable:
         refuse(b)

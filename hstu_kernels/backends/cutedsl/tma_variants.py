@@ -44,9 +44,14 @@ def _family(family: str) -> tuple[str, str, int]:
         raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}") from None
 
 
-def variant(family: str, torch_dtype: torch.dtype, head_dim: int, paged: bool) -> dict[str, Any]:
-    """The variant of ``family``'s kernel for one call shape under the current settings."""
+def variant(
+    family: str, torch_dtype: torch.dtype, head_dim: int, paged: bool, windowed: bool = False
+) -> dict[str, Any]:
+    """The variant of ``family``'s kernel for one call shape under the current settings;
+    ``windowed``: with contexts/window (the Hopper kernel only)."""
     _, _, page_size = _family(family)
+    if windowed and family != "hopper":
+        raise ValueError(f"{family}: no contexts/window variant")
     # SiLU through tanh.approx for bf16 (its error is far below bf16 rounding), ex2 + rcp for
     # fp16; settings.cutedsl_silu (HSTU_CUTEDSL_SILU=tanh|exp) overrides it for A/B runs.
     silu = settings.get().cutedsl_silu or ("tanh" if torch_dtype == torch.bfloat16 else "exp")
@@ -64,21 +69,23 @@ def variant(family: str, torch_dtype: torch.dtype, head_dim: int, paged: bool) -
         v["split_kv"] = True
         # The paged op's key tile is one page; the jagged op's 32 or 64 keys (A/B runs).
         v["tile_n"] = page_size if paged else jagged_tile_n()
+        v["windowed"] = windowed
     return v
 
 
-def get_kernel(family: str, arch: str, torch_dtype: torch.dtype, head_dim: int, paged: bool
-               ) -> Callable:  # fmt: skip
+def get_kernel(family: str, arch: str, torch_dtype: torch.dtype, head_dim: int, paged: bool,
+               windowed: bool = False) -> Callable:  # fmt: skip
     """The compiled kernel of one variant: from memory, from disk (no DSL import), or compiled
     now. Its arguments are those of the kernel module's ``build_variant``."""
     from hstu_kernels.backends.cutedsl import compile as cc
 
     module_name, prefix, _ = _family(family)
-    v = variant(family, torch_dtype, head_dim, paged)
+    v = variant(family, torch_dtype, head_dim, paged, windowed)
+    extra = (windowed,) if windowed else ()  # only the Hopper module takes it
 
     def build() -> tuple[Callable, tuple]:
         host_fn, built, fake_args = importlib.import_module(module_name).build_variant(
-            arch, torch_dtype, head_dim, paged
+            arch, torch_dtype, head_dim, paged, *extra
         )
         if built != v:  # the settings changed between the two reads
             raise RuntimeError(f"{family}: variant changed while compiling ({v} -> {built})")

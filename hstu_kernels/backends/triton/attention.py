@@ -660,10 +660,10 @@ class AttentionLaunch:
         keys = page_table.page_ids.numel() * page_size // max(batch, 1) if paged else max_seqlen
         kv_tiles = cdiv(max(keys, 1), config.block_n)
         windowed = bool(num_contexts or max_attn_len)
-        if max_attn_len and not num_contexts:
-            # A tile's keys span at most its rows plus the window (without contexts, whose
-            # rows see the whole history): the jagged split's fixed chunks rely on this bound.
-            kv_tiles = min(kv_tiles, cdiv(max_attn_len + config.block_m, config.block_n) + 1)
+        # The jagged split's fixed chunks rely on this bound of a windowed tile's range.
+        kv_tiles = split_kv.window_kv_tiles(
+            kv_tiles, num_contexts, max_attn_len, config.block_m, config.block_n
+        )
         if config.stream_k:
             # One program per SM over programs * kv_tiles work units; a tile's pieces are at
             # most the programs a run of kv_tiles units can touch.
