@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hstu_kernels.reference.fp8 import dequantize
 from hstu_kernels.reference.mask import hstu_mask
 from hstu_kernels.types import AttentionSpec, PageTable
 
@@ -66,14 +67,20 @@ def jagged_hstu_attention(
 
 
 def gather_history_kv(
-    kv_cache: torch.Tensor, page_table: PageTable, b: int
+    kv_cache: torch.Tensor,
+    page_table: PageTable,
+    b: int,
+    kv_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The history K and V (``[H_b, heads, D]`` each) of sequence ``b``, read from its pages."""
+    """The history K and V (``[H_b, heads, D]`` each) of sequence ``b``, read from its pages;
+    with ``kv_scales`` (an FP8 pool, :mod:`reference.fp8`) dequantised, in fp32."""
     page_size = kv_cache.shape[2]
     start, end = page_table.page_indptr[b : b + 2].tolist()
     pages = page_table.page_ids[start:end].long()
     history = (end - start - 1) * page_size + int(page_table.last_page_len[b])
     kv = kv_cache[pages]  # [n_pages, 2, page_size, heads, D]
+    if kv_scales is not None:
+        kv = dequantize(kv, kv_scales[pages])
     k = kv[:, 0].reshape(-1, *kv.shape[-2:])[:history]
     v = kv[:, 1].reshape(-1, *kv.shape[-2:])[:history]
     return k, v
@@ -88,6 +95,7 @@ def paged_hstu_attention(
     cu_seqlens_q: torch.Tensor,
     num_targets: torch.Tensor | None,
     spec: AttentionSpec,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HSTU attention of new history + target rows over a paged history cache.
 
@@ -95,6 +103,10 @@ def paged_hstu_attention(
     tokens (already appended to the cache) followed by ``num_targets[b]`` targets. History K/V
     (all ``H_b`` tokens) are read from the pages; target K/V from the target rows of
     ``k_new``/``v_new``.
+
+    ``kv_scales``: the cache is an FP8 pool (:mod:`reference.fp8`); its history K/V are
+    dequantised in fp32 and, for 16-bit queries, rounded to the queries' dtype, as a kernel
+    that dequantises in its load path feeds them to 16-bit matmuls.
     """
     offsets = cu_seqlens_q.tolist()
     batch = len(offsets) - 1
@@ -104,7 +116,9 @@ def paged_hstu_attention(
     for b, t in zip(range(batch), _targets(num_targets, batch), strict=True):
         s, e = offsets[b], offsets[b + 1]
         h, n = histories[b], e - s - t
-        k_hist, v_hist = gather_history_kv(kv_cache, page_table, b)
+        k_hist, v_hist = gather_history_kv(kv_cache, page_table, b, kv_scales)
+        if kv_scales is not None:
+            k_hist, v_hist = k_hist.to(q.dtype), v_hist.to(q.dtype)
         k = torch.cat([k_hist, k_new[s + n : e]])
         v = torch.cat([v_hist, v_new[s + n : e]])
         mask = hstu_mask(h, h + t, spec.num_contexts, spec.max_attn_len, q.device)[h - n :]
