@@ -74,7 +74,7 @@ def _pages(case):
 def _prefill(case):
     cache, scales = _fp8_pool(case)
     k, v, cu = _history_rows(case, case.histories)
-    fp8.append_kv_fp8(cache, scales, case.page_table, k, v, cu, None)
+    reference.append_kv(cache, case.page_table, k, v, cu, None, kv_scales=scales)
     return cache, scales
 
 
@@ -96,9 +96,9 @@ def test_incremental_append_is_bit_exact(page_size):
     pages = [_pages(case)[b][: -(-before[b] // page_size)] for b in cached]
     table = PageTable.from_lists(pages, [before[b] for b in cached], page_size)
     k, v, cu = _history_rows(case, [before[b] for b in cached], cached)
-    fp8.append_kv_fp8(cache, scales, table, k, v, cu, None)
-    fp8.append_kv_fp8(cache, scales, case.page_table, case.k_new, case.v_new, case.cu_q,
-                      case.num_targets)  # fmt: skip
+    reference.append_kv(cache, table, k, v, cu, None, kv_scales=scales)
+    reference.append_kv(cache, case.page_table, case.k_new, case.v_new, case.cu_q,
+                        case.num_targets, kv_scales=scales)  # fmt: skip
     assert torch.equal(_bytes(cache), _bytes(whole[0]))
     assert torch.equal(_bytes(scales), _bytes(whole[1]))
     written = ~torch.isnan(whole[1])

@@ -1,5 +1,6 @@
-"""Reference FP8 (e4m3) KV pages: the quantisation, its inverse and the append that define the
-math of an FP8 page pool (the history read: ``attention.gather_history_kv`` with scales).
+"""Reference FP8 (e4m3) KV pages: the quantisation and its inverse that define the math of an
+FP8 page pool (the append: ``kv.append_kv`` with scales; the history read:
+``attention.gather_history_kv`` with scales).
 
 An FP8 pool stores every cached K and V row as ``float8_e4m3fn`` beside one fp32 scale per
 token and head (``kv_scales [pages, 2, page_size, heads]``, index 0 = K, 1 = V, as in the
@@ -19,14 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from hstu_kernels.reference.kv import append_positions
-from hstu_kernels.types import PageTable
-
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
     "SCALE_DTYPE",
-    "append_kv_fp8",
     "dequantize",
     "quantize",
     "tokens_per_byte_ratio",
@@ -51,26 +48,6 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 ``x8 * scale`` (``x8 [..., heads, D]``, ``scale [..., heads]``)."""
     return x8.float() * scale.float()[..., None]
-
-
-def append_kv_fp8(
-    kv_cache: torch.Tensor,
-    kv_scales: torch.Tensor,
-    page_table: PageTable,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    num_targets: torch.Tensor | None,
-) -> None:
-    """The FP8 ``append_kv``: quantise the new history rows of ``k``/``v`` (:func:`quantize`)
-    and scatter them into ``kv_cache [pages, 2, page_size, heads, D]`` (e4m3) and their scales
-    into ``kv_scales [pages, 2, page_size, heads]`` (in place). Rows already cached are not
-    touched."""
-    rows, pages, slots = append_positions(page_table, kv_cache.shape[2], cu_seqlens, num_targets)
-    for i, x in enumerate((k, v)):
-        x8, scale = quantize(x[rows])
-        kv_cache[pages, i, slots] = x8
-        kv_scales[pages, i, slots] = scale
 
 
 def tokens_per_byte_ratio(head_dim: int, base: torch.dtype = torch.bfloat16) -> float:

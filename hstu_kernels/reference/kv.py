@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hstu_kernels.reference.fp8 import quantize
 from hstu_kernels.types import PageTable
 
 __all__ = ["append_kv", "append_positions"]
@@ -42,8 +43,18 @@ def append_kv(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     num_targets: torch.Tensor | None,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    """Scatter the new history rows of ``k``/``v`` into ``kv_cache`` (in place)."""
+    """Scatter the new history rows of ``k``/``v`` into ``kv_cache`` (in place).
+
+    ``kv_scales [pages, 2, page_size, heads]``: the cache is an FP8 pool (:mod:`reference.fp8`);
+    the rows are quantised (:func:`~hstu_kernels.reference.fp8.quantize`) and their scales
+    scattered beside them. Rows already cached are not touched either way."""
     rows, pages, slots = append_positions(page_table, kv_cache.shape[2], cu_seqlens, num_targets)
-    kv_cache[pages, 0, slots] = k[rows].to(kv_cache.dtype)
-    kv_cache[pages, 1, slots] = v[rows].to(kv_cache.dtype)
+    for i, x in enumerate((k, v)):
+        if kv_scales is None:
+            kv_cache[pages, i, slots] = x[rows].to(kv_cache.dtype)
+        else:
+            x8, scale = quantize(x[rows])
+            kv_cache[pages, i, slots] = x8
+            kv_scales[pages, i, slots] = scale

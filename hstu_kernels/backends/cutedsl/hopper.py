@@ -591,7 +591,7 @@ class HopperHstuForward:
             C, W = window.num_contexts, window.max_attn_len
             full = hc.window_tile_is_full(i, self.tile_n, p0, window.p_last, seq.history, C, W)
             if not full:
-                hc.mask_tile_window_(_mn_view(acc_S), cS_mn, p0, i * self.tile_n, seq.history, C, W)
+                hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * self.tile_n, seq.history, (C, W))
         elif not hc.tile_is_full(i, self.tile_n, p0, seq.history):
             hc.mask_tile_(_mn_view(acc_S), cS_mn, p0, i * self.tile_n, seq.history)
         hc.silu_scale_(acc_S, alpha, inv_scaling, self.fast_tanh)

@@ -40,7 +40,6 @@ __all__ = [
     "kv_tile_range",
     "kv_key_source",
     "mask_tile_",
-    "mask_tile_window_",
     "page_slot",
     "schedule_tile",
     "sequence_info",
@@ -248,23 +247,6 @@ def classify_tile(p0: int, p1: int, j0: int, j1: int, history: int, total: int) 
     return "partial"
 
 
-def mask_tile_window_(
-    acc_mn: Any, coords_mn: Any, p_base: Any, j_base: Any, history: Any, num_contexts: Any,
-    max_attn_len: Any,
-) -> None:  # fmt: skip
-    """:func:`mask_tile_` with contexts/window: zero what :func:`window_keep` drops (history
-    keys only)."""
-    import cutlass
-    import cutlass.cute as cute
-
-    for r in range(cute.size(acc_mn, mode=[0])):
-        p = p_base + coords_mn[r, 0][0]
-        for c in range(cute.size(acc_mn, mode=[1])):
-            j = j_base + coords_mn[0, c][1]
-            kept = window_keep(p, j, history, num_contexts, max_attn_len)
-            acc_mn[r, c] = cutlass.select_(kept, acc_mn[r, c], cutlass.Float32(0.0))
-
-
 def page_slot(j: Any, page_size: int) -> tuple:
     """``(index into the sequence's page list, offset inside the page)`` of history key ``j``
     (``page_size`` a power of two, compile-time)."""
@@ -310,8 +292,13 @@ def silu_scale_(acc: Any, alpha: Any, inv_scaling: Any, fast_tanh: bool = False)
         acc[i] = (s * alpha) * cute.arch.rcp_approx(e + 1.0) * inv_scaling
 
 
-def mask_tile_(acc_mn: Any, coords_mn: Any, p_base: Any, j_base: Any, history: Any) -> None:
-    """Zero the elements of an ``(M, N)``-viewed fp32 fragment that :func:`keep` drops.
+def mask_tile_(
+    acc_mn: Any, coords_mn: Any, p_base: Any, j_base: Any, history: Any,
+    window: tuple | None = None,
+) -> None:  # fmt: skip
+    """Zero the elements of an ``(M, N)``-viewed fp32 fragment that :func:`keep` drops, or
+    with ``window = (num_contexts, max_attn_len)`` what :func:`window_keep` drops (history keys
+    only).
 
     ``coords_mn`` is the identity-tensor partition of the same fragment (``(row, col)`` inside
     the tile); the element's query position is ``p_base + row`` and key ``j_base + col``. Apply
@@ -324,4 +311,5 @@ def mask_tile_(acc_mn: Any, coords_mn: Any, p_base: Any, j_base: Any, history: A
         p = p_base + coords_mn[r, 0][0]
         for c in range(cute.size(acc_mn, mode=[1])):
             j = j_base + coords_mn[0, c][1]
-            acc_mn[r, c] = cutlass.select_(keep(p, j, history), acc_mn[r, c], cutlass.Float32(0.0))
+            kept = keep(p, j, history) if window is None else window_keep(p, j, history, *window)
+            acc_mn[r, c] = cutlass.select_(kept, acc_mn[r, c], cutlass.Float32(0.0))
