@@ -43,7 +43,9 @@ LAYER_OPS = ("layernorm", "layernorm_mul", "project_silu", "project_silu_append"
 OPS = ATTENTION_OPS + LAYER_OPS
 # Ops a backend may add that no Request names (the public op chooses between them and ``OPS``).
 OPTIONAL_OPS = ("paged_partials",)
-FEATURES = ("contexts", "window")
+# "contexts"/"window": the mask options (DESIGN.md §1); "fp8_kv": the pool stores e4m3 pages
+# with per-token scales (hstu_kernels.reference.fp8), paged and append ops only.
+FEATURES = ("contexts", "window", "fp8_kv")
 ENV_OVERRIDE = "HSTU_KERNELS_BACKEND"
 
 
@@ -152,7 +154,7 @@ class Backend:
         from hstu_kernels.op_signatures import check_implementation
 
         for op, fn in self.ops.items():
-            check_implementation(self.name, op, fn)
+            check_implementation(self.name, op, fn, fp8_kv="fp8_kv" in self.features)
 
     def rank(self, arch: str) -> int:
         return self.priority.get(arch, self.priority.get("*", 0))
@@ -178,7 +180,8 @@ class Backend:
             return f"page size {request.page_size} not in {sorted(self.page_sizes)}"
         missing = set(request.features) - set(self.features)
         if missing:
-            return f"lacks mask features {sorted(missing)}"
+            kind = "mask features" if "fp8_kv" not in missing else "features"
+            return f"lacks {kind} {sorted(missing)}"
         if check_available:
             return self.probe(request.arch)
         return None
@@ -400,6 +403,7 @@ def explain(
     heads: int = 1,
     max_seqlen_q: int | None = None,
     partials: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> Explanation:
     """Which backend a call with these properties would get, and why (print the result).
 
@@ -408,7 +412,8 @@ def explain(
     ``batch``/``heads``/``max_seqlen_q`` give the call's size (:func:`call_size`), which a
     backend may decline as too small for it; without ``batch`` the size is unknown.
     ``partials``: a ``paged`` call whose caller sums split partials itself (the cached HSTU
-    layer's ``paged_hstu_attention_partials``).
+    layer's ``paged_hstu_attention_partials``). ``kv_dtype``: the pool's dtype for a ``paged``
+    or ``append_kv`` call, if not ``dtype`` (``torch.float8_e4m3fn``: an FP8 pool).
     """
     for name, v in (("head_dim", head_dim), ("heads", heads)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -440,6 +445,13 @@ def explain(
         features.add("contexts")
     if max_attn_len:
         features.add("window")
+    if kv_dtype is not None and kv_dtype != dtype:
+        if kv_dtype != torch.float8_e4m3fn or op not in ("paged", "append_kv"):
+            raise ValueError(
+                f"kv_dtype: expected None, {dtype} or torch.float8_e4m3fn (paged and append_kv "
+                f"only), got {kv_dtype!r} for {op}"
+            )
+        features.add("fp8_kv")
     size = None if batch is None else call_size(batch, heads, max_seqlen_q)
     request = Request(op, arch, dtype, head_dim, page_size, frozenset(features), size, partials)
     return _REGISTRY.explain(request, backend, check_available=probe)

@@ -7,6 +7,10 @@ protocols give. :func:`check_implementation` refuses, at registration, a callabl
 take that many positional arguments (``*args`` forwarding is refused too: a wrapper states the
 parameters it forwards), so a backend whose op disagrees with its contract fails where it is
 declared, not on its first call.
+
+``kv_scales`` (the paged and append ops' last parameter) is passed only for an FP8 pool, so only
+a backend declaring the ``fp8_kv`` feature must take it (``check_implementation(...,
+fp8_kv=True)``).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class PagedOp(Protocol):
         max_seqlen_q: int,
         spec: AttentionSpec,
         out: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
         /,
     ) -> None: ...
 
@@ -84,6 +89,7 @@ class PagedPartialsOp(Protocol):
         num_targets: torch.Tensor,
         max_seqlen_q: int,
         spec: AttentionSpec,
+        kv_scales: torch.Tensor | None = None,
         /,
     ) -> torch.Tensor: ...
 
@@ -99,6 +105,7 @@ class AppendKvOp(Protocol):
         v: torch.Tensor,
         cu_seqlens: torch.Tensor,
         num_targets: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
         /,
     ) -> None: ...
 
@@ -148,16 +155,23 @@ SIGNATURES: dict[str, type] = {
 }
 
 
+# the ops whose last parameter is an FP8 pool's scales
+FP8_OPS = ("paged", "paged_partials", "append_kv")
+
+
 def _arity(protocol: type) -> int:
-    return len(inspect.signature(protocol.__call__).parameters) - 1  # less ``self``
+    """The protocol's required parameters (``kv_scales``, optional, is not counted)."""
+    params = list(inspect.signature(protocol.__call__).parameters.values())[1:]  # less self
+    return sum(p.default is p.empty for p in params)
 
 
-def check_implementation(backend: str, op: str, fn: Callable) -> None:
+def check_implementation(backend: str, op: str, fn: Callable, fp8_kv: bool = False) -> None:
     """Raise ``TypeError`` if ``fn`` cannot be called as ``SIGNATURES[op]`` says (as many
-    positional arguments, no more, no fewer), or forwards ``*args``."""
+    positional arguments, no more, no fewer; with ``fp8_kv``, one more: the pool's scales),
+    or forwards ``*args``."""
     if not callable(fn):
         raise TypeError(f"{backend}: op {op!r} is not callable ({fn!r})")
-    want = _arity(SIGNATURES[op])
+    want = _arity(SIGNATURES[op]) + (1 if fp8_kv and op in FP8_OPS else 0)
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: cannot be checked

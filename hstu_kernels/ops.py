@@ -235,6 +235,7 @@ def paged_hstu_attention(
     backend: str = "auto",
     validate: bool = True,
     out: torch.Tensor | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HSTU attention of new history + target rows over a paged KV cache (DESIGN.md §1, §2).
 
@@ -249,7 +250,7 @@ def paged_hstu_attention(
     Args:
         q, k_new, v_new: ``[sum_b (N_b+T_b), heads, head_dim]``, one dtype, contiguous.
         kv_cache: ``[num_pages, 2, page_size, heads, head_dim]`` (index 0 = K, 1 = V), the
-            dtype of ``q``.
+            dtype of ``q``, or ``torch.float8_e4m3fn`` (an FP8 pool, with ``kv_scales``).
         page_table: the pages of each sequence's history, int32 tensors on ``q``'s device.
         cu_seqlens_q: int32 ``[B+1]`` row offsets of the packed query rows.
         num_targets: int32 ``[B]`` (``None``: no targets).
@@ -266,6 +267,9 @@ def paged_hstu_attention(
             manager; see the module docstring). Shapes, dtypes and devices are checked on
             every call.
         out: where to write the result (shape and dtype of ``q``); allocated if ``None``.
+        kv_scales: an FP8 pool's scales, fp32 ``[num_pages, 2, page_size, heads]``: history
+            row ``x`` is ``kv_cache[...] * kv_scales[...]`` (:mod:`hstu_kernels.reference.fp8`
+            defines the math). ``None`` for a 16-bit pool.
 
     Returns:
         ``[sum_b (N_b+T_b), heads, head_dim]`` in the dtype of ``q`` (``out`` if given).
@@ -274,14 +278,15 @@ def paged_hstu_attention(
         result = torch.ops.hstu_kernels.paged_hstu_attention(
             q, k_new, v_new, kv_cache, page_table.page_indptr, page_table.page_ids,
             page_table.last_page_len, cu_seqlens_q, num_targets, num_contexts, max_attn_len,
-            alpha, scaling_seqlen, max_seqlen_q, backend, validate,
+            alpha, scaling_seqlen, max_seqlen_q, backend, validate, kv_scales,
         )  # fmt: skip
         return result if out is None else out.copy_(result)
     plan = _paged_plan(
-        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
-        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, partials=False,
+        q, k_new, v_new, kv_cache, kv_scales, page_table, cu_seqlens_q, num_targets,
+        num_contexts, max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate,
+        partials=False,
     )  # fmt: skip
-    return plan.run(q, k_new, v_new, kv_cache, out)
+    return plan.run(q, k_new, v_new, kv_cache, out, kv_scales)
 
 
 def paged_hstu_attention_partials(
@@ -300,6 +305,7 @@ def paged_hstu_attention_partials(
     max_seqlen_q: int | None = None,
     backend: str = "auto",
     validate: bool = True,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`paged_hstu_attention`, for a caller that can sum a split KV range itself
     (internal: the cached HSTU layer sums it in its LayerNorm kernel, saving a kernel).
@@ -317,13 +323,14 @@ def paged_hstu_attention_partials(
             q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets=num_targets,
             num_contexts=num_contexts, max_attn_len=max_attn_len, alpha=alpha,
             scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q, backend=backend,
-            validate=validate,
+            validate=validate, kv_scales=kv_scales,
         ).unsqueeze(0)  # fmt: skip
     plan = _paged_plan(
-        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, num_contexts,
-        max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate, partials=True,
+        q, k_new, v_new, kv_cache, kv_scales, page_table, cu_seqlens_q, num_targets,
+        num_contexts, max_attn_len, alpha, scaling_seqlen, max_seqlen_q, backend, validate,
+        partials=True,
     )  # fmt: skip
-    return plan.run_partials(q, k_new, v_new, kv_cache)
+    return plan.run_partials(q, k_new, v_new, kv_cache, kv_scales)
 
 
 def _paged_plan(
@@ -331,6 +338,7 @@ def _paged_plan(
     k_new: Any,
     v_new: Any,
     kv_cache: Any,
+    kv_scales: Any,
     page_table: Any,
     cu_seqlens_q: Any,
     num_targets: Any,
@@ -346,7 +354,7 @@ def _paged_plan(
 ) -> PagedAttentionPlan:
     try:
         pt = page_table
-        key = _key("paged", q.shape[1], q.shape[2], q.dtype, kv_cache.shape[2],
+        key = _key("paged", q.shape[1], q.shape[2], q.dtype, kv_cache.dtype, kv_cache.shape[2],
                    _tensor_key(pt.page_indptr), _tensor_key(pt.page_ids),
                    _tensor_key(pt.last_page_len), _tensor_key(cu_seqlens_q),
                    _tensor_key(num_targets), num_contexts, max_attn_len, alpha, scaling_seqlen,
@@ -357,13 +365,14 @@ def _paged_plan(
     if entry is None:
         # the structural errors of every argument, in the order the op lists them
         val.check_packed(("q", "k_new", "v_new"), q, k_new, v_new)
-        page_size = val.check_kv_cache(kv_cache, q)
+        page_size = val.check_kv_cache(kv_cache, q, "q", kv_scales)
         val.check_offsets("cu_seqlens_q", cu_seqlens_q, q.device)
         _check_targets(num_targets, cu_seqlens_q, q.device)
         val.check_page_table(page_table, cu_seqlens_q.shape[0] - 1, q.device, page_size)
         val.check_mask_params(num_contexts, max_attn_len)
         check_served("paged", q.device, q.dtype, q.shape[2], page_size, num_contexts,
-                     max_attn_len, backend, partials)  # fmt: skip
+                     max_attn_len, backend, partials,
+                     kv_cache.dtype == val.FP8_POOL_DTYPE)  # fmt: skip
 
     def make(layout: Any) -> PagedAttentionPlan:
         return plan_paged_attention(
@@ -371,7 +380,7 @@ def _paged_plan(
             dtype=q.dtype, page_size=kv_cache.shape[2], alpha=alpha,
             scaling_seqlen=scaling_seqlen, num_contexts=num_contexts, max_attn_len=max_attn_len,
             max_seqlen_q=max_seqlen_q, backend=backend, validate=validate, layout=layout,
-            partials=partials,
+            partials=partials, kv_dtype=kv_cache.dtype,
         )  # fmt: skip
 
     meta = _Metadata(cu_seqlens_q, "cu_seqlens_q", num_targets, page_table, kv_cache.shape[2],
@@ -389,6 +398,7 @@ def append_kv(
     num_targets: torch.Tensor | None = None,
     backend: str = "auto",
     validate: bool = True,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
     """Write the new history K/V of a packed batch into their pages, in place.
 
@@ -396,17 +406,21 @@ def append_kv(
     ``N_b = len_b - num_targets[b]`` rows of sequence ``b`` are new history and go to history
     positions ``H_b-N_b .. H_b-1``, where ``H_b`` is the history length that ``page_table``
     already describes (pages allocated, ``last_page_len`` updated). Target rows are not cached.
-    ``validate`` as in :func:`paged_hstu_attention`.
+    ``validate`` as in :func:`paged_hstu_attention`. An FP8 pool (``kv_cache`` in
+    ``torch.float8_e4m3fn``, with ``kv_scales [num_pages, 2, page_size, heads]`` fp32): each
+    row is quantised with its own scale (:func:`hstu_kernels.reference.fp8.quantize`), written
+    beside it; rows already cached keep their bytes and scales.
     """
     if torch.compiler.is_compiling():
         torch.ops.hstu_kernels.append_kv(
             kv_cache, page_table.page_indptr, page_table.page_ids, page_table.last_page_len,
-            k, v, cu_seqlens, num_targets, backend, validate,
+            k, v, cu_seqlens, num_targets, backend, validate, kv_scales,
         )  # fmt: skip
         return
     try:
         pt = page_table
-        key = _key("append_kv", k.shape[1], k.shape[2], k.dtype, kv_cache.shape[2],
+        key = _key("append_kv", k.shape[1], k.shape[2], k.dtype, kv_cache.dtype,
+                   kv_cache.shape[2],
                    _tensor_key(pt.page_indptr), _tensor_key(pt.page_ids),
                    _tensor_key(pt.last_page_len), _tensor_key(cu_seqlens),
                    _tensor_key(num_targets), backend, validate)  # fmt: skip
@@ -415,22 +429,23 @@ def append_kv(
     entry = _PLANS.get(key)
     if entry is None:
         val.check_packed(("k", "v"), k, v)
-        page_size = val.check_kv_cache(kv_cache, k, "k")
+        page_size = val.check_kv_cache(kv_cache, k, "k", kv_scales)
         val.check_offsets("cu_seqlens", cu_seqlens, k.device)
         _check_targets(num_targets, cu_seqlens, k.device)
         val.check_page_table(page_table, cu_seqlens.shape[0] - 1, k.device, page_size)
-        check_served("append_kv", k.device, k.dtype, k.shape[2], page_size, 0, 0, backend)
+        check_served("append_kv", k.device, k.dtype, k.shape[2], page_size, 0, 0, backend,
+                     fp8_kv=kv_cache.dtype == val.FP8_POOL_DTYPE)  # fmt: skip
 
     def make(layout: Any) -> AppendPlan:
         return plan_append_kv(
             page_table, cu_seqlens, num_targets, heads=k.shape[1], head_dim=k.shape[2],
             dtype=k.dtype, page_size=kv_cache.shape[2], backend=backend, validate=validate,
-            layout=layout,
+            layout=layout, kv_dtype=kv_cache.dtype,
         )  # fmt: skip
 
     meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, page_table, kv_cache.shape[2],
                      k.shape[0], writes=True)  # fmt: skip
-    _cached(key, entry, validate, make, meta).run(kv_cache, k, v)
+    _cached(key, entry, validate, make, meta).run(kv_cache, k, v, kv_scales)
 
 
 # torch.library registration, so that the ops can sit inside torch.compile'd models: the
@@ -483,12 +498,13 @@ def _paged_hstu_attention_op(
     max_seqlen_q: int | None,
     backend: str,
     validate: bool = False,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return paged_hstu_attention(
         q, k_new, v_new, kv_cache, PageTable(page_indptr, page_ids, last_page_len),
         cu_seqlens_q, num_targets=num_targets, num_contexts=num_contexts,
         max_attn_len=max_attn_len, alpha=alpha, scaling_seqlen=scaling_seqlen,
-        max_seqlen_q=max_seqlen_q, backend=backend, validate=validate,
+        max_seqlen_q=max_seqlen_q, backend=backend, validate=validate, kv_scales=kv_scales,
     )  # fmt: skip
 
 
@@ -497,7 +513,7 @@ def _(q, *args):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("hstu_kernels::append_kv", mutates_args=("kv_cache",))
+@torch.library.custom_op("hstu_kernels::append_kv", mutates_args=("kv_cache", "kv_scales"))
 def _append_kv_op(
     kv_cache: torch.Tensor,
     page_indptr: torch.Tensor,
@@ -509,10 +525,11 @@ def _append_kv_op(
     num_targets: torch.Tensor | None,
     backend: str,
     validate: bool = False,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
     append_kv(
         kv_cache, PageTable(page_indptr, page_ids, last_page_len), k, v, cu_seqlens,
-        num_targets=num_targets, backend=backend, validate=validate,
+        num_targets=num_targets, backend=backend, validate=validate, kv_scales=kv_scales,
     )  # fmt: skip
 
 

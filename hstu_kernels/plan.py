@@ -67,6 +67,18 @@ def _check_shape_args(heads: object, head_dim: object, dtype: object) -> None:
         raise TypeError(f"dtype: expected one of {names}, got {dtype!r}")
 
 
+def _check_kv_dtype(kv_dtype: object, dtype: torch.dtype) -> bool:
+    """Whether the plan's pools are FP8 (``kv_dtype``: ``None``, ``dtype`` or e4m3)."""
+    if kv_dtype is None or kv_dtype == dtype:
+        return False
+    if kv_dtype == val.FP8_POOL_DTYPE:
+        return True
+    raise TypeError(
+        f"kv_dtype: expected None, {str(dtype).removeprefix('torch.')} (as dtype) or "
+        f"float8_e4m3fn (an FP8 pool), got {kv_dtype!r}"
+    )
+
+
 def _check_page_size(page_size: object) -> int:
     if not is_page_size(page_size):
         raise ValueError(f"page_size: expected a power-of-two int, got {page_size!r}")
@@ -83,11 +95,14 @@ def check_served(
     max_attn_len: int,
     backend: str,
     partials: bool = False,
+    fp8_kv: bool = False,
 ) -> Request:
     """The call's dispatcher request, its size not yet known; raises ``BackendError`` if no
     backend serves it, so that such a call is refused before its metadata is read (a sync).
-    ``num_contexts``/``max_attn_len`` must have been checked."""
+    ``num_contexts``/``max_attn_len`` must have been checked; ``fp8_kv``: an FP8 pool."""
     features = AttentionSpec(1.0, 1, num_contexts, max_attn_len).features
+    if fp8_kv:
+        features = features | {"fp8_kv"}
     request = Request(op, device_arch(device), dtype, head_dim, page_size, features,
                       partials=partials)  # fmt: skip
     _select(request, backend)
@@ -167,12 +182,15 @@ def _planner(backend: Backend, op: str) -> Callable[[PlannedBatch], Callable]:
 
         def paged(b: PlannedBatch) -> Callable:
             meta = (b.page_table, b.cu_seqlens, b.num_targets, b.max_seqlen, b.spec)
+            # (an FP8 pool's scales come last: ``*scales``)
             if op == "paged":
-                return lambda q, k, v, kv, out: impl(q, k, v, kv, *meta, out)
-            return lambda q, k, v, kv: impl(q, k, v, kv, *meta)
+                return lambda q, k, v, kv, out, *scales: impl(q, k, v, kv, *meta, out, *scales)
+            return lambda q, k, v, kv, *scales: impl(q, k, v, kv, *meta, *scales)
 
         return paged
-    return lambda b: lambda kv, k, v: impl(kv, b.page_table, k, v, b.cu_seqlens, b.num_targets)
+    return lambda b: (
+        lambda kv, k, v, *scales: impl(kv, b.page_table, k, v, b.cu_seqlens, b.num_targets, *scales)
+    )
 
 
 def _select(request: Request, backend: str) -> Backend:
@@ -272,7 +290,10 @@ class _PagedPool(_Plan):
         super().__init__(*args, **kwargs)
         b = self.batch
         self.page_size = b.page_size
+        self.kv_dtype = b.kv_dtype or b.dtype
+        self._fp8 = b.kv_dtype is not None
         self._kv_tail = (2, b.page_size, b.heads, b.head_dim)
+        self._scales_tail = (2, b.page_size, b.heads)
         ids = None if self.layout is None else self.layout.page_id_range
         self._ids = ids
         # the pool must hold the largest id; a negative id is refused at the first run
@@ -281,7 +302,7 @@ class _PagedPool(_Plan):
     def _pool_ok(self, kv: Any) -> bool:
         return (
             isinstance(kv, torch.Tensor)
-            and kv.dtype == self.dtype
+            and kv.dtype == self.kv_dtype
             and kv.get_device() == self._dev
             and kv.dim() == 5
             and kv.shape[1:] == self._kv_tail
@@ -289,8 +310,30 @@ class _PagedPool(_Plan):
             and kv.is_contiguous()
         )
 
-    def _refuse_pool(self, kv: Any, q: torch.Tensor, q_name: str) -> None:
-        page_size = val.check_kv_cache(kv, q, q_name)
+    def _scales_ok(self, scales: Any, kv: torch.Tensor) -> bool:
+        if not self._fp8:
+            return scales is None
+        return (
+            isinstance(scales, torch.Tensor)
+            and scales.dtype == torch.float32
+            and scales.get_device() == self._dev
+            and scales.dim() == 4
+            and scales.shape[0] == kv.shape[0]
+            and scales.shape[1:] == self._scales_tail
+            and scales.is_contiguous()
+        )
+
+    def _check_pool(self, kv: Any, scales: Any, q: torch.Tensor, q_name: str) -> None:
+        if not (self._pool_ok(kv) and self._scales_ok(scales, kv)):
+            self._refuse_pool(kv, scales, q, q_name)
+
+    def _refuse_pool(self, kv: Any, scales: Any, q: torch.Tensor, q_name: str) -> None:
+        page_size = val.check_kv_cache(kv, q, q_name, scales)
+        if kv.dtype != self.kv_dtype:
+            raise TypeError(
+                f"kv_cache: expected dtype {str(self.kv_dtype).removeprefix('torch.')} (the "
+                f"plan's kv_dtype), got {str(kv.dtype).removeprefix('torch.')}"
+            )
         if page_size != self.page_size:
             raise ValueError(
                 f"kv_cache: expected pages of {self.page_size} tokens (the plan's page size), "
@@ -321,7 +364,7 @@ class PagedAttentionPlan(_PagedPool):
         if partials and "paged_partials" in chosen.ops:
             self._launch_partials = _planner(chosen, "paged_partials")(batch)
 
-    def _check(self, q: Any, k_new: Any, v_new: Any, kv_cache: Any) -> None:
+    def _check(self, q: Any, k_new: Any, v_new: Any, kv_cache: Any, kv_scales: Any) -> None:
         if not (
             self._rows_ok(q)
             and self._rows_ok(k_new)
@@ -329,8 +372,7 @@ class PagedAttentionPlan(_PagedPool):
             and k_new.shape == q.shape == v_new.shape
         ):
             self._refuse(("q", "k_new", "v_new"), (q, k_new, v_new))
-        if not self._pool_ok(kv_cache):
-            self._refuse_pool(kv_cache, q, "q")
+        self._check_pool(kv_cache, kv_scales, q, "q")
 
     def run(
         self,
@@ -339,29 +381,40 @@ class PagedAttentionPlan(_PagedPool):
         v_new: torch.Tensor,
         kv_cache: torch.Tensor,
         out: torch.Tensor | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attention of this batch's rows over ``kv_cache`` (one layer's pool,
-        ``[num_pages, 2, page_size, heads, head_dim]``): ``q, k_new, v_new`` and ``out`` as in
+        ``[num_pages, 2, page_size, heads, head_dim]``, with its ``kv_scales`` if the plan's
+        ``kv_dtype`` is FP8): ``q, k_new, v_new`` and ``out`` as in
         :func:`~hstu_kernels.paged_hstu_attention`. Returns ``out`` (allocated if ``None``)."""
-        self._check(q, k_new, v_new, kv_cache)
+        self._check(q, k_new, v_new, kv_cache, kv_scales)
         out = self._out(out, q, k_new, v_new)
-        self._launch(q, k_new, v_new, kv_cache, out)
+        if self._fp8:
+            self._launch(q, k_new, v_new, kv_cache, out, kv_scales)
+        else:
+            self._launch(q, k_new, v_new, kv_cache, out)
         return out
 
     def run_partials(
-        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        kv_cache: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`run`, for a caller that sums a split KV range itself (the cached HSTU layer):
         ``[S, rows, heads, D]``, ``S >= 1`` partial outputs whose sum in order ``0 .. S-1``
         (fp32), rounded to ``q``'s dtype, is :meth:`run`'s output. Where the backend split the
         KV range they are fp32; otherwise ``S = 1`` and the one "partial" is the output itself,
         in ``q``'s dtype (see ``ops.paged_hstu_attention_partials``)."""
-        self._check(q, k_new, v_new, kv_cache)
+        self._check(q, k_new, v_new, kv_cache, kv_scales)
+        scales = (kv_scales,) if self._fp8 else ()
         if self._launch_partials is not None:
-            got = self._launch_partials(q, k_new, v_new, kv_cache)
+            got = self._launch_partials(q, k_new, v_new, kv_cache, *scales)
             return got.unsqueeze(0) if got.dim() == 3 else got
         out = torch.empty_like(q)
-        self._launch(q, k_new, v_new, kv_cache, out)
+        self._launch(q, k_new, v_new, kv_cache, out, *scales)
         return out.unsqueeze(0)
 
 
@@ -406,13 +459,22 @@ class AppendPlan(_PagedPool):
         super().__init__(batch, request, backend_arg, chosen, layout)
         self._launch = _planner(chosen, "append_kv")(batch)
 
-    def run(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this batch's new history rows of ``k``/``v`` into ``kv_cache``, in place."""
+    def run(
+        self,
+        kv_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_scales: torch.Tensor | None = None,
+    ) -> None:
+        """Write this batch's new history rows of ``k``/``v`` into ``kv_cache``, in place (an
+        FP8 pool: quantised, each row's scale into ``kv_scales``)."""
         if not (self._rows_ok(k) and self._rows_ok(v) and v.shape == k.shape):
             self._refuse(("k", "v"), (k, v))
-        if not self._pool_ok(kv_cache):
-            self._refuse_pool(kv_cache, k, "k")
-        self._launch(kv_cache, k, v)
+        self._check_pool(kv_cache, kv_scales, k, "k")
+        if self._fp8:
+            self._launch(kv_cache, k, v, kv_scales)
+        else:
+            self._launch(kv_cache, k, v)
 
 
 # --- the plan functions ---------------------------------------------------------------------
@@ -436,6 +498,7 @@ def plan_paged_attention(
     validate: bool = True,
     layout: BatchLayout | None = None,
     partials: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> PagedAttentionPlan:
     """Plan :func:`~hstu_kernels.paged_hstu_attention` for one batch; ``plan.run(q, k_new,
     v_new, kv_cache, out=None)`` then launches it (for every layer of the batch).
@@ -454,6 +517,8 @@ def plan_paged_attention(
             the layout is checked on the host, and the caller vouches that the tensors hold it.
         partials: the caller will use :meth:`PagedAttentionPlan.run_partials` (it sums split
             partials itself), which changes what is fastest.
+        kv_dtype: the pools' dtype: ``None`` or ``dtype``, or ``torch.float8_e4m3fn`` for FP8
+            pools (each run then takes the pool's ``kv_scales``).
 
     Raises:
         ValueError/TypeError naming the argument, or ``BackendError`` when no backend can
@@ -472,8 +537,9 @@ def plan_paged_attention(
     alpha = resolve_alpha(alpha, head_dim)
     missing = [n for n, x in (("max_seqlen_q", max_seqlen_q), ("scaling_seqlen", scaling_seqlen))
                if x is None]  # fmt: skip
+    fp8 = _check_kv_dtype(kv_dtype, dtype)
     unsized = check_served("paged", device, dtype, head_dim, page_size, num_contexts,
-                           max_attn_len, backend, partials)  # fmt: skip
+                           max_attn_len, backend, partials, fp8)  # fmt: skip
     layout = _layout_for(
         "plan_paged_attention", cu, "cu_seqlens_q", num_targets, page_table, page_size,
         layout=layout, validate=validate, hints_missing=missing, num_contexts=num_contexts,
@@ -488,6 +554,7 @@ def plan_paged_attention(
         "paged", device, dtype, heads, head_dim, nbatch,
         None if layout is None else layout.rows, cu, num_targets, max_seqlen_q,
         AttentionSpec(alpha, scaling_seqlen, num_contexts, max_attn_len), page_table, page_size,
+        val.FP8_POOL_DTYPE if fp8 else None,
     )  # fmt: skip
     return PagedAttentionPlan(batch, request, backend, chosen, layout, partials)
 
@@ -554,16 +621,20 @@ def plan_append_kv(
     backend: str = "auto",
     validate: bool = True,
     layout: BatchLayout | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> AppendPlan:
-    """Plan :func:`~hstu_kernels.append_kv` for one batch; ``plan.run(kv_cache, k, v)`` then
-    writes each layer's new history K/V. Arguments as :func:`plan_paged_attention`."""
+    """Plan :func:`~hstu_kernels.append_kv` for one batch; ``plan.run(kv_cache, k, v,
+    kv_scales=None)`` then writes each layer's new history K/V. Arguments as
+    :func:`plan_paged_attention`."""
     _check_shape_args(heads, head_dim, dtype)
     page_size = _check_page_size(page_size)
     device = val.check_offsets("cu_seqlens", cu_seqlens, None).device
     nbatch = cu_seqlens.shape[0] - 1
     page_table = val.check_page_table(page_table, nbatch, device, page_size)
     num_targets = val.check_num_targets(num_targets, nbatch, device)
-    request = Request("append_kv", device_arch(device), dtype, head_dim, page_size)
+    fp8 = _check_kv_dtype(kv_dtype, dtype)
+    request = Request("append_kv", device_arch(device), dtype, head_dim, page_size,
+                      frozenset({"fp8_kv"}) if fp8 else frozenset())  # fmt: skip
     chosen = _select(request, backend)
     layout = _layout_for(
         "plan_append_kv", cu_seqlens, "cu_seqlens", num_targets, page_table, page_size,
@@ -573,6 +644,6 @@ def plan_append_kv(
     batch = PlannedBatch(
         "append_kv", device, dtype, heads, head_dim, nbatch,
         None if layout is None else layout.rows, cu_seqlens, num_targets, max_rows, None,
-        page_table, page_size,
+        page_table, page_size, val.FP8_POOL_DTYPE if fp8 else None,
     )  # fmt: skip
     return AppendPlan(batch, request, backend, chosen, layout)

@@ -198,6 +198,47 @@ def check_paged_backend(
     assert_hstu_close(out, ref32, ref_lowp)
 
 
+def fp8_pool(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 pool holding ``kv_cache`` quantised per token and head (:mod:`reference.fp8`),
+    and its scales; slots that hold NaN (no history) stay NaN in both."""
+    from hstu_kernels.reference import fp8
+
+    x8, scales = fp8.quantize(kv_cache.float())
+    unused = torch.isnan(kv_cache).any(dim=-1)
+    return x8, scales.masked_fill(unused, float("nan"))
+
+
+def check_paged_fp8_backend(
+    case: PagedCase,
+    dtype: torch.dtype,
+    backend: str,
+    num_contexts: int = 0,
+    max_attn_len: int = 0,
+) -> None:
+    """``paged_hstu_attention`` on ``backend`` in ``dtype`` over an FP8 pool of ``case``'s
+    cache (:func:`fp8_pool`; output poisoned first), against the reference over the same
+    quantised pool by the DESIGN.md §5 rule (fp32 reference: dequantised fp32 history; the
+    ``dtype`` one rounds it to ``dtype``, as a 16-bit kernel's matmuls take it)."""
+    from hstu_kernels.ops import paged_hstu_attention
+
+    kv8, scales = fp8_pool(case.kv_cache)
+    spec = case.spec(num_contexts, max_attn_len)
+
+    def ref(t: torch.dtype) -> torch.Tensor:
+        q, k, v = (x.to(t) for x in (case.q, case.k_new, case.v_new))
+        return reference.paged_hstu_attention(
+            q, k, v, kv8, case.page_table, case.cu_q, case.num_targets, spec, scales
+        )
+
+    q, k_new, v_new = (t.to(dtype) for t in (case.q, case.k_new, case.v_new))
+    out = paged_hstu_attention(
+        q, k_new, v_new, kv8, case.page_table, case.cu_q, num_targets=case.num_targets,
+        scaling_seqlen=case.max_total, backend=backend, out=poisoned_like(q),
+        num_contexts=num_contexts, max_attn_len=max_attn_len, kv_scales=scales,
+    )  # fmt: skip
+    assert_hstu_close(out, ref(torch.float32), ref(dtype))
+
+
 def check_jagged_backend(
     case: PagedCase,
     dtype: torch.dtype,

@@ -337,6 +337,8 @@ class PlannedBatch:
     of q/k/v (``None`` when the values were not read: then any count is accepted);
     ``max_seqlen`` bounds the rows of one sequence (query rows for paged calls); ``spec`` is
     ``None`` for ``append_kv``; ``page_table`` and ``page_size`` are ``None`` for jagged calls.
+    ``kv_dtype`` is the pool's dtype where it is not ``dtype`` (``torch.float8_e4m3fn``: an FP8
+    pool, whose runs get its scales as one more argument), else ``None``.
     """
 
     op: str
@@ -352,6 +354,7 @@ class PlannedBatch:
     spec: AttentionSpec | None = None
     page_table: PageTable | None = None
     page_size: int | None = None
+    kv_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)

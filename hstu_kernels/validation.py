@@ -14,6 +14,9 @@ import torch
 from hstu_kernels.types import BatchLayout, PageTable, check_page_table_values
 
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# An FP8 pool (e4m3 pages with fp32 scales per token and head) serves any attention dtype.
+FP8_POOL_DTYPE = torch.float8_e4m3fn
+POOL_DTYPES = (*ATTENTION_DTYPES, FP8_POOL_DTYPE)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -79,13 +82,16 @@ def check_num_targets(num_targets: object, batch: int, device: torch.device) -> 
     return nt
 
 
-def check_kv_cache(kv_cache: object, q: torch.Tensor, q_name: str = "q") -> int:
-    """``[num_pages, 2, page_size, heads, head_dim]`` matching ``q``; returns the page size."""
-    kv = check_tensor("kv_cache", kv_cache, ndim=5, dtypes=ATTENTION_DTYPES, device=q.device)
-    if kv.dtype != q.dtype:
+def check_kv_cache(
+    kv_cache: object, q: torch.Tensor, q_name: str = "q", kv_scales: object = None
+) -> int:
+    """``[num_pages, 2, page_size, heads, head_dim]`` matching ``q`` (its dtype, or an FP8 pool
+    with ``kv_scales``: :func:`check_kv_scales`); returns the page size."""
+    kv = check_tensor("kv_cache", kv_cache, ndim=5, dtypes=POOL_DTYPES, device=q.device)
+    if kv.dtype != q.dtype and kv.dtype != FP8_POOL_DTYPE:
         raise TypeError(
-            f"kv_cache: expected dtype {_dtype_name(q.dtype)} (as {q_name}), "
-            f"got {_dtype_name(kv.dtype)}"
+            f"kv_cache: expected dtype {_dtype_name(q.dtype)} (as {q_name}) or "
+            f"{_dtype_name(FP8_POOL_DTYPE)} (an FP8 pool), got {_dtype_name(kv.dtype)}"
         )
     _, two, page_size, heads, head_dim = kv.shape
     if two != 2:
@@ -101,7 +107,33 @@ def check_kv_cache(kv_cache: object, q: torch.Tensor, q_name: str = "q") -> int:
         raise ValueError(f"kv_cache: expected a power-of-two page size, got {page_size}")
     if kv.shape[0] < 1:
         raise ValueError("kv_cache: expected at least one page, got 0")
+    check_kv_scales(kv_scales, kv)
     return page_size
+
+
+def check_kv_scales(kv_scales: object, kv_cache: torch.Tensor) -> None:
+    """An FP8 pool's scales: fp32 ``[num_pages, 2, page_size, heads]`` beside it, contiguous
+    (:mod:`hstu_kernels.reference.fp8`); a 16-bit pool has none."""
+    if kv_cache.dtype != FP8_POOL_DTYPE:
+        if kv_scales is not None:
+            raise ValueError(
+                f"kv_scales: given for a {_dtype_name(kv_cache.dtype)} pool (only an FP8 pool, "
+                f"{_dtype_name(FP8_POOL_DTYPE)}, has scales)"
+            )
+        return
+    if kv_scales is None:
+        raise ValueError(
+            "kv_scales: an FP8 pool needs its scales, fp32 [num_pages, 2, page_size, heads]"
+        )
+    s = check_tensor(
+        "kv_scales", kv_scales, ndim=4, dtypes=(torch.float32,), device=kv_cache.device
+    )
+    want = tuple(kv_cache.shape[:4])
+    if tuple(s.shape) != want:
+        raise ValueError(
+            f"kv_scales: expected shape {want} ([num_pages, 2, page_size, heads] of kv_cache), "
+            f"got {tuple(s.shape)}"
+        )
 
 
 def check_page_table(

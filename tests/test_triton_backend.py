@@ -297,7 +297,10 @@ def test_choose_splits_on_an_h100_sized_grid(monkeypatch):
 
 def test_registered_and_declares_what_it_lacks():
     backend = registry().backends["triton"]
-    assert backend.features == frozenset({"contexts", "window"})
+    assert backend.features == frozenset({"contexts", "window", "fp8_kv"})
+    for op in ("paged", "append_kv"):
+        exp = hk.explain(op, head_dim=256, kv_dtype=torch.float8_e4m3fn, arch="sm_90")
+        assert exp.choice == "triton", str(exp)  # the one GPU backend with FP8 pages
     for op in ("paged", "jagged"):
         exp = hk.explain(op, dtype=torch.float16, head_dim=64, num_contexts=4, max_attn_len=8,
                          arch="sm_89", backend="triton")  # fmt: skip

@@ -122,7 +122,7 @@ PAGED_CASES = [
         "cache dtype",
         lambda c: {"kv_cache": c.kv_cache.half()},
         TypeError,
-        r"kv_cache: expected dtype float32 \(as q\), got float16",
+        r"kv_cache: expected dtype float32 \(as q\) or float8_e4m3fn \(an FP8 pool\), got float16",
     ),
     (
         "cache not K/V",

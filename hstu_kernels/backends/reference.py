@@ -1,4 +1,4 @@
-"""The PyTorch reference as a backend: any device, any head dim, every mask feature; slow."""
+"""The PyTorch reference as a backend: any device, any head dim, every feature; slow."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ def _jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
 
 
 def _paged(
-    q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out
-):
+    q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec, out,
+    kv_scales=None,
+):  # fmt: skip
     result = reference.paged_hstu_attention(
-        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, spec
+        q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, spec, kv_scales
     )
     out.copy_(result)
 
@@ -35,7 +36,7 @@ register(
         },
         dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
         page_sizes=frozenset(2**i for i in range(4, 9)),
-        features=frozenset({"contexts", "window"}),
+        features=frozenset({"contexts", "window", "fp8_kv"}),
         priority={"*": 0},
         description="PyTorch reference (fp32 math, one sequence at a time)",
     )

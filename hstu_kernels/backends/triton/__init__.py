@@ -52,25 +52,25 @@ def _jagged(q, k, v, cu_seqlens, num_targets, max_seqlen, spec, out):
 
 
 def _paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q, spec,
-           out):  # fmt: skip
+           out, kv_scales=None):  # fmt: skip
     from hstu_kernels.backends.triton import ops
 
     ops.paged(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets, max_seqlen_q,
-              spec, out)  # fmt: skip
+              spec, out, kv_scales)  # fmt: skip
 
 
 def _paged_partials(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets,
-                    max_seqlen_q, spec):  # fmt: skip
+                    max_seqlen_q, spec, kv_scales=None):  # fmt: skip
     from hstu_kernels.backends.triton import ops
 
     return ops.paged_partials(q, k_new, v_new, kv_cache, page_table, cu_seqlens_q, num_targets,
-                              max_seqlen_q, spec)  # fmt: skip
+                              max_seqlen_q, spec, kv_scales)  # fmt: skip
 
 
-def _append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets):
+def _append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets, kv_scales=None):
     from hstu_kernels.backends.triton import ops
 
-    ops.append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets)
+    ops.append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets, kv_scales)
 
 
 def _layernorm(x, weight, bias, eps):
@@ -139,7 +139,9 @@ register(
         dtypes=frozenset({torch.bfloat16, torch.float16, torch.float32}),
         head_dims=frozenset({64, 128, 256}),
         page_sizes=frozenset(2**i for i in range(4, 9)),
-        features=frozenset({"contexts", "window"}),
+        # fp8_kv: e4m3 pages read through pointer loads (a 16-bit matmul of the stored codes,
+        # scales in fp32) and written by a quantising append; run on an H200 (sm_90).
+        features=frozenset({"contexts", "window", "fp8_kv"}),
         # The Ampere/Ada default, and on Hopper too: measured faster than cutedsl-ampere (10)
         # on an H100 in every bench case (bench/results/h100-80gb-hbm3.json). On Blackwell a
         # fallback below the DSL kernels (unmeasured); on the CPU interpreter below the

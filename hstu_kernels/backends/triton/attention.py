@@ -145,16 +145,22 @@ def _history_tile(
     offs_d,
     row_lo,
     row_ctx,
+    S_BASE,
+    stride_kv,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_SILU: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     TMA: tl.constexpr,
     WINDOWED: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """Accumulate one tile of history keys ``n .. n+BLOCK_N-1`` (at ``rows``) into ``acc``.
     ``WINDOWED``: each row sees keys from ``row_lo`` on, and a context row (``row_ctx``) the
-    whole history."""
+    whole history. ``KV_FP8``: the pages are e4m3 with one fp32 scale per token and head at
+    ``S_BASE + rows // HEAD_DIM`` (K; V ``stride_kv`` elements on), which factor out of the
+    dot products: ``q . k_j = s_j (q . k8_j)``, ``sum_j w_j v_j = sum_j (w_j t_j) v8_j``."""
     j = n + offs_n
     if TMA:
         # One tensor-memory copy per operand. Past the history, the key's weight is masked
@@ -173,7 +179,16 @@ def _history_tile(
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+    if KV_FP8:
+        # e4m3 fits 16-bit floats exactly: the matmuls see the stored codes, the scales are
+        # applied in fp32. Past the history a scale may be NaN: masked to 0 like the V rows.
+        k_scale = tl.load(S_BASE + rows // HEAD_DIM, mask=j < H, other=0.0)
+        v_scale = tl.load(S_BASE + (rows + stride_kv) // HEAD_DIM, mask=j < H, other=0.0)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if KV_FP8:
+        s = s * k_scale[None, :]
     w = _silu_weight(s, alpha, neg_alpha_log2e, FAST_SILU)
     if MASKED:
         if WINDOWED:
@@ -182,6 +197,8 @@ def _history_tile(
         else:
             valid = (j[None, :] <= pos[:, None]) & (j < H)[None, :]
         w = tl.where(valid, w, 0.0)
+    if KV_FP8:
+        w = w * v_scale[None, :]
     return tl.dot(w.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
 
 
@@ -209,6 +226,8 @@ def _history_range(
     offs_d,
     row_lo,
     row_ctx,
+    S_BASE,
+    stride_kv,
     MASKED: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -218,6 +237,8 @@ def _history_range(
     PREFETCH: tl.constexpr,
     TMA: tl.constexpr,
     WINDOWED: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """Accumulate history key tiles ``lo, lo+BLOCK_N, .. < hi``.
 
@@ -236,8 +257,8 @@ def _history_range(
             )  # fmt: skip
             acc = _history_tile(
                 acc, q, n, rows, pos, H, K_BASE, V_BASE, KV_DESC, desc_col, alpha,
-                neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, MASKED, DOT_PRECISION,
-                FAST_SILU, PAGE_SIZE, TMA, WINDOWED,
+                neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, S_BASE, stride_kv, MASKED,
+                DOT_PRECISION, FAST_SILU, PAGE_SIZE, TMA, WINDOWED, KV_FP8, HEAD_DIM,
             )  # fmt: skip
             rows = rows_next
     else:
@@ -248,8 +269,8 @@ def _history_range(
             )  # fmt: skip
             acc = _history_tile(
                 acc, q, n, rows, pos, H, K_BASE, V_BASE, KV_DESC, desc_col, alpha,
-                neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, MASKED, DOT_PRECISION,
-                FAST_SILU, PAGE_SIZE, TMA, WINDOWED,
+                neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, S_BASE, stride_kv, MASKED,
+                DOT_PRECISION, FAST_SILU, PAGE_SIZE, TMA, WINDOWED, KV_FP8, HEAD_DIM,
             )  # fmt: skip
     return acc
 
@@ -289,6 +310,7 @@ def _attend_tile(
     chunk_tiles,
     num_contexts,
     max_attn_len,
+    KV_SCALES,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -302,6 +324,7 @@ def _attend_tile(
     STREAM_K: tl.constexpr,
     TMA: tl.constexpr,
     WINDOWED: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Query tile ``m_tile`` of (sequence, head) ``pid_hb``: piece ``split`` of ``splits``.
 
@@ -393,26 +416,28 @@ def _attend_tile(
         k_base = K
         v_base = V
     desc_col = h * HEAD_DIM
+    s_base = KV_SCALES + h  # (FP8 pools) the scales' [pages, 2, page_size, heads] at head h
     if WINDOWED:
         # Keys below every row's window start: masked.
         acc = _history_range(
             acc, q, lo, tl.minimum(end, lo_full), pos, H, k_base, v_base, KV_DESC, desc_col,
             PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
-            neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, True, PAGED, PAGE_SIZE, BLOCK_N,
-            DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED,
+            neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, s_base, stride_kv, True, PAGED,
+            PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED, KV_FP8,
+            HEAD_DIM,
         )  # fmt: skip
         lo = tl.maximum(lo, lo_full)
     acc = _history_range(
         acc, q, lo, tl.minimum(end, full_end), pos, H, k_base, v_base, KV_DESC, desc_col,
         PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
-        neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, False, PAGED, PAGE_SIZE, BLOCK_N,
-        DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED,
+        neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, s_base, stride_kv, False, PAGED,
+        PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED, KV_FP8, HEAD_DIM,
     )  # fmt: skip
     acc = _history_range(
         acc, q, tl.maximum(lo, full_end), end, pos, H, k_base, v_base, KV_DESC, desc_col,
         PAGE_IDS, page_start, row_base, stride_tok, stride_page, stride_slot, alpha,
-        neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, True, PAGED, PAGE_SIZE, BLOCK_N,
-        DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED,
+        neg_alpha_log2e, offs_n, offs_d, row_lo, row_ctx, s_base, stride_kv, True, PAGED,
+        PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_SILU, PREFETCH, TMA, WINDOWED, KV_FP8, HEAD_DIM,
     )  # fmt: skip
 
     # Target keys: each target row sees only itself, so visit only this tile's own targets.
@@ -490,6 +515,7 @@ def _hstu_fwd_kernel(
     units,
     num_contexts,
     max_attn_len,
+    KV_SCALES,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -503,6 +529,7 @@ def _hstu_fwd_kernel(
     STREAM_K: tl.constexpr,
     TMA: tl.constexpr,
     WINDOWED: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     if STREAM_K:
         # A 1-d grid of P programs shares the num_tiles * units work units evenly: program p
@@ -552,8 +579,8 @@ def _hstu_fwd_kernel(
             TICKETS,
             stride_tok, stride_page, stride_kv, stride_slot, ws_stride_split, alpha,
             neg_alpha_log2e, out_scale, num_heads, num_m_tiles, chunk_tiles, num_contexts,
-            max_attn_len, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION, FAST_SILU,
-            PREFETCH, FIXUP, FIXUP_ROWS, STREAM_K, TMA, WINDOWED,
+            max_attn_len, KV_SCALES, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION,
+            FAST_SILU, PREFETCH, FIXUP, FIXUP_ROWS, STREAM_K, TMA, WINDOWED, KV_FP8,
         )  # fmt: skip
 
 
@@ -632,6 +659,7 @@ class AttentionLaunch:
         fast_silu: bool | None = None,
         num_contexts: int = 0,
         max_attn_len: int = 0,
+        kv_fp8: bool = False,
     ) -> None:
         if head_dim & (head_dim - 1) or head_dim < 16:
             raise ValueError(f"q: head_dim must be a power of two >= 16 for Triton, got {head_dim}")
@@ -687,7 +715,9 @@ class AttentionLaunch:
         if fast_silu is None:
             fast_silu = device.type == "cuda" and dtype != torch.float32
         item = torch.empty((), dtype=dtype).element_size()
-        self._tma = paged and tma_possible(config, page_size, heads, head_dim, item)
+        self._fp8 = paged and kv_fp8
+        # (FP8 pages load through pointers: a TMA box of e4m3 rows was not measured)
+        self._tma = paged and not kv_fp8 and tma_possible(config, page_size, heads, head_dim, item)
         precision = "ieee" if dtype == torch.float32 else "tf32"
         # Q K V KV KV_DESC | PAGE_IDS PAGE_INDPTR LAST_LEN CU NUM_TARGETS | OUT WS TICKETS |
         # strides | ws_stride_split (per row count: _launcher) | scalars
@@ -695,12 +725,13 @@ class AttentionLaunch:
             None, None, None, None, None, *meta, cu_seqlens, num_targets, None, None, None,
             heads * head_dim, *strides, None, alpha, -alpha * LOG2E, 1.0 / scaling_seqlen,
             heads, num_m_tiles, chunk_tiles, programs, kv_tiles, num_contexts, max_attn_len,
+            None if self._fp8 else cu_seqlens,  # KV_SCALES: a slot (FP8), else any pointer
         ]  # fmt: skip
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision, FAST_SILU=fast_silu,
             PREFETCH=config.prefetch, FIXUP=fixup, FIXUP_ROWS=min(config.block_m, 32),
-            STREAM_K=config.stream_k, TMA=self._tma, WINDOWED=windowed,
+            STREAM_K=config.stream_k, TMA=self._tma, WINDOWED=windowed, KV_FP8=self._fp8,
         )  # fmt: skip
         self._fixed = (args, constexprs, config.num_warps, config.num_stages, grid)
         # (main, sum) launches by row count: one, unless the plan did not know the rows
@@ -720,9 +751,9 @@ class AttentionLaunch:
         args, constexprs, warps, stages, grid = self._fixed
         args = list(args)
         args[17] = numel  # ws_stride_split
+        slots = (0, 1, 2, 3, 4, 10, 11, 12) + ((28,) if self._fp8 else ())
         return FixedLaunch(
-            _hstu_fwd_kernel, grid, args, (0, 1, 2, 3, 4, 10, 11, 12), constexprs,
-            num_warps=warps, num_stages=stages,
+            _hstu_fwd_kernel, grid, args, slots, constexprs, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     def _sum_launcher(self, numel: int) -> FixedLaunch:
@@ -740,9 +771,10 @@ class AttentionLaunch:
         kv_cache: torch.Tensor | None,
         out: torch.Tensor,
         sum_splits: bool = True,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Launch on ``q, k, v`` (whole sequences, or the paged call's new rows), the cache
-        (paged) and ``out``. Returns ``None`` once ``out`` holds the result; with
+        (paged; an FP8 one with its ``kv_scales``) and ``out``. Returns ``None`` once ``out`` holds the result; with
         ``sum_splits=False`` a launch whose even KV split would end in the sum kernel returns
         the fp32 partials ``[S, *q.shape]`` instead, ``out`` unwritten (sum them in order
         ``0 .. S-1`` and round to ``out``'s dtype)."""
@@ -771,7 +803,10 @@ class AttentionLaunch:
                     "kv_cache: the planned TMA loads need a contiguous pool with a 16-byte "
                     "aligned base (got a view with an odd offset?)"
                 )
-        main(q, k, v, kv, desc, out, ws, tickets)
+        if self._fp8:
+            main(q, k, v, kv, desc, out, ws, tickets, kv_scales)
+        else:
+            main(q, k, v, kv, desc, out, ws, tickets)
         if self._summed:
             if not sum_splits:
                 return ws
@@ -796,9 +831,10 @@ def launch(
     sum_splits: bool = True,
     num_contexts: int = 0,
     max_attn_len: int = 0,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Plan and run one attention launch with ``config`` (see :class:`AttentionLaunch`);
-    paged when ``kv_cache`` is given. ``k``/``v`` are the whole sequences (jagged) or
+    paged when ``kv_cache`` is given (an FP8 pool with ``kv_scales``). ``k``/``v`` are the whole sequences (jagged) or
     ``k_new``/``v_new`` (paged; only their target rows are read). Raises ``ValueError`` for a
     shape the kernel cannot tile."""
     total, heads, head_dim = q.shape
@@ -807,6 +843,6 @@ def launch(
         cu_seqlens=cu_seqlens, num_targets=num_targets, max_seqlen=max_seqlen, alpha=alpha,
         scaling_seqlen=scaling_seqlen, page_table=page_table,
         page_size=None if kv_cache is None else kv_cache.shape[2], fast_silu=fast_silu,
-        num_contexts=num_contexts, max_attn_len=max_attn_len,
+        num_contexts=num_contexts, max_attn_len=max_attn_len, kv_fp8=kv_scales is not None,
     )  # fmt: skip
-    return planned(q, k, v, kv_cache, out, sum_splits)
+    return planned(q, k, v, kv_cache, out, sum_splits, kv_scales)

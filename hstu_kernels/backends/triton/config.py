@@ -60,11 +60,18 @@ def _bucket(n: int) -> int:
 
 
 def tuning_key(
-    head_dim: int, dtype: torch.dtype, page_size: int | None, max_seqlen: int, batch_heads: int
+    head_dim: int,
+    dtype: torch.dtype,
+    page_size: int | None,
+    max_seqlen: int,
+    batch_heads: int,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple:
     """What a tuned config is shared by: shapes in the same power-of-two buckets of the longest
-    query range and of ``batch * heads`` (which sets the grid size) reuse it."""
-    return (head_dim, str(dtype), page_size, _bucket(max_seqlen), _bucket(batch_heads))
+    query range and of ``batch * heads`` (which sets the grid size) reuse it; an FP8 pool
+    (``kv_dtype``) tunes apart."""
+    key = (head_dim, str(dtype), page_size, _bucket(max_seqlen), _bucket(batch_heads))
+    return key if kv_dtype is None else (*key, str(kv_dtype))
 
 
 def default_config(head_dim: int, page_size: int | None, interpret: bool) -> Config:
@@ -83,8 +90,9 @@ def default_config(head_dim: int, page_size: int | None, interpret: bool) -> Con
     return Config(128, 64, 4, 3)
 
 
-def candidates(head_dim: int, page_size: int | None) -> list[Config]:
-    """The configs the autotuner times for a key (the default first)."""
+def candidates(head_dim: int, page_size: int | None, fp8: bool = False) -> list[Config]:
+    """The configs the autotuner times for a key (the default first); ``fp8`` (an FP8 pool,
+    loaded through pointers) leaves out the TMA ones."""
     out = [default_config(head_dim, page_size, False)]
     if head_dim >= 256:
         out += [Config(128, 32, 8, 2), Config(64, 64, 4, 2), Config(128, 64, 8, 2, prefetch=False)]
@@ -105,6 +113,8 @@ def candidates(head_dim: int, page_size: int | None) -> list[Config]:
         out += [Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(128, 32, 4, 4)]
     seen, unique = set(), []
     for c in out:
+        if fp8 and c.tma:
+            continue
         if c not in seen:
             seen.add(c)
             unique.append(c)

@@ -66,7 +66,8 @@ def _known_config(b: PlannedBatch, page_size: int | None) -> Config | None:
 
 
 def _key(b: PlannedBatch, page_size: int | None) -> tuple:
-    return tuning_key(b.head_dim, b.dtype, page_size, b.max_seqlen, b.batch * b.heads)
+    return tuning_key(b.head_dim, b.dtype, page_size, b.max_seqlen, b.batch * b.heads,
+                      b.kv_dtype)  # fmt: skip
 
 
 def _tune(run: Callable[[Config], object], b: PlannedBatch, page_size: int | None) -> Config:
@@ -81,7 +82,7 @@ def _tune(run: Callable[[Config], object], b: PlannedBatch, page_size: int | Non
         if known is not None:
             return known
         best, best_ms = fallback, float("inf")
-        for cfg in candidates(b.head_dim, page_size):
+        for cfg in candidates(b.head_dim, page_size, fp8=b.kv_dtype is not None):
             try:
                 ms = _time_config(run, cfg)
             except Exception as exc:  # a config that does not fit this card or shape: skipped
@@ -119,19 +120,22 @@ class _PlannedAttention:
             max_seqlen=b.max_seqlen, alpha=b.spec.alpha, scaling_seqlen=b.spec.scaling_seqlen,
             page_table=b.page_table, page_size=self.page_size,
             num_contexts=b.spec.num_contexts, max_attn_len=b.spec.max_attn_len,
+            kv_fp8=b.kv_dtype is not None,
         )  # fmt: skip
 
-    def __call__(self, q, k, v, kv_cache, out, sum_splits: bool = True) -> torch.Tensor | None:
+    def __call__(
+        self, q, k, v, kv_cache, out, kv_scales=None, sum_splits: bool = True
+    ) -> torch.Tensor | None:
         launch = self.launch
         if launch is None:
 
             def run(cfg: Config) -> object:
-                return self._plan(cfg)(q, k, v, kv_cache, out)
+                return self._plan(cfg)(q, k, v, kv_cache, out, True, kv_scales)
 
             launch = self._plan(_tune(run, self.batch, self.page_size))
             if not torch.cuda.is_current_stream_capturing():
                 self.launch = launch  # inside a capture: the default, not remembered
-        return launch(q, k, v, kv_cache, out, sum_splits)
+        return launch(q, k, v, kv_cache, out, sum_splits, kv_scales)
 
 
 def plan_jagged(b: PlannedBatch) -> Callable:
@@ -141,7 +145,7 @@ def plan_jagged(b: PlannedBatch) -> Callable:
 
 
 def plan_paged(b: PlannedBatch) -> Callable:
-    """The ``paged`` planner: ``run(q, k_new, v_new, kv_cache, out)``."""
+    """The ``paged`` planner: ``run(q, k_new, v_new, kv_cache, out[, kv_scales])``."""
     return _PlannedAttention(b)
 
 
@@ -150,24 +154,26 @@ def plan_paged_partials(b: PlannedBatch) -> Callable:
     split's fp32 partials ``[S, *q.shape]``, unsummed, else the output in ``q``'s dtype."""
     attention = _PlannedAttention(b)
 
-    def run(q, k_new, v_new, kv_cache) -> torch.Tensor:
+    def run(q, k_new, v_new, kv_cache, kv_scales=None) -> torch.Tensor:
         out = torch.empty_like(q)
-        partials = attention(q, k_new, v_new, kv_cache, out, sum_splits=False)
+        partials = attention(q, k_new, v_new, kv_cache, out, kv_scales, sum_splits=False)
         return out if partials is None else partials
 
     return run
 
 
 def plan_append_kv(b: PlannedBatch) -> Callable:
-    """The ``append_kv`` planner: ``run(kv_cache, k, v)``."""
+    """The ``append_kv`` planner: ``run(kv_cache, k, v[, kv_scales])``."""
     return _append.AppendLaunch(b.page_table, b.cu_seqlens, b.num_targets, b.rows, b.heads,
-                                b.head_dim, b.page_size)  # fmt: skip
+                                b.head_dim, b.page_size, fp8=b.kv_dtype is not None)  # fmt: skip
 
 
-def _planned_batch(op, q, cu, nt, max_seqlen, spec, page_table=None, page_size=None):
+def _planned_batch(op, q, cu, nt, max_seqlen, spec, page_table=None, page_size=None,
+                   kv_scales=None):  # fmt: skip
     heads, head_dim = q.shape[1], q.shape[2]
+    kv_dtype = None if kv_scales is None else torch.float8_e4m3fn
     return PlannedBatch(op, q.device, q.dtype, heads, head_dim, cu.shape[0] - 1, q.shape[0], cu,
-                        nt, max_seqlen, spec, page_table, page_size)  # fmt: skip
+                        nt, max_seqlen, spec, page_table, page_size, kv_dtype)  # fmt: skip
 
 
 def jagged(
@@ -197,11 +203,12 @@ def paged(
     max_seqlen_q: int,
     spec: AttentionSpec,
     out: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
     """Paged (delta) HSTU attention (the dispatcher's ``paged`` op): plan, then run once."""
     b = _planned_batch("paged", q, cu_seqlens_q, num_targets, max_seqlen_q, spec, page_table,
-                       kv_cache.shape[2])  # fmt: skip
-    plan_paged(b)(q, k_new, v_new, kv_cache, out)
+                       kv_cache.shape[2], kv_scales)  # fmt: skip
+    plan_paged(b)(q, k_new, v_new, kv_cache, out, kv_scales)
 
 
 def paged_partials(
@@ -214,11 +221,12 @@ def paged_partials(
     num_targets: torch.Tensor,
     max_seqlen_q: int,
     spec: AttentionSpec,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`paged` without ``out`` (the dispatcher's optional ``paged_partials`` op)."""
     b = _planned_batch("paged", q, cu_seqlens_q, num_targets, max_seqlen_q, spec, page_table,
-                       kv_cache.shape[2])  # fmt: skip
-    return plan_paged_partials(b)(q, k_new, v_new, kv_cache)
+                       kv_cache.shape[2], kv_scales)  # fmt: skip
+    return plan_paged_partials(b)(q, k_new, v_new, kv_cache, kv_scales)
 
 
 def append_kv(
@@ -228,6 +236,8 @@ def append_kv(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     num_targets: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    """Scatter new history K/V into the pages (the dispatcher's ``append_kv`` op)."""
-    _append.append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets)
+    """Scatter new history K/V into the pages (the dispatcher's ``append_kv`` op; an FP8 pool
+    quantised, with its ``kv_scales``)."""
+    _append.append_kv(kv_cache, page_table, k, v, cu_seqlens, num_targets, kv_scales)
