@@ -29,6 +29,7 @@ from hstu_kernels.kvcache.allocator import PageAllocator
 from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata, check_padding
 from hstu_kernels.kvcache.transfer import TransferEngine
 from hstu_kernels.types import check_device, check_storage_dtype
+from hstu_kernels.validation import FP8_POOL_DTYPE
 
 __all__ = ["CacheSnapshot", "KVCacheConfig", "KVCacheError", "KVCacheManager"]
 
@@ -50,7 +51,11 @@ class KVCacheConfig:
 
     ``num_pages`` device pages per layer, one of which (page 0) is reserved as the dummy page
     that CUDA-graph padding rows attend to. ``host_pages``: pages of the pinned host pool that
-    evicted users are offloaded to (0: evicted users are dropped).
+    evicted users are offloaded to (0: evicted users are dropped). ``dtype``: the model's K/V
+    (the attention inputs); ``kv_dtype``: how the pool stores them, ``None`` as ``dtype``, or
+    ``torch.float8_e4m3fn``: an FP8 pool, e4m3 pages with one fp32 scale per token and head
+    beside them (:mod:`hstu_kernels.reference.fp8`; 1.97x the tokens of a bf16 pool in the same
+    bytes at head dim 256, scales included).
     """
 
     num_layers: int
@@ -61,6 +66,17 @@ class KVCacheConfig:
     dtype: torch.dtype = torch.bfloat16
     device: torch.device | str = "cuda"
     host_pages: int = 0
+    kv_dtype: torch.dtype | None = None
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the pool stores e4m3 pages with scales."""
+        return self.kv_dtype is not None and self.kv_dtype != self.dtype
+
+    @property
+    def pool_dtype(self) -> torch.dtype:
+        """The dtype of the pool's pages."""
+        return self.kv_dtype or self.dtype
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_pages", "page_size", "heads", "head_dim"):
@@ -74,6 +90,11 @@ class KVCacheConfig:
         if not isinstance(self.host_pages, int) or self.host_pages < 0:
             raise ValueError(f"host_pages: expected an int >= 0, got {self.host_pages!r}")
         check_storage_dtype(self.dtype)
+        if self.kv_dtype not in (None, self.dtype, FP8_POOL_DTYPE):
+            raise TypeError(
+                f"kv_dtype: expected None, the dtype ({self.dtype}) or torch.float8_e4m3fn, "
+                f"got {self.kv_dtype!r}"
+            )
         device = check_device("device", self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
@@ -108,7 +129,9 @@ class CacheSnapshot:
 
 
 class KVCacheManager:
-    """Paged KV cache of a whole model: ``pool [num_layers, num_pages, 2, page_size, heads, D]``.
+    """Paged KV cache of a whole model: ``pool [num_layers, num_pages, 2, page_size, heads, D]``
+    (an FP8 pool: with ``scales [num_layers, num_pages, 2, page_size, heads]`` fp32 beside it;
+    pages and their scales always move together).
 
     Users are identified by any hashable id. A user is *on the device* (pages in ``pool``),
     *offloaded* (pages in the host pool) or unknown. Methods that change state take effect in
@@ -123,16 +146,24 @@ class KVCacheManager:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         shape = (c.num_layers, c.num_pages, 2, c.page_size, c.heads, c.head_dim)
-        self.pool = torch.zeros(shape, dtype=c.dtype, device=device)
+        self.pool = torch.zeros(shape, dtype=c.pool_dtype, device=device)
+        # (scale 1 on unwritten slots: the dummy page reads as zeros, as a 16-bit pool's does)
+        self.scales = torch.ones(shape[:-1], device=device) if c.fp8 else None
         self.host_pool: torch.Tensor | None = None
+        self.host_scales: torch.Tensor | None = None
         self.host_allocator: PageAllocator | None = None
         if c.host_pages:
             host_shape = (c.num_layers, c.host_pages, *shape[2:])
             pin = device.type == "cuda"
-            self.host_pool = torch.zeros(host_shape, dtype=c.dtype, pin_memory=pin)
+            self.host_pool = torch.zeros(host_shape, dtype=c.pool_dtype, pin_memory=pin)
+            if c.fp8:
+                self.host_scales = torch.ones(host_shape[:-1], pin_memory=pin)
             self.host_allocator = PageAllocator(c.host_pages)
         self.allocator = PageAllocator(c.num_pages, reserved=[DUMMY_PAGE])
-        self.transfers = TransferEngine(self.pool, self.host_pool)
+        planes = [(self.pool, self.host_pool)]
+        if c.fp8:
+            planes.append((self.scales, self.host_scales))
+        self.transfers = TransferEngine(planes)
         self._users: OrderedDict[Hashable, _User] = OrderedDict()  # least recently used first
         # Counts the calls that changed users or pages (prepare, evict, drop, clear): a
         # rollback undoes one prepare, and refuses a snapshot older than that.
@@ -159,6 +190,17 @@ class KVCacheManager:
     def layer_cache(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s cache ``[num_pages, 2, page_size, heads, D]`` (a view)."""
         return self.pool[self._check_layer(layer)]
+
+    def layer_scales(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s scales ``[num_pages, 2, page_size, heads]`` (a view) for an FP8
+        pool (the ops' ``kv_scales``), ``None`` for a 16-bit one."""
+        layer = self._check_layer(layer)
+        return None if self.scales is None else self.scales[layer]
+
+    @property
+    def kv_dtype(self) -> torch.dtype | None:
+        """The plans' ``kv_dtype``: ``torch.float8_e4m3fn`` for an FP8 pool, else ``None``."""
+        return self.config.pool_dtype if self.config.fp8 else None
 
     def cached_length(self, user_id: Hashable) -> int:
         """History tokens cached for ``user_id`` (on the device or offloaded); 0 if unknown."""

@@ -22,10 +22,14 @@ __all__ = ["TransferEngine"]
 
 
 class TransferEngine:
-    """Issues page copies between ``device_pool`` and ``host_pool`` (both
-    ``[num_layers, pages, 2, page_size, heads, D]``)."""
+    """Issues page copies between the device pools and the host pools of ``planes``: pairs
+    ``(device_pool, host_pool)`` indexed ``[num_layers, pages, ...]`` alike (the K/V pages
+    ``[..., 2, page_size, heads, D]``, and an FP8 pool's scales ``[..., 2, page_size,
+    heads]``), whose pages are always copied together."""
 
-    def __init__(self, device_pool: torch.Tensor, host_pool: torch.Tensor | None) -> None:
+    def __init__(self, planes: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        self.planes = [(d, h) for d, h in planes]
+        device_pool, host_pool = self.planes[0]
         self.device_pool = device_pool
         self.host_pool = host_pool
         self.num_layers = device_pool.shape[0]
@@ -81,11 +85,10 @@ class TransferEngine:
                 idx = self._index(off_dev)
                 runs = page_runs(list(range(len(off_host))), off_host)
                 for layer in range(self.num_layers):
-                    staging = self.device_pool[layer].index_select(0, idx)
-                    for s, d, n in runs:
-                        self.host_pool[layer, d : d + n].copy_(
-                            staging[s : s + n], non_blocking=True
-                        )
+                    for device_pool, host_pool in self.planes:
+                        staging = device_pool[layer].index_select(0, idx)
+                        for s, d, n in runs:
+                            host_pool[layer, d : d + n].copy_(staging[s : s + n], non_blocking=True)
                     self.offload_done[layer].record(self.offload_stream)
         with torch.cuda.stream(self.onload_stream):
             self.onload_stream.wait_stream(cur)
@@ -95,27 +98,26 @@ class TransferEngine:
             for layer in range(self.num_layers):
                 # Always: a page freed by an earlier call's offload may be written now.
                 self.onload_stream.wait_event(self.offload_done[layer])
-                if on_dev:
+                for device_pool, host_pool in self.planes if on_dev else ():
                     staging = torch.empty(
-                        (len(on_dev), *self.device_pool.shape[2:]),
-                        dtype=self.device_pool.dtype,
-                        device=self.device_pool.device,
+                        (len(on_dev), *device_pool.shape[2:]),
+                        dtype=device_pool.dtype,
+                        device=device_pool.device,
                     )
                     for s, h, n in runs:
-                        staging[s : s + n].copy_(
-                            self.host_pool[layer, h : h + n], non_blocking=True
-                        )
-                    self.device_pool[layer].index_copy_(0, idx, staging)
+                        staging[s : s + n].copy_(host_pool[layer, h : h + n], non_blocking=True)
+                    device_pool[layer].index_copy_(0, idx, staging)
                 self.layer_ready[layer].record(self.onload_stream)
             self.onload_done.record(self.onload_stream)
 
     def _copy_sync(
         self, off_dev: list[int], off_host: list[int], on_host: list[int], on_dev: list[int]
     ) -> None:
-        if off_dev:
-            self.host_pool[:, off_host] = self.device_pool[:, off_dev].to(self.host_pool.device)
-        if on_dev:
-            self.device_pool[:, on_dev] = self.host_pool[:, on_host].to(self.device_pool.device)
+        for device_pool, host_pool in self.planes:
+            if off_dev:
+                host_pool[:, off_host] = device_pool[:, off_dev].to(host_pool.device)
+            if on_dev:
+                device_pool[:, on_dev] = host_pool[:, on_host].to(device_pool.device)
 
     def pending(self) -> bool:
         """Whether an issued copy may still be running. ``onload_done`` is recorded after

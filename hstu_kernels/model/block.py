@@ -96,8 +96,16 @@ class HSTUBlock(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].uvqk_weight.device
 
-    def make_cache(self, num_pages: int, page_size: int, *, host_pages: int = 0) -> KVCacheManager:
-        """A KV cache shaped for this block (``num_pages`` per layer, page 0 reserved)."""
+    def make_cache(
+        self,
+        num_pages: int,
+        page_size: int,
+        *,
+        host_pages: int = 0,
+        kv_dtype: torch.dtype | None = None,
+    ) -> KVCacheManager:
+        """A KV cache shaped for this block (``num_pages`` per layer, page 0 reserved;
+        ``kv_dtype=torch.float8_e4m3fn``: an FP8 pool, see :class:`KVCacheConfig`)."""
         return KVCacheManager(
             KVCacheConfig(
                 num_layers=self.num_layers,
@@ -108,6 +116,7 @@ class HSTUBlock(nn.Module):
                 dtype=self.dtype,
                 device=self.device,
                 host_pages=host_pages,
+                kv_dtype=kv_dtype,
             )
         )
 
@@ -185,7 +194,7 @@ class HSTUBlock(nn.Module):
                 f"cache: has {cache.config.num_layers} layers, the block {self.num_layers}"
             )
         if plans is None and not torch.compiler.is_compiling():
-            plans = self.plan_cached(meta, max_seqlen_q=max_seqlen_q)
+            plans = self.plan_cached(meta, max_seqlen_q=max_seqlen_q, kv_dtype=cache.kv_dtype)
         outs = []
         for i, layer in enumerate(self.layers):
             if wait_for_pages:
@@ -199,15 +208,23 @@ class HSTUBlock(nn.Module):
                 backend=self.backend,
                 inplace=_residual_in_place(i, return_all, overwrite_x),
                 plans=plans,
+                kv_scales=cache.layer_scales(i),
             )
             outs.append(x)
         return outs if return_all else x
 
-    def plan_cached(self, meta: BatchMetadata, *, max_seqlen_q: int | None = None) -> CachedPlans:
+    def plan_cached(
+        self,
+        meta: BatchMetadata,
+        *,
+        max_seqlen_q: int | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ) -> CachedPlans:
         """The plans of one cached batch for every layer (:func:`~.layer.plan_cached`), from
-        the host values the metadata was built from: no device-to-host sync."""
+        the host values the metadata was built from: no device-to-host sync. ``kv_dtype``:
+        the cache's (``cache.kv_dtype``)."""
         return plan_cached(
             meta, heads=self.heads, head_dim=self.head_dim, dtype=self.dtype,
             scaling_seqlen=self.scaling_seqlen, alpha=self.layers[0].alpha,
-            max_seqlen_q=max_seqlen_q, backend=self.backend,
+            max_seqlen_q=max_seqlen_q, backend=self.backend, kv_dtype=kv_dtype,
         )  # fmt: skip

@@ -216,7 +216,7 @@ class CachedBlockGraphs:
         the first capture of a bucket runs the warm-up first. Returns which one it captured
         (without, where this CUDA/PyTorch refuses waits inside a capture)."""
         # Planned outside the capture (the plans' buffers must outlive it: the graph keeps them)
-        plans = self.block.plan_cached(meta, max_seqlen_q=b.max_rows)
+        plans = self.block.plan_cached(meta, max_seqlen_q=b.max_rows, kv_dtype=self.cache.kv_dtype)
         if not b.graphs:
             side = torch.cuda.Stream(self.cache.device)
             side.wait_stream(torch.cuda.current_stream())

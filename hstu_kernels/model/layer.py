@@ -75,23 +75,32 @@ def plan_cached(
     max_seqlen_q: int | None = None,
     backend: str = "auto",
     validate: bool = False,
+    kv_dtype: torch.dtype | None = None,
 ) -> CachedPlans:
     """Plan one cached batch for every layer. Without ``validate`` the plans take the host
-    values the metadata was built from (``meta.layout``): no device-to-host sync."""
+    values the metadata was built from (``meta.layout``): no device-to-host sync.
+    ``kv_dtype``: the pools' (``cache.kv_dtype``: FP8 pools, else ``None``)."""
     layout = None if validate else meta.layout
     common = dict(heads=heads, head_dim=head_dim, dtype=dtype, page_size=meta.page_size,
-                  backend=backend, validate=validate, layout=layout)  # fmt: skip
+                  backend=backend, validate=validate, layout=layout,
+                  kv_dtype=kv_dtype)  # fmt: skip
     attention = plan_paged_attention(
         meta.page_table, meta.cu_seqlens_q, meta.num_targets, alpha=alpha,
         scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q or meta.max_seqlen_q,
         partials=True, **common,
     )  # fmt: skip
-    common["backend"] = _append_backend(backend, meta, head_dim, dtype)
+    common["backend"] = _append_backend(backend, meta, head_dim, dtype, kv_dtype)
     append = plan_append_kv(meta.page_table, meta.cu_seqlens_q, meta.num_targets, **common)
     return CachedPlans(attention, append)
 
 
-def _append_backend(backend: str, meta: BatchMetadata, head_dim: int, dtype: torch.dtype) -> str:
+def _append_backend(
+    backend: str,
+    meta: BatchMetadata,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype | None = None,
+) -> str:
     """The backend argument of the block's K/V append: ``backend``, unless the backend it
     names (or ``HSTU_KERNELS_BACKEND`` names, for ``"auto"``) has attention kernels only, as
     the DSL backends do; the append is then the dispatcher's own choice (as the layer ops
@@ -101,7 +110,8 @@ def _append_backend(backend: str, meta: BatchMetadata, head_dim: int, dtype: tor
     if found is None or "append_kv" in found.ops:
         return backend
     device = meta.cu_seqlens_q.device
-    request = Request("append_kv", device_arch(device), dtype, head_dim, meta.page_size)
+    features = frozenset({"fp8_kv"}) if kv_dtype not in (None, dtype) else frozenset()
+    request = Request("append_kv", device_arch(device), dtype, head_dim, meta.page_size, features)
     return registry().select(request, "auto", env_override=False).name
 
 
@@ -313,45 +323,50 @@ class HSTULayer(nn.Module):
         validate: bool = False,
         inplace: bool = False,
         plans: CachedPlans | None = None,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """New history + target rows, ``x [meta.num_tokens, hidden]``, over this layer's
-        cache ``kv_cache [num_pages, 2, page_size, heads, D]``: appends the new history K/V,
+        cache ``kv_cache [num_pages, 2, page_size, heads, D]`` (an FP8 pool with its
+        ``kv_scales``): appends the new history K/V,
         then attends over the whole cached history; ``inplace``: the residual overwrites
         ``x`` (see :meth:`finish`). ``plans``: the batch's plans (:func:`plan_cached`; made
         here if not given, except inside ``torch.compile``, which calls the functional ops).
         """
+        fp8 = kv_scales is not None
         if plans is None and not torch.compiler.is_compiling():
             plans = plan_cached(
                 meta, heads=self.heads, head_dim=self.head_dim, dtype=x.dtype,
                 scaling_seqlen=scaling_seqlen, alpha=self.alpha, max_seqlen_q=max_seqlen_q,
-                backend=backend, validate=validate,
+                backend=backend, validate=validate, kv_dtype=kv_cache.dtype if fp8 else None,
             )  # fmt: skip
         if plans is not None:
             self._check_plan_alpha(plans.attention.spec.alpha)
 
             def append(k: torch.Tensor, v: torch.Tensor) -> None:
-                plans.append.run(kv_cache, k, v)
+                plans.append.run(kv_cache, k, v, kv_scales)
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return plans.attention.run_partials(q, k, v, kv_cache)
+                return plans.attention.run_partials(q, k, v, kv_cache, kv_scales)
 
         else:  # inside torch.compile: the functional ops (their registered ops)
 
             def append(k: torch.Tensor, v: torch.Tensor) -> None:
                 append_kv(kv_cache, meta.page_table, k, v, meta.cu_seqlens_q,
-                          num_targets=meta.num_targets, backend=backend, validate=validate)  # fmt: skip
+                          num_targets=meta.num_targets, backend=backend, validate=validate,
+                          kv_scales=kv_scales)  # fmt: skip
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return paged_hstu_attention_partials(
                     q, k, v, kv_cache, meta.page_table, meta.cu_seqlens_q,
                     num_targets=meta.num_targets, alpha=self.alpha,
                     scaling_seqlen=scaling_seqlen, max_seqlen_q=max_seqlen_q or meta.max_seqlen_q,
-                    backend=backend, validate=validate,
+                    backend=backend, validate=validate, kv_scales=kv_scales,
                 )  # fmt: skip
 
         # The backend's projection may write k/v into the pages itself, unless the append is
-        # to be validated (the append op does that).
-        fuse = not validate
+        # to be validated (the append op does that) or quantises into an FP8 pool (which the
+        # projection's epilogue does not).
+        fuse = not validate and not fp8
         cache = (
             CacheAppend(kv_cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
             if fuse

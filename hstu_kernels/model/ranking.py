@@ -66,6 +66,8 @@ class RankingConfig:
     dtype: torch.dtype = torch.bfloat16
     backend: str = "auto"
     seed: int = 0
+    # the KV cache's pages: None (as dtype) or torch.float8_e4m3fn (an FP8 pool with scales)
+    kv_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -89,6 +91,10 @@ class RankingConfig:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {self.dtype!r}")
         check_backend_name(self.backend)
+        if self.kv_dtype not in (None, self.dtype, torch.float8_e4m3fn):
+            raise TypeError(
+                f"kv_dtype: expected None, the dtype or torch.float8_e4m3fn, got {self.kv_dtype!r}"
+            )
         if not is_int(self.seed):
             raise TypeError(f"seed: expected an int, got {self.seed!r}")
 
@@ -313,7 +319,9 @@ class HSTURankingModel(nn.Module):
         c = self.config
         if num_pages is None:
             num_pages = c.max_batch * -(-c.max_history // c.page_size) + 1
-        return self.block.make_cache(num_pages, c.page_size, host_pages=host_pages)
+        return self.block.make_cache(
+            num_pages, c.page_size, host_pages=host_pages, kv_dtype=c.kv_dtype
+        )
 
     def embed(self, packed: PackedInput) -> torch.Tensor:
         """The block's input rows ``[rows, hidden]`` for packed ids (on the model's device)."""
