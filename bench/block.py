@@ -53,6 +53,8 @@ class Plan:
     device: str = "cuda"
     graphs: bool = True
     baseline_graphs: bool = True  # also time the uncached block from a CUDA graph
+    # The cached path's pools, each timed on the same inputs: None (dtype) or FP8 (e4m3)
+    kv_dtypes: tuple[torch.dtype | None, ...] = (None,)
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -142,6 +144,19 @@ def floor_ms(
 # --- measuring ------------------------------------------------------------------------------
 
 
+def _fill_random(cache) -> None:
+    """Random K/V in every page (an FP8 pool: quantised random rows, one layer at a time)."""
+    if cache.scales is None:
+        cache.pool.normal_()
+        return
+    from hstu_kernels.reference import fp8
+
+    for layer in range(cache.pool.shape[0]):
+        x8, scale = fp8.quantize(torch.randn(cache.pool.shape[1:], device=cache.pool.device))
+        cache.pool[layer].copy_(x8)
+        cache.scales[layer].copy_(scale)
+
+
 def _bench(fn, device: str) -> float:
     if device == "cuda":
         from triton.testing import do_bench
@@ -225,12 +240,14 @@ def measure(
     )  # fmt: skip
     max_b = max(plan.batches)
     pages = max_b * -(-max_hist // plan.page_size) + 2
-    cache = block.make_cache(num_pages=pages, page_size=plan.page_size)
-    cache.pool.normal_()  # cached K/V: random, never zeros
-    runner = CachedBlockGraphs(
-        block, cache, batch_buckets=plan.batches,
-        max_tokens=max_b * (plan.new + max(plan.targets)), use_graphs=plan.graphs,
-    )  # fmt: skip
+    runners = {}
+    for kv_dtype in plan.kv_dtypes:
+        cache = block.make_cache(num_pages=pages, page_size=plan.page_size, kv_dtype=kv_dtype)
+        _fill_random(cache)  # cached K/V: random, never zeros
+        runners[kv_dtype] = CachedBlockGraphs(
+            block, cache, batch_buckets=plan.batches,
+            max_tokens=max_b * (plan.new + max(plan.targets)), use_graphs=plan.graphs,
+        )  # fmt: skip
     pool = torch.cuda.graph_pool_handle() if plan.graphs else None
     gen = torch.Generator().manual_seed(0)
 
@@ -255,13 +272,16 @@ def measure(
         new = min(plan.new, history)
         cached = history - new
         users = list(range(batch))
-        cache.clear()
-        if cached:
-            cache.prepare(users, [0] * batch, [cached] * batch, [0] * batch)
-        meta = cache.prepare(users, [cached] * batch, [new] * batch, [targets] * batch)
-        x_q = randn(meta.num_tokens)
-        # Repeated calls append the same K/V to the same slots: the cache stays as it is.
-        t_cached = _bench(lambda x_q=x_q, meta=meta: runner(x_q, meta), dev)
+        t_by_kv, x_q = {}, None
+        for kv_dtype, runner in runners.items():
+            cache = runner.cache
+            cache.clear()
+            if cached:
+                cache.prepare(users, [0] * batch, [cached] * batch, [0] * batch)
+            meta = cache.prepare(users, [cached] * batch, [new] * batch, [targets] * batch)
+            x_q = randn(meta.num_tokens) if x_q is None else x_q
+            # Repeated calls append the same K/V to the same slots: the cache stays as it is.
+            t_by_kv[kv_dtype] = _bench(lambda x_q=x_q, meta=meta, r=runner: r(x_q, meta), dev)
         jmeta = build_jagged_metadata([history] * batch, [targets] * batch, dev)
         x_full = randn(jmeta.num_tokens)
         t_full = _bench(lambda x=x_full, m=jmeta: block.forward_uncached(x, m), dev)
@@ -273,56 +293,62 @@ def measure(
             t_full_graph = _bench(graph.replay, dev)
             del graph
         if profile:
-            _profile(lambda x_q=x_q, meta=meta: runner(x_q, meta), f"B={batch} H={history} "
+            _profile(lambda x_q=x_q, meta=meta, r=runner: r(x_q, meta), f"B={batch} H={history} "
                      f"T={targets} KV cache", log)  # fmt: skip
             _profile(lambda x=x_full, m=jmeta: block.forward_uncached(x, m), f"B={batch} "
                      f"H={history} T={targets} no cache", log)  # fmt: skip
         del x_full
         cached_attention, uncached_attention = _backends(plan, batch, history, new, targets)
-        entry = {
-            "bench": "block",
-            "case": f"B={batch} H={history} T={targets}",
-            "impl": f"kvcache+{'graphs' if plan.graphs else 'eager'}",
-            "cached_attention": cached_attention,
-            "uncached_attention": uncached_attention,
-            "batch": batch,
-            "heads": plan.heads,
-            "head_dim": plan.head_dim,
-            "page_size": plan.page_size,
-            "layers": plan.layers,
-            "hidden": plan.hidden,
-            "history": history,
-            "cached": cached,
-            "targets": targets,
-            "dtype": str(plan.dtype).removeprefix("torch."),
-            "time_ms": round(t_cached, 4),
-            "baseline_ms": round(t_full, 4),
-            "speedup": round(t_full / t_cached, 3),
-        }
-        if t_full_graph is not None:
-            entry["baseline_graph_ms"] = round(t_full_graph, 4)
-            entry["speedup_vs_graph_baseline"] = round(t_full_graph / t_cached, 3)
-        if ceilings:
-            entry["floor_ms"] = round(floor_ms(plan, batch, history, targets, True, ceilings), 4)
-            entry["baseline_floor_ms"] = round(
-                floor_ms(plan, batch, history, targets, False, ceilings), 4
-            )
-            entry["floor_overlap_ms"] = round(
-                floor_ms(plan, batch, history, targets, True, ceilings, overlap=True), 4
-            )
-            entry["baseline_floor_overlap_ms"] = round(
-                floor_ms(plan, batch, history, targets, False, ceilings, overlap=True), 4
-            )
-        if plan.note:
-            entry["note"] = plan.note
-        entries.append(entry)
+        for kv_dtype, t_cached in t_by_kv.items():
+            fp8 = kv_dtype is not None
+            entry = {
+                "bench": "block",
+                "case": f"B={batch} H={history} T={targets}",
+                "impl": f"kvcache+{'graphs' if plan.graphs else 'eager'}" + ("+fp8" if fp8 else ""),
+                "cached_attention": "triton" if fp8 else cached_attention,
+                "uncached_attention": uncached_attention,
+                "batch": batch,
+                "heads": plan.heads,
+                "head_dim": plan.head_dim,
+                "page_size": plan.page_size,
+                "layers": plan.layers,
+                "hidden": plan.hidden,
+                "history": history,
+                "cached": cached,
+                "targets": targets,
+                "dtype": str(plan.dtype).removeprefix("torch."),
+                "kv_dtype": str(kv_dtype or plan.dtype).removeprefix("torch."),
+                "time_ms": round(t_cached, 4),
+                "baseline_ms": round(t_full, 4),
+                "speedup": round(t_full / t_cached, 3),
+            }
+            if t_full_graph is not None:
+                entry["baseline_graph_ms"] = round(t_full_graph, 4)
+                entry["speedup_vs_graph_baseline"] = round(t_full_graph / t_cached, 3)
+            if ceilings and not fp8:
+                entry["floor_ms"] = round(
+                    floor_ms(plan, batch, history, targets, True, ceilings), 4
+                )
+                entry["baseline_floor_ms"] = round(
+                    floor_ms(plan, batch, history, targets, False, ceilings), 4
+                )
+                entry["floor_overlap_ms"] = round(
+                    floor_ms(plan, batch, history, targets, True, ceilings, overlap=True), 4
+                )
+                entry["baseline_floor_overlap_ms"] = round(
+                    floor_ms(plan, batch, history, targets, False, ceilings, overlap=True), 4
+                )
+            if plan.note:
+                entry["note"] = plan.note
+            entries.append(entry)
         if checkpoint is not None and len(entries) % 8 == 0:
             checkpoint(entries)
         if progress:
-            common.progress().step(
-                f"B={batch} H={history} T={targets}: {t_cached:.3f} / {t_full:.3f} ms"
-            )
-    log(f"graph buckets captured: {runner.captured}; waits inside graphs: {runner.graph_waits}")
+            times = " / ".join(f"{t:.3f}" for t in t_by_kv.values())
+            common.progress().step(f"B={batch} H={history} T={targets}: {times} / {t_full:.3f} ms")
+    for runner in runners.values():
+        log(f"graph buckets captured: {runner.captured}; waits inside graphs: "
+            f"{runner.graph_waits}")  # fmt: skip
     from hstu_kernels.backends.triton import rows
 
     if rows._BROKEN:
@@ -334,7 +360,10 @@ def measure(
 
 
 def summary(entries: list[dict[str, Any]], card: str) -> str:
-    """A table of the longest-history cases, with the H100 bars where they apply."""
+    """A table of the longest-history cases, with the H100 bars where they apply (the 16-bit
+    pools), and each FP8 pool's time against the 16-bit one."""
+    fp8 = [e for e in entries if e["impl"].endswith("+fp8")]
+    entries = [e for e in entries if not e["impl"].endswith("+fp8")]
     top = max(e["history"] for e in entries)
     rows = [e for e in entries if e["history"] == top]
     nan = float("nan")
@@ -358,6 +387,14 @@ def summary(entries: list[dict[str, Any]], card: str) -> str:
             f"{e['baseline_ms']:>9.3f} {e.get('baseline_graph_ms', nan):>8.3f} {f2:>13} "
             f"{e['speedup']:>7.2f}x  {verdict}"
         )
+    same = {(e["case"], e["impl"] + "+fp8"): e for e in entries}
+    for e in fp8:
+        bf = same.get((e["case"], e["impl"]))
+        if bf is not None and e["history"] == top:
+            lines.append(
+                f"FP8 pool, {e['case']}: {e['time_ms']:.3f} ms, {e['time_ms'] / bf['time_ms']:.3f}x"
+                f" the {bf['kv_dtype']} pool's {bf['time_ms']:.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -369,6 +406,7 @@ def plot(entries: list[dict[str, Any]], card: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    entries = [e for e in entries if not e["impl"].endswith("+fp8")]  # the 16-bit pools
     targets = sorted({e["targets"] for e in entries}, reverse=True)
     batches = sorted({e["batch"] for e in entries})
     fig, axes = plt.subplots(len(targets), 2, figsize=(12, 4.2 * len(targets)), squeeze=False)
@@ -472,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, default=None, help="results JSON to write")
     parser.add_argument("--profile", action="store_true", help="print each case's top kernels")
+    parser.add_argument(
+        "--kv-dtypes",
+        default="bf16",
+        help="the cached path's pools, comma-separated: bf16 (the block's dtype) and/or fp8",
+    )
     args = parser.parse_args(argv)
     plan = make_plan(quick=args.quick)
     ints = lambda s: tuple(int(v) for v in s.split(","))
@@ -485,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, graphs=False)
     if args.no_baseline_graphs:
         plan = replace(plan, baseline_graphs=False)
+    kinds = {"bf16": None, "fp8": torch.float8_e4m3fn}
+    names = [n.strip() for n in args.kv_dtypes.split(",") if n.strip()]
+    if not names or set(names) - set(kinds):
+        parser.error(f"--kv-dtypes: expected bf16 and/or fp8, got {args.kv_dtypes!r}")
+    plan = replace(plan, kv_dtypes=tuple(kinds[n] for n in names))
     run(plan=plan, path=args.results, profile=args.profile)
     return 0
 
