@@ -33,6 +33,31 @@ from hstu_kernels.model.requests import RequestBatch, SyntheticRequests
 
 # The seed's performance bar (published for an L20): kvcache+graphs over baseline.
 TARGET_SPEEDUP = {1: 1.3, 8: 2.6}
+# Modes over an FP8 pool (``--fp8``): the cached modes' ``+fp8`` twins, compared with them.
+FP8_SUFFIX = "+fp8"
+
+
+def ranking_agreement(scores: torch.Tensor, ref: torch.Tensor, candidates: int) -> dict:
+    """How far ``scores`` rank each request's ``candidates`` like ``ref`` (both ``[requests *
+    candidates, tasks]``, each request's candidates contiguous; the first task): the mean over
+    requests of Spearman's correlation and of the top-10 overlap, and the largest |difference|."""
+    a = scores[:, 0].reshape(-1, candidates).double()
+    b = ref[:, 0].reshape(-1, candidates).double()
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return x.argsort(dim=1).argsort(dim=1).double()
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    spearman = (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+    k = min(10, candidates)
+    top_a, top_b = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
+    overlap = (top_a[:, :, None] == top_b[:, None, :]).any(2).double().mean(1)
+    return {
+        "spearman": round(spearman.mean().item(), 5),
+        "top10_overlap": round(overlap.mean().item(), 4),
+        "max_abs_diff": round((scores - ref).abs().max().item(), 5),
+    }
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,8 @@ class Plan:
     modes: tuple[str, ...]
     reps: int
     device: str
+    # also serve the cached modes over an FP8 pool (modes "<mode>+fp8"), compared with them
+    fp8: bool = False
 
     @property
     def num_batches(self) -> int:
@@ -117,17 +144,29 @@ def measure(
         seed=c.seed,
     )
     entries = []
-    common.progress().start("e2e", len(plan.batch_sizes) * len(plan.modes))
+    modes = list(plan.modes)
+    if plan.fp8:
+        modes += [m + FP8_SUFFIX for m in plan.modes if m != "baseline"]
+    common.progress().start("e2e", len(plan.batch_sizes) * len(modes))
     for bs in plan.batch_sizes:
         batches = list(gen.case(bs))
         cache = model.make_cache()
+        fp8_cache = None
+        if plan.fp8:
+            fp8_cache = model.block.make_cache(
+                cache.config.num_pages, c.page_size, kv_dtype=torch.float8_e4m3fn
+            )
         times: dict[str, float] = {}
         scores: dict[str, torch.Tensor] = {}
-        for mode in plan.modes:
-            use = None if mode == "baseline" else cache
+        agreement: dict[str, dict] = {}
+        for mode in modes:
+            fp8 = mode.endswith(FP8_SUFFIX)
+            base_mode = mode.removesuffix(FP8_SUFFIX)
+            use = None if mode == "baseline" else (fp8_cache if fp8 else cache)
             try:
-                serve_case(model, batches, mode, use)  # warm-up: compile, autotune, capture
-                runs = [serve_case(model, batches, mode, use) for _ in range(plan.reps)]
+                # warm-up: compile, autotune, capture
+                serve_case(model, batches, base_mode, use)
+                runs = [serve_case(model, batches, base_mode, use) for _ in range(plan.reps)]
             except Exception:  # one failing mode must not cost the others' numbers
                 log(f"  batch {bs:2d}  {mode:15s} FAILED:\n{traceback.format_exc()}")
                 if failures is not None:
@@ -141,10 +180,15 @@ def measure(
                 diff = (scores[mode] - scores["baseline"]).abs().max().item()
                 top = scores["baseline"].abs().max().item()
                 line += f"   max |score - baseline| {diff:.3g} (max |score| {top:.3g})"
+            if fp8 and base_mode in scores:
+                agreement[mode] = ranking_agreement(scores[mode], scores[base_mode], plan.targets)
+                line += f"   against the 16-bit pool: {agreement[mode]}"
             log(line)
             common.progress().step(f"batch {bs} {mode}: {times[mode]:.1f} ms")
         model.release_graphs(cache)
-        del cache
+        if fp8_cache is not None:
+            model.release_graphs(fp8_cache)
+        del cache, fp8_cache
         if plan.device == "cuda":
             torch.cuda.empty_cache()
         base = times.get("baseline")
@@ -162,8 +206,12 @@ def measure(
                 "history": plan.stop,
                 "targets": plan.targets,
                 "batches": len(batches),
+                "kv_dtype": "float8_e4m3fn"
+                if mode.endswith(FP8_SUFFIX)
+                else str(c.dtype).removeprefix("torch."),
                 "time_ms": round(ms, 3),
             }
+            e.update(agreement.get(mode, {}))
             if mode != "baseline" and base is not None:
                 e["baseline_ms"] = round(base, 3)
                 e["speedup"] = round(base / ms, 3)
@@ -219,6 +267,7 @@ def run(
     path: Path | None = None,
     batch_sizes: tuple[int, ...] | None = None,
     reps: int | None = None,
+    fp8: bool = False,
     log=print,
 ) -> list[dict[str, Any]]:
     """Run the benchmark and write its entries to the results file (``path``: default
@@ -229,6 +278,8 @@ def run(
         plan = dataclasses.replace(plan, batch_sizes=tuple(batch_sizes))
     if reps is not None:
         plan = dataclasses.replace(plan, reps=reps)
+    if fp8:
+        plan = dataclasses.replace(plan, fp8=True)
     c = plan.config
     if plan.device == "cpu":
         log("e2e: no GPU, tiny model on the reference backend (times are not GPU performance)")
@@ -243,10 +294,13 @@ def run(
     model = HSTURankingModel(c, device=plan.device)
 
     def write(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        entries = sorted(entries, key=lambda e: (e["batch"], plan.modes.index(e["impl"])))
+        order = [*plan.modes, *(m + FP8_SUFFIX for m in plan.modes)]
+        entries = sorted(entries, key=lambda e: (e["batch"], order.index(e["impl"])))
         for e in entries:
             ops = backends.get(e["batch"]) or attention_backends(c, plan, e["batch"])
             e["backend"] = ops["jagged" if e["impl"] == "baseline" else "paged"]
+            if e["impl"].endswith(FP8_SUFFIX):
+                e["backend"] = "triton"  # the backend with FP8 pages
         common.write_results("e2e", entries, path=path or common.results_path(quick=quick))
         return entries
 
@@ -264,11 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=None, help="results JSON path")
     parser.add_argument("--batch-sizes", default=None, help="e.g. 1,8 (default: the plan's)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per mode")
+    parser.add_argument(
+        "--fp8", action="store_true", help="also serve the cached modes over an FP8 pool"
+    )
     args = parser.parse_args(argv)
     sizes = None
     if args.batch_sizes:
         sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    run(quick=args.quick, path=args.results, batch_sizes=sizes, reps=args.reps)
+    run(quick=args.quick, path=args.results, batch_sizes=sizes, reps=args.reps, fp8=args.fp8)
     return 0
 
 
