@@ -5,7 +5,8 @@ Without a GPU the Triton kernels run in Triton's interpreter: ``TRITON_INTERPRET
 here, once, before anything imports Triton (its ``@triton.jit`` decorators read it).
 
 Profiles: ``ci`` (few examples, no deadline: the 2-core CI machine), ``dev`` (default, more
-examples), ``gpu`` (many examples, for runs on the GPU machine). Pick one with
+examples), ``gpu`` (many examples, for runs on the GPU machine), ``smoke`` (3 examples: a
+quick check where compiling each new kernel variant dominates). Pick one with
 ``HYPOTHESIS_PROFILE``; ``CI=true`` selects ``ci``.
 """
 
@@ -28,6 +29,7 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], prin
 settings.register_profile("ci", max_examples=12, derandomize=False, **_common)
 settings.register_profile("dev", max_examples=30, **_common)
 settings.register_profile("gpu", max_examples=60, **_common)
+settings.register_profile("smoke", max_examples=3, **_common)  # a quick look on a device
 _default = "ci" if os.environ.get("CI") else "dev"
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
 
