@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import batches as shared_batches
 
 import hstu_kernels as hk
 from hstu_kernels import settings as hk_settings
@@ -54,14 +55,8 @@ JAGGED_VARIANTS = [
 ]
 
 
-@st.composite
-def batches(draw, max_history: int = 300, max_targets: int = 150, max_batch: int = 4):
-    """(histories, new, targets): odd lengths, one-token histories and zero targets included."""
-    b = draw(st.integers(1, max_batch))
-    histories = draw(st.lists(st.integers(1, max_history), min_size=b, max_size=b))
-    new = [draw(st.integers(1, h)) for h in histories]
-    targets = draw(st.lists(st.integers(0, max_targets), min_size=b, max_size=b))
-    return histories, new, targets
+def batches(max_history: int = 300, max_targets: int = 150, max_batch: int = 4):
+    return shared_batches(max_history, max_targets, max_batch)
 
 
 def _case(shape, page_size: int, heads: int, head_dim: int, seed: int) -> PagedCase:

@@ -35,6 +35,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import batches as shared_batches
 
 import hstu_kernels as hk
 from hstu_kernels.dispatch import BackendError, explain
@@ -262,16 +263,10 @@ blackwell_only = pytest.mark.skipif(
 GPU_VARIANTS = [(dtype, d) for dtype in (torch.bfloat16, torch.float16) for d in (64, 128)]
 
 
-@st.composite
-def batches(draw, max_history: int = 700, max_targets: int = 300, max_batch: int = 4):
-    """(histories, new, targets): odd lengths around the 128-token page/tile edges, one-token
-    histories and zero targets included."""
-    b = draw(st.integers(1, max_batch))
-    edge = st.sampled_from([1, 127, 128, 129, 255, 256, 257, 383, 384])
-    histories = draw(st.lists(st.one_of(edge, st.integers(1, max_history)), min_size=b, max_size=b))
-    new = [draw(st.one_of(st.just(h), st.integers(1, h))) for h in histories]
-    targets = draw(st.lists(st.integers(0, max_targets), min_size=b, max_size=b))
-    return histories, new, targets
+def batches(max_history: int = 700, max_targets: int = 300, max_batch: int = 4):
+    """Around the 128-token page/tile edges, histories often all new."""
+    edges = (1, 127, 128, 129, 255, 256, 257, 383, 384)
+    return shared_batches(max_history, max_targets, max_batch, edges=edges, whole=True)
 
 
 def _case(shape, heads: int, head_dim: int, seed: int) -> PagedCase:

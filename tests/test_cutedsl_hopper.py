@@ -27,6 +27,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import batches as shared_batches
 from strategies import masks
 
 import hstu_kernels as hk
@@ -264,16 +265,10 @@ hopper_only = pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (H
 GPU_VARIANTS = [(dtype, d) for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256)]
 
 
-@st.composite
-def batches(draw, max_history: int = 700, max_targets: int = 300, max_batch: int = 4):
-    """(histories, new, targets): odd lengths around the 32- and 64-key tiles and 128-row query tiles,
-    one-token histories and zero targets included."""
-    b = draw(st.integers(1, max_batch))
-    edge = st.sampled_from([1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 257])
-    histories = draw(st.lists(st.one_of(edge, st.integers(1, max_history)), min_size=b, max_size=b))
-    new = [draw(st.one_of(st.just(h), st.integers(1, h))) for h in histories]
-    targets = draw(st.lists(st.integers(0, max_targets), min_size=b, max_size=b))
-    return histories, new, targets
+def batches(max_history: int = 700, max_targets: int = 300, max_batch: int = 4):
+    """Around the 32- and 64-key tiles and 128-row query tiles, histories often all new."""
+    edges = (1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 257)
+    return shared_batches(max_history, max_targets, max_batch, edges=edges, whole=True)
 
 
 def _case(shape, heads: int, head_dim: int, seed: int) -> PagedCase:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import batches as shared_batches
 
 import hstu_kernels as hk
 from hstu_kernels.dispatch import Request, device_arch, registry
@@ -28,18 +29,10 @@ def _backends(op: str, dtype: torch.dtype, head_dim: int, page_size: int | None)
     return sorted(n for n, b in registry().backends.items() if b.refusal(request) is None)
 
 
-@st.composite
-def batches(draw, max_batch: int = 3, max_history: int = 80, max_targets: int = 9):
-    """(histories, new, targets): one-token histories, zero targets, page and tile edges."""
-    batch = draw(st.integers(1, max_batch))
-    edge = st.sampled_from([1, 15, 16, 17, 31, 32, 33, 63, 64, 65])
-    histories = draw(st.lists(st.one_of(edge, st.integers(1, max_history)), min_size=batch,
-                              max_size=batch))  # fmt: skip
-    new = [draw(st.integers(0, h)) for h in histories]
-    targets = draw(st.lists(st.integers(0, max_targets), min_size=batch, max_size=batch))
-    if sum(new) + sum(targets) == 0:
-        targets[0] = 1
-    return histories, new, targets
+def batches(max_batch: int = 3, max_history: int = 80, max_targets: int = 9):
+    """Around the 16- and 32-token pages and tiles; sequences with no new rows included."""
+    edges = (1, 15, 16, 17, 31, 32, 33, 63, 64, 65)
+    return shared_batches(max_history, max_targets, max_batch, edges=edges, min_new=0)
 
 
 def _case(shape, page_size: int, heads: int, head_dim: int, dtype: torch.dtype, seed: int):

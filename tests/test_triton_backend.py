@@ -15,6 +15,7 @@ _ON_GPU = torch.cuda.is_available()  # without a GPU, conftest switches the inte
 import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from strategies import batches as shared_batches  # noqa: E402
 from strategies import masks  # noqa: E402
 
 import hstu_kernels as hk  # noqa: E402
@@ -53,14 +54,8 @@ def _no_autotune(knobs):
     knobs(triton_autotune=False)
 
 
-@st.composite
-def batches(draw, max_history: int, max_targets: int, max_batch: int = 3):
-    """(histories, new, targets): odd lengths, one-token histories and zero targets included."""
-    b = draw(st.integers(1, max_batch))
-    histories = draw(st.lists(st.integers(1, max_history), min_size=b, max_size=b))
-    new = [draw(st.integers(1, h)) for h in histories]
-    targets = draw(st.lists(st.integers(0, max_targets), min_size=b, max_size=b))
-    return histories, new, targets
+def batches(max_history: int, max_targets: int, max_batch: int = 3):
+    return shared_batches(max_history, max_targets, max_batch)
 
 
 def _case(shape, page_size, heads, head_dim, device, seed) -> PagedCase:
