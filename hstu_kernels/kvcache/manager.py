@@ -162,7 +162,9 @@ class KVCacheManager:
         self.allocator = PageAllocator(c.num_pages, reserved=[DUMMY_PAGE])
         planes = [(self.pool, self.host_pool)]
         if c.fp8:
-            planes.append((self.scales, self.host_scales))
+            # e4m3 pages move as bytes: indexing and copies of uint8 exist everywhere
+            host = None if self.host_pool is None else self.host_pool.view(torch.uint8)
+            planes = [(self.pool.view(torch.uint8), host), (self.scales, self.host_scales)]
         self.transfers = TransferEngine(planes)
         self._users: OrderedDict[Hashable, _User] = OrderedDict()  # least recently used first
         # Counts the calls that changed users or pages (prepare, evict, drop, clear): a

@@ -78,9 +78,12 @@ def gather_history_kv(
     start, end = page_table.page_indptr[b : b + 2].tolist()
     pages = page_table.page_ids[start:end].long()
     history = (end - start - 1) * page_size + int(page_table.last_page_len[b])
-    kv = kv_cache[pages]  # [n_pages, 2, page_size, heads, D]
     if kv_scales is not None:
+        # (e4m3 pages gathered as bytes, which every device can index)
+        kv = kv_cache.view(torch.uint8)[pages].view(kv_cache.dtype)
         kv = dequantize(kv, kv_scales[pages])
+    else:
+        kv = kv_cache[pages]  # [n_pages, 2, page_size, heads, D]
     k = kv[:, 0].reshape(-1, *kv.shape[-2:])[:history]
     v = kv[:, 1].reshape(-1, *kv.shape[-2:])[:history]
     return k, v

@@ -56,5 +56,6 @@ def append_kv(
             kv_cache[pages, i, slots] = x[rows].to(kv_cache.dtype)
         else:
             x8, scale = quantize(x[rows])
-            kv_cache[pages, i, slots] = x8
+            # (as bytes: the e4m3 codes unchanged, through indexing every device has)
+            kv_cache.view(torch.uint8)[pages, i, slots] = x8.view(torch.uint8)
             kv_scales[pages, i, slots] = scale
