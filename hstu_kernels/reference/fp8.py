@@ -39,7 +39,9 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     in e4m3 and one fp32 ``scale [..., heads]`` per row, ``x ~= x8 * scale``."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # Tensor by tensor: IEEE division on every device (torch's CUDA kernels multiply by the
+    # reciprocal of a Python scalar divisor, an ulp off at times, and the kernels divide).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     # x / scale lies in [-448, 448] up to rounding; the clamp keeps a rounding up finite.
     x8 = (x32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x8, scale.to(SCALE_DTYPE)
