@@ -41,7 +41,9 @@ def _no_autotune(knobs):
 
 
 def batches(max_history: int, max_targets: int, max_batch: int = 3):
-    return shared_batches(max_history, max_targets, max_batch)
+    """Around the 16-, 32- and 64-token pages and key tiles."""
+    edges = (1, 15, 16, 17, 31, 32, 33, 63, 64, 65)
+    return shared_batches(max_history, max_targets, max_batch, edges=edges, whole=True)
 
 
 def _case(shape, page_size, heads, head_dim, device, seed, scale=1.0):
