@@ -201,18 +201,21 @@ def _profile(fn, title: str, log) -> None:
     )
 
 
-def _backends(plan: Plan, batch: int, history: int, new: int, targets: int) -> tuple[str, str]:
+def _backends(
+    plan: Plan, batch: int, history: int, new: int, targets: int, kv_dtype=None
+) -> tuple[str, str]:
     """The attention backends ``auto`` picks for one case: ``(cached, uncached)``, i.e. the
-    paged call over the cache and the jagged call over whole sequences (the choice can depend
-    on the grid's size)."""
+    paged call over the cache (a pool of ``kv_dtype``) and the jagged call over whole
+    sequences (the choice can depend on the grid's size)."""
     from hstu_kernels import explain
 
     common = {"device": plan.device, "dtype": plan.dtype, "head_dim": plan.head_dim,
               "batch": batch, "heads": plan.heads}  # fmt: skip
     # the cached layer takes the paged call's split partials unsummed (partials=True)
     paged = explain(
-        "paged", page_size=plan.page_size, max_seqlen_q=new + targets, partials=True, **common
-    )
+        "paged", page_size=plan.page_size, max_seqlen_q=new + targets, partials=True,
+        kv_dtype=kv_dtype, **common,
+    )  # fmt: skip
     jagged = explain("jagged", max_seqlen_q=history + targets, **common)
     return paged.choice or "none", jagged.choice or "none"
 
@@ -298,14 +301,16 @@ def measure(
             _profile(lambda x=x_full, m=jmeta: block.forward_uncached(x, m), f"B={batch} "
                      f"H={history} T={targets} no cache", log)  # fmt: skip
         del x_full
-        cached_attention, uncached_attention = _backends(plan, batch, history, new, targets)
         for kv_dtype, t_cached in t_by_kv.items():
             fp8 = kv_dtype is not None
+            cached_attention, uncached_attention = _backends(
+                plan, batch, history, new, targets, kv_dtype
+            )
             entry = {
                 "bench": "block",
                 "case": f"B={batch} H={history} T={targets}",
                 "impl": f"kvcache+{'graphs' if plan.graphs else 'eager'}" + ("+fp8" if fp8 else ""),
-                "cached_attention": "triton" if fp8 else cached_attention,
+                "cached_attention": cached_attention,
                 "uncached_attention": uncached_attention,
                 "batch": batch,
                 "heads": plan.heads,

@@ -238,10 +238,12 @@ def summary(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def attention_backends(config: RankingConfig, plan: Plan, batch: int) -> dict[str, str]:
+def attention_backends(
+    config: RankingConfig, plan: Plan, batch: int, kv_dtype=None
+) -> dict[str, str]:
     """The backends the dispatcher picks, on this machine, for each op the model calls over a
     case of ``batch`` users (the choice can depend on the call's size, which grows with the
-    history): ``"a+b"`` where the case's calls get more than one."""
+    history) over a pool of ``kv_dtype``: ``"a+b"`` where the case's calls get more than one."""
     from hstu_kernels import explain
 
     kw = dict(dtype=config.dtype, head_dim=config.head_dim, backend=config.backend,
@@ -250,10 +252,11 @@ def attention_backends(config: RankingConfig, plan: Plan, batch: int) -> dict[st
     jagged = {explain("jagged", max_seqlen_q=h + plan.targets, **kw).choice for h in histories}
     # Each request appends its newest `step` history tokens (the first: `start`) + candidates.
     paged = {
-        explain("paged", page_size=config.page_size, max_seqlen_q=n + plan.targets, **kw).choice
+        explain("paged", page_size=config.page_size, max_seqlen_q=n + plan.targets,
+                kv_dtype=kv_dtype, **kw).choice
         for n in {plan.start, plan.step}
-    }
-    append = explain("append_kv", page_size=config.page_size, **kw).choice
+    }  # fmt: skip
+    append = explain("append_kv", page_size=config.page_size, kv_dtype=kv_dtype, **kw).choice
 
     def names(choices: set) -> str:
         return "+".join(sorted(str(c) for c in choices))
@@ -297,10 +300,11 @@ def run(
         order = [*plan.modes, *(m + FP8_SUFFIX for m in plan.modes)]
         entries = sorted(entries, key=lambda e: (e["batch"], order.index(e["impl"])))
         for e in entries:
-            ops = backends.get(e["batch"]) or attention_backends(c, plan, e["batch"])
-            e["backend"] = ops["jagged" if e["impl"] == "baseline" else "paged"]
             if e["impl"].endswith(FP8_SUFFIX):
-                e["backend"] = "triton"  # the backend with FP8 pages
+                ops = attention_backends(c, plan, e["batch"], torch.float8_e4m3fn)
+            else:
+                ops = backends.get(e["batch"]) or attention_backends(c, plan, e["batch"])
+            e["backend"] = ops["jagged" if e["impl"] == "baseline" else "paged"]
         common.write_results("e2e", entries, path=path or common.results_path(quick=quick))
         return entries
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hstu_kernels import settings
-from hstu_kernels.types import check_device
+from hstu_kernels.types import check_device, check_kv_dtype
 
 __all__ = [
     "Backend",
@@ -445,12 +445,9 @@ def explain(
         features.add("contexts")
     if max_attn_len:
         features.add("window")
-    if kv_dtype is not None and kv_dtype != dtype:
-        if kv_dtype != torch.float8_e4m3fn or op not in ("paged", "append_kv"):
-            raise ValueError(
-                f"kv_dtype: expected None, {dtype} or torch.float8_e4m3fn (paged and append_kv "
-                f"only), got {kv_dtype!r} for {op}"
-            )
+    if check_kv_dtype(kv_dtype, dtype):
+        if op not in ("paged", "append_kv"):
+            raise ValueError(f"kv_dtype: a pool's dtype, for paged and append_kv only, not {op}")
         features.add("fp8_kv")
     size = None if batch is None else call_size(batch, heads, max_seqlen_q)
     request = Request(op, arch, dtype, head_dim, page_size, frozenset(features), size, partials)

@@ -30,7 +30,14 @@ import torch
 
 from hstu_kernels import validation as val
 from hstu_kernels.dispatch import Backend, Explanation, Request, call_size, device_arch, registry
-from hstu_kernels.types import AttentionSpec, BatchLayout, PageTable, PlannedBatch, is_page_size
+from hstu_kernels.types import (
+    AttentionSpec,
+    BatchLayout,
+    PageTable,
+    PlannedBatch,
+    check_kv_dtype,
+    is_page_size,
+)
 
 __all__ = [
     "AppendPlan",
@@ -65,18 +72,6 @@ def _check_shape_args(heads: object, head_dim: object, dtype: object) -> None:
     if dtype not in val.ATTENTION_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in val.ATTENTION_DTYPES)
         raise TypeError(f"dtype: expected one of {names}, got {dtype!r}")
-
-
-def _check_kv_dtype(kv_dtype: object, dtype: torch.dtype) -> bool:
-    """Whether the plan's pools are FP8 (``kv_dtype``: ``None``, ``dtype`` or e4m3)."""
-    if kv_dtype is None or kv_dtype == dtype:
-        return False
-    if kv_dtype == val.FP8_POOL_DTYPE:
-        return True
-    raise TypeError(
-        f"kv_dtype: expected None, {str(dtype).removeprefix('torch.')} (as dtype) or "
-        f"float8_e4m3fn (an FP8 pool), got {kv_dtype!r}"
-    )
 
 
 def _check_page_size(page_size: object) -> int:
@@ -537,7 +532,7 @@ def plan_paged_attention(
     alpha = resolve_alpha(alpha, head_dim)
     missing = [n for n, x in (("max_seqlen_q", max_seqlen_q), ("scaling_seqlen", scaling_seqlen))
                if x is None]  # fmt: skip
-    fp8 = _check_kv_dtype(kv_dtype, dtype)
+    fp8 = check_kv_dtype(kv_dtype, dtype)
     unsized = check_served("paged", device, dtype, head_dim, page_size, num_contexts,
                            max_attn_len, backend, partials, fp8)  # fmt: skip
     layout = _layout_for(
@@ -632,7 +627,7 @@ def plan_append_kv(
     nbatch = cu_seqlens.shape[0] - 1
     page_table = val.check_page_table(page_table, nbatch, device, page_size)
     num_targets = val.check_num_targets(num_targets, nbatch, device)
-    fp8 = _check_kv_dtype(kv_dtype, dtype)
+    fp8 = check_kv_dtype(kv_dtype, dtype)
     request = Request("append_kv", device_arch(device), dtype, head_dim, page_size,
                       frozenset({"fp8_kv"}) if fp8 else frozenset())  # fmt: skip
     chosen = _select(request, backend)

@@ -175,29 +175,6 @@ def make_paged_case(
     )
 
 
-def check_paged_backend(
-    case: PagedCase,
-    dtype: torch.dtype,
-    backend: str,
-    num_contexts: int = 0,
-    max_attn_len: int = 0,
-) -> None:
-    """Run ``paged_hstu_attention`` on ``backend`` in ``dtype`` over ``case`` (output poisoned
-    first) and assert the DESIGN.md §5 rule against the rows of the full jagged reference."""
-    from hstu_kernels.ops import paged_hstu_attention
-
-    mask = (num_contexts, max_attn_len)
-    ref32 = case.reference_full(torch.float32, *mask)[case.rows]
-    ref_lowp = case.reference_full(dtype, *mask)[case.rows]
-    q, k_new, v_new, kv = (t.to(dtype) for t in (case.q, case.k_new, case.v_new, case.kv_cache))
-    out = paged_hstu_attention(
-        q, k_new, v_new, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
-        scaling_seqlen=case.max_total, backend=backend, out=poisoned_like(q),
-        num_contexts=num_contexts, max_attn_len=max_attn_len,
-    )  # fmt: skip
-    assert_hstu_close(out, ref32, ref_lowp)
-
-
 def fp8_pool(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An FP8 pool holding ``kv_cache`` quantised per token and head (:mod:`reference.fp8`),
     and its scales; slots that hold NaN (no history) stay NaN in both."""
@@ -208,31 +185,43 @@ def fp8_pool(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, scales.masked_fill(unused, float("nan"))
 
 
-def check_paged_fp8_backend(
+def check_paged_backend(
     case: PagedCase,
     dtype: torch.dtype,
     backend: str,
     num_contexts: int = 0,
     max_attn_len: int = 0,
+    *,
+    fp8: bool = False,
 ) -> None:
-    """``paged_hstu_attention`` on ``backend`` in ``dtype`` over an FP8 pool of ``case``'s
-    cache (:func:`fp8_pool`; output poisoned first), against the reference over the same
-    quantised pool by the DESIGN.md §5 rule (fp32 reference: dequantised fp32 history; the
-    ``dtype`` one rounds it to ``dtype``, as a 16-bit kernel's matmuls take it)."""
+    """Run ``paged_hstu_attention`` on ``backend`` in ``dtype`` over ``case`` (output poisoned
+    first) and assert the DESIGN.md §5 rule against the rows of the full jagged reference.
+
+    ``fp8``: over an FP8 pool of the case's cache (:func:`fp8_pool`), against the paged
+    reference over the same quantised pool (fp32: dequantised fp32 history; ``dtype``: rounded
+    to ``dtype``, as a 16-bit kernel's matmuls take it)."""
     from hstu_kernels.ops import paged_hstu_attention
 
-    kv8, scales = fp8_pool(case.kv_cache)
-    spec = case.spec(num_contexts, max_attn_len)
-
-    def ref(t: torch.dtype) -> torch.Tensor:
-        q, k, v = (x.to(t) for x in (case.q, case.k_new, case.v_new))
-        return reference.paged_hstu_attention(
-            q, k, v, kv8, case.page_table, case.cu_q, case.num_targets, spec, scales
-        )
-
+    mask = (num_contexts, max_attn_len)
     q, k_new, v_new = (t.to(dtype) for t in (case.q, case.k_new, case.v_new))
+    if fp8:
+        kv, scales = fp8_pool(case.kv_cache)
+
+        def ref(t: torch.dtype) -> torch.Tensor:
+            q, k, v = (x.to(t) for x in (case.q, case.k_new, case.v_new))
+            return reference.paged_hstu_attention(
+                q, k, v, kv, case.page_table, case.cu_q, case.num_targets, case.spec(*mask),
+                scales,
+            )  # fmt: skip
+
+    else:
+        kv, scales = case.kv_cache.to(dtype), None
+
+        def ref(t: torch.dtype) -> torch.Tensor:
+            return case.reference_full(t, *mask)[case.rows]
+
     out = paged_hstu_attention(
-        q, k_new, v_new, kv8, case.page_table, case.cu_q, num_targets=case.num_targets,
+        q, k_new, v_new, kv, case.page_table, case.cu_q, num_targets=case.num_targets,
         scaling_seqlen=case.max_total, backend=backend, out=poisoned_like(q),
         num_contexts=num_contexts, max_attn_len=max_attn_len, kv_scales=scales,
     )  # fmt: skip

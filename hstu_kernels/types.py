@@ -18,6 +18,7 @@ __all__ = [
     "STORAGE_DTYPES",
     "check_device",
     "check_page_table_values",
+    "check_kv_dtype",
     "check_storage_dtype",
     "is_finite_real",
     "is_int",
@@ -198,6 +199,23 @@ def check_storage_dtype(dtype: object) -> torch.dtype:
             f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}"
         )
     return dtype
+
+
+# An FP8 pool (e4m3 pages with fp32 scales per token and head) serves any attention dtype.
+FP8_POOL_DTYPE = torch.float8_e4m3fn
+
+
+def check_kv_dtype(kv_dtype: object, dtype: torch.dtype) -> bool:
+    """Whether a pool of ``kv_dtype`` beside activations of ``dtype`` is an FP8 pool:
+    ``None`` or ``dtype`` (a 16-bit pool) or ``torch.float8_e4m3fn``; else a ``TypeError``."""
+    if kv_dtype is None or kv_dtype == dtype:
+        return False
+    if kv_dtype == FP8_POOL_DTYPE:
+        return True
+    raise TypeError(
+        f"kv_dtype: expected None, {str(dtype).removeprefix('torch.')} (as dtype) or "
+        f"float8_e4m3fn (an FP8 pool), got {kv_dtype!r}"
+    )
 
 
 def check_page_table_values(

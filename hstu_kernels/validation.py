@@ -11,11 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hstu_kernels.types import BatchLayout, PageTable, check_page_table_values
+from hstu_kernels.types import FP8_POOL_DTYPE, BatchLayout, PageTable, check_page_table_values
 
 ATTENTION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# An FP8 pool (e4m3 pages with fp32 scales per token and head) serves any attention dtype.
-FP8_POOL_DTYPE = torch.float8_e4m3fn
 POOL_DTYPES = (*ATTENTION_DTYPES, FP8_POOL_DTYPE)
 
 

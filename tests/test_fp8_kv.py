@@ -24,7 +24,7 @@ from strategies import masks  # noqa: E402
 import hstu_kernels as hk  # noqa: E402
 from hstu_kernels import reference  # noqa: E402
 from hstu_kernels.testing import (  # noqa: E402
-    check_paged_fp8_backend,
+    check_paged_backend,
     fp8_pool,
     make_paged_case,
     poisoned_like,
@@ -187,8 +187,8 @@ def test_pool_bytes_hold_more_tokens():
 )
 def test_paged_parity_interpreter(data, shape, page_size, heads, dtype, scale, seed):
     mask = data.draw(st.one_of(st.just((0, 0)), masks(shape)))
-    check_paged_fp8_backend(_case(shape, page_size, heads, 64, "cpu", seed, scale), dtype,
-                            "triton", *mask)  # fmt: skip
+    check_paged_backend(_case(shape, page_size, heads, 64, "cpu", seed, scale), dtype,
+                        "triton", *mask, fp8=True)  # fmt: skip
 
 
 @cpu_only
@@ -227,7 +227,7 @@ def test_paged_partials_interpreter(knobs):
 def test_paged_parity_gpu(data, shape, page_size, head_dim, dtype, scale, seed):
     mask = data.draw(st.one_of(st.just((0, 0)), masks(shape)))
     case = _case(shape, page_size, 2, head_dim, "cuda", seed, scale)
-    check_paged_fp8_backend(case, dtype, "triton", *mask)
+    check_paged_backend(case, dtype, "triton", *mask, fp8=True)
 
 
 @gpu

@@ -28,8 +28,7 @@ import torch
 from hstu_kernels.kvcache.allocator import PageAllocator
 from hstu_kernels.kvcache.metadata import BatchMetadata, build_paged_metadata, check_padding
 from hstu_kernels.kvcache.transfer import TransferEngine
-from hstu_kernels.types import check_device, check_storage_dtype
-from hstu_kernels.validation import FP8_POOL_DTYPE
+from hstu_kernels.types import check_device, check_kv_dtype, check_storage_dtype
 
 __all__ = ["CacheSnapshot", "KVCacheConfig", "KVCacheError", "KVCacheManager"]
 
@@ -90,11 +89,7 @@ class KVCacheConfig:
         if not isinstance(self.host_pages, int) or self.host_pages < 0:
             raise ValueError(f"host_pages: expected an int >= 0, got {self.host_pages!r}")
         check_storage_dtype(self.dtype)
-        if self.kv_dtype not in (None, self.dtype, FP8_POOL_DTYPE):
-            raise TypeError(
-                f"kv_dtype: expected None, the dtype ({self.dtype}) or torch.float8_e4m3fn, "
-                f"got {self.kv_dtype!r}"
-            )
+        check_kv_dtype(self.kv_dtype, self.dtype)
         device = check_device("device", self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(

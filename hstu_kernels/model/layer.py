@@ -45,7 +45,13 @@ from hstu_kernels.plan import (
     plan_jagged_attention,
     plan_paged_attention,
 )
-from hstu_kernels.types import CacheAppend, check_storage_dtype, is_finite_real, is_int
+from hstu_kernels.types import (
+    CacheAppend,
+    check_kv_dtype,
+    check_storage_dtype,
+    is_finite_real,
+    is_int,
+)
 
 __all__ = [
     "CachedPlans",
@@ -110,7 +116,7 @@ def _append_backend(
     if found is None or "append_kv" in found.ops:
         return backend
     device = meta.cu_seqlens_q.device
-    features = frozenset({"fp8_kv"}) if kv_dtype not in (None, dtype) else frozenset()
+    features = frozenset({"fp8_kv"}) if check_kv_dtype(kv_dtype, dtype) else frozenset()
     request = Request("append_kv", device_arch(device), dtype, head_dim, meta.page_size, features)
     return registry().select(request, "auto", env_override=False).name
 

@@ -33,7 +33,7 @@ from hstu_kernels.model.block import HSTUBlock
 from hstu_kernels.model.embeddings import EmbeddingLookup, TorchEmbeddings
 from hstu_kernels.model.graphs import CachedBlockGraphs
 from hstu_kernels.model.requests import RequestBatch
-from hstu_kernels.types import check_storage_dtype, is_int
+from hstu_kernels.types import check_kv_dtype, check_storage_dtype, is_int
 
 __all__ = [
     "MODES",
@@ -91,10 +91,7 @@ class RankingConfig:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {self.dtype!r}")
         check_backend_name(self.backend)
-        if self.kv_dtype not in (None, self.dtype, torch.float8_e4m3fn):
-            raise TypeError(
-                f"kv_dtype: expected None, the dtype or torch.float8_e4m3fn, got {self.kv_dtype!r}"
-            )
+        check_kv_dtype(self.kv_dtype, self.dtype)
         if not is_int(self.seed):
             raise TypeError(f"seed: expected an int, got {self.seed!r}")
 
