@@ -55,14 +55,20 @@ class _PlanCache:
     def get(self, key: tuple | None) -> Any:
         if key is None:
             return None
-        plan = self._plans.get(key)
+        try:
+            plan = self._plans.get(key)
+        except TypeError:  # an unhashable argument: the planning path names the error
+            return None
         if plan is not None:
             self._plans.move_to_end(key)
         return plan
 
     def put(self, key: tuple | None, plan: Any) -> Any:
         if key is not None:
-            self._plans[key] = plan
+            try:
+                self._plans[key] = plan
+            except TypeError:
+                return plan
             if len(self._plans) > self.size:
                 self._plans.popitem(last=False)
         return plan
@@ -80,12 +86,15 @@ def clear_plan_cache() -> None:
     _PLANS.clear()
 
 
-def _tensor_key(t: Any) -> tuple | None:
-    """A metadata tensor's identity and in-place write count (``None`` for ``None``; an
-    inference tensor counts no writes). The cached plan holds the tensor, so its id cannot be
-    reused while the entry lives."""
+def _tensor_key(t: Any, versioned: bool) -> Any:
+    """A metadata tensor's part of a plan's key: its identity (``None`` for ``None``), and
+    with ``versioned`` its in-place write count too (an inference tensor counts no writes),
+    for a plan made from the tensor's values. The cached plan holds the tensor, so its id
+    cannot be reused while the entry lives."""
     if t is None:
         return None
+    if not versioned:
+        return id(t)
     try:
         return id(t), t._version
     except RuntimeError:  # an inference tensor: no version counter
@@ -115,32 +124,30 @@ class _Metadata:
 
 
 def _cached(
-    key: tuple | None, entry: Any, validate: bool, make: Callable[..., Any], meta: _Metadata
+    key: tuple | None,
+    entry: Any,
+    validate: bool,
+    make: Callable[..., Any],
+    meta: Callable[[], _Metadata],
 ) -> Any:
-    """The plan for ``key``. With ``validate`` (outside a capture) the metadata is read (one
-    sync); the cached plan serves if these are the values it was made for (compared as they
-    were read), else they are parsed and checked and a plan is made for them
+    """The plan for ``key``. With ``validate`` (outside a capture) the metadata ``meta()`` is
+    read (one sync); the cached plan serves if these are the values it was made for (compared
+    as they were read), else they are parsed and checked and a plan is made for them
     (``make(layout=...)``). Without, a cached plan is reused as it is and a missing one made
     by ``make(layout=None)``. ``entry``: the cache's ``(plan, values read)`` for ``key``, or
     ``None``."""
-    if validate and not val.is_capturing(meta.cu.device):
-        raw = meta.read().tobytes()
-        if entry is not None and entry[1] == raw:
-            return entry[0]
-        plan = make(layout=meta.parse(np.frombuffer(raw, dtype=np.int32)))
-        _PLANS.put(key, (plan, raw))
-        return plan
+    if validate:
+        found = meta()
+        if not val.is_capturing(found.cu.device):
+            raw = found.read().tobytes()
+            if entry is not None and entry[1] == raw:
+                return entry[0]
+            plan = make(layout=found.parse(np.frombuffer(raw, dtype=np.int32)))
+            _PLANS.put(key, (plan, raw))
+            return plan
     if entry is None:
         entry = _PLANS.put(key, (make(layout=None), None))
     return entry[0]
-
-
-def _key(*parts: Any) -> tuple | None:
-    try:
-        hash(parts)
-    except TypeError:  # an unhashable argument: the planning path names the error
-        return None
-    return parts
 
 
 def hstu_attention(
@@ -186,10 +193,12 @@ def hstu_attention(
             scaling_seqlen, max_seqlen, backend, validate,
         )  # fmt: skip
         return result if out is None else out.copy_(result)
+    # (a plan made from the metadata's values is keyed by their version too)
+    versioned = validate or max_seqlen is None or scaling_seqlen is None
     try:
-        key = _key("jagged", q.shape[1], q.shape[2], q.dtype, _tensor_key(cu_seqlens),
-                   _tensor_key(num_targets), num_contexts, max_attn_len, alpha, scaling_seqlen,
-                   max_seqlen, backend, validate)  # fmt: skip
+        key = ("jagged", q.shape[1], q.shape[2], q.dtype, _tensor_key(cu_seqlens, versioned),
+               _tensor_key(num_targets, versioned), num_contexts, max_attn_len, alpha,
+               scaling_seqlen, max_seqlen, backend, validate)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
     entry = _PLANS.get(key)
@@ -209,7 +218,9 @@ def hstu_attention(
             validate=validate, layout=layout,
         )  # fmt: skip
 
-    meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, None, None, q.shape[0])
+    def meta() -> _Metadata:
+        return _Metadata(cu_seqlens, "cu_seqlens", num_targets, None, None, q.shape[0])
+
     return _cached(key, entry, validate, make, meta).run(q, k, v, out)
 
 
@@ -352,13 +363,15 @@ def _paged_plan(
     *,
     partials: bool,
 ) -> PagedAttentionPlan:
+    # (a plan made from the metadata's values is keyed by their version too)
+    versioned = validate or max_seqlen_q is None or scaling_seqlen is None
     try:
         pt = page_table
-        key = _key("paged", q.shape[1], q.shape[2], q.dtype, kv_cache.dtype, kv_cache.shape[2],
-                   _tensor_key(pt.page_indptr), _tensor_key(pt.page_ids),
-                   _tensor_key(pt.last_page_len), _tensor_key(cu_seqlens_q),
-                   _tensor_key(num_targets), num_contexts, max_attn_len, alpha, scaling_seqlen,
-                   max_seqlen_q, backend, validate, partials)  # fmt: skip
+        key = ("paged", q.shape[1], q.shape[2], q.dtype, kv_cache.dtype, kv_cache.shape[2],
+               _tensor_key(pt.page_indptr, versioned), _tensor_key(pt.page_ids, versioned),
+               _tensor_key(pt.last_page_len, versioned), _tensor_key(cu_seqlens_q, versioned),
+               _tensor_key(num_targets, versioned), num_contexts, max_attn_len, alpha,
+               scaling_seqlen, max_seqlen_q, backend, validate, partials)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
     entry = _PLANS.get(key)
@@ -383,8 +396,10 @@ def _paged_plan(
             partials=partials, kv_dtype=kv_cache.dtype,
         )  # fmt: skip
 
-    meta = _Metadata(cu_seqlens_q, "cu_seqlens_q", num_targets, page_table, kv_cache.shape[2],
-                     q.shape[0])  # fmt: skip
+    def meta() -> _Metadata:
+        return _Metadata(cu_seqlens_q, "cu_seqlens_q", num_targets, page_table,
+                         kv_cache.shape[2], q.shape[0])  # fmt: skip
+
     return _cached(key, entry, validate, make, meta)
 
 
@@ -419,11 +434,10 @@ def append_kv(
         return
     try:
         pt = page_table
-        key = _key("append_kv", k.shape[1], k.shape[2], k.dtype, kv_cache.dtype,
-                   kv_cache.shape[2],
-                   _tensor_key(pt.page_indptr), _tensor_key(pt.page_ids),
-                   _tensor_key(pt.last_page_len), _tensor_key(cu_seqlens),
-                   _tensor_key(num_targets), backend, validate)  # fmt: skip
+        key = ("append_kv", k.shape[1], k.shape[2], k.dtype, kv_cache.dtype, kv_cache.shape[2],
+               _tensor_key(pt.page_indptr, validate), _tensor_key(pt.page_ids, validate),
+               _tensor_key(pt.last_page_len, validate), _tensor_key(cu_seqlens, validate),
+               _tensor_key(num_targets, validate), backend, validate)  # fmt: skip
     except (AttributeError, IndexError):
         key = None
     entry = _PLANS.get(key)
@@ -443,8 +457,10 @@ def append_kv(
             layout=layout, kv_dtype=kv_cache.dtype,
         )  # fmt: skip
 
-    meta = _Metadata(cu_seqlens, "cu_seqlens", num_targets, page_table, kv_cache.shape[2],
-                     k.shape[0], writes=True)  # fmt: skip
+    def meta() -> _Metadata:
+        return _Metadata(cu_seqlens, "cu_seqlens", num_targets, page_table, kv_cache.shape[2],
+                         k.shape[0], writes=True)  # fmt: skip
+
     _cached(key, entry, validate, make, meta).run(kv_cache, k, v, kv_scales)
 
 

@@ -104,14 +104,6 @@ def check_served(
     return request
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' memory spans overlap (same device assumed; a cheap host check)."""
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + a.numel() * a.element_size()
-    b1 = b0 + b.numel() * b.element_size()
-    return a0 < b1 and b0 < a1 and a.numel() > 0 and b.numel() > 0
-
-
 def _layout_for(
     op: str,
     cu: torch.Tensor,
@@ -216,25 +208,31 @@ class _Plan:
         if batch.device.type == "cuda" and self._dev is None:
             self._dev = torch.cuda.current_device()
         self._tail = (batch.heads, batch.head_dim)
+        self._item = batch.dtype.itemsize
         self._shape = None if batch.rows is None else (batch.rows, *self._tail)
 
     def explain(self) -> Explanation:
         """The dispatcher's choice for this plan's call, and why."""
         return registry().explain(self.request, self._backend_arg)
 
-    def _rows_ok(self, t: Any) -> bool:
-        """One expression of cheap checks (the error, if any, comes from :meth:`_refuse`)."""
-        return (
-            isinstance(t, torch.Tensor)
-            and t.dtype == self.dtype
-            and t.get_device() == self._dev
-            and (
-                t.shape == self._shape
-                if self._shape is not None
-                else t.dim() == 3 and t.shape[1:] == self._tail
-            )
-            and t.is_contiguous()
-        )
+    def _rows_ok(self, *ts: Any) -> bool:
+        """Whether every one of ``ts`` is packed rows of this plan: one shape (the plan's, if
+        it knows its rows), its dtype and device, contiguous. Cheap checks only; the error,
+        if any, comes from :meth:`_refuse`."""
+        shape = self._shape
+        dtype, dev = self.dtype, self._dev
+        try:
+            if shape is None:
+                shape = ts[0].shape
+                if len(shape) != 3 or shape[1:] != self._tail:
+                    return False
+            for t in ts:
+                if (t.dtype is not dtype or t.shape != shape or t.get_device() != dev
+                        or not t.is_contiguous()):  # fmt: skip
+                    return False
+        except AttributeError:  # not a tensor
+            return False
+        return isinstance(ts[0], torch.Tensor)
 
     def _refuse(self, names: tuple[str, ...], tensors: tuple[Any, ...]) -> None:
         """Raise the named error for packed rows that do not match the plan."""
@@ -262,18 +260,28 @@ class _Plan:
             )
         raise ValueError(f"{names[0]}: does not match the plan")  # unreachable in practice
 
-    def _out(
-        self, out: torch.Tensor | None, q: torch.Tensor, *inputs: torch.Tensor
-    ) -> torch.Tensor:
+    def _rows_and_out(self, names: tuple[str, ...], ts: tuple[Any, ...], out: Any) -> torch.Tensor:
+        """Check the packed rows ``ts`` (named ``names``) and ``out`` against the plan; returns
+        ``out``, allocated (as ``ts[0]``) if ``None``."""
         if out is None:
-            return torch.empty_like(q)
-        if isinstance(out, torch.Tensor) and out.shape == q.shape and self._rows_ok(out):
-            for name, t in zip(("q", "k", "v"), (q, *inputs), strict=False):
-                if _overlap(out, t):
-                    # a kernel that splits the KV range reads q after other programs of the
-                    # same rows may have written out
-                    raise ValueError(f"out: must not share memory with {name}")
-            return out
+            if not self._rows_ok(*ts):
+                self._refuse(names, ts)
+            return torch.empty_like(ts[0])
+        if not self._rows_ok(*ts, out):
+            if not self._rows_ok(*ts):
+                self._refuse(names, ts)
+            self._refuse_out(out, ts[0])
+        # Rows of one shape and dtype, contiguous: spans of n bytes, which overlap iff their
+        # bases are less than n apart.
+        base, n = out.data_ptr(), out.numel() * self._item
+        for name, t in zip(names, ts, strict=True):
+            if n and -n < t.data_ptr() - base < n:
+                # a kernel that splits the KV range reads q after other programs of the same
+                # rows may have written out
+                raise ValueError(f"out: must not share memory with {name}")
+        return out
+
+    def _refuse_out(self, out: Any, q: torch.Tensor) -> None:
         out = val.check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         raise ValueError(f"out: expected shape {tuple(q.shape)} (as q), got {tuple(out.shape)}")
 
@@ -359,15 +367,7 @@ class PagedAttentionPlan(_PagedPool):
         if partials and "paged_partials" in chosen.ops:
             self._launch_partials = _planner(chosen, "paged_partials")(batch)
 
-    def _check(self, q: Any, k_new: Any, v_new: Any, kv_cache: Any, kv_scales: Any) -> None:
-        if not (
-            self._rows_ok(q)
-            and self._rows_ok(k_new)
-            and self._rows_ok(v_new)
-            and k_new.shape == q.shape == v_new.shape
-        ):
-            self._refuse(("q", "k_new", "v_new"), (q, k_new, v_new))
-        self._check_pool(kv_cache, kv_scales, q, "q")
+    _NAMES = ("q", "k_new", "v_new")
 
     def run(
         self,
@@ -382,8 +382,8 @@ class PagedAttentionPlan(_PagedPool):
         ``[num_pages, 2, page_size, heads, head_dim]``, with its ``kv_scales`` if the plan's
         ``kv_dtype`` is FP8): ``q, k_new, v_new`` and ``out`` as in
         :func:`~hstu_kernels.paged_hstu_attention`. Returns ``out`` (allocated if ``None``)."""
-        self._check(q, k_new, v_new, kv_cache, kv_scales)
-        out = self._out(out, q, k_new, v_new)
+        out = self._rows_and_out(self._NAMES, (q, k_new, v_new), out)
+        self._check_pool(kv_cache, kv_scales, q, "q")
         if self._fp8:
             self._launch(q, k_new, v_new, kv_cache, out, kv_scales)
         else:
@@ -403,7 +403,9 @@ class PagedAttentionPlan(_PagedPool):
         (fp32), rounded to ``q``'s dtype, is :meth:`run`'s output. Where the backend split the
         KV range they are fp32; otherwise ``S = 1`` and the one "partial" is the output itself,
         in ``q``'s dtype (see ``ops.paged_hstu_attention_partials``)."""
-        self._check(q, k_new, v_new, kv_cache, kv_scales)
+        if not self._rows_ok(q, k_new, v_new):
+            self._refuse(self._NAMES, (q, k_new, v_new))
+        self._check_pool(kv_cache, kv_scales, q, "q")
         scales = (kv_scales,) if self._fp8 else ()
         if self._launch_partials is not None:
             got = self._launch_partials(q, k_new, v_new, kv_cache, *scales)
@@ -435,10 +437,7 @@ class JaggedAttentionPlan(_Plan):
     ) -> torch.Tensor:
         """Jagged attention of this batch's whole sequences: ``q, k, v`` and ``out`` as in
         :func:`~hstu_kernels.hstu_attention`. Returns ``out`` (allocated if ``None``)."""
-        if not (self._rows_ok(q) and self._rows_ok(k) and self._rows_ok(v)
-                and k.shape == q.shape == v.shape):  # fmt: skip
-            self._refuse(("q", "k", "v"), (q, k, v))
-        out = self._out(out, q, k, v)
+        out = self._rows_and_out(("q", "k", "v"), (q, k, v), out)
         self._launch(q, k, v, out)
         return out
 
@@ -463,7 +462,7 @@ class AppendPlan(_PagedPool):
     ) -> None:
         """Write this batch's new history rows of ``k``/``v`` into ``kv_cache``, in place (an
         FP8 pool: quantised, each row's scale into ``kv_scales``)."""
-        if not (self._rows_ok(k) and self._rows_ok(v) and v.shape == k.shape):
+        if not self._rows_ok(k, v):
             self._refuse(("k", "v"), (k, v))
         self._check_pool(kv_cache, kv_scales, k, "k")
         if self._fp8:

@@ -46,6 +46,7 @@ assert _ON_GPU or _interpreted(), "Triton was imported before conftest set TRITO
 cpu_only = pytest.mark.skipif(
     _ON_GPU, reason="interpreter tests run only without a GPU (the gpu tests cover it there)"
 )
+gpu = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
@@ -257,6 +258,54 @@ def test_paged_partials_interpreter(monkeypatch, splits):
     _check_partials(monkeypatch, Config(16, 16, 4, 1, splits=splits), "cpu", torch.float16)
 
 
+def _check_repeated_split_launches(paged: bool, config: Config, device: str) -> None:
+    """One planned launch whose tiles are summed by their last piece, run three times on new
+    inputs: each run is right and leaves every tile's ticket counter at 0 for the next (the
+    counters are zeroed once, when the launch is made)."""
+    case = make_paged_case([37, 5, 64, 1], [10, 5, 17, 1], [3, 0, 7, 2], page_size=16, heads=2,
+                           head_dim=64, device=device, seed=8)  # fmt: skip
+    dtype = torch.float16
+    if paged:
+        kv, cu, table, rows = case.kv_cache.to(dtype), case.cu_q, case.page_table, case.rows
+    else:
+        kv, cu, table, rows = None, case.cu_full, None, slice(None)
+    n = int(cu[-1])
+    max_len = int((cu[1:] - cu[:-1]).max())
+    launch = tri_attn.AttentionLaunch(
+        config, rows=n, heads=2, head_dim=64, dtype=dtype, device=torch.device(device),
+        cu_seqlens=cu, num_targets=case.num_targets, max_seqlen=max_len, alpha=case.spec().alpha,
+        scaling_seqlen=case.spec().scaling_seqlen, page_table=table,
+        page_size=16 if paged else None,
+    )  # fmt: skip
+    assert launch.splits == config.splits
+    full = (case.q_full, case.k_full, case.v_full)
+    for rep in range(3):
+        # new queries each run (the cache holds the keys): a stale partial or ticket would show
+        qf, kf, vf = full[0] * (1.0 + rep), full[1], full[2]
+        q, k, v = (t[rows].to(dtype) for t in (qf, kf, vf))
+        out = poisoned_like(q)
+        launch(q, k, v, kv, out)
+        want32 = reference.jagged_hstu_attention(qf, kf, vf, case.cu_full, case.num_targets,
+                                                 case.spec())[rows]  # fmt: skip
+        want = reference.jagged_hstu_attention(*(t.to(dtype) for t in (qf, kf, vf)),
+                                               case.cu_full, case.num_targets,
+                                               case.spec())[rows]  # fmt: skip
+        assert_hstu_close(out, want32, want)
+        assert int(launch.ticket_counters.abs().sum()) == 0
+
+
+@cpu_only
+@pytest.mark.parametrize("paged", [True, False])
+def test_repeated_split_launches_reset_their_tickets_interpreter(paged):
+    _check_repeated_split_launches(paged, Config(16, 16, 4, 1, splits=3), "cpu")
+
+
+@gpu
+@pytest.mark.parametrize("paged", [True, False])
+def test_repeated_split_launches_reset_their_tickets_gpu(paged):
+    _check_repeated_split_launches(paged, Config(16, 16, 4, 1, splits=3), "cuda")
+
+
 def test_paged_partials_of_a_backend_without_them():
     # The reference backend has no "paged_partials" op: the output comes back as S = 1.
     from hstu_kernels.ops import paged_hstu_attention_partials
@@ -336,8 +385,6 @@ def test_bad_input_raises_before_the_kernel():
 
 
 # ---------------------------------------------------------------- GPU
-
-gpu = pytest.mark.gpu
 
 
 @gpu

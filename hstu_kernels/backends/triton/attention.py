@@ -329,9 +329,10 @@ def _attend_tile(
     """Query tile ``m_tile`` of (sequence, head) ``pid_hb``: piece ``split`` of ``splits``.
 
     The piece's keys: ``STREAM_K``, units ``unit_lo .. unit_hi`` of the tile's ``units``
-    (scaled onto its key tiles); ``FIXUP``, chunk ``split`` of ``chunk_tiles`` key tiles;
-    otherwise the ``split``-th of ``splits`` even chunks. A tile in several pieces is combined
-    by the last ticket's holder (``STREAM_K``, ``FIXUP``) or by the sum kernel.
+    (scaled onto its key tiles); ``FIXUP`` and jagged, chunk ``split`` of ``chunk_tiles`` key
+    tiles; otherwise the ``split``-th of ``splits`` even chunks. A tile in several pieces is
+    combined by the last ticket's holder (``STREAM_K``, ``FIXUP``; it leaves its ticket at 0)
+    or by the sum kernel.
     """
     b = pid_hb // num_heads
     h = pid_hb % num_heads
@@ -376,7 +377,7 @@ def _attend_tile(
         end = k0 + ((unit_hi * n_tiles) // units) * BLOCK_N
         last_piece = unit_hi == units
     else:
-        if FIXUP:
+        if FIXUP and not PAGED:
             # Chunks of chunk_tiles key tiles: a short tile has one chunk (one with no history
             # keys at all still has one, for its targets); programs past its last chunk exit.
             per_split = chunk_tiles
@@ -384,7 +385,8 @@ def _attend_tile(
             if split >= n_chunks:
                 return
         else:
-            # Even chunks; every split writes its partial (zeros when its chunk is empty).
+            # Even chunks (paged); every split writes its partial (zeros when its chunk is
+            # empty), summed by the last ticket's holder (FIXUP) or by the sum kernel.
             per_split = tl.cdiv(n_tiles, splits)
             n_chunks = splits
         lo = k0 + split * per_split * BLOCK_N
@@ -483,6 +485,9 @@ def _attend_tile(
                         cache_modifier=".cg",  # written by other SMs: read from L2, not L1
                     )
                 tl.store(OUT + off_r, total.to(OUT.dtype.element_ty), mask=ok_r)
+            # Every piece has taken its ticket: reset it for the next launch, so the counters
+            # are zeroed once, not before every launch.
+            tl.atomic_xchg(TICKETS + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -582,17 +587,6 @@ def _hstu_fwd_kernel(
             max_attn_len, KV_SCALES, HEAD_DIM, BLOCK_M, BLOCK_N, PAGE_SIZE, PAGED, DOT_PRECISION,
             FAST_SILU, PREFETCH, FIXUP, FIXUP_ROWS, STREAM_K, TMA, WINDOWED, KV_FP8,
         )  # fmt: skip
-
-
-@triton.jit
-def _sum_splits_kernel(WS, OUT, numel, splits, BLOCK: tl.constexpr):
-    """``OUT = sum_s WS[s]`` in a fixed order, cast to OUT's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(splits):
-        total += tl.load(WS + s * numel + offs, mask=ok, other=0.0)
-    tl.store(OUT + offs, total.to(OUT.dtype.element_ty), mask=ok)
 
 
 def grid_programs(batch: int, heads: int, max_seqlen: int, block_m: int) -> int:
@@ -709,8 +703,10 @@ class AttentionLaunch:
                 splits = cdiv(kv_tiles, chunk_tiles)
             grid = (batch * heads, num_m_tiles, splits)
         self.splits = splits
-        self._ticketed = (fixup or config.stream_k) and splits > 1
-        self._summed = splits > 1 and not fixup and not config.stream_k
+        # A split tile is summed by its last piece (tickets) unless a caller asks for the
+        # partials (paged: the same grid without FIXUP, unsummed).
+        self._ticketed = (fixup or config.stream_k or paged) and splits > 1
+        self._partials_possible = paged and splits > 1 and not config.stream_k
         self._programs = programs
         if fast_silu is None:
             fast_silu = device.type == "cuda" and dtype != torch.float32
@@ -730,37 +726,44 @@ class AttentionLaunch:
         constexprs = dict(
             HEAD_DIM=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             PAGE_SIZE=page_size, PAGED=paged, DOT_PRECISION=precision, FAST_SILU=fast_silu,
-            PREFETCH=config.prefetch, FIXUP=fixup, FIXUP_ROWS=min(config.block_m, 32),
-            STREAM_K=config.stream_k, TMA=self._tma, WINDOWED=windowed, KV_FP8=self._fp8,
+            PREFETCH=config.prefetch, FIXUP=self._ticketed and not config.stream_k,
+            FIXUP_ROWS=min(config.block_m, 32), STREAM_K=config.stream_k, TMA=self._tma,
+            WINDOWED=windowed, KV_FP8=self._fp8,
         )  # fmt: skip
         self._fixed = (args, constexprs, config.num_warps, config.num_stages, grid)
-        # (main, sum) launches by row count: one, unless the plan did not know the rows
-        self._by_rows: dict[int, tuple[FixedLaunch, FixedLaunch | None]] = {}
+        # Each tile's ticket counter, zeroed once: the last piece of a tile resets it. (Made
+        # per call while a CUDA graph is captured: a zeroing captured is not run until replay.)
+        self._tickets = None
+        if self._ticketed and not _capturing(device):
+            self._tickets = torch.zeros(programs, dtype=torch.int32, device=device)
+        # (summed, partials) launches by row count: made once, unless the rows were unknown
+        self._by_rows: dict[tuple[int, bool], FixedLaunch] = {}
         self._descriptors: dict[tuple, object] = {}  # (base, shape, strides) -> descriptor
         if rows is not None:
-            self._launches(rows * heads * head_dim)
+            self._launches(rows * heads * head_dim, True)
 
-    def _launches(self, numel: int) -> tuple[FixedLaunch, FixedLaunch | None]:
-        found = self._by_rows.get(numel)
+    @property
+    def ticket_counters(self) -> torch.Tensor | None:
+        """The tiles' ticket counters of a launch whose split tiles are summed by their last
+        piece (each launch leaves them at 0), else ``None``."""
+        return self._tickets
+
+    def _launches(self, numel: int, summed: bool) -> FixedLaunch:
+        key = (numel, summed)
+        found = self._by_rows.get(key)
         if found is None:
-            found = (self._launcher(numel), self._sum_launcher(numel) if self._summed else None)
-            self._by_rows[numel] = found
+            found = self._by_rows[key] = self._launcher(numel, summed)
         return found
 
-    def _launcher(self, numel: int) -> FixedLaunch:
+    def _launcher(self, numel: int, summed: bool) -> FixedLaunch:
         args, constexprs, warps, stages, grid = self._fixed
         args = list(args)
         args[17] = numel  # ws_stride_split
+        if not summed:
+            constexprs = {**constexprs, "FIXUP": False}
         slots = (0, 1, 2, 3, 4, 10, 11, 12) + ((28,) if self._fp8 else ())
         return FixedLaunch(
             _hstu_fwd_kernel, grid, args, slots, constexprs, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-
-    def _sum_launcher(self, numel: int) -> FixedLaunch:
-        block = 1024
-        return FixedLaunch(
-            _sum_splits_kernel, (cdiv(numel, block),), [None, None, numel, self.splits],
-            (0, 1), {"BLOCK": block}, num_warps=4,
         )  # fmt: skip
 
     def __call__(
@@ -774,18 +777,22 @@ class AttentionLaunch:
         kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Launch on ``q, k, v`` (whole sequences, or the paged call's new rows), the cache
-        (paged; an FP8 one with its ``kv_scales``) and ``out``. Returns ``None`` once ``out`` holds the result; with
-        ``sum_splits=False`` a launch whose even KV split would end in the sum kernel returns
-        the fp32 partials ``[S, *q.shape]`` instead, ``out`` unwritten (sum them in order
-        ``0 .. S-1`` and round to ``out``'s dtype)."""
+        (paged; an FP8 one with its ``kv_scales``) and ``out``. Returns ``None`` once ``out``
+        holds the result; with ``sum_splits=False`` a paged launch that splits the KV range
+        evenly returns the fp32 partials ``[S, *q.shape]`` instead, ``out`` unwritten (sum
+        them in order ``0 .. S-1`` and round to ``out``'s dtype). Launches of one plan must be
+        ordered on one stream: they share the tiles' ticket counters."""
         if self.empty or q.shape[0] == 0:
             return None
-        main, total = self._launches(q.numel())
+        partials = not sum_splits and self._partials_possible
+        main = self._launches(q.numel(), not partials)
         ws = tickets = out  # unused unless split
         if self.splits > 1:
             ws = torch.empty((self.splits, *q.shape), dtype=torch.float32, device=q.device)
-        if self._ticketed:
-            tickets = torch.zeros(self._programs, dtype=torch.int32, device=q.device)
+            if not partials:
+                tickets = self._tickets
+                if tickets is None:
+                    tickets = torch.zeros(self._programs, dtype=torch.int32, device=q.device)
         kv = q if kv_cache is None else kv_cache
         desc = kv
         if self._tma:
@@ -807,11 +814,11 @@ class AttentionLaunch:
             main(q, k, v, kv, desc, out, ws, tickets, kv_scales)
         else:
             main(q, k, v, kv, desc, out, ws, tickets)
-        if self._summed:
-            if not sum_splits:
-                return ws
-            total(ws, out)
-        return None
+        return ws if partials else None
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def launch(

@@ -21,6 +21,7 @@ specialises on (:func:`specialisation`, at least as fine as Triton's own key), n
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,20 +81,24 @@ class FixedLaunch:
     (``num_warps``, ``num_stages``) as ``kernel[grid]`` takes them.
 
     ``launch(*tensors)`` fills the slots in order and launches on the current stream.
+
+    Once compiled, a call is one generated function (:func:`_direct_call`): it reads the
+    slots' addresses, checks the alignment the kernel was specialised for, and calls the
+    compiled launcher with every argument in place. Tensors reach the launcher as addresses
+    (the fixed ones read once, and kept referenced here): Triton's launcher takes an int for a
+    pointer and then skips the ``data_ptr()`` call and the driver's pointer query it makes for
+    a tensor.
     """
 
     __slots__ = (
-        "_aligned",
         "_args",
+        "_call",
         "_compiled",
         "_constexprs",
-        "_device",
         "_grid",
         "_kernel",
         "_options",
         "_slots",
-        "_stream",
-        "_tail",
     )
 
     def __init__(
@@ -112,30 +117,20 @@ class FixedLaunch:
         self._constexprs = constexprs
         self._options = options
         self._compiled = None
-        self._aligned: tuple[bool, ...] = ()
-        self._tail: list[Any] = []
-        self._device = -1
-        self._stream = _raw_stream_getter()
+        self._call: Callable[..., None] = self._first
 
-    def __call__(self, *tensors: torch.Tensor) -> None:
+    def __call__(self, *tensors: Any) -> None:
+        self._call(*tensors)
+
+    def _first(self, *tensors: Any) -> None:
+        """A call before the direct launch exists, or one it cannot take (an unaligned
+        tensor): through :meth:`_slow`."""
         args = self._args.copy()
         for i, t in zip(self._slots, tensors, strict=True):
             args[i] = t
-        compiled = self._compiled
-        if compiled is not None:
-            for t, aligned in zip(tensors, self._aligned, strict=True):
-                if aligned and t.data_ptr() % 16:
-                    break  # specialised for 16-byte alignment: compile a variant
-            else:
-                g0, g1, g2 = self._grid
-                compiled.run(
-                    g0, g1, g2, self._stream(self._device), compiled.function,
-                    compiled.packed_metadata, None, None, None, *args, *self._tail,
-                )  # fmt: skip
-                return
         self._slow(args, tensors)
 
-    def _slow(self, args: list[Any], tensors: Sequence[torch.Tensor]) -> None:
+    def _slow(self, args: list[Any], tensors: Sequence[Any]) -> None:
         """Through ``kernel[grid]`` (or a kernel compiled for another launch with the same
         specialisation); the first time, keep what the direct launch needs."""
         key = None
@@ -161,13 +156,93 @@ class FixedLaunch:
             COMPILED[key] = (compiled, tail)
 
     def _adopt(self, compiled: Any, tail: list[Any], tensors: Sequence[Any]) -> None:
-        self._tail = tail
         # a tensor descriptor (TMA) is specialised by its block, not its base: no check
-        self._aligned = tuple(
-            isinstance(t, torch.Tensor) and t.data_ptr() % 16 == 0 for t in tensors
-        )
-        self._device = _device_of(tensors[0]).index
+        kinds = tuple(
+            _DESCRIPTOR if not isinstance(t, torch.Tensor)
+            else (_ALIGNED if t.data_ptr() % 16 == 0 else _UNALIGNED)
+            for t in tensors
+        )  # fmt: skip
+        fixed = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._args]
+        raw = _raw_launch(compiled)
+        if raw is not None:
+            launch, head = raw
+        else:
+            launch = compiled.run
+            head = (compiled.function, compiled.packed_metadata, None, None, None)
+        device = _device_of(tensors[0]).index
+        self._call = _direct_call(launch, self._grid, _raw_stream_getter(), device, head,
+                                  fixed + tail, self._slots, kinds, self._first)  # fmt: skip
         self._compiled = compiled
+
+
+def _direct_call(
+    launch: Callable[..., Any],
+    grid: tuple[int, int, int],
+    stream: Callable[[int], int],
+    device: int,
+    head: Sequence[Any],
+    args: Sequence[Any],
+    slots: Sequence[int],
+    kinds: Sequence[int],
+    fallback: Callable[..., None],
+) -> Callable[..., None]:
+    """A function of the slots' tensors that calls ``launch(*grid, stream(device), *head,
+    *args)`` with the slots of ``args`` filled: a tensor as its address, a descriptor as it
+    is; a tensor that lost the 16-byte alignment of its slot goes to ``fallback``. Generated
+    code, one line per step: a loop over the arguments costs several µs per launch."""
+    names = [f"t{j}" for j in range(len(slots))]
+    env: dict[str, Any] = {"launch": launch, "stream": stream, "fallback": fallback}
+    filled = [f"a{i}" for i in range(len(args))]
+    for i, value in enumerate(args):
+        env[f"a{i}"] = value
+    for j, head_value in enumerate(head):
+        env[f"h{j}"] = head_value
+    lines = [f"def call({', '.join(names)}):"]
+    aligned = []
+    for j, (i, kind) in enumerate(zip(slots, kinds, strict=True)):
+        if kind == _DESCRIPTOR:
+            filled[i] = names[j]
+            continue
+        lines.append(f"    p{j} = t{j}.data_ptr()")
+        filled[i] = f"p{j}"
+        if kind == _ALIGNED:
+            aligned.append(f"p{j}")
+    if aligned:
+        lines.append(f"    if ({' | '.join(aligned)}) & 15:")
+        lines.append(f"        return fallback({', '.join(names)})")
+    g0, g1, g2 = grid
+    heads = [f"h{j}" for j in range(len(head))]
+    lines.append(f"    launch({g0}, {g1}, {g2}, stream({device}), {', '.join(heads + filled)})")
+    exec("\n".join(lines), env)
+    return env["call"]
+
+
+_DESCRIPTOR, _ALIGNED, _UNALIGNED = 0, 1, 2
+
+
+def _raw_launch(compiled: Any) -> tuple[Any, tuple[Any, ...]] | None:
+    """Triton 3.6's compiled launcher (a C function) and the arguments it takes between the
+    stream and the kernel's own, where calling it directly is what ``compiled.run`` would do:
+    no scratch memory to allocate, no tensor descriptor to encode (those need Triton's Python
+    wrapper). ``None`` otherwise (another Triton version: ``compiled.run`` is called)."""
+    run = compiled.run
+    launch = getattr(run, "launch", None)
+    if (
+        type(run).__name__ != "CudaLauncher"
+        or type(launch).__name__ != "builtin_function_or_method"
+    ):
+        return None
+    try:
+        params = list(inspect.signature(type(run).__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+    if params != ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]:
+        return None
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+            compiled.packed_metadata, None, None, None)  # fmt: skip
+    return launch, head
 
 
 # Compiled kernels by specialisation, shared by every FixedLaunch of the process.
