@@ -27,6 +27,7 @@ combine them (both deterministic and CUDA-graph capturable: sizes come from shap
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -622,6 +623,11 @@ def tma_possible(config: Config, page_size: int, heads: int, head_dim: int, item
         return False
     if (heads * head_dim * item) % 16:
         return False
+    return _has_tensor_descriptors()
+
+
+@functools.cache
+def _has_tensor_descriptors() -> bool:
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
@@ -710,7 +716,7 @@ class AttentionLaunch:
         self._programs = programs
         if fast_silu is None:
             fast_silu = device.type == "cuda" and dtype != torch.float32
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         self._fp8 = paged and kv_fp8
         # (FP8 pages load through pointers: a TMA box of e4m3 rows was not measured)
         self._tma = paged and not kv_fp8 and tma_possible(config, page_size, heads, head_dim, item)
@@ -736,11 +742,10 @@ class AttentionLaunch:
         self._tickets = None
         if self._ticketed and not _capturing(device):
             self._tickets = torch.zeros(programs, dtype=torch.int32, device=device)
-        # (summed, partials) launches by row count: made once, unless the rows were unknown
+        # Launches by (row count, summed), made on first use: one or two per plan (the rows
+        # are the plan's), more only for a plan that did not know its rows.
         self._by_rows: dict[tuple[int, bool], FixedLaunch] = {}
         self._descriptors: dict[tuple, object] = {}  # (base, shape, strides) -> descriptor
-        if rows is not None:
-            self._launches(rows * heads * head_dim, True)
 
     @property
     def ticket_counters(self) -> torch.Tensor | None:

@@ -189,32 +189,45 @@ def _direct_call(
     """A function of the slots' tensors that calls ``launch(*grid, stream(device), *head,
     *args)`` with the slots of ``args`` filled: a tensor as its address, a descriptor as it
     is; a tensor that lost the 16-byte alignment of its slot goes to ``fallback``. Generated
-    code, one line per step: a loop over the arguments costs several µs per launch."""
+    code (a loop over the arguments costs several µs per launch), one factory per argument
+    layout: a new launch of a known layout costs one call, not a compile."""
+    layout = (len(head), len(args), tuple(slots), tuple(kinds))
+    factory = _FACTORIES.get(layout)
+    if factory is None:
+        factory = _FACTORIES[layout] = _make_factory(*layout)
+    return factory(launch, stream, fallback, *grid, device, *head, *args)
+
+
+def _make_factory(
+    n_head: int, n_args: int, slots: tuple[int, ...], kinds: tuple[int, ...]
+) -> Callable[..., Callable[..., None]]:
     names = [f"t{j}" for j in range(len(slots))]
-    env: dict[str, Any] = {"launch": launch, "stream": stream, "fallback": fallback}
-    filled = [f"a{i}" for i in range(len(args))]
-    for i, value in enumerate(args):
-        env[f"a{i}"] = value
-    for j, head_value in enumerate(head):
-        env[f"h{j}"] = head_value
-    lines = [f"def call({', '.join(names)}):"]
-    aligned = []
+    heads = [f"h{j}" for j in range(n_head)]
+    fixed = [f"a{i}" for i in range(n_args)]
+    filled = list(fixed)
+    body, aligned = [], []
     for j, (i, kind) in enumerate(zip(slots, kinds, strict=True)):
         if kind == _DESCRIPTOR:
             filled[i] = names[j]
             continue
-        lines.append(f"    p{j} = t{j}.data_ptr()")
+        body.append(f"        p{j} = t{j}.data_ptr()")
         filled[i] = f"p{j}"
         if kind == _ALIGNED:
             aligned.append(f"p{j}")
     if aligned:
-        lines.append(f"    if ({' | '.join(aligned)}) & 15:")
-        lines.append(f"        return fallback({', '.join(names)})")
-    g0, g1, g2 = grid
-    heads = [f"h{j}" for j in range(len(head))]
-    lines.append(f"    launch({g0}, {g1}, {g2}, stream({device}), {', '.join(heads + filled)})")
-    exec("\n".join(lines), env)
-    return env["call"]
+        body.append(f"        if ({' | '.join(aligned)}) & 15:")
+        body.append(f"            return fallback({', '.join(names)})")
+    body.append(f"        launch(g0, g1, g2, stream(dev), {', '.join(heads + filled)})")
+    params = ", ".join(["launch", "stream", "fallback", "g0", "g1", "g2", "dev", *heads, *fixed])
+    source = "\n".join([f"def factory({params}):", f"    def call({', '.join(names)}):",
+                        *body, "    return call"])  # fmt: skip
+    env: dict[str, Any] = {}
+    exec(source, env)  # the source is built here from ints and fixed names
+    return env["factory"]
+
+
+# Generated launch factories, by argument layout (a handful per process).
+_FACTORIES: dict[tuple, Callable[..., Callable[..., None]]] = {}
 
 
 _DESCRIPTOR, _ALIGNED, _UNALIGNED = 0, 1, 2

@@ -144,15 +144,28 @@ def plan_jagged(b: PlannedBatch) -> Callable:
     return lambda q, k, v, out: attention(q, k, v, None, out)
 
 
+# The last batch planned and its attention: a plan asks for its paged and partials runs one
+# after the other, and both are served by one launch plan.
+_LAST: list = [None, None]
+
+
+def _attention_of(b: PlannedBatch) -> _PlannedAttention:
+    last, attention = _LAST
+    if last is not b:
+        attention = _PlannedAttention(b)
+        _LAST[:] = b, attention
+    return attention
+
+
 def plan_paged(b: PlannedBatch) -> Callable:
     """The ``paged`` planner: ``run(q, k_new, v_new, kv_cache, out[, kv_scales])``."""
-    return _PlannedAttention(b)
+    return _attention_of(b)
 
 
 def plan_paged_partials(b: PlannedBatch) -> Callable:
     """The ``paged_partials`` planner: ``run(q, k_new, v_new, kv_cache)`` returns an even KV
     split's fp32 partials ``[S, *q.shape]``, unsummed, else the output in ``q``'s dtype."""
-    attention = _PlannedAttention(b)
+    attention = _attention_of(b)
 
     def run(q, k_new, v_new, kv_cache, kv_scales=None) -> torch.Tensor:
         out = torch.empty_like(q)
