@@ -529,6 +529,8 @@ def _(q, *args):
     return torch.empty_like(q)
 
 
+# (No defaults: torch 2.11 bumps the version of each mutated argument by its position in the
+# boxed call, which leaves out trailing arguments equal to their defaults: IndexError.)
 @torch.library.custom_op("hstu_kernels::append_kv", mutates_args=("kv_cache", "kv_scales"))
 def _append_kv_op(
     kv_cache: torch.Tensor,
@@ -540,8 +542,8 @@ def _append_kv_op(
     cu_seqlens: torch.Tensor,
     num_targets: torch.Tensor | None,
     backend: str,
-    validate: bool = False,
-    kv_scales: torch.Tensor | None = None,
+    validate: bool,
+    kv_scales: torch.Tensor | None,
 ) -> None:
     append_kv(
         kv_cache, PageTable(page_indptr, page_ids, last_page_len), k, v, cu_seqlens,

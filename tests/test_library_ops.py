@@ -49,6 +49,8 @@ def test_custom_ops_match_python_ops():
         c.cu_q,
         c.num_targets,
         "reference",
+        True,
+        None,
     )
     expected = torch.zeros_like(c.kv_cache)
     hk.append_kv(expected, pt, c.k_new, c.v_new, c.cu_q, num_targets=c.num_targets)
