@@ -11,7 +11,8 @@ with the rule its kernel was measured with (the measurements are in ``docs/trito
 - causal grids (``causal=True``, every rule but ``"share"``): the split minimising the longer of
   the mean load per SM and the longest chunk;
 - ``"fill"`` (Triton, paged): a grid of fewer than half as many tiles as SMs, into as many
-  chunks as fill one wave;
+  chunks as fill one wave, unless even one-tile chunks plus the overhead would not beat the
+  whole range (``kv_tiles <= 1 + overhead``: a split that cannot win costs a sum kernel);
 - ``"waves"`` (the Hopper kernel, paged): among the splits that fit one wave, the one that
   minimises ``waves * (chunk + overhead)``;
 - ``"share"`` (the warp-MMA DSL kernel, both kinds): the split that minimises a tile's share of
@@ -60,7 +61,7 @@ def choose_splits(
     if causal:
         return _causal(tiles, kv_tiles, slots)
     if rule == "fill":
-        if tiles >= slots // 2:
+        if tiles >= slots // 2 or kv_tiles <= 1 + SPLIT_OVERHEAD_TILES:
             return 1
         return max(1, min(MAX_SPLITS, slots // tiles, kv_tiles))
     if 2 * tiles > slots:

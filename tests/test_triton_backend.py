@@ -335,6 +335,9 @@ def test_choose_splits_on_an_h100_sized_grid(monkeypatch):
     assert tri_attn.choose_splits(136, 68, dev, causal=True) == 2
     assert tri_attn.choose_splits(8 * 136, 68, dev, causal=True) == 1  # B=8: the grid is full
     assert tri_attn.choose_splits(12, 1, dev, causal=False) == 1  # nothing to split
+    # 2 or 3 key tiles: one-tile chunks plus a split's overhead (2 tiles) cannot win; 4 can
+    assert tri_attn.choose_splits(4, 3, dev, causal=False) == 1
+    assert tri_attn.choose_splits(4, 4, dev, causal=False) == 4
     monkeypatch.setattr(tri_attn, "sm_count", lambda device: 1)
     assert tri_attn.choose_splits(1, 64, torch.device("cpu"), causal=False) == 1
 
