@@ -603,6 +603,39 @@ def test_launch_cache_takes_a_tma_descriptor_in_its_first_slot() -> None:
     assert len(seen) == 3
 
 
+def test_direct_launch_call_fills_the_slots_and_falls_back() -> None:
+    """The generated call of a compiled launch: tensors reach the launcher as addresses and a
+    descriptor as it is, in their slots among the fixed arguments, after the grid, the
+    stream and the launcher's head arguments; a tensor that lost its slot's alignment, or one
+    on another device, goes to the fallback instead (and the call launches nothing)."""
+    from types import SimpleNamespace
+
+    from hstu_kernels.backends.triton import launcher
+
+    launched, fell_back = [], []
+    x, y = torch.zeros(16), torch.zeros(16)
+    desc = SimpleNamespace(base=x, block_shape=[4])
+
+    def make(device: int, check_devices: bool = True):
+        return launcher._direct_call(
+            lambda *a: launched.append(a), (2, 3, 1), lambda d: ("stream", d), device, ("h",),
+            [None, 5, None, 2.0, None], (0, 2, 4),
+            (launcher._ALIGNED, launcher._DESCRIPTOR, launcher._UNALIGNED),
+            lambda *t: fell_back.append(t), check_devices,
+        )  # fmt: skip
+
+    call = make(-1)  # the CPU's device index, as get_device() gives it
+    call(x, desc, y[1:])
+    assert launched == [(2, 3, 1, ("stream", -1), "h", x.data_ptr(), 5, desc, 2.0,
+                         y.data_ptr() + 4)]  # fmt: skip
+    call(x[1:], desc, y)  # the aligned slot lost its alignment
+    assert len(launched) == 1 and fell_back[-1][0].data_ptr() == x.data_ptr() + 4
+    make(0)(x, desc, y)  # tensors that are not on device 0
+    assert len(launched) == 1 and len(fell_back) == 2
+    make(0, check_devices=False)(x, desc, y)  # the caller checked (a plan's run)
+    assert len(launched) == 2
+
+
 def test_launch_specialisation_is_at_least_as_fine_as_tritons() -> None:
     """Launches share a compiled kernel only when Triton would compile them alike: ints
     differing in being 1, a multiple of 16 or their width, tensors in dtype or alignment,

@@ -776,15 +776,17 @@ class AttentionLaunch:
         args = list(args)
         args[17] = numel  # ws_stride_split
         slots = (0, 1, 2, 3, 4, 10, 11, 12) + ((28,) if self._fp8 else ())
+        # (the plan's run checks its tensors' devices; the workspace is made on q's)
         return FixedLaunch(
-            _hstu_fwd_kernel, grid, args, slots, constexprs, num_warps=warps, num_stages=stages,
+            _hstu_fwd_kernel, grid, args, slots, constexprs, devices_checked=True,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     def _sum_launcher(self, numel: int) -> FixedLaunch:
         block = 1024
         return FixedLaunch(
             _sum_splits_kernel, (cdiv(numel, block),), [None, None, numel, self.splits],
-            (0, 1), {"BLOCK": block}, num_warps=4,
+            (0, 1), {"BLOCK": block}, devices_checked=True, num_warps=4,
         )  # fmt: skip
 
     def __call__(
@@ -864,7 +866,8 @@ def launch(
     max_attn_len: int = 0,
     kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Plan and run one attention launch with ``config`` (see :class:`AttentionLaunch`);
+    """Plan and run one attention launch with ``config`` (see :class:`AttentionLaunch`; its
+    tensors on one CUDA device, or the interpreter's CPU, unchecked: the plans check them);
     paged when ``kv_cache`` is given (an FP8 pool with ``kv_scales``). ``k``/``v`` are the whole sequences (jagged) or
     ``k_new``/``v_new`` (paged; only their target rows are read). Raises ``ValueError`` for a
     shape the kernel cannot tile."""

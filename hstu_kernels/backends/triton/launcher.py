@@ -87,7 +87,8 @@ class FixedLaunch:
     compiled launcher with every argument in place. Tensors reach the launcher as addresses
     (the fixed ones read once, and kept referenced here): Triton's launcher takes an int for a
     pointer and then skips the ``data_ptr()`` call and the driver's pointer query it makes for
-    a tensor.
+    a tensor. So the call checks that the slots' tensors are on the launch's device, unless
+    the caller says it has (``devices_checked=True``: a plan's run checks them first).
     """
 
     __slots__ = (
@@ -95,6 +96,7 @@ class FixedLaunch:
         "_call",
         "_compiled",
         "_constexprs",
+        "_devices_checked",
         "_grid",
         "_kernel",
         "_options",
@@ -108,9 +110,12 @@ class FixedLaunch:
         args: Sequence[Any],
         slots: Sequence[int],
         constexprs: dict[str, Any],
+        *,
+        devices_checked: bool = False,
         **options: Any,
     ) -> None:
         self._kernel = kernel
+        self._devices_checked = devices_checked
         self._grid = tuple(grid) + (1,) * (3 - len(grid))
         self._args = list(args)
         self._slots = tuple(slots)
@@ -171,7 +176,8 @@ class FixedLaunch:
             head = (compiled.function, compiled.packed_metadata, None, None, None)
         device = _device_of(tensors[0]).index
         self._call = _direct_call(launch, self._grid, _raw_stream_getter(), device, head,
-                                  fixed + tail, self._slots, kinds, self._first)  # fmt: skip
+                                  fixed + tail, self._slots, kinds, self._first,
+                                  not self._devices_checked)  # fmt: skip
         self._compiled = compiled
 
 
@@ -185,13 +191,15 @@ def _direct_call(
     slots: Sequence[int],
     kinds: Sequence[int],
     fallback: Callable[..., None],
+    check_devices: bool = True,
 ) -> Callable[..., None]:
     """A function of the slots' tensors that calls ``launch(*grid, stream(device), *head,
     *args)`` with the slots of ``args`` filled: a tensor as its address, a descriptor as it
-    is; a tensor that lost the 16-byte alignment of its slot goes to ``fallback``. Generated
+    is; a tensor on another device (if ``check_devices``), or one that lost the 16-byte
+    alignment of its slot, goes to ``fallback``. Generated
     code (a loop over the arguments costs several µs per launch), one factory per argument
     layout: a new launch of a known layout costs one call, not a compile."""
-    layout = (len(head), len(args), tuple(slots), tuple(kinds))
+    layout = (len(head), len(args), tuple(slots), tuple(kinds), check_devices)
     factory = _FACTORIES.get(layout)
     if factory is None:
         factory = _FACTORIES[layout] = _make_factory(*layout)
@@ -199,23 +207,29 @@ def _direct_call(
 
 
 def _make_factory(
-    n_head: int, n_args: int, slots: tuple[int, ...], kinds: tuple[int, ...]
+    n_head: int, n_args: int, slots: tuple[int, ...], kinds: tuple[int, ...], check_devices: bool
 ) -> Callable[..., Callable[..., None]]:
     names = [f"t{j}" for j in range(len(slots))]
     heads = [f"h{j}" for j in range(n_head)]
     fixed = [f"a{i}" for i in range(n_args)]
     filled = list(fixed)
-    body, aligned = [], []
+    body, aligned, tensors = [], [], []
     for j, (i, kind) in enumerate(zip(slots, kinds, strict=True)):
         if kind == _DESCRIPTOR:
             filled[i] = names[j]
             continue
+        tensors.append(names[j])
         body.append(f"        p{j} = t{j}.data_ptr()")
         filled[i] = f"p{j}"
         if kind == _ALIGNED:
             aligned.append(f"p{j}")
+    # An address skips the launcher's own check that a pointer is on the device, so a tensor
+    # elsewhere (a CPU weight, say) goes the slow way, where Triton names it.
+    checks = [f"{t}.get_device() != dev" for t in tensors] if check_devices else []
     if aligned:
-        body.append(f"        if ({' | '.join(aligned)}) & 15:")
+        checks.append(f"({' | '.join(aligned)}) & 15")
+    if checks:
+        body.append(f"        if {' or '.join(checks)}:")
         body.append(f"            return fallback({', '.join(names)})")
     body.append(f"        launch(g0, g1, g2, stream(dev), {', '.join(heads + filled)})")
     params = ", ".join(["launch", "stream", "fallback", "g0", "g1", "g2", "dev", *heads, *fixed])
