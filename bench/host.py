@@ -5,7 +5,8 @@ and the cold start (a fresh process's import, then its first paged call).
 ``python -m bench.host [--quick]``; part of ``python -m bench``. The shapes are tiny, so the GPU
 is never the bottleneck: a call's time is what the host spends on it (argument checks, plan
 lookup, launch). Each figure is the wall time of ``reps`` back-to-back calls after a warm-up,
-divided by ``reps`` (the median of 5 such loops). Entries: ``{"bench": "host", "case": "<op>
+divided by ``reps``: the median of 5 rounds, each of which times every call form of every
+backend in turn (the GPU machine's host speed drifts during a run). Entries: ``{"bench": "host", "case": "<op>
 <how>", "impl": <backend>, "host_us": ...}`` (cold start: ``time_ms``).
 """
 
@@ -31,21 +32,34 @@ HEADS, HEAD_DIM, PAGE_SIZE = 2, 128, 32
 HISTORIES, NEW, TARGETS = [70, 45], [8, 5], [8, 3]  # tiny: the host is the bottleneck
 
 
-def per_call_us(fn: Callable[[], object], reps: int, device: str) -> float:
-    """Host µs per call: ``reps`` back-to-back calls, the median of 5 loops (after warm-up)."""
-    for _ in range(20):
-        fn()
+def per_call_us(
+    fns: dict[Any, Callable[[], object]], reps: int, device: str, rounds: int = 5
+) -> dict[Any, float]:
+    """Host µs per call of each of ``fns``: ``reps`` back-to-back calls, timed in ``rounds``
+    rounds that each time every call in turn (so a drift of the machine's speed during the run
+    reaches all of them alike), the median over rounds; after a warm-up of each. A call that
+    raises in its warm-up is reported and left out."""
+    usable = {}
+    for key, fn in fns.items():
+        try:
+            for _ in range(20):
+                fn()
+        except Exception as exc:
+            print(f"host: {key}: {type(exc).__name__}: {exc}")
+            continue
+        usable[key] = fn
+    samples: dict[Any, list[float]] = {key: [] for key in usable}
+    for _ in range(rounds):
+        for key, fn in usable.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            samples[key].append((time.perf_counter() - t0) / reps * 1e6)
     if device == "cuda":
         torch.cuda.synchronize()
-    loops = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        loops.append((time.perf_counter() - t0) / reps * 1e6)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return statistics.median(loops)
+    return {key: statistics.median(v) for key, v in samples.items()}
 
 
 def _serves(op: str, name: str, dtype: torch.dtype, device: str, page_size: int | None) -> bool:
@@ -213,36 +227,28 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
     base = dict(bench="host", heads=HEADS, head_dim=HEAD_DIM, page_size=PAGE_SIZE,
                 batch=len(HISTORIES))  # fmt: skip
     backends = ["auto", *names] if gpu else names
-    common.progress().start("host", len(backends))
+    calls: dict[tuple[str, str], Callable] = {}
     for backend in backends:
         try:
-            calls = _calls(case, dtype, device, backend)
+            found = _calls(case, dtype, device, backend)
         except Exception as exc:  # a backend that cannot plan here is reported, not fatal
             print(f"host: {backend}: {type(exc).__name__}: {exc}")
-            common.progress().step(f"{backend}: cannot plan")
             continue
-        if backend == ("auto" if gpu else "reference"):
-            try:  # the layer's ops, with backend="auto" (the model's)
-                layer_calls = _layer_calls(dtype, device)
-            except Exception as exc:
-                print(f"host: the layer cases: {type(exc).__name__}: {exc}")
-                layer_calls = {}
-            for name, fn in layer_calls.items():
-                us = per_call_us(fn, reps, device)
-                entries.append({**base, "case": name, "impl": "auto", "host_us": round(us, 2)})
-                print(f"host: {name:28s} {'auto':18s} {us:8.1f} us", flush=True)
-        for name, fn in calls.items():
-            try:
-                us = per_call_us(fn, reps, device)
-            except Exception as exc:
-                print(f"host: {backend} {name}: {type(exc).__name__}: {exc}")
-                continue
-            entries.append({**base, "case": name, "impl": backend, "host_us": round(us, 2)})
-            print(f"host: {name:28s} {backend:18s} {us:8.1f} us", flush=True)
-        common.progress().step(backend)
-    us = per_call_us(_sdpa_call(case, dtype, device), reps, device)
-    entries.append({**base, "case": "sdpa causal", "impl": "torch SDPA", "host_us": round(us, 2)})
-    print(f"host: {'sdpa causal':28s} {'torch SDPA':18s} {us:8.1f} us", flush=True)
+        calls.update({(name, backend): fn for name, fn in found.items()})
+    try:  # the layer's ops, with backend="auto" (the model's)
+        layer = _layer_calls(dtype, device)
+    except Exception as exc:
+        print(f"host: the layer cases: {type(exc).__name__}: {exc}")
+        layer = {}
+    calls.update({(name, "auto" if gpu else "reference"): fn for name, fn in layer.items()})
+    calls[("sdpa causal", "torch SDPA")] = _sdpa_call(case, dtype, device)
+    common.progress().start("host", 1)
+    for (name, impl), us in per_call_us(calls, reps, device).items():
+        entries.append({**base, "case": name, "impl": impl, "host_us": round(us, 2)})
+        print(f"host: {name:28s} {impl:18s} {us:8.1f} us", flush=True)
+    common.progress().step("calls, interleaved")
+    # (written now too: a cold-start case that runs out of time leaves these)
+    common.write_results("host", entries, path=path or common.results_path(quick=quick))
     if gpu and not quick:
         for name, shape in COLD_CASES.items():
             cold_start(*shape)  # warms the disk caches (compile, tuning) if they were cold
