@@ -260,28 +260,21 @@ class _Plan:
             )
         raise ValueError(f"{names[0]}: does not match the plan")  # unreachable in practice
 
-    def _rows_and_out(self, names: tuple[str, ...], ts: tuple[Any, ...], out: Any) -> torch.Tensor:
-        """Check the packed rows ``ts`` (named ``names``) and ``out`` against the plan; returns
-        ``out``, allocated (as ``ts[0]``) if ``None``."""
-        if out is None:
-            if not self._rows_ok(*ts):
-                self._refuse(names, ts)
-            return torch.empty_like(ts[0])
-        if not self._rows_ok(*ts, out):
-            if not self._rows_ok(*ts):
-                self._refuse(names, ts)
-            self._refuse_out(out, ts[0])
-        # Rows of one shape and dtype, contiguous: spans of n bytes, which overlap iff their
-        # bases are less than n apart.
+    def _no_overlap(self, names: tuple[str, ...], ts: tuple[Any, ...], out: Any) -> None:
+        """Refuse an ``out`` that shares memory with one of ``ts`` (all checked rows of the
+        plan: spans of one size, which overlap iff their bases are less than it apart)."""
         base, n = out.data_ptr(), out.numel() * self._item
         for name, t in zip(names, ts, strict=True):
             if n and -n < t.data_ptr() - base < n:
                 # a kernel that splits the KV range reads q after other programs of the same
                 # rows may have written out
                 raise ValueError(f"out: must not share memory with {name}")
-        return out
 
-    def _refuse_out(self, out: Any, q: torch.Tensor) -> None:
+    def _new_or_refused_out(self, out: Any, q: torch.Tensor) -> torch.Tensor:
+        """``out=None``: a new output like ``q``; else the named error of an ``out`` that does
+        not match the plan."""
+        if out is None:
+            return torch.empty_like(q)
         out = val.check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device)
         raise ValueError(f"out: expected shape {tuple(q.shape)} (as q), got {tuple(out.shape)}")
 
@@ -382,8 +375,15 @@ class PagedAttentionPlan(_PagedPool):
         ``[num_pages, 2, page_size, heads, head_dim]``, with its ``kv_scales`` if the plan's
         ``kv_dtype`` is FP8): ``q, k_new, v_new`` and ``out`` as in
         :func:`~hstu_kernels.paged_hstu_attention`. Returns ``out`` (allocated if ``None``)."""
-        out = self._rows_and_out(self._NAMES, (q, k_new, v_new), out)
-        self._check_pool(kv_cache, kv_scales, q, "q")
+        rows = (q, k_new, v_new)
+        if out is None or not self._rows_ok(q, k_new, v_new, out):  # errors in argument order
+            if not self._rows_ok(*rows):
+                self._refuse(self._NAMES, rows)
+            self._check_pool(kv_cache, kv_scales, q, "q")
+            out = self._new_or_refused_out(out, q)
+        else:
+            self._check_pool(kv_cache, kv_scales, q, "q")
+            self._no_overlap(self._NAMES, rows, out)
         if self._fp8:
             self._launch(q, k_new, v_new, kv_cache, out, kv_scales)
         else:
@@ -437,7 +437,13 @@ class JaggedAttentionPlan(_Plan):
     ) -> torch.Tensor:
         """Jagged attention of this batch's whole sequences: ``q, k, v`` and ``out`` as in
         :func:`~hstu_kernels.hstu_attention`. Returns ``out`` (allocated if ``None``)."""
-        out = self._rows_and_out(("q", "k", "v"), (q, k, v), out)
+        rows = (q, k, v)
+        if out is None or not self._rows_ok(q, k, v, out):
+            if not self._rows_ok(*rows):
+                self._refuse(("q", "k", "v"), rows)
+            out = self._new_or_refused_out(out, q)
+        else:
+            self._no_overlap(("q", "k", "v"), rows, out)
         self._launch(q, k, v, out)
         return out
 

@@ -188,6 +188,10 @@ def planned():
         (lambda c: {"out": c.q[:5]}, ValueError, r"out: expected shape \(30, 2, 8\)"),
         (lambda c: {"out": c.q.double()}, TypeError, r"out: expected dtype float32"),
         (lambda c: {"q": "q"}, TypeError, r"q: expected a torch.Tensor"),
+        # several wrong: the first in argument order is named
+        (lambda c: {"kv_cache": c.kv_cache.half(), "out": c.q[:5]}, TypeError, r"kv_cache:"),
+        (lambda c: {"k_new": c.k_new[1:], "out": c.q.double()}, ValueError, r"k_new:"),
+        (lambda c: {"out": c.q}, ValueError, r"out: must not share memory with q"),
     ],
 )
 def test_plan_refuses_what_disagrees_with_it(planned, change, exc, pattern):
