@@ -296,13 +296,14 @@ class _PagedPool(_Plan):
         self._least_pages = 1 if ids is None else (ids[1] + 1 if ids[0] >= 0 else 1 << 62)
 
     def _pool_ok(self, kv: Any) -> bool:
+        if not isinstance(kv, torch.Tensor) or kv.dtype is not self.kv_dtype:
+            return False
+        shape = kv.shape
         return (
-            isinstance(kv, torch.Tensor)
-            and kv.dtype == self.kv_dtype
+            len(shape) == 5
+            and shape[1:] == self._kv_tail
+            and shape[0] >= self._least_pages
             and kv.get_device() == self._dev
-            and kv.dim() == 5
-            and kv.shape[1:] == self._kv_tail
-            and kv.shape[0] >= self._least_pages
             and kv.is_contiguous()
         )
 
