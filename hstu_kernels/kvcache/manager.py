@@ -70,7 +70,7 @@ class KVCacheConfig:
     @property
     def fp8(self) -> bool:
         """Whether the pool stores e4m3 pages with scales."""
-        return self.kv_dtype is not None and self.kv_dtype != self.dtype
+        return check_kv_dtype(self.kv_dtype, self.dtype)
 
     @property
     def pool_dtype(self) -> torch.dtype:

@@ -166,21 +166,20 @@ class AppendLaunch:
     def _launch(self, total: int) -> FixedLaunch:
         found = self._by_rows.get(total)
         if found is None:
-            ps, slot = self._page_size, self._width
-            if self._fp8:
-                found = self._fp8_launch(total)
-                self._by_rows[total] = found
-                return found
-            args = [
-                None, None, None, *self._meta, total, self._batch, self._width, slot,
-                2 * ps * slot, ps * slot, slot,
-            ]  # fmt: skip
-            constexprs = dict(PAGE_SIZE=ps, SEARCH_STEPS=max(1, self._batch.bit_length()),
-                              BLOCK_R=self._block_r, BLOCK_C=self._block_c)  # fmt: skip
-            grid = (cdiv(total, self._block_r),)
-            found = FixedLaunch(_append_kv_kernel, grid, args, (0, 1, 2), constexprs, num_warps=4)
-            self._by_rows[total] = found
+            make = self._fp8_launch if self._fp8 else self._plain_launch
+            found = self._by_rows[total] = make(total)
         return found
+
+    def _plain_launch(self, total: int) -> FixedLaunch:
+        ps, slot = self._page_size, self._width
+        args = [
+            None, None, None, *self._meta, total, self._batch, self._width, slot, 2 * ps * slot,
+            ps * slot, slot,
+        ]  # fmt: skip
+        constexprs = dict(PAGE_SIZE=ps, SEARCH_STEPS=max(1, self._batch.bit_length()),
+                          BLOCK_R=self._block_r, BLOCK_C=self._block_c)  # fmt: skip
+        grid = (cdiv(total, self._block_r),)
+        return FixedLaunch(_append_kv_kernel, grid, args, (0, 1, 2), constexprs, num_warps=4)
 
     def _fp8_launch(self, total: int) -> FixedLaunch:
         ps, slot = self._page_size, self._width

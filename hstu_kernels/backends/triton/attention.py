@@ -38,6 +38,7 @@ from hstu_kernels import split_kv
 from hstu_kernels.backends.triton.config import Config
 from hstu_kernels.backends.triton.launcher import FixedLaunch, cdiv
 from hstu_kernels.dispatch import sm_count
+from hstu_kernels.validation import is_capturing
 
 LOG2E = math.log2(math.e)
 
@@ -751,7 +752,7 @@ class AttentionLaunch:
         # Each tile's ticket counter, zeroed once: the last piece of a tile resets it. (Made
         # per call while a CUDA graph is captured: a zeroing captured is not run until replay.)
         self._tickets = None
-        if self._ticketed and not _capturing(device):
+        if self._ticketed and not is_capturing(device):
             self._tickets = torch.zeros(programs, dtype=torch.int32, device=device)
         # (main, sum) launches by row count, made on first use: one per plan (its rows), more
         # only for a plan that did not know its rows.
@@ -841,10 +842,6 @@ class AttentionLaunch:
                 return ws
             total(ws, out)
         return None
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def launch(
