@@ -90,6 +90,23 @@ class PageTable:
         if self.device.type == "cpu":
             self._check_values()
 
+    @classmethod
+    def _built(
+        cls,
+        page_indptr: torch.Tensor,
+        page_ids: torch.Tensor,
+        last_page_len: torch.Tensor,
+        page_size: int,
+    ) -> PageTable:
+        """A table of views into a metadata buffer whose host values were checked as it was
+        filled (:func:`hstu_kernels.kvcache.build_paged_metadata`): the construction checks
+        are skipped (they cost as much as the rest of building a batch's metadata)."""
+        table = object.__new__(cls)
+        for name, value in (("page_indptr", page_indptr), ("page_ids", page_ids),
+                            ("last_page_len", last_page_len), ("page_size", page_size)):  # fmt: skip
+            object.__setattr__(table, name, value)
+        return table
+
     def _check_values(self) -> None:
         ids = self.page_ids.numpy()
         check_page_table_values(

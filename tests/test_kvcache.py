@@ -175,6 +175,12 @@ def test_paged_metadata_errors():
         build_paged_metadata([[1]], [1, 2], [1], [0], page_size=4, device="cpu")
     with pytest.raises(ValueError, match=r"new_lengths\[0\]"):
         build_paged_metadata([[1]], [1], [-1], [0], page_size=4, device="cpu")
+    with pytest.raises(ValueError, match="page ids >= 0, got -3"):
+        build_paged_metadata([[2, -3]], [5], [1], [0], page_size=4, device="cpu")
+    with pytest.raises(ValueError, match="page_size: expected a power-of-two int"):
+        build_paged_metadata([[1]], [1], [1], [0], page_size=6, device="cpu")
+    m = build_paged_metadata([[2, 9], [4]], [5, 0], [1, 2], [0, 1], page_size=4, device="cpu")
+    assert m.page_table.page_size == 4 and m.layout.page_id_range == (2, 9)
 
 
 def test_jagged_metadata():

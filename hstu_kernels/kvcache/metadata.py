@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hstu_kernels.types import BatchLayout, PageTable, check_device
+from hstu_kernels.types import BatchLayout, PageTable, check_device, is_page_size
 
 __all__ = [
     "BatchMetadata",
@@ -268,6 +268,8 @@ def build_paged_metadata(
     static input); its leading ``paged_layout_size(...)`` entries are used.
     """
     device = check_device("device", device)
+    if not is_page_size(page_size):
+        raise ValueError(f"page_size: expected a power-of-two int, got {page_size!r}")
     cached = _int_list("cached_lengths", cached_lengths)
     new = _int_list("new_lengths", new_lengths)
     tgt = _int_list("num_targets", num_targets)
@@ -277,7 +279,7 @@ def build_paged_metadata(
             "page_lists, cached_lengths, new_lengths, num_targets: expected one entry per "
             f"sequence (>= 1), got {len(page_lists)}, {batch}, {len(new)}, {len(tgt)}"
         )
-    indptr, last, flat = [0], [], []
+    indptr, last = [0], []
     for b in range(batch):
         h = cached[b] + new[b]
         need = -(-h // page_size)
@@ -286,16 +288,16 @@ def build_paged_metadata(
                 f"page_lists[{b}]: a history of {h} tokens (>= 1) in pages of {page_size} "
                 f"needs {need} pages, got {len(page_lists[b])}"
             )
-        flat.extend(page_lists[b])
-        indptr.append(len(flat))
+        indptr.append(indptr[-1] + need)
         last.append(h - (need - 1) * page_size)
+    real_ids = indptr[-1]
     rows = [n + t for n, t in zip(new, tgt, strict=True)]
     real_tokens = sum(rows)
     starts = list(cached)
     targets = list(tgt)
 
     check_padding(
-        batch, real_tokens, len(flat), device=device, pad_batch=pad_batch, pad_tokens=pad_tokens,
+        batch, real_tokens, real_ids, device=device, pad_batch=pad_batch, pad_tokens=pad_tokens,
         page_capacity=page_capacity, dummy_page=dummy_page, out=out, pad_slot=pad_slot,
     )  # fmt: skip
     if pad_batch is not None:
@@ -306,30 +308,37 @@ def build_paged_metadata(
             rows += [0] * (extra - 1) + [pad_tokens - real_tokens]
             targets += [0] * (extra - 1) + [pad_tokens - real_tokens]
         for _ in range(extra):
-            flat.append(dummy_page)
-            indptr.append(len(flat))
+            indptr.append(indptr[-1] + 1)
             last.append(1)
             starts.append(1)
     full_batch = len(rows)
-    num_ids = len(flat)
-    capacity = len(flat) if page_capacity is None else page_capacity
-    flat += [dummy_page] * (capacity - len(flat))
+    num_ids = indptr[-1]
+    capacity = num_ids if page_capacity is None else page_capacity
 
     cu = [0]
     for n in rows:
         cu.append(cu[-1] + n)
     host = _host_buffer(paged_layout_size(full_batch, capacity), device)
-    host.numpy()[:] = indptr + last + cu + targets + starts + flat
+    # (filled by slices: converting one long list of page ids cost more than the rest)
+    head = indptr + last + cu + targets + starts
+    values = host.numpy()
+    values[: len(head)] = head
+    ids = values[len(head) :]
+    at = 0
+    for pages in page_lists:
+        ids[at : at + len(pages)] = pages
+        at += len(pages)
+    if at < capacity:
+        ids[at:] = dummy_page  # the padding slots' and the unused ids
+    lowest = int(ids[:num_ids].min())
+    if lowest < 0:
+        raise ValueError(f"page_lists: expected page ids >= 0, got {lowest}")
     dev = _to_device(host, device, out)
     b1 = full_batch + 1
     o = [0, b1, b1 + full_batch, 2 * b1 + full_batch, 2 * b1 + 2 * full_batch]
     o.append(2 * b1 + 3 * full_batch)
-    table = PageTable(
-        page_indptr=dev[o[0] : o[1]],
-        page_ids=dev[o[5] : o[5] + num_ids],
-        last_page_len=dev[o[1] : o[2]],
-        page_size=page_size,
-    )
+    table = PageTable._built(dev[o[0] : o[1]], dev[o[5] : o[5] + num_ids], dev[o[1] : o[2]],
+                             page_size)  # fmt: skip
     return BatchMetadata(
         page_table=table,
         cu_seqlens_q=dev[o[2] : o[3]],
@@ -351,6 +360,6 @@ def build_paged_metadata(
             history_lengths=tuple(
                 (indptr[b + 1] - indptr[b] - 1) * page_size + last[b] for b in range(full_batch)
             ),
-            page_id_range=(min(flat[:num_ids]), max(flat[:num_ids])),
+            page_id_range=(lowest, int(ids[:num_ids].max())),
         ),
     )

@@ -371,10 +371,11 @@ class HSTURankingModel(nn.Module):
             # Ids outside the tables would fail inside the embedding lookup, after the cache
             # was prepared; the candidate action id is reserved for candidates.
             for name, ids, size in fields:
-                if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < size:
+                values = ids.numpy()  # (numpy's min and max cost a third of torch's here)
+                if values.size and not 0 <= values.min() <= values.max() < size:
                     raise ValueError(
                         f"batch: user {r.user_id}'s {name}: expected ids in 0..{size - 1}, got "
-                        f"ids in {int(ids.min())}..{int(ids.max())}"
+                        f"ids in {int(values.min())}..{int(values.max())}"
                     )
 
     @torch.inference_mode()
