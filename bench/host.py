@@ -116,46 +116,59 @@ def _calls(case: Any, dtype: torch.dtype, device: str, backend: str) -> dict[str
     return calls
 
 
-def _layer_calls(dtype: torch.dtype, device: str) -> dict[str, Callable]:
-    """One cached HSTU layer (hidden 256, the attention's shape above) and each step of it, on
-    the same tiny batch: where an eager layer's host time goes."""
+# (hidden, heads, head_dim, histories, new, targets) of the layer cases: the tiny batch above,
+# and the seed's layer at its last B=1 request (4096 history tokens, 256 of them new, 256
+# candidates), where the eager cached block's host time is spent in the e2e benchmark
+LAYER_CASES = {
+    "layer": (256, HEADS, HEAD_DIM, HISTORIES, NEW, TARGETS),
+    "seed layer": (1024, 4, 256, [4096], [256], [256]),
+}
+
+
+def _layer_calls(dtype: torch.dtype, device: str, label: str) -> dict[str, Callable]:
+    """One cached HSTU layer of ``LAYER_CASES[label]`` and each step of it, on one batch:
+    where an eager layer's host time goes."""
     from hstu_kernels import layer_ops
     from hstu_kernels.model import HSTUBlock
     from hstu_kernels.types import CacheAppend
 
-    block = HSTUBlock(1, 256, HEADS, HEAD_DIM, scaling_seqlen=128, dtype=dtype, device=device)
-    cache = block.make_cache(16, PAGE_SIZE)
-    cache.prepare([0, 1], [0, 0], [h - n for h, n in zip(HISTORIES, NEW, strict=True)], [0, 0])
-    meta = cache.prepare([0, 1], [h - n for h, n in zip(HISTORIES, NEW, strict=True)], NEW,
-                         TARGETS)  # fmt: skip
+    hidden, heads, dim, histories, new, targets = LAYER_CASES[label]
+    scaling = max(histories) + max(targets)
+    block = HSTUBlock(1, hidden, heads, dim, scaling_seqlen=scaling, dtype=dtype, device=device)
+    users = list(range(len(histories)))
+    pages = sum(-(-h // PAGE_SIZE) for h in histories) + 1
+    cache = block.make_cache(pages, PAGE_SIZE)
+    before = [h - n for h, n in zip(histories, new, strict=True)]
+    cache.prepare(users, [0] * len(users), before, [0] * len(users))
+    meta = cache.prepare(users, before, new, targets)
     layer, kv = block.layers[0], cache.layer_cache(0)
     plans = block.plan_cached(meta)
-    x = torch.randn(meta.num_tokens, 256, device=device, dtype=dtype)
+    x = torch.randn(meta.num_tokens, hidden, device=device, dtype=dtype)
     ops = layer_ops.kernels("auto", torch.device(device), dtype)
     h = ops.layernorm(x, layer.norm_in_weight, layer.norm_in_bias, layer.eps)
     append = CacheAppend(kv, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
     uvqk = ops.project_silu(h, layer.uvqk_weight)
-    shape = (meta.num_tokens, HEADS, HEAD_DIM)
+    shape = (meta.num_tokens, heads, dim)
     u, q, k, v = uvqk[0], uvqk[2].view(shape), uvqk[3].view(shape), uvqk[1].view(shape)
     attn = plans.attention.run_partials(q, k, v, kv)
-    a = attn[0].view(-1, HEADS * HEAD_DIM) if attn.shape[0] == 1 else attn.view(
-        attn.shape[0], -1, HEADS * HEAD_DIM)  # fmt: skip
+    a = attn[0].view(-1, heads * dim) if attn.shape[0] == 1 else attn.view(
+        attn.shape[0], -1, heads * dim)  # fmt: skip
     y = ops.layernorm_mul(a, u, layer.norm_attn_weight, layer.norm_attn_bias, layer.eps)
-    kw = dict(scaling_seqlen=128, plans=plans)
+    kw = dict(scaling_seqlen=scaling, plans=plans)
     return {
-        "layer forward_cached": lambda: layer.forward_cached(x, meta, kv, **kw),
-        "block plan_cached": lambda: block.plan_cached(meta),
-        "layer: layernorm": lambda: ops.layernorm(
+        f"{label} forward_cached": lambda: layer.forward_cached(x, meta, kv, **kw),
+        f"{label}: block plan_cached": lambda: block.plan_cached(meta),
+        f"{label}: layernorm": lambda: ops.layernorm(
             x, layer.norm_in_weight, layer.norm_in_bias, layer.eps
         ),
-        "layer: project_silu_append": lambda: ops.project_silu_append(
+        f"{label}: project_silu_append": lambda: ops.project_silu_append(
             h, layer.uvqk_weight, append, lambda: ops.project_silu(h, layer.uvqk_weight)
         ),
-        "layer: attention run_partials": lambda: plans.attention.run_partials(q, k, v, kv),
-        "layer: layernorm_mul": lambda: ops.layernorm_mul(
+        f"{label}: attention run_partials": lambda: plans.attention.run_partials(q, k, v, kv),
+        f"{label}: layernorm_mul": lambda: ops.layernorm_mul(
             a, u, layer.norm_attn_weight, layer.norm_attn_bias, layer.eps
         ),
-        "layer: residual addmm": lambda: torch.addmm(x, y, layer.out_weight.t()),
+        f"{label}: residual addmm": lambda: torch.addmm(x, y, layer.out_weight.t()),
     }
 
 
@@ -235,12 +248,13 @@ def run(*, quick: bool = False, path: Path | None = None) -> list[dict]:
             print(f"host: {backend}: {type(exc).__name__}: {exc}")
             continue
         calls.update({(name, backend): fn for name, fn in found.items()})
-    try:  # the layer's ops, with backend="auto" (the model's)
-        layer = _layer_calls(dtype, device)
-    except Exception as exc:
-        print(f"host: the layer cases: {type(exc).__name__}: {exc}")
-        layer = {}
-    calls.update({(name, "auto" if gpu else "reference"): fn for name, fn in layer.items()})
+    for label in LAYER_CASES if gpu else ["layer"]:  # the layer's ops, backend="auto"
+        try:
+            layer = _layer_calls(dtype, device, label)
+        except Exception as exc:
+            print(f"host: the {label} cases: {type(exc).__name__}: {exc}")
+            continue
+        calls.update({(name, "auto" if gpu else "reference"): fn for name, fn in layer.items()})
     calls[("sdpa causal", "torch SDPA")] = _sdpa_call(case, dtype, device)
     common.progress().start("host", 1)
     for (name, impl), us in per_call_us(calls, reps, device).items():
