@@ -7,7 +7,8 @@ request ranks 256 candidates. Each mode of :class:`~hstu_kernels.model.ranking.H
 from an empty cache, and the case's total wall time is recorded: host packing, embedding
 lookup, cache preparation and onload, the block, the head and the copy of each batch's scores
 back to the host (a server returns them) are all inside it. Median of ``reps`` runs, after one
-warm-up run (compilation, autotuning and graph capture happen there).
+warm-up run of each mode (compilation, autotuning and graph capture happen there); the timed
+runs go in rounds that serve every mode once each.
 
 Without a GPU the same code runs a tiny model on the reference backend (a smoke test; the
 times mean nothing). ``python -m bench.e2e [--quick]``; part of ``python -m bench``.
@@ -159,22 +160,33 @@ def measure(
         times: dict[str, float] = {}
         scores: dict[str, torch.Tensor] = {}
         agreement: dict[str, dict] = {}
-        for mode in modes:
+        runs: dict[str, list] = {}
+        # Warm-up (compile, autotune, capture), then timed rounds that serve every mode once
+        # each: the host's speed drifts during a run (every mode waits on it), and interleaving
+        # spreads the drift over all modes alike. A failing mode is logged and dropped; it
+        # must not cost the others' numbers.
+        for round_ in range(plan.reps + 1):
+            for mode in modes if round_ == 0 else list(runs):
+                fp8 = mode.endswith(FP8_SUFFIX)
+                pool = None if mode == "baseline" else (fp8_cache if fp8 else cache)
+                try:
+                    got = serve_case(model, batches, mode.removesuffix(FP8_SUFFIX), pool)
+                except Exception:
+                    log(f"  batch {bs:2d}  {mode:15s} FAILED:\n{traceback.format_exc()}")
+                    if failures is not None:
+                        failures.append(f"batch {bs} {mode}")
+                    common.progress().step(f"batch {bs} {mode} failed")
+                    runs.pop(mode, None)
+                    continue
+                if round_:
+                    runs[mode].append(got)
+                else:
+                    runs[mode] = []
+        for mode, done in runs.items():
             fp8 = mode.endswith(FP8_SUFFIX)
             base_mode = mode.removesuffix(FP8_SUFFIX)
-            use = None if mode == "baseline" else (fp8_cache if fp8 else cache)
-            try:
-                # warm-up: compile, autotune, capture
-                serve_case(model, batches, base_mode, use)
-                runs = [serve_case(model, batches, base_mode, use) for _ in range(plan.reps)]
-            except Exception:  # one failing mode must not cost the others' numbers
-                log(f"  batch {bs:2d}  {mode:15s} FAILED:\n{traceback.format_exc()}")
-                if failures is not None:
-                    failures.append(f"batch {bs} {mode}")
-                common.progress().step(f"batch {bs} {mode} failed")
-                continue
-            times[mode] = statistics.median(ms for ms, _ in runs)
-            scores[mode] = torch.cat(runs[-1][1]).float()
+            times[mode] = statistics.median(ms for ms, _ in done)
+            scores[mode] = torch.cat(done[-1][1]).float()
             line = f"  batch {bs:2d}  {mode:15s} {times[mode]:10.2f} ms / {len(batches)} batches"
             if mode != "baseline" and "baseline" in scores:
                 diff = (scores[mode] - scores["baseline"]).abs().max().item()
