@@ -371,7 +371,9 @@ class HSTURankingModel(nn.Module):
             # Ids outside the tables would fail inside the embedding lookup, after the cache
             # was prepared; the candidate action id is reserved for candidates.
             for name, ids, size in fields:
-                values = ids.numpy()  # (numpy's min and max cost a third of torch's here)
+                values = (
+                    ids.numpy()
+                )  # (numpy's min and max: 3.9 against 5.8 us for torch's, 4096 ids)
                 if values.size and not 0 <= values.min() <= values.max() < size:
                     raise ValueError(
                         f"batch: user {r.user_id}'s {name}: expected ids in 0..{size - 1}, got "
