@@ -102,8 +102,9 @@ class PageTable:
         filled (:func:`hstu_kernels.kvcache.build_paged_metadata`): the construction checks
         are skipped (they cost as much as the rest of building a batch's metadata)."""
         table = object.__new__(cls)
-        for name, value in (("page_indptr", page_indptr), ("page_ids", page_ids),
-                            ("last_page_len", last_page_len), ("page_size", page_size)):  # fmt: skip
+        fields = {"page_indptr": page_indptr, "page_ids": page_ids,
+                  "last_page_len": last_page_len, "page_size": page_size}  # fmt: skip
+        for name, value in fields.items():
             object.__setattr__(table, name, value)
         return table
 
