@@ -128,7 +128,9 @@ class Backend:
     #   jagged(q, k, v, out) -> None; paged(q, k_new, v_new, kv_cache, out) -> None;
     #   paged_partials(q, k_new, v_new, kv_cache) -> Tensor; append_kv(kv_cache, k, v) -> None.
     # An op without a planner is planned generically: its run calls ``ops[op]`` with the
-    # batch's metadata.
+    # batch's metadata. The layer ops' one planner, ``layernorm(shape, x_dtype, out_dtype,
+    # device, eps, stride_u, param_dtype) -> run(x, u, weight, bias, y) | None``, fixes the
+    # LayerNorm row launches of a batch for both row ops (``layer_ops.PlannedRows``).
     planners: Mapping[str, Callable] = field(default_factory=dict)
     # The archs this backend's GPU verification in the repository covers (None: every arch
     # it serves). On another arch, "auto" uses it only once its first-use parity check has

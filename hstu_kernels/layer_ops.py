@@ -28,7 +28,7 @@ import torch
 from hstu_kernels import reference, settings
 from hstu_kernels.dispatch import LAYER_OPS, Request, device_arch, registry
 
-__all__ = ["LayerKernels", "kernels", "reset"]
+__all__ = ["LayerKernels", "PlannedRows", "kernels", "reset"]
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,70 @@ class LayerKernels:
     layernorm_mul: Callable[..., torch.Tensor]
     project_silu: Callable[..., torch.Tensor]
     project_silu_append: Callable[..., torch.Tensor]
+    # the backend's row-launch planner (see ``Backend.planners``), or None
+    plan_rows: Callable[..., Callable | None] | None = None
 
 
 _COMPILING = LayerKernels(
     "reference", reference.layernorm, reference.layernorm_mul, reference.project_silu,
     reference.project_silu_append,
 )  # fmt: skip
+
+
+class PlannedRows:
+    """The two LayerNorm row ops of one batch's layers (``layernorm`` before the projection,
+    ``layernorm_mul`` after the attention), as ``ops`` computes them, for a caller that runs
+    many layers over the same rows: each launch is fixed once per input shape (where the
+    backend plans row launches; else the ops run), and each op's output is one buffer reused
+    layer after layer, so a call is a launch and nothing else. The buffers are overwritten by
+    the next call: a layer's consumers must be enqueued (on the same stream) before the next
+    layer's call, as in a block's forward."""
+
+    __slots__ = ("_launches", "_ops", "_out")
+
+    def __init__(self, ops: LayerKernels) -> None:
+        self._ops = ops
+        self._launches: dict[tuple, Callable | None] = {}
+        self._out: dict[tuple, torch.Tensor] = {}
+
+    def _launch(self, kind: str, a: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[Callable | None, torch.Tensor | None]:  # fmt: skip
+        key = (kind, a.shape, a.dtype, eps, None if u is None else u.stride(0))
+        found = self._launches.get(key, False)
+        if found is False:
+            plan = self._ops.plan_rows
+            out_dtype = a.dtype if u is None or a.dim() == 2 else u.dtype
+            found = None
+            if plan is not None and a.is_contiguous() and (u is None or u.stride(1) == 1):
+                found = plan(tuple(a.shape), a.dtype, out_dtype, a.device, eps,
+                             None if u is None else u.stride(0), weight.dtype)  # fmt: skip
+            self._launches[key] = found
+            if found is not None:
+                self._out[key] = torch.empty(a.shape[-2:], dtype=out_dtype, device=a.device)
+        return found, self._out.get(key)
+
+    def layernorm(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``ops.layernorm(x, weight, bias, eps)``, into this batch's buffer."""
+        run, out = self._launch("layernorm", x, None, weight, eps)
+        if run is None:
+            return self._ops.layernorm(x, weight, bias, eps)
+        run(x, x, weight, bias, out)
+        return out
+
+    def layernorm_mul(
+        self, a: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:  # fmt: skip
+        """``ops.layernorm_mul(a, u, weight, bias, eps)``, into this batch's buffer."""
+        run, out = self._launch("layernorm_mul", a, u, weight, eps)
+        if run is None:
+            return self._ops.layernorm_mul(a, u, weight, bias, eps)
+        run(a, u, weight, bias, out)
+        return out
+
+
 _RESOLVED: dict[tuple, LayerKernels] = {}
 
 
@@ -73,7 +131,8 @@ def kernels(backend: str, device: torch.device, dtype: torch.dtype) -> LayerKern
         if len(names) != 1:  # e.g. a backend registering only some of them
             raise ValueError(f"layer ops: served by several backends {sorted(names)}")
         b = chosen["layernorm"]
-        found = LayerKernels(b.name, *(b.ops[op] for op in LAYER_OPS))
+        found = LayerKernels(b.name, *(b.ops[op] for op in LAYER_OPS),
+                             plan_rows=b.planners.get("layernorm"))  # fmt: skip
         _RESOLVED[key] = found
     return found
 

@@ -422,6 +422,67 @@ def test_layer_row_kernels(device, per_program, monkeypatch):
         assert_hstu_close(got, ref32, ref_lowp, eps=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_planned_rows_equal_the_row_ops(device):
+    """A batch's planned row launches (``layer_ops.PlannedRows``: the eager block's path)
+    compute what the row ops do, bit for bit, for plain rows and a split attention's fp32
+    partials, and each call overwrites the op's one output buffer."""
+    from hstu_kernels import layer_ops
+
+    if device == "cpu":
+        _assert_interpreter()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    ops = layer_ops.kernels("triton", torch.device(device), dtype)
+    assert ops.plan_rows is not None
+    rows = layer_ops.PlannedRows(ops)
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(device, dt)
+
+    n, tokens = 96, 37  # width not a power of two, rows not a multiple of a program's
+    w, b = rand(n), rand(n)
+    uvqk = rand(4, tokens, n)
+    outs = []
+    for _ in range(2):  # fresh inputs each call, as layer after layer
+        x, parts = rand(tokens, n), rand(3, tokens, n, dt=torch.float32)
+        single = rand(tokens, n)
+        h = rows.layernorm(x, w, b, 1e-6)
+        assert torch.equal(h, ops.layernorm(x, w, b, 1e-6))
+        y = rows.layernorm_mul(parts, uvqk[0], w, b, 1e-6)
+        assert y.dtype == dtype
+        assert torch.equal(y, ops.layernorm_mul(parts, uvqk[0], w, b, 1e-6))
+        y1 = rows.layernorm_mul(single, uvqk[0], w, b, 1e-6)
+        assert torch.equal(y1, ops.layernorm_mul(single, uvqk[0], w, b, 1e-6))
+        outs.append(h)
+    assert outs[0] is outs[1]  # one buffer per op and shape
+
+
+@pytest.mark.parametrize("page_size", [16])
+def test_cached_block_on_triton_equals_the_reference_cpu(page_size):
+    """The eager cached block on ``backend="triton"`` (the interpreter: planned row launches,
+    projection with the fused append, paged attention) computes what the reference does,
+    layer by layer, and leaves the same K/V in its pages."""
+    _assert_interpreter()
+    block, triton_block = make_block(head_dim=64), make_block(head_dim=64, backend="triton")
+    caches = [blk.make_cache(16, page_size) for blk in (block, triton_block)]
+    histories, new, targets = [21, 6], [9, 5], [3, 0]  # a one-token cached history
+    gen = torch.Generator().manual_seed(4)
+    for cache in caches:
+        cache.prepare([0, 1], [0, 0], [h - n for h, n in zip(histories, new)], [0, 0])
+        for layer in range(block.num_layers):
+            pool = cache.layer_cache(layer)
+            pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(layer)))
+    metas = [c.prepare([0, 1], [h - n for h, n in zip(histories, new)], new, targets)
+             for c in caches]  # fmt: skip
+    x = torch.randn(metas[0].num_tokens, block.hidden, generator=gen)
+    want = block.forward_cached(x, metas[0], caches[0], return_all=True)
+    got = triton_block.forward_cached(x.clone(), metas[1], caches[1], return_all=True)
+    for g, w in zip(got, want, strict=True):
+        assert_hstu_close(g, w, w, eps=1e-5)
+    torch.testing.assert_close(caches[1].pool, caches[0].pool, rtol=1e-5, atol=1e-5)
+
+
 def test_block_on_triton_equals_the_reference_cpu():
     """``backend="triton"`` runs every layer op in Triton (the interpreter), and computes what
     the reference's torch ops do (``backend="auto"`` on the CPU)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hstu_kernels import layer_ops
 from hstu_kernels.dispatch import check_backend_name
 from hstu_kernels.kvcache.manager import KVCacheConfig, KVCacheManager
 from hstu_kernels.kvcache.metadata import BatchMetadata, JaggedMetadata
@@ -193,8 +194,44 @@ class HSTUBlock(nn.Module):
             raise ValueError(
                 f"cache: has {cache.config.num_layers} layers, the block {self.num_layers}"
             )
-        if plans is None and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the functional ops, layer by layer
+            return self._forward_cached_ops(x, meta, cache, return_all, max_seqlen_q,
+                                            wait_for_pages, overwrite_x)  # fmt: skip
+        if plans is None:
             plans = self.plan_cached(meta, max_seqlen_q=max_seqlen_q, kv_dtype=cache.kv_dtype)
+        first = self.layers[0]
+        first._check_plan_alpha(plans.attention.spec.alpha)  # (the layers share alpha)
+        ops = first._ops(self.backend)
+        rows = layer_ops.PlannedRows(ops)
+        # Waits are for copies still in flight: when none is (one event query), every wait
+        # would be satisfied already and costs only host time. A capture keeps them (the
+        # graph replays later, when copies may be in flight).
+        if wait_for_pages and cache.device.type == "cuda":
+            wait_for_pages = torch.cuda.is_current_stream_capturing() or cache.transfers_pending()
+        pools = cache.pool.unbind(0)  # one view per layer, made at once
+        scales = (None,) * self.num_layers if cache.scales is None else cache.scales.unbind(0)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            if wait_for_pages:
+                cache.wait_layer(i)
+            x = layer._forward_planned(
+                x, meta, pools[i], scales[i], plans, ops, rows,
+                _residual_in_place(i, return_all, overwrite_x),
+            )  # fmt: skip
+            outs.append(x)
+        return outs if return_all else x
+
+    def _forward_cached_ops(
+        self,
+        x: torch.Tensor,
+        meta: BatchMetadata,
+        cache: KVCacheManager,
+        return_all: bool,
+        max_seqlen_q: int | None,
+        wait_for_pages: bool,
+        overwrite_x: bool,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """:meth:`forward_cached` through the functional ops (inside ``torch.compile``)."""
         outs = []
         for i, layer in enumerate(self.layers):
             if wait_for_pages:
@@ -207,7 +244,6 @@ class HSTUBlock(nn.Module):
                 max_seqlen_q=max_seqlen_q,
                 backend=self.backend,
                 inplace=_residual_in_place(i, return_all, overwrite_x),
-                plans=plans,
                 kv_scales=cache.layer_scales(i),
             )
             outs.append(x)

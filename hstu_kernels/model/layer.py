@@ -215,10 +215,7 @@ class HSTULayer(nn.Module):
         ``cache``: where the projection may write the new k/v itself instead (the
         ``project_silu_append`` layer op; ``append`` then runs only if it takes the separate
         path)."""
-        if x.dim() != 2 or x.shape[1] != self.hidden:
-            raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
-        if x.dtype != self.uvqk_weight.dtype:
-            raise TypeError(f"x: expected dtype {self.uvqk_weight.dtype}, got {x.dtype}")
+        self._check_x(x)
         tokens = x.shape[0]
         shape = (tokens, self.heads, self.head_dim)
         h = ops.layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
@@ -235,6 +232,12 @@ class HSTULayer(nn.Module):
             uvqk = ops.project_silu_append(h, self.uvqk_weight, cache, separate)
         u, v, q, k = uvqk.unbind(0)
         return u, q.view(shape), k.view(shape), v.view(shape)
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x: expected [tokens, {self.hidden}], got {tuple(x.shape)}")
+        if x.dtype != self.uvqk_weight.dtype:
+            raise TypeError(f"x: expected dtype {self.uvqk_weight.dtype}, got {x.dtype}")
 
     def finish(
         self,
@@ -262,9 +265,9 @@ class HSTULayer(nn.Module):
         attn: torch.Tensor,
         u: torch.Tensor,
         inplace: bool,
-        ops: layer_ops.LayerKernels,
+        ops: layer_ops.LayerKernels | layer_ops.PlannedRows,
     ) -> torch.Tensor:
-        """:meth:`finish` with the layer ops already resolved."""
+        """:meth:`finish` with the layer ops (or a batch's planned row ops) resolved."""
         inner = self.heads * self.head_dim
         if attn.dim() == 4 and attn.shape[0] == 1:
             attn = attn[0]  # an unsplit output
@@ -383,6 +386,43 @@ class HSTULayer(nn.Module):
         # Where the attention splits its KV range, its partials are summed in finish()'s
         # LayerNorm kernel rather than by a kernel of their own.
         return self._finish(x, attend(q, k, v), u, inplace, ops)
+
+    def _forward_planned(
+        self,
+        x: torch.Tensor,
+        meta: BatchMetadata,
+        kv_cache: torch.Tensor,
+        kv_scales: torch.Tensor | None,
+        plans: CachedPlans,
+        ops: layer_ops.LayerKernels,
+        rows: layer_ops.PlannedRows,
+        inplace: bool,
+    ) -> torch.Tensor:
+        """:meth:`forward_cached` with what the block resolved once for all its layers (the
+        plans, checked for this layer's alpha, the layer ops and their row launches): the
+        eager block's per-layer path, with no per-call resolution."""
+        self._check_x(x)
+        tokens = x.shape[0]
+        h = rows.layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
+        weight = self.uvqk_weight
+        shape4 = (4, tokens, self.heads, self.head_dim)
+        if kv_scales is None:  # the projection may write the new k/v into the pages itself
+            append = CacheAppend(kv_cache, meta.page_table, meta.cu_seqlens_q, meta.num_targets)
+
+            def separate() -> torch.Tensor:
+                uvqk = ops.project_silu(h, weight)
+                _, v, _, k = uvqk.view(shape4).unbind(0)
+                plans.append.run(kv_cache, k, v)
+                return uvqk
+
+            uvqk = ops.project_silu_append(h, weight, append, separate)
+        else:  # an FP8 pool: the append op quantises
+            uvqk = ops.project_silu(h, weight)
+        _, v, q, k = uvqk.view(shape4).unbind(0)
+        if kv_scales is not None:
+            plans.append.run(kv_cache, k, v, kv_scales)
+        attn = plans.attention.run_partials(q, k, v, kv_cache, kv_scales)
+        return self._finish(x, attn, uvqk[0], inplace, rows)
 
     def _check_plan_alpha(self, planned: float) -> None:
         own = 1.0 / math.sqrt(self.head_dim) if self.alpha is None else float(self.alpha)

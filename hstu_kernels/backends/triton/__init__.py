@@ -85,6 +85,12 @@ def _layernorm_mul(a, u, weight, bias, eps):
     return rows.layernorm_mul(a, u, weight, bias, eps)
 
 
+def _plan_rows(shape, x_dtype, out_dtype, device, eps, stride_u, param_dtype):
+    from hstu_kernels.backends.triton import rows
+
+    return rows.plan_rows(shape, x_dtype, out_dtype, device, eps, stride_u, param_dtype)
+
+
 def _project_silu(h, weight):
     from hstu_kernels.backends.triton import projection
 
@@ -161,6 +167,7 @@ register(
             "paged": _planner("plan_paged"),
             "paged_partials": _planner("plan_paged_partials"),
             "append_kv": _planner("plan_append_kv"),
+            "layernorm": _plan_rows,
         },
         probe=probe,
         notes=_notes,

@@ -395,6 +395,16 @@ class LaunchCache:
             launch = self._launches[key] = make()
         launch(*slots)
 
+    def get(self, key: tuple, make: Callable[[], FixedLaunch]) -> FixedLaunch:
+        """The :class:`FixedLaunch` stored under ``key`` (see :meth:`keyed`), made by
+        ``make()`` the first time: for a caller that launches it many times itself."""
+        launch = self._launches.get(key)
+        if launch is None:
+            if len(self._launches) >= self._limit:
+                self._launches.clear()
+            launch = self._launches[key] = make()
+        return launch
+
     def clear(self) -> None:
         """Forget every launch (they are remade, and recompiled from Triton's cache, on use)."""
         self._launches.clear()

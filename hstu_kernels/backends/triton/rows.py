@@ -23,7 +23,15 @@ from hstu_kernels.backends.triton.launcher import (
     next_power_of_2,
 )
 
-__all__ = ["LAUNCHES", "SMALL_GRID_ROWS", "layernorm", "layernorm_mul", "reset", "rows_per_program"]
+__all__ = [
+    "LAUNCHES",
+    "SMALL_GRID_ROWS",
+    "layernorm",
+    "layernorm_mul",
+    "plan_rows",
+    "reset",
+    "rows_per_program",
+]
 
 _KERNELS: dict | None = None
 # Rows per program of the row kernels: one while the grid is small (a few thousand rows), for
@@ -161,6 +169,49 @@ def reset() -> None:
     launches."""
     _BROKEN.clear()
     LAUNCHES.clear()
+
+
+def plan_rows(
+    shape: tuple[int, ...],
+    x_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    device: torch.device,
+    eps: float,
+    stride_u: int | None,
+    param_dtype: torch.dtype,
+):
+    """The row kernel's launch for inputs of ``shape`` (``[rows, n]``, or split partials
+    ``[S, rows, n]``), fixed once: ``run(x, u, weight, bias, y)`` (``u`` is ``x`` where
+    ``stride_u`` is ``None``: no multiply) writes ``y [rows, n]`` with no per-call key or
+    checks beyond the launch's own (devices, alignment). ``None`` where :func:`layernorm`
+    would take the torch ops (off, not on a GPU or the interpreter, too wide, or no rows):
+    call the ops then.
+    A launch that cannot compile here switches the row kernels off as the ops do, and that
+    call runs the torch ops."""
+    rows, n = shape[-2:]
+    if not rows or not settings.get().fused_layernorm or _BROKEN or n > 8192:
+        return None
+    if device.type != "cuda" and not settings.get().triton_interpret:
+        return None
+    split = len(shape) == 3
+    has_u = stride_u is not None
+    stride = stride_u or 0
+    kernel = _kernels()["layernorm"]
+    # (the ops' key for the same launch, so both share it)
+    key = (kernel, torch.Size(shape), x_dtype, device, out_dtype, stride, not has_u, param_dtype,
+           param_dtype, eps, rows_per_program(rows))  # fmt: skip
+    splits = shape[0] if split else 1
+    launch = LAUNCHES.get(key, lambda: _launch(rows, n, split, splits, has_u, stride, eps))
+
+    def run(x, u, weight, bias, y) -> None:
+        try:
+            launch(x, u, weight, bias, y)
+        except Exception as exc:
+            ref = reference.layernorm_mul if has_u else reference.layernorm
+            args = (x, u, weight, bias, eps) if has_u else (x, weight, bias, eps)
+            y.copy_(_fall_back(exc, y, lambda: ref(*args)))
+
+    return run
 
 
 def layernorm(
