@@ -137,22 +137,27 @@ class HSTUBlock(nn.Module):
         Returns the last layer's output, or every layer's output if ``return_all``.
         """
         self._check_x(x, meta.num_tokens)
-        plan = None
-        if not torch.compiler.is_compiling():  # one plan for every layer (no sync)
-            plan = plan_uncached(
-                meta, heads=self.heads, head_dim=self.head_dim, dtype=self.dtype,
-                scaling_seqlen=self.scaling_seqlen, alpha=self.layers[0].alpha,
-                backend=self.backend,
-            )  # fmt: skip
         outs = []
+        if torch.compiler.is_compiling():  # the functional op, layer by layer
+            for i, layer in enumerate(self.layers):
+                x = layer.forward_uncached(x, meta, scaling_seqlen=self.scaling_seqlen,
+                                           backend=self.backend,
+                                           inplace=_residual_in_place(i, return_all))  # fmt: skip
+                outs.append(x)
+            return outs if return_all else x
+        # one plan for every layer (no sync), the layer ops and their row launches resolved once
+        plan = plan_uncached(
+            meta, heads=self.heads, head_dim=self.head_dim, dtype=self.dtype,
+            scaling_seqlen=self.scaling_seqlen, alpha=self.layers[0].alpha,
+            backend=self.backend,
+        )  # fmt: skip
+        first = self.layers[0]
+        first._check_plan_alpha(plan.spec.alpha)
+        ops = first._ops(self.backend)
+        rows = layer_ops.PlannedRows(ops)
         for i, layer in enumerate(self.layers):
-            x = layer.forward_uncached(
-                x,
-                meta,
-                scaling_seqlen=self.scaling_seqlen,
-                backend=self.backend,
-                inplace=_residual_in_place(i, return_all),
-                plan=plan,
+            x = layer._forward_uncached_planned(
+                x, plan, ops, rows, _residual_in_place(i, return_all)
             )
             outs.append(x)
         return outs if return_all else x

@@ -387,6 +387,22 @@ class HSTULayer(nn.Module):
         # LayerNorm kernel rather than by a kernel of their own.
         return self._finish(x, attend(q, k, v), u, inplace, ops)
 
+    def _forward_uncached_planned(
+        self,
+        x: torch.Tensor,
+        plan: JaggedAttentionPlan,
+        ops: layer_ops.LayerKernels,
+        rows: layer_ops.PlannedRows,
+        inplace: bool,
+    ) -> torch.Tensor:
+        """:meth:`forward_uncached` with what the block resolved once for all its layers
+        (the plan, checked for this layer's alpha, the layer ops and their row launches)."""
+        self._check_x(x)
+        h = rows.layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
+        uvqk = ops.project_silu(h, self.uvqk_weight)
+        _, v, q, k = uvqk.view(4, x.shape[0], self.heads, self.head_dim).unbind(0)
+        return self._finish(x, plan.run(q, k, v), uvqk[0], inplace, rows)
+
     def _forward_planned(
         self,
         x: torch.Tensor,
