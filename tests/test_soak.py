@@ -117,18 +117,18 @@ class SoakMachine(RuleBasedStateMachine):
                 self.model.score(batch, "kvcache", self.cache)
         else:
             layer = self.model.block.layers[-1]
-            real = layer.forward_cached
+            real = layer._forward_planned  # (the eager block's per-layer call)
 
             def boom(*args, **kwargs):
                 real(*args, **kwargs)  # the pages of this layer are written, then it fails
                 raise RuntimeError("injected failure")
 
-            layer.forward_cached = boom
+            layer._forward_planned = boom
             try:
                 with pytest.raises((RuntimeError, ValueError)):
                     self.model.score(batch, "kvcache", self.cache)
             finally:
-                del layer.forward_cached
+                del layer._forward_planned
         TOTALS["failed"] += 1
         # Evictions made to fit the failed request stand; what it prepared is gone.
         after = _where(self.cache)

@@ -120,13 +120,13 @@ def _fail(stage: str, model: HSTURankingModel, monkeypatch) -> None:
         monkeypatch.setattr(model, "embed", boom)
     elif stage == "layer":
         layer = model.block.layers[1]
-        real = layer.forward_cached
+        real = layer._forward_planned  # (the eager block's per-layer call)
 
         def half(*args, **kwargs):  # the first layer appended; the second fails
             real(*args, **kwargs)
             boom()
 
-        monkeypatch.setattr(layer, "forward_cached", half)
+        monkeypatch.setattr(layer, "_forward_planned", half)
     elif stage == "head":
         monkeypatch.setattr(model.head, "forward", boom)
     else:
