@@ -59,28 +59,28 @@ class PlannedRows:
     the next call: a layer's consumers must be enqueued (on the same stream) before the next
     layer's call, as in a block's forward."""
 
-    __slots__ = ("_launches", "_ops", "_out")
+    __slots__ = ("_launches", "_ops")
 
     def __init__(self, ops: LayerKernels) -> None:
         self._ops = ops
-        self._launches: dict[tuple, Callable | None] = {}
-        self._out: dict[tuple, torch.Tensor] = {}
+        # input key -> (the fixed launch, its output buffer), or (None, None): the ops run
+        self._launches: dict[tuple, tuple[Callable | None, torch.Tensor | None]] = {}
 
     def _launch(self, kind: str, a: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor,
                 eps: float) -> tuple[Callable | None, torch.Tensor | None]:  # fmt: skip
         key = (kind, a.shape, a.dtype, eps, None if u is None else u.stride(0))
-        found = self._launches.get(key, False)
-        if found is False:
+        found = self._launches.get(key)
+        if found is None:
             plan = self._ops.plan_rows
             out_dtype = a.dtype if u is None or a.dim() == 2 else u.dtype
-            found = None
+            found = (None, None)
             if plan is not None and a.is_contiguous() and (u is None or u.stride(1) == 1):
-                found = plan(tuple(a.shape), a.dtype, out_dtype, a.device, eps,
-                             None if u is None else u.stride(0), weight.dtype)  # fmt: skip
+                run = plan(tuple(a.shape), a.dtype, out_dtype, a.device, eps,
+                           None if u is None else u.stride(0), weight.dtype)  # fmt: skip
+                if run is not None:
+                    found = (run, torch.empty(a.shape[-2:], dtype=out_dtype, device=a.device))
             self._launches[key] = found
-            if found is not None:
-                self._out[key] = torch.empty(a.shape[-2:], dtype=out_dtype, device=a.device)
-        return found, self._out.get(key)
+        return found
 
     def layernorm(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float

@@ -388,12 +388,7 @@ class LaunchCache:
         time) with the per-call ``slots``. For hot call sites: the caller's ``key`` must hold
         everything the launch fixes (kernel, grid, scalars, constexprs, options and the
         slots' dtypes), which saves walking the arguments on every call."""
-        launch = self._launches.get(key)
-        if launch is None:
-            if len(self._launches) >= self._limit:
-                self._launches.clear()
-            launch = self._launches[key] = make()
-        launch(*slots)
+        self.get(key, make)(*slots)
 
     def get(self, key: tuple, make: Callable[[], FixedLaunch]) -> FixedLaunch:
         """The :class:`FixedLaunch` stored under ``key`` (see :meth:`keyed`), made by

@@ -94,11 +94,16 @@ _BROKEN: list[str] = []  # why the Triton row kernels were switched off in this 
 def _use_triton(t: torch.Tensor) -> bool:
     """Whether the kernel runs on ``t``: on a GPU (or the interpreter), unless switched off;
     rows wider than 8192 take the torch ops."""
+    return _runs_on(t.device, t.shape[-1])
+
+
+def _runs_on(device: torch.device, n: int) -> bool:
+    """:func:`_use_triton` for rows of width ``n`` on ``device``."""
     if not settings.get().fused_layernorm or _BROKEN:
         return False
-    if t.device.type != "cuda" and not settings.get().triton_interpret:
+    if device.type != "cuda" and not settings.get().triton_interpret:
         return False
-    return t.shape[-1] <= 8192
+    return n <= 8192
 
 
 def _fall_back(exc: Exception, t: torch.Tensor, fallback):
@@ -136,6 +141,14 @@ def _launch(
     )  # fmt: skip
 
 
+def _launch_key(kernel, shape, x_dtype, device, out_dtype, stride_u, no_u, weight_dtype,
+                bias_dtype, eps) -> tuple:  # fmt: skip
+    """Everything a row launch fixes (a FixedLaunch specialises on its slots' dtypes too):
+    :data:`LAUNCHES`' key, shared by the ops and :func:`plan_rows`."""
+    return (kernel, shape, x_dtype, device, out_dtype, stride_u, no_u, weight_dtype, bias_dtype,
+            eps, rows_per_program(shape[-2]))  # fmt: skip
+
+
 def _row_layernorm(
     x: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -147,11 +160,10 @@ def _row_layernorm(
     dtype = u.dtype if split else x.dtype
     y = torch.empty((rows, n), dtype=dtype, device=x.device)
     if rows:
-        # Everything a launch fixes (a FixedLaunch specialises on its slots' dtypes too).
         stride_u = 0 if u is None else u.stride(0)
         kernel = _kernels()["layernorm"]  # (re-made when the interpreter is switched)
-        key = (kernel, x.shape, x.dtype, x.device, dtype, stride_u, u is None, weight.dtype,
-               bias.dtype, eps, rows_per_program(rows))  # fmt: skip
+        key = _launch_key(kernel, x.shape, x.dtype, x.device, dtype, stride_u, u is None,
+                          weight.dtype, bias.dtype, eps)  # fmt: skip
         splits = x.shape[0] if split else 1
         LAUNCHES.keyed(
             key, lambda: _launch(rows, n, split, splits, u is not None, stride_u, eps),
@@ -189,17 +201,13 @@ def plan_rows(
     A launch that cannot compile here switches the row kernels off as the ops do, and that
     call runs the torch ops."""
     rows, n = shape[-2:]
-    if not rows or not settings.get().fused_layernorm or _BROKEN or n > 8192:
-        return None
-    if device.type != "cuda" and not settings.get().triton_interpret:
+    if not rows or not _runs_on(device, n):
         return None
     split = len(shape) == 3
     has_u = stride_u is not None
     stride = stride_u or 0
-    kernel = _kernels()["layernorm"]
-    # (the ops' key for the same launch, so both share it)
-    key = (kernel, torch.Size(shape), x_dtype, device, out_dtype, stride, not has_u, param_dtype,
-           param_dtype, eps, rows_per_program(rows))  # fmt: skip
+    key = _launch_key(_kernels()["layernorm"], torch.Size(shape), x_dtype, device, out_dtype,
+                      stride, not has_u, param_dtype, param_dtype, eps)  # fmt: skip
     splits = shape[0] if split else 1
     launch = LAUNCHES.get(key, lambda: _launch(rows, n, split, splits, has_u, stride, eps))
 
