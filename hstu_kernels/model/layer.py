@@ -296,7 +296,7 @@ class HSTULayer(nn.Module):
         batch's attention plan (:func:`plan_uncached`; made here if not given, except inside
         ``torch.compile``, which calls the functional op)."""
         ops = self._ops(backend)
-        u, q, k, v = self._project(x, None, None, ops)
+        self._check_x(x)
         if plan is None and not torch.compiler.is_compiling():
             plan = plan_uncached(
                 meta, heads=self.heads, head_dim=self.head_dim, dtype=x.dtype,
@@ -305,7 +305,8 @@ class HSTULayer(nn.Module):
             )  # fmt: skip
         if plan is not None:
             self._check_plan_alpha(plan.spec.alpha)
-            return self._finish(x, plan.run(q, k, v), u, inplace, ops)
+            return self._forward_uncached_planned(x, plan, ops, ops, inplace)
+        u, q, k, v = self._project(x, None, None, ops)
         attn = hstu_attention(
             q,
             k,
@@ -350,6 +351,10 @@ class HSTULayer(nn.Module):
             )  # fmt: skip
         if plans is not None:
             self._check_plan_alpha(plans.attention.spec.alpha)
+            if not validate:  # (a validated call appends through the append op, unfused)
+                ops = self._ops(backend)
+                return self._forward_planned(x, meta, kv_cache, kv_scales, plans, ops, ops,
+                                             inplace)  # fmt: skip
 
             def append(k: torch.Tensor, v: torch.Tensor) -> None:
                 plans.append.run(kv_cache, k, v, kv_scales)
@@ -392,11 +397,11 @@ class HSTULayer(nn.Module):
         x: torch.Tensor,
         plan: JaggedAttentionPlan,
         ops: layer_ops.LayerKernels,
-        rows: layer_ops.PlannedRows,
+        rows: layer_ops.LayerKernels | layer_ops.PlannedRows,
         inplace: bool,
     ) -> torch.Tensor:
-        """:meth:`forward_uncached` with what the block resolved once for all its layers
-        (the plan, checked for this layer's alpha, the layer ops and their row launches)."""
+        """:meth:`forward_uncached` with its plan (checked for this layer's alpha), layer ops
+        and row ops resolved (a block's planned row launches, or the ops themselves)."""
         self._check_x(x)
         h = rows.layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
         uvqk = ops.project_silu(h, self.uvqk_weight)
@@ -411,12 +416,12 @@ class HSTULayer(nn.Module):
         kv_scales: torch.Tensor | None,
         plans: CachedPlans,
         ops: layer_ops.LayerKernels,
-        rows: layer_ops.PlannedRows,
+        rows: layer_ops.LayerKernels | layer_ops.PlannedRows,
         inplace: bool,
     ) -> torch.Tensor:
-        """:meth:`forward_cached` with what the block resolved once for all its layers (the
-        plans, checked for this layer's alpha, the layer ops and their row launches): the
-        eager block's per-layer path, with no per-call resolution."""
+        """:meth:`forward_cached` (unvalidated) with its plans (checked for this layer's
+        alpha), layer ops and row ops resolved (a block's planned row launches, or the ops
+        themselves): the eager per-layer path, with no per-call resolution."""
         self._check_x(x)
         tokens = x.shape[0]
         h = rows.layernorm(x, self.norm_in_weight, self.norm_in_bias, self.eps)
